@@ -1,0 +1,201 @@
+"""The ASGI app: routes only. ``create_app(settings, ...)`` builds a fresh, self-contained instance.
+
+Routes:
+- ``POST /v1/reports``: a ``ReportBatch``; 200 when all reports were accepted,
+  422 naming each rejected report's field (the valid ones are kept), 400 for
+  an unparseable body, 413 for a body or batch over the limits.
+- ``GET /v1/alerts?job=J&state=firing``: alerts, resolved ones included.
+- ``GET /v1/jobs`` and ``GET /v1/jobs/{job}``: what healthd knows of each job.
+- ``GET /metrics``: Prometheus exposition (private registry).
+- ``GET /healthz``: liveness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from healthd.engine import AlertListener, Engine
+from healthd.exporter import Counters, HealthCollector
+from healthd.ingest import parse_batch
+from healthd.rules import ALL_RULES
+from healthd.rules.base import Rule
+from healthd.schema import AlertState, IngestResult, StepReport
+from healthd.settings import Settings, build_rules
+from healthd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Healthd:
+    """Everything one healthd instance holds; reachable as ``app.state.healthd``."""
+
+    settings: Settings
+    store: Store
+    engine: Engine
+    counters: Counters
+    registry: CollectorRegistry
+    clock: Callable[[], float]
+
+    def ingest(self, body: bytes) -> tuple[int, IngestResult]:
+        """Validate and apply a report batch; returns (HTTP status, result)."""
+        parsed = parse_batch(body, self.settings.limits.max_reports_per_request)
+        if parsed.body_error is not None:
+            err = parsed.body_error.errors[0]
+            status = {"json_invalid": 400, "too_many_reports": 413}.get(err.type, 422)
+            Counters.inc(self.counters.rejected, err.type)
+            return status, IngestResult(accepted=0, rejected=[parsed.body_error])
+        now = self.clock()
+        for report in parsed.reports:
+            self.store.apply(report, now)
+            Counters.inc(self.counters.received, report.kind)
+            if isinstance(report, StepReport):
+                self.engine.on_step(self.store.rank_window(report.job, report.rank))
+        if parsed.rejected:
+            Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
+            return 422, IngestResult(accepted=len(parsed.reports), rejected=parsed.rejected)
+        return 200, IngestResult(accepted=len(parsed.reports))
+
+    def tick(self) -> None:
+        """Run job-scoped rules and expire silent jobs."""
+        now = self.clock()
+        for name in self.store.expire(now):
+            self.engine.forget(name)
+        if self.engine.job_rules:
+            for job in self.store:
+                self.engine.on_tick(self.store.job_window(job.name, now))
+
+
+def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
+          listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time) -> Healthd:
+    """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo)."""
+    store = Store(settings.store, settings.exporter.window_seconds)
+    engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
+                    listeners=listeners, clock=clock)
+    counters = Counters()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HealthCollector(store, engine, counters, clock))
+    return Healthd(settings, store, engine, counters, registry, clock)
+
+
+def _json(status: int, payload: object) -> Response:
+    # NaN/Inf are data (a NaN loss is evidence): written as the JSON literals
+    # NaN/Infinity, as the wire contract says, not refused.
+    return Response(json.dumps(payload, allow_nan=True), status_code=status, media_type="application/json")
+
+
+def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] = ALL_RULES,
+               listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
+               hd: Healthd | None = None) -> Starlette:
+    """Build the ASGI app. Nothing is global: two apps never share state."""
+    settings = settings or Settings()
+    hd = hd or build(settings, rules=rules, listeners=listeners, clock=clock)
+    max_body = settings.limits.max_body_bytes
+
+    async def post_reports(request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            return _too_large(hd, max_body)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                return _too_large(hd, max_body)
+            chunks.append(chunk)
+        status, result = hd.ingest(b"".join(chunks))
+        Counters.inc(hd.counters.requests, str(status))
+        return Response(result.model_dump_json(), status_code=status, media_type="application/json")
+
+    async def get_alerts(request: Request) -> Response:
+        job = request.query_params.get("job")
+        state = request.query_params.get("state")
+        if state is not None and state not in {s.value for s in AlertState}:
+            return _json(400, {"error": f"state must be one of {[s.value for s in AlertState]}"})
+        alerts = [a.out() for a in hd.engine.alerts(job)]
+        if state:
+            alerts = [a for a in alerts if a.state.value == state]
+        return _json(200, {"alerts": [a.model_dump(mode="json") for a in alerts]})
+
+    async def get_jobs(request: Request) -> Response:
+        return _json(200, {"jobs": [_job_summary(hd, j.name) for j in hd.store]})
+
+    async def get_job(request: Request) -> Response:
+        name = request.path_params["job"]
+        if name not in hd.store.jobs:
+            return _json(404, {"error": f"no job named {name!r}"})
+        job = hd.store.jobs[name]
+        out = _job_summary(hd, name)
+        out["attach"] = job.attach.model_dump(mode="json") if job.attach else None
+        return _json(200, out)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(hd.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(request: Request) -> Response:
+        return _json(200, {"status": "ok", "jobs": len(hd.store.jobs)})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(_ticker(hd))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = Starlette(
+        routes=[
+            Route("/v1/reports", post_reports, methods=["POST"]),
+            Route("/v1/alerts", get_alerts, methods=["GET"]),
+            Route("/v1/jobs", get_jobs, methods=["GET"]),
+            Route("/v1/jobs/{job:path}", get_job, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.healthd = hd
+    return app
+
+
+def _too_large(hd: Healthd, limit: int) -> Response:
+    Counters.inc(hd.counters.rejected, "body_too_large")
+    Counters.inc(hd.counters.requests, "413")
+    return _json(413, {"accepted": 0, "rejected": [{"index": -1, "errors": [{
+        "loc": [], "msg": f"request body over {limit} bytes (limits.max_body_bytes)", "type": "body_too_large"}]}]})
+
+
+def _job_summary(hd: Healthd, name: str) -> dict[str, object]:
+    job = hd.store.jobs[name]
+    firing = [a for a in hd.engine.alerts(name, include_resolved=False, include_pending=False)]
+    return {
+        "job": name,
+        "world_size": job.meta.world_size,
+        "ranks": sorted(job.ranks),
+        "last_seen": job.last_seen,
+        "last_step": max((st.last_step.step for st in job.ranks.values() if st.last_step), default=None),
+        "firing": len(firing),
+    }
+
+
+async def _ticker(hd: Healthd) -> None:
+    period = hd.settings.engine.tick_seconds
+    while True:
+        await asyncio.sleep(period)
+        try:
+            hd.tick()
+        except Exception:
+            log.exception("tick failed")

@@ -1,0 +1,155 @@
+"""The one list of metrics healthd exports.
+
+Exporter, rules files, dashboards and tests name metrics through this module,
+never through loose strings. Names follow Prometheus' naming guide: base units
+(seconds, bytes), ratios in 0..1 end in ``_ratio``, counters end in ``_total``.
+
+Label conventions (bounded by construction):
+- ``job``: the training job (healthd's own scrape job must use
+  ``honor_labels: true``, as with the Pushgateway, so this label survives);
+- ``rank``: the process rank within the job (0..world_size-1);
+- ``layer``: a parameter group of the model, capped by the client
+  (``max_layers``) with the rest folded into ``other``;
+- a step number is never a label: it is the value of ``trainhealth_step``.
+
+What lives here: names, types, help, units, labels. What does not: how values
+are computed (exporter.py) or when alerts fire (rules/).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+TRAIN_PREFIX = "trainhealth_"
+SELF_PREFIX = "healthd_"
+
+
+class MetricType(str, enum.Enum):
+    GAUGE = "gauge"
+    COUNTER = "counter"
+    SUMMARY = "summary"
+    INFO = "info"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One exported metric family.
+
+    ``name`` is the full exposed name; for counters it ends in ``_total``.
+    ``unit`` is the Prometheus base unit the name ends in ("" for none).
+    """
+
+    name: str
+    type: MetricType
+    help: str
+    labels: tuple[str, ...]
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type is MetricType.COUNTER and not self.name.endswith("_total"):
+            raise ValueError(f"counter {self.name!r} must end in _total")
+        if self.unit and not (self.name.endswith("_" + self.unit) or f"_{self.unit}_" in self.name):
+            raise ValueError(f"metric {self.name!r} must carry its unit {self.unit!r} in its name")
+
+    @property
+    def family_name(self) -> str:
+        """Name handed to prometheus_client, which appends ``_total`` itself."""
+        return self.name[: -len("_total")] if self.type is MetricType.COUNTER else self.name
+
+
+JOB_RANK = ("job", "rank")
+JOB_LAYER = ("job", "layer")
+
+
+def _g(name: str, help: str, labels: tuple[str, ...] = JOB_RANK, unit: str = "") -> Metric:
+    return Metric(TRAIN_PREFIX + name, MetricType.GAUGE, help, labels, unit)
+
+
+def _c(name: str, help: str, labels: tuple[str, ...] = JOB_RANK, unit: str = "") -> Metric:
+    return Metric(TRAIN_PREFIX + name, MetricType.COUNTER, help, labels, unit)
+
+
+# ----------------------------------------------------------------- per-rank step signals
+STEP = _g("step", "Last optimizer step completed by the rank (progress; the step is data, never a label).")
+LOSS = _g("loss", "Training loss at the rank's last step.")
+GRAD_NORM = _g("grad_norm", "Global L2 norm of the gradients the optimizer saw at the last step.")
+GRAD_NORM_LOCAL = _g("grad_norm_local", "This rank's gradient L2 norm before all-reduce (DDP).")
+UPDATE_RATIO = _g(
+    "update_ratio", "Update-to-weight ratio ||w_t - w_{t-1}|| / ||w_{t-1}|| at the last step.", unit="ratio"
+)
+LEARNING_RATE = _g("learning_rate", "Learning rate per optimizer param group.", (*JOB_RANK, "param_group"))
+BATCH_SIZE = _g("batch_size", "Per-rank batch size at the last step (examples).")
+STEP_SECONDS = _g("step_seconds", "Wall time of the rank's last step.", unit="seconds")
+LOSS_SCALE = _g("loss_scale", "Mixed-precision loss scale (GradScaler) at the last step.")
+
+# Window extremes: the rules engine sees every step, Prometheus one value per
+# scrape. These hold the max/min over the exporter window (a sliding window of
+# ``exporter.window_seconds``, longer than the scrape interval), so a spike
+# between two scrapes is still drawn. Use max_over_time(<name>_max[$__interval]).
+WINDOWED_SIGNALS: dict[str, Metric] = {"loss": LOSS, "grad_norm": GRAD_NORM, "update_ratio": UPDATE_RATIO,
+                                       "step_seconds": STEP_SECONDS}
+
+
+def _window(base: Metric, which: str) -> Metric:
+    return Metric(f"{base.name}_window_{which}", MetricType.GAUGE,
+                  f"{which.capitalize()} of {base.name} over the exporter window.", base.labels, base.unit)
+
+
+WINDOW_MAX: dict[str, Metric] = {k: _window(m, "max") for k, m in WINDOWED_SIGNALS.items()}
+WINDOW_MIN: dict[str, Metric] = {k: _window(m, "min") for k, m in WINDOWED_SIGNALS.items()}
+
+STEPS_TOTAL = _c("steps_total", "Optimizer steps reported by the rank.")
+NONFINITE_TOTAL = _c(
+    "nonfinite_total",
+    "Tensors found holding NaN/Inf: kind=loss (the loss), grads (gradient tensors), params (parameter tensors).",
+    (*JOB_RANK, "kind"),
+)
+LAST_REPORT_TIMESTAMP = _g(
+    "last_report_timestamp_seconds", "Unix time healthd last received a report from the rank.", unit="seconds"
+)
+CLIENT_DROPPED_TOTAL = _c(
+    "client_reports_dropped_total", "Reports the rank's client dropped (queue full or healthd unreachable)."
+)
+
+# ----------------------------------------------------------------- eval
+EVAL_LOSS = _g("eval_loss", "Validation loss at the last monitor.eval().")
+EVAL_ACCURACY = _g("eval_accuracy", "Validation accuracy at the last monitor.eval(), 0..1.")
+
+# ----------------------------------------------------------------- per-layer (one rank reports)
+LAYER_GRAD_NORM = _g("layer_grad_norm", "Per-layer gradient L2 norm at the last step.", JOB_LAYER)
+LAYER_UPDATE_RATIO = _g("layer_update_ratio", "Per-layer update-to-weight ratio at the last step.", JOB_LAYER,
+                        unit="ratio")
+LAYER_PARAM_NORM = _g("layer_param_norm", "Per-layer parameter L2 norm at the last step.", JOB_LAYER)
+
+# ----------------------------------------------------------------- alerts
+ALERT = _g(
+    "alert",
+    "1 while a healthd alert is firing. rank is empty for job-wide alerts.",
+    ("job", "rule", "severity", "rank"),
+)
+
+# ----------------------------------------------------------------- healthd self-metrics
+REPORTS_RECEIVED_TOTAL = Metric(SELF_PREFIX + "reports_received_total", MetricType.COUNTER,
+                                "Reports accepted, by kind.", ("kind",))
+REPORTS_REJECTED_TOTAL = Metric(SELF_PREFIX + "reports_rejected_total", MetricType.COUNTER,
+                                "Reports rejected, by reason.", ("reason",))
+REQUESTS_TOTAL = Metric(SELF_PREFIX + "ingest_requests_total", MetricType.COUNTER,
+                        "Ingest requests, by HTTP status code.", ("code",))
+RULE_EVALUATION_SECONDS = Metric(SELF_PREFIX + "rule_evaluation_seconds", MetricType.SUMMARY,
+                                 "Time spent evaluating rules.", (), "seconds")
+JOBS = Metric(SELF_PREFIX + "jobs", MetricType.GAUGE, "Jobs currently tracked.", ())
+ALERT_TRANSITIONS_TOTAL = Metric(SELF_PREFIX + "alert_transitions_total", MetricType.COUNTER,
+                                 "Alert state transitions, by new state.", ("state",))
+
+ALL: tuple[Metric, ...] = tuple(
+    m for m in globals().values() if isinstance(m, Metric)
+) + tuple(WINDOW_MAX.values()) + tuple(WINDOW_MIN.values())
+
+
+def by_name(name: str) -> Metric:
+    """Look a metric up by its exposed name (raises KeyError)."""
+    for m in ALL:
+        if m.name == name:
+            return m
+    raise KeyError(name)

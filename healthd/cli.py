@@ -1,0 +1,61 @@
+"""``healthd`` command line: serve, demo (and, as they land, dashboards/report)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from healthd.settings import ConfigError, Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from healthd.app import create_app
+
+    try:
+        settings = Settings.from_yaml(args.config) if args.config else Settings()
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        settings = settings.model_copy(update=overrides)
+        app = create_app(settings)
+    except ConfigError as e:
+        print(f"healthd: bad configuration: {e}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from healthd.demo import run_demo
+
+    return run_demo(fault=args.fault, steps=args.steps, live=not args.no_live)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``healthd`` command."""
+    parser = argparse.ArgumentParser(prog="healthd", description="Training-health service for deep-learning jobs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the healthd server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--config", default=None, help="YAML settings file (rules, limits, ...)")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="healthd plus a small CPU training run with a fault")
+    demo.add_argument("--fault", default="lr-too-high")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--no-live", action="store_true", help="no live terminal view (for logs/CI)")
+    demo.set_defaults(func=_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""The rules engine: runs rules over windows and owns alert state.
+
+An alert is keyed by (job, rule, rank). Its lifecycle follows Prometheus'
+alerting rules: a finding makes it *pending*; ``for_steps`` consecutive
+findings make it *firing*; ``resolve_after_steps`` consecutive evaluations
+without a finding (the cool-down) make it *resolved*, so a noisy signal does
+not flap. A pending alert whose condition clears is dropped, never notified.
+
+Listeners (Alertmanager push, persistence) hear every pending->firing and
+firing->resolved transition. Rank-scoped rules run when their rank reports a
+step; job-scoped rules run on ``tick``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from healthd.rules.base import EvidenceValue, Finding, JobWindow, RankWindow, Rule, Scope
+from healthd.schema import AlertOut, AlertState, Severity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Alert:
+    """Mutable alert record, owned by the engine."""
+
+    id: str
+    rule: str
+    severity: Severity
+    state: AlertState
+    job: str
+    rank: int | None
+    layer: str | None
+    step: int | None
+    last_step: int | None
+    summary: str
+    evidence: dict[str, EvidenceValue]
+    advice: str
+    started_at: float
+    updated_at: float
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    hits: int = 0
+    misses: int = 0
+
+    def out(self) -> AlertOut:
+        return AlertOut(
+            id=self.id, rule=self.rule, severity=self.severity, state=self.state, job=self.job, rank=self.rank,
+            layer=self.layer, step=self.step, last_step=self.last_step, summary=self.summary,
+            evidence=dict(self.evidence), advice=self.advice, started_at=self.started_at,
+            updated_at=self.updated_at, resolved_at=self.resolved_at,
+        )
+
+
+class AlertListener(Protocol):
+    def on_transition(self, alert: Alert, previous: AlertState) -> None: ...
+
+
+@dataclass
+class _JobAlerts:
+    active: dict[tuple[str, int | None], Alert] = field(default_factory=dict)
+    history: deque[Alert] = field(default_factory=deque)
+
+
+class Engine:
+    """Evaluates rules and keeps alert state per job (jobs are independent)."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        history_per_job: int = 1000,
+        listeners: Iterable[AlertListener] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rank_rules = [r for r in rules if r.scope is Scope.RANK]
+        self.job_rules = [r for r in rules if r.scope is Scope.JOB]
+        self.history_per_job = history_per_job
+        self.listeners = list(listeners)
+        self.clock = clock
+        self._jobs: dict[str, _JobAlerts] = {}
+        self.evaluation_seconds_sum = 0.0
+        self.evaluation_count = 0
+        self.rule_errors_total = 0
+        self.transitions_total: dict[str, int] = {s.value: 0 for s in AlertState}
+
+    # ------------------------------------------------------------- evaluation
+    def on_step(self, window: RankWindow) -> None:
+        """Run the rank-scoped rules on a rank's window after it reported a step."""
+        t0 = time.perf_counter()
+        now = self.clock()
+        for rule in self.rank_rules:
+            finding = self._evaluate(rule, window)
+            self._update(window.job, rule, [(window.rank, finding)] if finding else [], now,
+                         scope_keys=[(rule.name, window.rank)])
+        self.evaluation_seconds_sum += time.perf_counter() - t0
+        self.evaluation_count += 1
+
+    def on_tick(self, window: JobWindow) -> None:
+        """Run the job-scoped rules on a job's window (called periodically)."""
+        t0 = time.perf_counter()
+        for rule in self.job_rules:
+            finding = self._evaluate(rule, window)
+            findings = list(finding) if isinstance(finding, list | tuple) else ([finding] if finding else [])
+            book = self._jobs.get(window.job)
+            keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
+            self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
+        self.evaluation_seconds_sum += time.perf_counter() - t0
+        self.evaluation_count += 1
+
+    def _evaluate(self, rule: Rule, window: RankWindow | JobWindow) -> Finding | Sequence[Finding] | None:
+        try:
+            return rule.evaluate(window)
+        except Exception:  # a buggy rule must not take ingest down
+            self.rule_errors_total += 1
+            log.exception("rule %s failed on job %s", rule.name, window.job)
+            return None
+
+    def _update(self, job: str, rule: Rule, findings: list[tuple[int | None, Finding]], now: float,
+                scope_keys: list[tuple[str, int | None]]) -> None:
+        book = self._jobs.setdefault(job, _JobAlerts())
+        cfg = rule.config
+        seen: set[tuple[str, int | None]] = set()
+        for rank, f in findings:
+            rank = f.rank if f.rank is not None else rank
+            key = (rule.name, rank)
+            seen.add(key)
+            severity = f.severity or cfg.severity or rule.severity
+            alert = book.active.get(key)
+            if alert is None:
+                alert = Alert(
+                    id=uuid.uuid4().hex[:16], rule=rule.name, severity=severity, state=AlertState.PENDING,
+                    job=job, rank=rank, layer=f.layer, step=f.step, last_step=f.step, summary=f.summary,
+                    evidence=dict(f.evidence), advice=rule.advice, started_at=now, updated_at=now,
+                )
+                book.active[key] = alert
+            else:
+                if severity.level > alert.severity.level:
+                    alert.severity = severity  # escalate only: the label Alertmanager routes on stays stable
+                alert.summary, alert.evidence, alert.layer = f.summary, dict(f.evidence), f.layer or alert.layer
+                alert.last_step = f.step if f.step is not None else alert.last_step
+                alert.updated_at = now
+            alert.hits += 1
+            alert.misses = 0
+            if alert.state is AlertState.PENDING and alert.hits >= cfg.for_steps:
+                alert.state = AlertState.FIRING
+                alert.fired_at = now
+                self._notify(alert, AlertState.PENDING)
+        for key in scope_keys:
+            if key in seen:
+                continue
+            alert = book.active.get(key)
+            if alert is None:
+                continue
+            if alert.state is AlertState.PENDING:
+                del book.active[key]
+                continue
+            alert.misses += 1
+            if alert.misses >= cfg.resolve_after_steps:
+                alert.state = AlertState.RESOLVED
+                alert.resolved_at = alert.updated_at = now
+                del book.active[key]
+                book.history.append(alert)
+                while len(book.history) > self.history_per_job:
+                    book.history.popleft()
+                self._notify(alert, AlertState.FIRING)
+
+    def _notify(self, alert: Alert, previous: AlertState) -> None:
+        self.transitions_total[alert.state.value] += 1
+        for listener in self.listeners:
+            try:
+                listener.on_transition(alert, previous)
+            except Exception:
+                log.exception("alert listener %r failed", listener)
+
+    # ------------------------------------------------------------- reads
+    def alerts(self, job: str | None = None, *, include_resolved: bool = True,
+               include_pending: bool = True) -> list[Alert]:
+        books = [self._jobs[job]] if job is not None and job in self._jobs else (
+            [] if job is not None else list(self._jobs.values()))
+        out: list[Alert] = []
+        for book in books:
+            out.extend(a for a in book.active.values() if include_pending or a.state is AlertState.FIRING)
+            if include_resolved:
+                out.extend(book.history)
+        out.sort(key=lambda a: a.started_at)
+        return out
+
+    def firing(self) -> list[Alert]:
+        return [a for book in self._jobs.values() for a in book.active.values() if a.state is AlertState.FIRING]
+
+    def restore(self, alerts: Iterable[Alert]) -> None:
+        """Load alert state (e.g. from persistence) without notifying."""
+        for a in alerts:
+            book = self._jobs.setdefault(a.job, _JobAlerts())
+            if a.state is AlertState.RESOLVED:
+                book.history.append(a)
+            else:
+                book.active[(a.rule, a.rank)] = a
+
+    def forget(self, job: str) -> None:
+        self._jobs.pop(job, None)

@@ -1,0 +1,156 @@
+"""Prometheus exposition: a custom Collector that reads the store at scrape time.
+
+Registered on a private ``CollectorRegistry`` built by ``create_app`` (never the
+global one). Every name comes from ``healthd.catalog``. Jobs silent for longer
+than the store's TTL are expired before each scrape, so their series vanish.
+
+What a scrape shows per rank: the last value of each step signal, its max/min
+over the exporter window (``*_window_max``/``*_window_min``, so a spike
+between two scrapes is still seen), counters of steps and non-finite tensors,
+and the step itself as a gauge. Per layer: the latest statistics from one rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
+
+from healthd import catalog as C
+from healthd.engine import Engine
+from healthd.store import WINDOWED, Store
+
+
+class Counters:
+    """healthd's own counters (reports received/rejected, requests)."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.requests: dict[str, int] = {}
+
+    @staticmethod
+    def inc(d: dict[str, int], key: str, n: int = 1) -> None:
+        d[key] = d.get(key, 0) + n
+
+
+def _gauge(m: C.Metric) -> GaugeMetricFamily:
+    return GaugeMetricFamily(m.family_name, m.help, labels=m.labels)
+
+
+def _counter(m: C.Metric) -> CounterMetricFamily:
+    return CounterMetricFamily(m.family_name, m.help, labels=m.labels)
+
+
+def _num(v: float | int | None) -> bool:
+    return v is not None
+
+
+class HealthCollector(Collector):
+    """Reads the store and engine on every scrape."""
+
+    def __init__(self, store: Store, engine: Engine, counters: Counters,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.engine = engine
+        self.counters = counters
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        for name in self.store.expire(now):
+            self.engine.forget(name)
+        yield from self._training(now)
+        yield from self._alerts()
+        yield from self._self_metrics()
+
+    def _training(self, now: float) -> Iterator[Metric]:
+        last = {m.name: _gauge(m) for m in (C.STEP, C.LOSS, C.GRAD_NORM, C.GRAD_NORM_LOCAL, C.UPDATE_RATIO,
+                                            C.BATCH_SIZE, C.STEP_SECONDS, C.LOSS_SCALE,
+                                            C.LAST_REPORT_TIMESTAMP, C.EVAL_LOSS, C.EVAL_ACCURACY)}
+        wmax = {k: _gauge(m) for k, m in C.WINDOW_MAX.items()}
+        wmin = {k: _gauge(m) for k, m in C.WINDOW_MIN.items()}
+        lr = _gauge(C.LEARNING_RATE)
+        steps_total = _counter(C.STEPS_TOTAL)
+        nonfinite = _counter(C.NONFINITE_TOTAL)
+        dropped = _counter(C.CLIENT_DROPPED_TOTAL)
+        layer = {m.name: _gauge(m) for m in (C.LAYER_GRAD_NORM, C.LAYER_UPDATE_RATIO, C.LAYER_PARAM_NORM)}
+
+        for job in self.store:
+            for rank, st in job.ranks.items():
+                lv = [job.name, str(rank)]
+                last[C.LAST_REPORT_TIMESTAMP.name].add_metric(lv, st.last_seen)
+                s = st.last_step
+                if s is not None:
+                    for metric, value in ((C.STEP, s.step), (C.LOSS, s.loss), (C.GRAD_NORM, s.grad_norm),
+                                          (C.GRAD_NORM_LOCAL, s.grad_norm_local),
+                                          (C.UPDATE_RATIO, s.update_ratio), (C.BATCH_SIZE, s.batch_size),
+                                          (C.STEP_SECONDS, s.step_seconds), (C.LOSS_SCALE, s.loss_scale)):
+                        if value is not None:
+                            last[metric.name].add_metric(lv, float(value))
+                    for i, v in enumerate(s.lr):
+                        lr.add_metric([*lv, str(i)], v)
+                    steps_total.add_metric(lv, st.steps_total)
+                    for kind, n in st.nonfinite_totals.items():
+                        nonfinite.add_metric([*lv, kind], n)
+                    for key in WINDOWED:
+                        hi, lo = st.extremes[key].max(now), st.extremes[key].min(now)
+                        if hi is not None and lo is not None:
+                            wmax[key].add_metric(lv, hi)
+                            wmin[key].add_metric(lv, lo)
+                if st.evals:
+                    e = st.evals[-1]
+                    if e.loss is not None:
+                        last[C.EVAL_LOSS.name].add_metric(lv, e.loss)
+                    if e.accuracy is not None:
+                        last[C.EVAL_ACCURACY.name].add_metric(lv, e.accuracy)
+                if st.last_heartbeat is not None:
+                    dropped.add_metric(lv, st.last_heartbeat.reports_dropped_total)
+            for name, ls in job.layers.items():
+                lv = [job.name, name]
+                for metric, value in ((C.LAYER_GRAD_NORM, ls.grad_norm), (C.LAYER_UPDATE_RATIO, ls.update_ratio),
+                                      (C.LAYER_PARAM_NORM, ls.param_norm)):
+                    if value is not None and not math.isnan(value):
+                        layer[metric.name].add_metric(lv, value)
+
+        yield from last.values()
+        yield from wmax.values()
+        yield from wmin.values()
+        yield lr
+        yield steps_total
+        yield nonfinite
+        yield dropped
+        yield from layer.values()
+
+    def _alerts(self) -> Iterator[Metric]:
+        g = _gauge(C.ALERT)
+        for a in self.engine.firing():
+            g.add_metric([a.job, a.rule, a.severity.value, "" if a.rank is None else str(a.rank)], 1.0)
+        yield g
+
+    def _self_metrics(self) -> Iterator[Metric]:
+        for metric, values in ((C.REPORTS_RECEIVED_TOTAL, self.counters.received),
+                               (C.REPORTS_REJECTED_TOTAL, self.counters.rejected),
+                               (C.REQUESTS_TOTAL, self.counters.requests)):
+            c = _counter(metric)
+            for key, n in sorted(values.items()):
+                c.add_metric([key], n)
+            yield c
+        t = _counter(C.ALERT_TRANSITIONS_TOTAL)
+        for state, n in self.engine.transitions_total.items():
+            t.add_metric([state], n)
+        yield t
+        yield SummaryMetricFamily(C.RULE_EVALUATION_SECONDS.name, C.RULE_EVALUATION_SECONDS.help,
+                                  count_value=self.engine.evaluation_count,
+                                  sum_value=self.engine.evaluation_seconds_sum)
+        jobs = _gauge(C.JOBS)
+        jobs.add_metric([], len(self.store.jobs))
+        yield jobs

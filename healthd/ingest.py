@@ -1,0 +1,74 @@
+"""Parsing a report batch: keep every valid report, say exactly what is wrong with the rest.
+
+The fast path validates the whole body in one ``validate_json`` call. Only
+when that fails does it fall back to validating report by report, so one bad
+report costs its sender a 422 naming the field while its neighbours are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from healthd.schema import SCHEMA_VERSION, FieldError, Rejection, Report, ReportBatch
+
+_BATCH = TypeAdapter(ReportBatch)
+_REPORT: TypeAdapter[Any] = TypeAdapter(Report)
+
+
+@dataclass
+class Parsed:
+    reports: list[Any] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    body_error: Rejection | None = None  # the body as a whole is unusable
+
+
+def _errors(e: ValidationError) -> list[FieldError]:
+    return [FieldError(loc=[p for p in err["loc"]], msg=err["msg"], type=err["type"])
+            for err in e.errors(include_url=False)]
+
+
+def _body_error(msg: str, type_: str, loc: list[str | int] | None = None) -> Parsed:
+    return Parsed(body_error=Rejection(index=-1, errors=[FieldError(loc=loc or [], msg=msg, type=type_)]))
+
+
+def parse_batch(body: bytes, max_reports: int) -> Parsed:
+    """Validate a ``ReportBatch`` body; never raises."""
+    try:
+        batch = _BATCH.validate_json(body)
+        if len(batch.reports) > max_reports:
+            return _body_error(f"too many reports in one request: {len(batch.reports)} > limit {max_reports} "
+                               "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
+        return Parsed(reports=list(batch.reports))
+    except ValidationError:
+        pass
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return _body_error(f"body is not valid JSON: {e}", "json_invalid")
+    if not isinstance(data, dict):
+        return _body_error("body must be a JSON object {\"schema_version\": 1, \"reports\": [...]}", "model_type")
+    extra = sorted(set(data) - {"schema_version", "reports"})
+    if extra:
+        return _body_error(f"unknown field {extra[0]!r}", "extra_forbidden", [extra[0]])
+    if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        return _body_error(f"unsupported schema_version {data.get('schema_version')!r}; this healthd speaks "
+                           f"{SCHEMA_VERSION}", "schema_version", ["schema_version"])
+    reports = data.get("reports")
+    if not isinstance(reports, list):
+        return _body_error("reports must be a list", "list_type", ["reports"])
+    if len(reports) > max_reports:
+        return _body_error(f"too many reports in one request: {len(reports)} > limit {max_reports} "
+                           "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
+    out = Parsed()
+    for i, raw in enumerate(reports):
+        try:
+            # Re-encode so the report is judged by exactly the JSON rules of the fast path.
+            out.reports.append(_REPORT.validate_json(json.dumps(raw)))
+        except ValidationError as e:
+            errs = [FieldError(loc=["reports", i, *fe.loc], msg=fe.msg, type=fe.type) for fe in _errors(e)]
+            out.rejected.append(Rejection(index=i, errors=errs))
+    return out

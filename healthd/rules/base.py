@@ -1,0 +1,186 @@
+"""The shape of a rule: a pure function of a window of one job's data.
+
+A rule reads a window (``RankWindow`` for rules about one rank's series,
+``JobWindow`` for rules that compare ranks or watch time) and returns a
+``Finding`` or ``None``. It does no I/O, raises nothing as a signal and mutates
+nothing. Alert state (pending -> firing -> resolved) lives in the engine only.
+
+To add a rule: subclass ``Rule``, give it a ``Config`` (a ``RuleConfig``
+subclass with typed, unit-named thresholds), a docstring that says what it
+detects, why it matters, its source and its thresholds, an ``advice`` string
+(shown in the alert), and list it in ``healthd.rules.ALL_RULES``.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, Severity, StepReport
+
+EvidenceValue = float | int | str | bool | None
+
+
+class Scope(str, enum.Enum):
+    """What a rule looks at, and so when the engine evaluates it."""
+
+    RANK = "rank"  # one rank's series; evaluated when that rank reports a step
+    JOB = "job"  # all ranks and the clock; evaluated on the engine's tick
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a rule saw. The engine turns findings into alerts."""
+
+    summary: str
+    evidence: Mapping[str, EvidenceValue]
+    step: int | None = None
+    rank: int | None = None
+    layer: str | None = None
+    severity: Severity | None = None  # None: the rule's default severity
+
+
+class RuleConfig(BaseModel):
+    """Settings every rule has. Subclasses add thresholds with units in their names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    for_steps: int = Field(default=1, ge=1, description="consecutive evaluations with a finding before firing")
+    resolve_after_steps: int = Field(
+        default=20, ge=1, description="consecutive evaluations without a finding before resolving (cool-down)"
+    )
+    severity: Severity | None = Field(default=None, description="override the rule's default severity")
+
+
+@dataclass(frozen=True)
+class JobMeta:
+    """What the job told healthd at attach (rank 0's AttachReport when present)."""
+
+    attach: AttachReport | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.attach.world_size if self.attach else 1
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.attach.hints.num_classes if self.attach else None
+
+    @property
+    def dataset_size(self) -> int | None:
+        return self.attach.hints.dataset_size if self.attach else None
+
+    @property
+    def grad_accumulation_steps(self) -> int:
+        return self.attach.hints.grad_accumulation_steps if self.attach else 1
+
+
+@dataclass(frozen=True)
+class RankWindow:
+    """A read-only view of one rank's recent data, oldest first."""
+
+    job: str
+    rank: int
+    meta: JobMeta
+    steps: Sequence[StepReport]
+    evals: Sequence[EvalReport] = ()
+    initial_steps: Sequence[StepReport] = ()  # the first steps the rank ever reported
+    gpu: Sequence[GpuReport] = ()
+    lr_peak: float | None = None  # highest learning rate (group 0) seen so far in the run
+
+    @property
+    def latest(self) -> StepReport | None:
+        return self.steps[-1] if self.steps else None
+
+    def last(self, n: int) -> list[StepReport]:
+        """The last ``n`` steps, oldest first (fewer if the window is shorter)."""
+        size = len(self.steps)
+        return list(itertools.islice(self.steps, max(0, size - n), size))
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    """One rank as a job-scoped rule sees it."""
+
+    rank: int
+    steps: Sequence[StepReport]
+    last_step: int | None
+    last_step_time: float | None  # server receive time of the last step report
+    last_heartbeat: HeartbeatReport | None
+    last_heartbeat_time: float | None
+    gpu: Sequence[GpuReport] = ()
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class JobWindow:
+    """A read-only view of a whole job for cross-rank and time-based rules."""
+
+    job: str
+    meta: JobMeta
+    now: float
+    ranks: Mapping[int, RankStatus] = field(default_factory=dict)
+
+
+W = TypeVar("W", RankWindow, JobWindow)
+C = TypeVar("C", bound=RuleConfig)
+
+
+class Rule(Generic[C]):
+    """Base of all rules. Subclasses set the class variables and ``evaluate``."""
+
+    name: ClassVar[str]  # the Alertmanager alertname; fixed, users route on it
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    advice: ClassVar[str] = ""
+    Config: ClassVar[type[RuleConfig]] = RuleConfig
+
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = config if config is not None else self.Config()  # type: ignore[assignment]
+
+    def evaluate(self, window: RankWindow | JobWindow) -> Finding | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------- small helpers for rules
+
+
+def finite(values: Sequence[float | None]) -> list[float]:
+    """The finite, present values of a series."""
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def series(steps: Sequence[StepReport], attr: str) -> list[float | None]:
+    """One field of a run of steps, e.g. ``series(w.steps, "grad_norm")``."""
+    return [getattr(s, attr) for s in steps]
+
+
+def layer_values(step: StepReport, attr: str) -> dict[str, float]:
+    """A per-layer field of one step, finite values only (e.g. ``layer_values(s, "grad_norm")``)."""
+    out = {}
+    for name, ls in step.layers.items():
+        v = getattr(ls, attr)
+        if v is not None and math.isfinite(v):
+            out[name] = v
+    return out
+
+
+def fmt(x: float | None) -> str:
+    """Compact number for alert summaries."""
+    if x is None:
+        return "n/a"
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}"

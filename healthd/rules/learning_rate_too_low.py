@@ -1,0 +1,75 @@
+"""LearningRateTooLow: updates so small relative to the weights that training barely moves."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
+from healthd.schema import Severity
+
+
+class LearningRateTooLowConfig(RuleConfig):
+    window_steps: int = Field(default=50, ge=5, description="steps whose median update ratio is judged")
+    min_update_ratio: float = Field(default=1e-5, gt=0, description="median ||dw||/||w|| below which it warns")
+    steady_lr_factor: float = Field(
+        default=1.5, gt=1, description="max/min LR over the window above which a schedule is moving (skip)"
+    )
+    peak_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="skip when the LR has decayed below this fraction of its peak"
+    )
+    for_steps: int = 10
+
+
+class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
+    """Gradients are present but each update is a tiny fraction of the weights.
+
+    Why: a learning rate orders of magnitude too low wastes the run: the loss
+    creeps down and the job "converges" to a poor result days later.
+
+    Source: CS231n's ||dw||/||w|| ~ 1e-3 (seed 001); "if gradient values are
+    zero, the learning rate might be too small" (seed 000). Threshold:
+    ``min_update_ratio`` 1e-5 (100x below the rule of thumb), median over
+    ``window_steps``. Warm-up and decay phases are skipped: the rule judges only
+    while the LR is steady (max/min over the window < ``steady_lr_factor``) and
+    at least ``peak_fraction`` of the highest LR seen, so a cosine tail or a
+    warm-up start is never called too low.
+    """
+
+    name: ClassVar[str] = "LearningRateTooLow"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = LearningRateTooLowConfig
+    advice: ClassVar[str] = (
+        "Raise the learning rate (try 3-10x), or run a learning-rate range test. The update-to-weight ratio "
+        "should be around 1e-3 (CS231n). Also check that gradients reach every layer."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        steps = window.last(cfg.window_steps)
+        if len(steps) < cfg.window_steps:
+            return None
+        lrs = finite([s.lr[0] if s.lr else None for s in steps])
+        if len(lrs) < len(steps) or min(lrs) <= 0:
+            return None
+        if max(lrs) / min(lrs) > cfg.steady_lr_factor:
+            return None
+        if window.lr_peak is not None and lrs[-1] < cfg.peak_fraction * window.lr_peak:
+            return None
+        ratios = finite(series(steps, "update_ratio"))
+        norms = finite(series(steps, "grad_norm"))
+        if len(ratios) < len(steps) // 2 or not norms or median(norms) <= 0:
+            return None
+        med = median(ratios)
+        if med <= 0 or med >= cfg.min_update_ratio:
+            return None  # exactly zero is WeightsNotUpdating's finding
+        s = steps[-1]
+        return Finding(
+            summary=(f"Update-to-weight ratio {fmt(med)} (median of {len(ratios)} steps) is "
+                     f"{1e-3 / med:.0f}x below the ~1e-3 rule of thumb at lr={fmt(lrs[-1])} (rank {window.rank})"),
+            evidence={"step": s.step, "median_update_ratio": med, "lr": lrs[-1], "median_grad_norm": median(norms)},
+            step=s.step,
+            rank=window.rank,
+        )

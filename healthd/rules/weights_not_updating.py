@@ -1,0 +1,72 @@
+"""WeightsNotUpdating: gradients arrive but the parameters do not change."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
+from healthd.schema import Severity
+
+
+class WeightsNotUpdatingConfig(RuleConfig):
+    window_steps: int = Field(default=5, ge=2, description="consecutive steps with no update before it counts")
+    zero_update_ratio: float = Field(default=1e-12, ge=0, description="update ratio treated as no update")
+    for_steps: int = 1
+
+
+class WeightsNotUpdating(Rule[WeightsNotUpdatingConfig]):
+    """Layers with a non-zero gradient whose weights stay exactly the same, step after step.
+
+    Why: the optimizer was built over other parameters (a re-created model, a
+    copy), the learning rate is 0, or the update is computed but never applied.
+    The loss may still move (other layers learn), so nothing looks broken.
+
+    Source: "Weight updates not being applied" and "incorrect expression for
+    gradient updates" (seed 000/001). Fires when, for ``window_steps``
+    consecutive steps, a layer's gradient norm is > 0 and its update ratio is at
+    most ``zero_update_ratio``. Steps skipped by mixed precision do not count.
+    """
+
+    name: ClassVar[str] = "WeightsNotUpdating"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = WeightsNotUpdatingConfig
+    advice: ClassVar[str] = (
+        "Check that the optimizer was built over model.parameters() of the model you train (not a copy or an "
+        "earlier instance), that the learning rate is not 0, and that optimizer.step() runs after backward()."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        steps = [s for s in window.last(cfg.window_steps) if not s.step_skipped]
+        if len(steps) < cfg.window_steps:
+            return None
+        stuck: set[str] | None = None
+        for s in steps:
+            here = {
+                name for name, ls in s.layers.items()
+                if ls.grad_norm is not None and ls.grad_norm > 0 and ls.update_ratio is not None
+                and 0 <= ls.update_ratio <= cfg.zero_update_ratio
+            }
+            if not s.layers and s.grad_norm and s.update_ratio is not None and s.update_ratio <= cfg.zero_update_ratio:
+                here = {"all"}
+            stuck = here if stuck is None else stuck & here
+            if not stuck:
+                return None
+        assert stuck is not None
+        layers = sorted(stuck)
+        s = steps[-1]
+        total = len(s.layers) or 1
+        example_norm = s.layers[layers[0]].grad_norm if layers[0] in s.layers else s.grad_norm
+        return Finding(
+            summary=(f"{len(layers)} of {total} layers get gradients but their weights have not changed for "
+                     f"{len(steps)} steps (e.g. {layers[0]}, grad norm {fmt(example_norm)}; rank {window.rank})"),
+            evidence={"step": s.step, "stuck_layers": len(layers), "layers": total,
+                      "example_layer": layers[0], "steps": len(steps)},
+            step=s.step,
+            rank=window.rank,
+            layer=layers[0],
+            severity=Severity.CRITICAL if len(layers) == total else None,
+        )

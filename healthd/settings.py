@@ -1,0 +1,102 @@
+"""healthd's configuration: typed, with units in the names, validated at start.
+
+A YAML file (``healthd serve --config healthd.yaml``) maps onto ``Settings``;
+its ``rules:`` section maps rule names onto each rule's own ``Config``. A bad
+file fails at start with a ``ConfigError`` naming the field at fault.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from healthd.rules.base import Rule
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreSettings(_Section):
+    window_steps: int = Field(default=512, ge=16, description="steps kept per rank for the rules")
+    initial_steps: int = Field(default=20, ge=1, description="first steps of a rank kept for the whole run")
+    evals_kept: int = Field(default=256, ge=1)
+    gpu_samples_kept: int = Field(default=256, ge=1)
+    job_ttl_seconds: float = Field(default=3600.0, gt=0, description="forget jobs silent for this long")
+    alert_history_per_job: int = Field(default=1000, ge=1, description="resolved alerts kept per job")
+
+
+class ExporterSettings(_Section):
+    window_seconds: float = Field(
+        default=60.0, gt=0, description="sliding window of the *_window_max/min gauges; > scrape interval"
+    )
+
+
+class EngineSettings(_Section):
+    tick_seconds: float = Field(default=1.0, gt=0, description="period of job-scoped (time-based) rules")
+
+
+class LimitSettings(_Section):
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_reports_per_request: int = Field(default=10_000, ge=1)
+
+
+class Settings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9184, ge=0, le=65535)
+    public_url: str | None = Field(default=None, description="base URL for links in alerts")
+    store: StoreSettings = StoreSettings()
+    exporter: ExporterSettings = ExporterSettings()
+    engine: EngineSettings = EngineSettings()
+    limits: LimitSettings = LimitSettings()
+    rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-rule config by alert name")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Settings:
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise ConfigError(_describe(e)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Settings:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        return cls.from_mapping(data)
+
+
+def build_rules(rule_classes: Iterable[type[Rule]], configs: Mapping[str, Mapping[str, Any]]) -> list[Rule]:
+    """Instantiate the enabled rules, validating each rule's config section."""
+    classes = {cls.name: cls for cls in rule_classes}
+    unknown = sorted(set(configs) - set(classes))
+    if unknown:
+        raise ConfigError(f"rules.{unknown[0]}: unknown rule; known rules: {', '.join(sorted(classes))}")
+    rules: list[Rule] = []
+    for name, cls in classes.items():
+        try:
+            cfg = cls.Config.model_validate(dict(configs.get(name, {})))
+        except ValidationError as e:
+            raise ConfigError(_describe(e, prefix=f"rules.{name}")) from None
+        if cfg.enabled:
+            rules.append(cls(cfg))
+    return rules
+
+
+def _describe(e: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

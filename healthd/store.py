@@ -1,0 +1,209 @@
+"""In-memory state of the jobs healthd tracks: bounded windows per rank.
+
+Each job's state is independent of every other job's (nothing here is shared
+across jobs), so jobs can later be sharded across healthd instances. Memory is
+bounded per rank (``window_steps`` and friends), never by run length.
+
+What lives here: applying reports, the windows rules read, counters and
+window extremes the exporter reads. What does not: rules, alert state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from healthd.rules.base import JobMeta, JobWindow, RankStatus, RankWindow
+from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
+from healthd.settings import StoreSettings
+
+
+class WindowExtremes:
+    """Sliding-window max and min of a signal over ``window_seconds`` (monotonic deques, O(1) amortised)."""
+
+    __slots__ = ("window", "_max", "_min")
+
+    def __init__(self, window_seconds: float) -> None:
+        self.window = window_seconds
+        self._max: deque[tuple[float, float]] = deque()
+        self._min: deque[tuple[float, float]] = deque()
+
+    def push(self, t: float, v: float | None) -> None:
+        if v is None or not math.isfinite(v):
+            return  # non-finite values are counted by trainhealth_nonfinite_total
+        while self._max and self._max[-1][1] <= v:
+            self._max.pop()
+        self._max.append((t, v))
+        while self._min and self._min[-1][1] >= v:
+            self._min.pop()
+        self._min.append((t, v))
+
+    def _evict(self, now: float) -> None:
+        cutoff = now - self.window
+        while self._max and self._max[0][0] < cutoff:
+            self._max.popleft()
+        while self._min and self._min[0][0] < cutoff:
+            self._min.popleft()
+
+    def max(self, now: float) -> float | None:
+        self._evict(now)
+        return self._max[0][1] if self._max else None
+
+    def min(self, now: float) -> float | None:
+        self._evict(now)
+        return self._min[0][1] if self._min else None
+
+
+@dataclass
+class RankState:
+    rank: int
+    steps: deque[StepReport]
+    initial_steps: list[StepReport] = field(default_factory=list)
+    evals: deque[EvalReport] = field(default_factory=deque)
+    gpu: deque[GpuReport] = field(default_factory=deque)
+    attach: AttachReport | None = None
+    last_step: StepReport | None = None
+    last_step_time: float | None = None
+    last_heartbeat: HeartbeatReport | None = None
+    last_heartbeat_time: float | None = None
+    last_seen: float = 0.0
+    steps_total: int = 0
+    nonfinite_totals: dict[str, int] = field(default_factory=lambda: {"loss": 0, "grads": 0, "params": 0})
+    extremes: dict[str, WindowExtremes] = field(default_factory=dict)
+    lr_peak: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.last_heartbeat and self.last_heartbeat.closing)
+
+
+WINDOWED = ("loss", "grad_norm", "update_ratio", "step_seconds")
+
+
+@dataclass
+class JobState:
+    name: str
+    ranks: dict[int, RankState] = field(default_factory=dict)
+    attach: AttachReport | None = None  # rank 0's, or the first seen
+    layers: dict[str, LayerStats] = field(default_factory=dict)  # latest per-layer stats
+    layers_rank: int | None = None
+    created: float = 0.0
+    last_seen: float = 0.0
+
+    @property
+    def meta(self) -> JobMeta:
+        return JobMeta(self.attach)
+
+
+class Store:
+    """All jobs. Single-threaded by design: the ASGI event loop owns it."""
+
+    def __init__(self, settings: StoreSettings, exporter_window_seconds: float = 60.0) -> None:
+        self.settings = settings
+        self.exporter_window_seconds = exporter_window_seconds
+        self.jobs: dict[str, JobState] = {}
+
+    # ------------------------------------------------------------- writes
+    def _job(self, name: str, now: float) -> JobState:
+        job = self.jobs.get(name)
+        if job is None:
+            job = self.jobs[name] = JobState(name=name, created=now)
+        job.last_seen = now
+        return job
+
+    def _rank(self, job: JobState, rank: int) -> RankState:
+        st = job.ranks.get(rank)
+        if st is None:
+            s = self.settings
+            st = job.ranks[rank] = RankState(
+                rank=rank,
+                steps=deque(maxlen=s.window_steps),
+                evals=deque(maxlen=s.evals_kept),
+                gpu=deque(maxlen=s.gpu_samples_kept),
+                extremes={k: WindowExtremes(self.exporter_window_seconds) for k in WINDOWED},
+            )
+        return st
+
+    def apply(self, report: StepReport | EvalReport | HeartbeatReport | AttachReport | GpuReport,
+              now: float) -> None:
+        """Fold one validated report into its job's state."""
+        job = self._job(report.job, now)
+        st = self._rank(job, report.rank)
+        st.last_seen = now
+        if isinstance(report, StepReport):
+            self._apply_step(job, st, report, now)
+        elif isinstance(report, EvalReport):
+            st.evals.append(report)
+        elif isinstance(report, HeartbeatReport):
+            st.last_heartbeat = report
+            st.last_heartbeat_time = now
+        elif isinstance(report, AttachReport):
+            st.attach = report
+            if job.attach is None or report.rank == 0:
+                job.attach = report
+        elif isinstance(report, GpuReport):
+            st.gpu.append(report)
+
+    def _apply_step(self, job: JobState, st: RankState, s: StepReport, now: float) -> None:
+        st.steps.append(s)
+        if len(st.initial_steps) < self.settings.initial_steps:
+            st.initial_steps.append(s)
+        st.last_step = s
+        st.last_step_time = now
+        st.steps_total += 1
+        nf = st.nonfinite_totals
+        nf["loss"] += s.nonfinite.loss
+        nf["grads"] += s.nonfinite.grads
+        nf["params"] += s.nonfinite.params
+        for key in WINDOWED:
+            st.extremes[key].push(now, getattr(s, key))
+        if s.lr and math.isfinite(s.lr[0]) and (st.lr_peak is None or s.lr[0] > st.lr_peak):
+            st.lr_peak = s.lr[0]
+        if s.layers and (job.layers_rank is None or s.rank <= job.layers_rank):
+            job.layers = dict(s.layers)
+            job.layers_rank = s.rank
+
+    def expire(self, now: float) -> list[str]:
+        """Forget jobs silent for longer than the TTL; returns their names."""
+        ttl = self.settings.job_ttl_seconds
+        gone = [name for name, j in self.jobs.items() if now - j.last_seen > ttl]
+        for name in gone:
+            del self.jobs[name]
+        return gone
+
+    # ------------------------------------------------------------- reads
+    def rank_window(self, job_name: str, rank: int) -> RankWindow:
+        job = self.jobs[job_name]
+        st = job.ranks[rank]
+        return RankWindow(
+            job=job_name,
+            rank=rank,
+            meta=job.meta,
+            steps=st.steps,
+            evals=st.evals,
+            initial_steps=st.initial_steps,
+            gpu=st.gpu,
+            lr_peak=st.lr_peak,
+        )
+
+    def job_window(self, job_name: str, now: float) -> JobWindow:
+        job = self.jobs[job_name]
+        ranks = {
+            r: RankStatus(
+                rank=r,
+                steps=st.steps,
+                last_step=st.last_step.step if st.last_step else None,
+                last_step_time=st.last_step_time,
+                last_heartbeat=st.last_heartbeat,
+                last_heartbeat_time=st.last_heartbeat_time,
+                gpu=st.gpu,
+                closed=st.closed,
+            )
+            for r, st in job.ranks.items()
+        }
+        return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks)
+
+    def __iter__(self) -> Iterator[JobState]:
+        return iter(list(self.jobs.values()))
