@@ -1,59 +1,28 @@
-"""A real healthd (uvicorn) on 127.0.0.1 and a free port, in a background thread."""
+"""A real healthd (uvicorn) on 127.0.0.1 and a free port, for tests: healthd.embedded plus HTTP helpers."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import httpx
-import uvicorn
 
-from healthd.app import create_app
+from healthd.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["LiveHealthd", "free_port", "live_healthd"]
 
 
-@dataclass
-class LiveHealthd:
-    url: str
-    app: object
-    server: uvicorn.Server
+class LiveHealthd(Embedded):
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10, **kw)
 
-    @property
-    def hd(self):  # noqa: ANN201 - the Healthd instance behind the app
-        return self.app.state.healthd  # type: ignore[attr-defined]
-
-    def get(self, path: str, **kw: object) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=10, **kw)  # type: ignore[arg-type]
-
-    def post(self, path: str, **kw: object) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=10, **kw)  # type: ignore[arg-type]
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=10, **kw)
 
 
 @contextmanager
-def live_healthd(settings: Settings | None = None, **create_kw: object) -> Iterator[LiveHealthd]:
-    port = free_port()
-    settings = (settings or Settings()).model_copy(update={"port": port})
-    app = create_app(settings, **create_kw)  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("healthd did not start")
-        time.sleep(0.02)
-    try:
-        yield LiveHealthd(f"http://127.0.0.1:{port}", app, server)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+def live_healthd(settings: Settings | None = None, **create_kw: Any) -> Iterator[LiveHealthd]:
+    with serve_in_thread(settings, **create_kw) as e:
+        yield LiveHealthd(e.url, e.app, e.server)
