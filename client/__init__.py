@@ -1,0 +1,96 @@
+"""healthd_client: report a PyTorch job's training health to healthd.
+
+Usage::
+
+    import healthd_client
+    monitor = healthd_client.attach(model, optimizer, job="resnet-run-7", server="http://127.0.0.1:8000")
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        monitor.step(loss=loss, batch_size=len(x))
+    monitor.close()
+
+Importing this package imports neither torch nor any server dependency; torch
+is imported by ``attach``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from healthd_client.config import MonitorConfig
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import torch
+    from healthd_client.monitor import Monitor
+    from healthd_client.quantities.base import Quantity
+    from healthd_client.transport import Transport
+
+__version__ = "0.1.0"
+__all__ = ["Monitor", "MonitorConfig", "Quantity", "attach"]
+
+
+def attach(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    job: str | None = None,
+    server: str | None = None,
+    *,
+    token: str | None = None,
+    dataset_size: int | None = None,
+    num_classes: int | None = None,
+    grad_accumulation_steps: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    config: MonitorConfig | None = None,
+    transport: Transport | None = None,
+    extra_quantities: Sequence[Quantity] = (),
+    strict: bool = False,
+) -> Monitor:
+    """Hook ``optimizer`` (and inspect ``model``); return the Monitor that reports to healthd.
+
+    ``job`` defaults to $HEALTHD_JOB, ``server`` to $HEALTHD_SERVER (not needed
+    when ``transport`` is given), ``token`` to $HEALTHD_TOKEN (sent as a Bearer
+    token). ``dataset_size``, ``num_classes`` and ``grad_accumulation_steps`` are
+    sent as hints. ``rank``/``world_size`` override torch.distributed and the
+    RANK/WORLD_SIZE environment. ``extra_quantities`` are measured in addition
+    to the built-in ones. ``strict=True`` lets exceptions inside measurements
+    propagate (for tests); by default they disable the failing measurement with
+    one warning. Invalid arguments raise ``ValueError``. Attaching to an
+    optimizer that already has an open monitor warns and returns that monitor.
+    """
+    from healthd_client.monitor import attach as _attach
+
+    return _attach(
+        model,
+        optimizer,
+        job,
+        server,
+        token=token,
+        dataset_size=dataset_size,
+        num_classes=num_classes,
+        grad_accumulation_steps=grad_accumulation_steps,
+        rank=rank,
+        world_size=world_size,
+        config=config,
+        transport=transport,
+        extra_quantities=extra_quantities,
+        strict=strict,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: these modules import torch.
+    if name == "Monitor":
+        from healthd_client.monitor import Monitor
+
+        return Monitor
+    if name == "Quantity":
+        from healthd_client.quantities.base import Quantity
+
+        return Quantity
+    raise AttributeError(f"module 'healthd_client' has no attribute {name!r}")

@@ -1,0 +1,455 @@
+"""attach() and the Monitor: hooks on the optimizer, quantity scheduling, reports.
+
+What lives here: resolving attach()'s arguments (env defaults, validation), the
+optimizer step pre/post hooks, the step record life cycle, turning finished
+records into StepReport dicts, EvalReport / AttachReport / HeartbeatReport
+dicts. What does not: the measurements (``quantities/``), the device->host copy
+(``packing``), sending (``transport``).
+
+Failure policy: an exception in a quantity disables that quantity with one
+warning; an exception in the monitor's own machinery stops measuring (heartbeats
+go on) with one warning. Neither reaches the training loop unless
+``strict=True``.
+
+Attaching twice to the same optimizer returns the monitor already attached (with
+a warning) rather than replacing it: two monitors would double the hooks, and
+replacing would silently drop the first one's unsent records.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import operator
+import os
+import platform
+import re
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from healthd_client.config import MonitorConfig
+from healthd_client.identity import Identity, detect_identity, git_commit
+from healthd_client.layers import build_layer_plan
+from healthd_client.packing import PackedRecord
+from healthd_client.quantities import default_quantities
+from healthd_client.quantities.base import Quantity, QuantityContext, StepRecord
+from healthd_client.transport import HttpTransport, Sender, Transport
+
+logger = logging.getLogger("healthd_client")
+
+CLIENT_VERSION = "0.1.0"
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.schema.JobName
+_MAX_EVAL_METRICS = 32
+_MAX_METRIC_NAME_CHARS = 64
+
+# Which optimizer already has a monitor: attach() on the same optimizer must not
+# double the hooks. Weak keys, so a dropped optimizer does not stay alive here.
+_attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, Monitor] = weakref.WeakKeyDictionary()
+
+
+def _warn(message: str) -> None:
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _optional_count(name: str, value: Any, minimum: int = 0) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _host_float(value: Any) -> float:
+    """A float from a number or a one-element tensor (eval path: a sync is acceptable)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean().cpu())
+    return float(value)
+
+
+class Monitor:
+    """Watches one model + optimizer and reports to healthd. Create it with ``attach``.
+
+    Call ``step(loss=, batch_size=)`` once per optimizer step, ``eval(...)`` after
+    validation, ``close()`` at the end (or use it as a context manager).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        job: str,
+        identity: Identity,
+        transport: Transport,
+        token: str | None,
+        config: MonitorConfig,
+        hints: dict[str, int],
+        quantities: Sequence[Quantity],
+        strict: bool,
+    ) -> None:
+        self.job = job
+        self.identity = identity
+        self.config = config
+        self._model = model
+        self._optimizer = optimizer
+        self._strict = strict
+        self._closed = False
+        self._forked = False
+        self._active = True  # False once the monitor's own machinery failed
+        self._next_step = 0
+        self._last_step: int | None = None
+        self._open: StepRecord | None = None
+        self._pending: deque[PackedRecord] = deque()
+        self._disabled: dict[int, str] = {}  # id(quantity) -> name
+        self._bad_batch_size_warned = False
+        plan = build_layer_plan(model, optimizer, config.max_layers)
+        self.sender = Sender(transport, config, token=token, heartbeat=self._heartbeat)
+        self._ctx = QuantityContext(
+            model=model,
+            optimizer=optimizer,
+            plan=plan,
+            config=config,
+            identity=identity,
+            job=job,
+            enqueue=self.sender.enqueue,
+        )
+        self.quantities = list(quantities)
+        self._send_attach_report(hints)
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _monitor_after_fork(ref))
+        atexit.register(self.close)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._ctx.plan.names)
+
+    @property
+    def disabled_quantities(self) -> list[str]:
+        return list(self._disabled.values())
+
+    def step(self, loss: Any = None, batch_size: int | None = None) -> None:
+        """Complete the current optimizer step's record with the loss and batch size."""
+        if not self._active or self._closed:
+            return
+        with self._guard("step"):
+            record = self._open if self._open is not None else self._new_record()
+            self._open = None
+            record.loss = loss
+            record.batch_size = self._batch_size(batch_size)
+            record.closed_by_user = True
+            self._finish(record)
+
+    def eval(self, loss: Any = None, accuracy: Any = None, **metrics: Any) -> None:
+        """Report a validation pass at the last completed step (0 before any step)."""
+        if self._closed or self._forked:
+            return
+        with self._guard("eval", disable=False):
+            report: dict[str, Any] = self._base("eval")
+            report["step"] = self._last_step if self._last_step is not None else 0
+            if loss is not None:
+                report["loss"] = _host_float(loss)
+            if accuracy is not None:
+                report["accuracy"] = _host_float(accuracy)
+            values = {}
+            for name, value in list(metrics.items())[:_MAX_EVAL_METRICS]:
+                values[str(name)[:_MAX_METRIC_NAME_CHARS]] = _host_float(value)
+            if values:
+                report["metrics"] = values
+            if self._active:
+                self._poll()
+            self.sender.enqueue(report)
+
+    def memory_overhead_bytes(self) -> int:
+        """Device/host memory the monitor holds between steps (sample buffers, index tensors)."""
+        total = self._ctx.plan.memory_overhead_bytes()
+        for q in self.quantities:
+            if id(q) not in self._disabled:
+                with contextlib.suppress(Exception):
+                    total += int(q.memory_overhead_bytes())
+        return total
+
+    def close(self, timeout: float | None = None) -> None:
+        """Remove the hooks, send what is measured, flush within ``timeout`` seconds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        timeout = self.config.close_timeout_seconds if timeout is None else max(0.0, timeout)
+        deadline = time.monotonic() + timeout
+        for handle in self._handles:
+            handle.remove()
+        if _attached.get(self._optimizer) is self:
+            del _attached[self._optimizer]
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        if self._forked:
+            return
+        if self._active:
+            with self._guard("close"):
+                if self._open is not None:
+                    record, self._open = self._open, None
+                    self._finish(record)
+                self._drain_pending(deadline - timeout / 2)  # keep half the time for sending
+        for q in self.quantities:
+            with contextlib.suppress(Exception):
+                q.close()
+        self.sender.close(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _batch_size(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        try:
+            count = operator.index(value)
+        except TypeError:
+            count = -1
+        if count >= 0:
+            return count
+        if not self._bad_batch_size_warned:
+            self._bad_batch_size_warned = True
+            _warn(f"healthd: batch_size must be an int >= 0, got {value!r}; not reported")
+        return None
+
+    # ------------------------------------------------------------------ hooks
+
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._active or self._closed:
+            return
+        with self._guard("optimizer step pre-hook"):
+            if self._open is not None:  # the user did not call monitor.step() last time
+                record, self._open = self._open, None
+                self._finish(record)
+            self._open = self._new_record()
+            self._run("before_step", self._open)
+
+    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._active or self._closed or self._open is None:
+            return
+        with self._guard("optimizer step post-hook"):
+            self._run("after_step", self._open)
+
+    # ------------------------------------------------------------------ records
+
+    def _new_record(self) -> StepRecord:
+        record = StepRecord(self._next_step, bool(self._model.training))
+        self._next_step += 1
+        return record
+
+    def _run(self, method: str, record: StepRecord) -> None:
+        self._ctx.record = record
+        try:
+            with torch.no_grad():
+                for q in self.quantities:
+                    if id(q) in self._disabled or not q.due(record.step):
+                        continue
+                    try:
+                        if method == "on_step_end":
+                            q.on_step_end(self._ctx, record)
+                        else:
+                            getattr(q, method)(self._ctx)
+                    except Exception as exc:
+                        self._disable(q, method, exc)
+        finally:
+            self._ctx.record = None
+
+    def _finish(self, record: StepRecord) -> None:
+        record.time = time.time()
+        self._run("on_step_end", record)
+        self._pending.append(PackedRecord(record))
+        self._last_step = record.step
+        self._poll()
+
+    def _poll(self) -> None:
+        while len(self._pending) > self.config.max_pending_records:
+            self._pending.popleft()
+            self.sender.count_dropped(1)
+        while self._pending and self._pending[0].ready():
+            self.sender.enqueue(self._step_report(self._pending.popleft()))
+
+    def _drain_pending(self, deadline: float) -> None:
+        # Not Event.synchronize(): a hung device (a stuck collective) must not hang the exit.
+        while self._pending:
+            if self._pending[0].ready():
+                self.sender.enqueue(self._step_report(self._pending.popleft()))
+            elif time.monotonic() >= deadline:
+                self.sender.count_dropped(len(self._pending))
+                self._pending.clear()
+            else:
+                time.sleep(0.001)
+
+    def _step_report(self, packed: PackedRecord) -> dict[str, Any]:
+        record = packed.record
+        report = self._base("step")
+        report["time"] = record.time
+        report["step"] = record.step
+        if record.training is not None:
+            report["training"] = record.training
+        if record.batch_size is not None:
+            report["batch_size"] = record.batch_size
+        for q, values in packed.values().values():
+            if id(q) in self._disabled:
+                continue
+            try:
+                q.write(report, values)
+            except Exception as exc:
+                self._disable(q, "write", exc)
+        return report
+
+    # ------------------------------------------------------------------ other reports
+
+    def _base(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "job": self.job, "rank": self.identity.rank, "time": time.time()}
+
+    def _send_attach_report(self, hints: dict[str, int]) -> None:
+        identity = self.identity
+        report = self._base("attach")
+        report.update(
+            world_size=identity.world_size,
+            local_rank=identity.local_rank,
+            hostname=identity.hostname,
+            run_id=identity.run_id,
+            hints=hints,
+            versions={
+                "torch": str(torch.__version__)[:256],
+                "python": platform.python_version(),
+                "healthd_client": CLIENT_VERSION,
+            },
+            git_commit=git_commit(),
+        )
+        self._ctx.attach_report = report
+        for q in self.quantities:
+            try:
+                q.on_attach(self._ctx)
+            except Exception as exc:
+                self._disable(q, "on_attach", exc)
+        self.sender.enqueue(report)
+
+    def _heartbeat(self, closing: bool) -> dict[str, Any]:
+        report = self._base("heartbeat")
+        sender = getattr(self, "sender", None)
+        report.update(
+            step=self._last_step,
+            reports_dropped_total=sender.dropped_total if sender else 0,
+            reports_sent_total=sender.sent_total if sender else 0,
+            closing=closing,
+        )
+        return report
+
+    # ------------------------------------------------------------------ failures
+
+    def _disable(self, q: Quantity, where: str, exc: Exception) -> None:
+        if self._strict:
+            raise exc
+        self._disabled[id(q)] = q.name
+        _warn(f"healthd: quantity {q.name!r} failed in {where} and is disabled for this run: {exc!r}")
+        with contextlib.suppress(Exception):
+            q.close()
+
+    @contextlib.contextmanager
+    def _guard(self, where: str, disable: bool = True) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if self._strict:
+                raise
+            if disable:
+                self._active = False
+                self._open = None
+                _warn(f"healthd: monitor failed in {where}; it stops measuring (heartbeats go on): {exc!r}")
+            else:
+                _warn(f"healthd: {where} failed and was not reported: {exc!r}")
+
+
+def _monitor_after_fork(ref: weakref.ref[Monitor]) -> None:
+    monitor = ref()
+    if monitor is not None:
+        # A DataLoader worker must not measure, touch CUDA, or flush the parent's records.
+        monitor._forked = True
+        monitor._active = False
+        monitor._pending = deque()
+        monitor._open = None
+
+
+def attach(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    job: str | None = None,
+    server: str | None = None,
+    *,
+    token: str | None = None,
+    dataset_size: int | None = None,
+    num_classes: int | None = None,
+    grad_accumulation_steps: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    config: MonitorConfig | None = None,
+    transport: Transport | None = None,
+    extra_quantities: Sequence[Quantity] = (),
+    strict: bool = False,
+) -> Monitor:
+    """See ``healthd_client.attach``."""
+    config = MonitorConfig() if config is None else config
+    if not isinstance(config, MonitorConfig):
+        raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
+    existing = _attached.get(optimizer)
+    if existing is not None and not existing.closed:
+        _warn(
+            "healthd: this optimizer already has a monitor attached; returning it "
+            "(the arguments of this second attach() are ignored; close() it first to re-attach)"
+        )
+        return existing
+    job = job if job is not None else os.environ.get("HEALTHD_JOB")
+    if not job or len(job) > 128 or not _JOB_NAME.match(job):
+        raise ValueError(
+            f"job must be 1-128 chars of [A-Za-z0-9_.:/@+-] starting with a letter or digit "
+            f"(argument or HEALTHD_JOB), got {job!r}"
+        )
+    hints = {
+        "dataset_size": _optional_count("dataset_size", dataset_size),
+        "num_classes": _optional_count("num_classes", num_classes),
+        "grad_accumulation_steps": _optional_count("grad_accumulation_steps", grad_accumulation_steps, 1),
+    }
+    identity = detect_identity(rank, world_size)
+    if transport is None:
+        server = server if server is not None else os.environ.get("HEALTHD_SERVER")
+        if not server:
+            raise ValueError("server must be given (argument or HEALTHD_SERVER), e.g. http://127.0.0.1:8000")
+        transport = HttpTransport(server, config.request_timeout_seconds)
+    if token is None:
+        token = os.environ.get("HEALTHD_TOKEN") or None
+    monitor = Monitor(
+        model,
+        optimizer,
+        job=job,
+        identity=identity,
+        transport=transport,
+        token=token,
+        config=config,
+        hints={k: v for k, v in hints.items() if v is not None},
+        quantities=[*default_quantities(config), *extra_quantities],
+        strict=strict,
+    )
+    _attached[optimizer] = monitor
+    return monitor
+

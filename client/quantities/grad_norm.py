@@ -1,0 +1,71 @@
+"""GradNorm: global and per-layer L2 norm of the gradients, and non-finite grads.
+
+Measured in the optimizer's step pre-hook, i.e. on the gradients the optimizer
+is about to apply (after any clipping or AMP unscaling the user did before
+``optimizer.step()``). ``torch._foreach_norm`` gives each tensor's norm; the
+squares are scatter-added into layers on the device; the global norm is the
+square root of their sum, so it equals ``torch.nn.utils.clip_grad_norm_``'s
+total norm over the optimizer's parameters.
+
+Writes: ``grad_norm``; ``layers[*].grad_norm``; ``layers[*].grad_missing`` (every
+parameter of the layer had ``grad is None``); ``nonfinite.grads`` = the number of
+parameter TENSORS (not elements) whose gradient holds a NaN or Inf, detected as
+a non-finite per-tensor norm (a norm is non-finite iff an element is, barring a
+float32 overflow of the norm of a tensor whose elements are all finite, which
+needs values near 1e38 and is itself worth reporting).
+
+Why it matters: exploding/vanishing gradients and the first NaN are the
+earliest signals of a diverging run (Pascanu et al. 2013, "On the difficulty of
+training recurrent neural networks").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats, nonfinite
+from healthd_client.quantities.reduce import (
+    count_nonfinite,
+    device_key,
+    group_by_device,
+    layer_square_sums,
+    norms,
+    safe_sqrt,
+    sum_partials,
+)
+
+
+class GradNorm(Quantity):
+    name = "grad_norm"
+
+    def before_step(self, ctx: QuantityContext) -> None:
+        record = ctx.record
+        if record is None:
+            return
+        present: list[tuple[int, Any]] = []
+        has_grad = [False] * len(ctx.plan)
+        for i, p in enumerate(ctx.plan.params):
+            grad = p.grad
+            if grad is not None:
+                present.append((i, grad))
+                has_grad[ctx.plan.layer_of_param[i]] = True
+        record.put(self, "missing", [name for name, seen in zip(ctx.plan.names, has_grad, strict=True) if not seen])
+        for device, (indices, grads) in group_by_device(present).items():
+            tensor_norms = norms(grads)
+            record.put(self, device_key("sq", device), layer_square_sums(ctx.plan, device, indices, tensor_norms))
+            record.put(self, device_key("nonfinite", device), count_nonfinite(tensor_norms))
+        record.put(self, "names", ctx.plan.names)
+
+    def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
+        missing = set(values["missing"])
+        for name in missing:
+            layer_stats(report, name)["grad_missing"] = True
+        nonfinite(report)["grads"] = int(sum_partials(values, "nonfinite") or 0)
+        sq = sum_partials(values, "sq")
+        if sq is None:  # no parameter had a gradient
+            return
+        for name, layer_sq in zip(values["names"], sq, strict=True):
+            if name not in missing:
+                layer_stats(report, name)["grad_norm"] = safe_sqrt(layer_sq)
+        report["grad_norm"] = safe_sqrt(sum(sq))

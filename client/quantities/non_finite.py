@@ -1,0 +1,57 @@
+"""NonFiniteParams: parameter tensors holding NaN/Inf after the step, and parameter norms.
+
+The ``nonfinite`` counts of a StepReport count TENSORS, not elements:
+``nonfinite.params`` (written here) is the number of parameter tensors with at
+least one NaN/Inf element after the optimizer step; ``nonfinite.grads`` (see
+``grad_norm``) the same for gradients before it; ``nonfinite.loss`` (see
+``loss``) is 1 when the loss is NaN/Inf. A tensor is counted when its L2 norm,
+from one fused ``torch._foreach_norm`` in the step post-hook, is non-finite.
+
+Once a parameter is NaN the run is lost: every later step propagates it. The
+step at which the first tensor turns non-finite, and which layer, is what the
+user needs to find the cause.
+
+The same per-tensor norms give ``layers[*].param_norm`` (the L2 norm of the
+layer's parameters after the step) at no extra cost.
+
+Writes: ``nonfinite.params``; ``layers[*].param_norm``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats, nonfinite
+from healthd_client.quantities.reduce import (
+    count_nonfinite,
+    device_key,
+    group_by_device,
+    layer_square_sums,
+    norms,
+    safe_sqrt,
+    sum_partials,
+)
+
+
+class NonFiniteParams(Quantity):
+    name = "non_finite_params"
+
+    def after_step(self, ctx: QuantityContext) -> None:
+        record = ctx.record
+        if record is None:
+            return
+        params = ((i, p.detach()) for i, p in enumerate(ctx.plan.params))
+        for device, (indices, tensors) in group_by_device(params).items():
+            tensor_norms = norms(tensors)
+            record.put(self, device_key("sq", device), layer_square_sums(ctx.plan, device, indices, tensor_norms))
+            record.put(self, device_key("nonfinite", device), count_nonfinite(tensor_norms))
+        record.put(self, "names", ctx.plan.names)
+
+    def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
+        nonfinite(report)["params"] = int(sum_partials(values, "nonfinite") or 0)
+        sq = sum_partials(values, "sq")
+        if sq is None:
+            return
+        for name, layer_sq in zip(values["names"], sq, strict=True):
+            layer_stats(report, name)["param_norm"] = safe_sqrt(layer_sq)

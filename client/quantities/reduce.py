@@ -1,0 +1,82 @@
+"""Device-side reductions shared by the quantities, all free of host syncs.
+
+The pattern: per-tensor L2 norms with one fused ``torch._foreach_norm`` per
+device, squared and scatter-added into a per-layer vector with ``index_add_``.
+Each device contributes its partial vector under ``"<name>@<device>"``; the
+host adds the partials after unpacking (``sum_partials``), so a model spread
+over several devices needs no cross-device traffic in the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from healthd_client.layers import LayerPlan
+from healthd_client.quantities.base import pack_dtype
+
+
+def group_by_device(
+    indexed: Iterable[tuple[int, torch.Tensor]],
+) -> dict[torch.device, tuple[list[int], list[torch.Tensor]]]:
+    """Split (param index, tensor) pairs by the tensor's device, keeping order."""
+    groups: dict[torch.device, tuple[list[int], list[torch.Tensor]]] = {}
+    for i, t in indexed:
+        indices, tensors = groups.setdefault(t.device, ([], []))
+        indices.append(i)
+        tensors.append(t)
+    return groups
+
+
+def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms (computed in float32, returned in the pack dtype), one vector."""
+    out = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    return torch.stack(out).to(pack_dtype(out[0].device))
+
+
+def layer_square_sums(
+    plan: LayerPlan, device: torch.device, param_indices: Sequence[int], tensor_norms: torch.Tensor
+) -> torch.Tensor:
+    """Vector over ``plan.layers``: the sum of squared norms of each layer's tensors."""
+    sums = torch.zeros(len(plan), dtype=tensor_norms.dtype, device=device)
+    return sums.index_add_(0, plan.layer_index(device, param_indices), tensor_norms.square())
+
+
+def count_nonfinite(tensor_norms: torch.Tensor) -> torch.Tensor:
+    """How many of the tensors had a NaN/Inf norm (0-d tensor, on the device)."""
+    return (~torch.isfinite(tensor_norms)).sum()
+
+
+def device_key(name: str, device: torch.device) -> str:
+    return f"{name}@{device}"
+
+
+def sum_partials(values: Mapping[str, Any], name: str) -> Any:
+    """Add the per-device partials put under ``name@<device>``: floats or lists of floats."""
+    total: Any = None
+    prefix = f"{name}@"
+    for key, value in values.items():
+        if not key.startswith(prefix):
+            continue
+        if total is None:
+            total = list(value) if isinstance(value, list) else value
+        elif isinstance(value, list):
+            total = [a + b for a, b in zip(total, value, strict=True)]
+        else:
+            total += value
+    return total
+
+
+def safe_sqrt(x: float) -> float:
+    """sqrt that keeps NaN/Inf as data (they are findings) instead of raising."""
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+def ratio(numerator_sq: float, denominator_sq: float) -> float:
+    """sqrt(num)/sqrt(den) with 0/0 = 0 (nothing moved) and x/0 = inf."""
+    num, den = safe_sqrt(numerator_sq), safe_sqrt(denominator_sq)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
