@@ -31,17 +31,26 @@ def group_by_device(
 
 
 def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor L2 norms (computed in float32, returned in the pack dtype), one vector."""
-    out = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    """Per-tensor L2 norms (in float32, float64 if any tensor is), one vector in the pack dtype."""
+    tensors = list(tensors)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    out = torch._foreach_norm(tensors, 2, dtype=dtype)
     return torch.stack(out).to(pack_dtype(out[0].device))
 
 
 def layer_square_sums(
-    plan: LayerPlan, device: torch.device, param_indices: Sequence[int], tensor_norms: torch.Tensor
+    plan: LayerPlan,
+    device: torch.device,
+    param_indices: Sequence[int],
+    tensor_norms: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Vector over ``plan.layers``: the sum of squared norms of each layer's tensors."""
+    """Vector over ``plan.layers``: the sum of (weighted) squared norms of each layer's tensors."""
+    squares = tensor_norms.square()
+    if weights is not None:
+        squares = squares * weights
     sums = torch.zeros(len(plan), dtype=tensor_norms.dtype, device=device)
-    return sums.index_add_(0, plan.layer_index(device, param_indices), tensor_norms.square())
+    return sums.index_add_(0, plan.layer_index(device, param_indices), squares)
 
 
 def count_nonfinite(tensor_norms: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,11 @@ the flattened tensor with a fixed random offset (a tensor no larger than the
 sample is taken whole). The pre-hook copies all samples into preallocated
 buffers with one fused ``torch._foreach_copy_`` per device; the post-hook takes
 ``_foreach_sub`` + ``_foreach_norm`` and scatter-adds the squares into layers.
-Both the layer ratios and the overall ratio are ``sqrt(sum d^2) / sqrt(sum w^2)``
-over the sampled elements (exact when every tensor is sampled whole), with 0/0
-reported as 0 (nothing moved) and x/0 as inf.
+Each tensor's sampled sums of squares are scaled by ``numel / sampled`` so they
+estimate the whole tensor's (without it, a small tensor would weigh as much as
+a large one in its layer and in the overall ratio). Both the layer ratios and
+the overall ratio are then ``sqrt(sum d^2) / sqrt(sum w^2)`` (exact when every
+tensor is sampled whole), with 0/0 reported as 0 (nothing moved) and x/0 as inf.
 
 Tensors larger than the sample whose memory is not dense (expanded views) are
 not sampled; layers with no sampled tensor get no ratio. If a parameter's
@@ -28,13 +30,14 @@ Writes: ``update_ratio``; ``layers[*].update_ratio``.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-from healthd_client.layers import LayerPlan
-from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats
+from healthd_client.layers import LayerPlan, copy_to_device
+from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats, pack_dtype
 from healthd_client.quantities.reduce import (
     device_key,
     layer_square_sums,
@@ -54,7 +57,14 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def sample_view(t: torch.Tensor, sample_per_tensor: int, rng: random.Random) -> torch.Tensor | None:
-    """A view of up to ``sample_per_tensor`` elements of ``t`` (``t`` itself if small enough)."""
+    """A view of up to ``sample_per_tensor`` elements of ``t`` (``t`` itself if small enough).
+
+    The view is ``flat[offset::stride][:k]`` with the largest ``stride <= numel // k``
+    that is coprime with ``numel``: every row length of a dense tensor divides
+    ``numel``, so the sample visits all columns instead of the one or two a
+    stride that divides the row length would see (columns of a weight matrix
+    share their input's scale, rows their output's).
+    """
     n = t.numel()
     if n == 0:
         return None
@@ -64,7 +74,9 @@ def sample_view(t: torch.Tensor, sample_per_tensor: int, rng: random.Random) -> 
     if flat is None:
         return None
     stride = n // sample_per_tensor
-    offset = rng.randrange(stride)  # offset + (k - 1) * stride <= n - 1 for any offset < stride
+    while math.gcd(stride, n) != 1:
+        stride -= 1
+    offset = rng.randint(0, n - 1 - (sample_per_tensor - 1) * stride)
     return flat[offset::stride][:sample_per_tensor]
 
 
@@ -78,6 +90,7 @@ class UpdateRatio(Quantity):
         self._plan: LayerPlan | None = None
         self._ptrs: list[int] = []
         self._groups: dict[torch.device, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._weights: dict[torch.device, torch.Tensor] = {}  # numel / sampled, per tensor of a group
         self._sampled_layers: list[str] = []
         self._armed_step: int | None = None
 
@@ -99,6 +112,14 @@ class UpdateRatio(Quantity):
             buffers.append(torch.empty(view.shape, dtype=view.dtype, device=view.device))
             sampled_layers.add(plan.layer_of_param[i])
         self._groups = groups
+        self._weights = {
+            device: copy_to_device(
+                torch.tensor([plan.params[i].numel() / v.numel() for i, v in zip(idx, views, strict=True)],
+                             dtype=pack_dtype(device)),
+                device,
+            )
+            for device, (idx, views, _) in groups.items()
+        }
         self._ptrs = [p.data_ptr() for p in plan.params]
         self._sampled_layers = [plan.names[li] for li in sorted(sampled_layers)]
 
@@ -119,8 +140,11 @@ class UpdateRatio(Quantity):
         self._armed_step = None
         for device, (indices, views, buffers) in self._groups.items():
             deltas = torch._foreach_sub(views, buffers)
-            record.put(self, device_key("d", device), layer_square_sums(ctx.plan, device, indices, norms(deltas)))
-            record.put(self, device_key("w", device), layer_square_sums(ctx.plan, device, indices, norms(buffers)))
+            weights = self._weights[device]
+            d_sq = layer_square_sums(ctx.plan, device, indices, norms(deltas), weights)
+            w_sq = layer_square_sums(ctx.plan, device, indices, norms(buffers), weights)
+            record.put(self, device_key("d", device), d_sq)
+            record.put(self, device_key("w", device), w_sq)
         record.put(self, "names", ctx.plan.names)
         record.put(self, "sampled", self._sampled_layers)
 
@@ -135,7 +159,9 @@ class UpdateRatio(Quantity):
         report["update_ratio"] = ratio(sum(d), sum(w))
 
     def memory_overhead_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for _, _, bufs in self._groups.values() for b in bufs)
+        buffers = sum(b.numel() * b.element_size() for _, _, bufs in self._groups.values() for b in bufs)
+        return buffers + sum(w.numel() * w.element_size() for w in self._weights.values())
 
     def close(self) -> None:
         self._groups = {}
+        self._weights = {}
