@@ -112,6 +112,15 @@ CLIENT_DROPPED_TOTAL = _c(
     "client_reports_dropped_total", "Reports the rank's client dropped (queue full or healthd unreachable)."
 )
 
+# ----------------------------------------------------------------- per-job (distributed)
+JOB = ("job",)
+GLOBAL_BATCH_SIZE = _g("global_batch_size",
+                       "Examples per optimizer step over the whole job: per-rank batch x world size x "
+                       "gradient accumulation steps.", JOB)
+GRADIENT_NOISE_SCALE = _g("gradient_noise_scale",
+                          "Simple gradient noise scale B_simple = tr(Sigma)/|G|^2 in examples (McCandlish et al. "
+                          "2018), from DDP's local and all-reduced gradient norms.", JOB)
+
 # ----------------------------------------------------------------- eval
 EVAL_LOSS = _g("eval_loss", "Validation loss at the last monitor.eval().")
 EVAL_ACCURACY = _g("eval_accuracy", "Validation accuracy at the last monitor.eval(), 0..1.")

@@ -83,8 +83,13 @@ class HealthCollector(Collector):
         nonfinite = _counter(C.NONFINITE_TOTAL)
         dropped = _counter(C.CLIENT_DROPPED_TOTAL)
         layer = {m.name: _gauge(m) for m in (C.LAYER_GRAD_NORM, C.LAYER_UPDATE_RATIO, C.LAYER_PARAM_NORM)}
+        per_job = {m.name: _gauge(m) for m in (C.GLOBAL_BATCH_SIZE, C.GRADIENT_NOISE_SCALE)}
 
         for job in self.store:
+            for metric, value in ((C.GLOBAL_BATCH_SIZE, job.global_batch_size),
+                                  (C.GRADIENT_NOISE_SCALE, job.noise.noise_scale)):
+                if value is not None:
+                    per_job[metric.name].add_metric([job.name], float(value))
             for rank, st in job.ranks.items():
                 lv = [job.name, str(rank)]
                 last[C.LAST_REPORT_TIMESTAMP.name].add_metric(lv, st.last_seen)
@@ -129,6 +134,7 @@ class HealthCollector(Collector):
         yield nonfinite
         yield dropped
         yield from layer.values()
+        yield from per_job.values()
 
     def _alerts(self) -> Iterator[Metric]:
         g = _gauge(C.ALERT)

@@ -137,6 +137,7 @@ class StepReport(_ReportBase):
     lr: list[float] = Field(default_factory=list, max_length=64)  # per param group
     grad_norm: float | None = None  # global L2 norm of the gradients the optimizer saw
     grad_norm_local: float | None = None  # this rank's norm before all-reduce (DDP)
+    grad_norm_allreduced: float | None = None  # norm of the all-reduced gradient, in the DDP comm hook
     update_ratio: float | None = None  # ||w_t - w_{t-1}|| / ||w_{t-1}|| over all params
     nonfinite: NonFinite = NonFinite()
     layers: dict[LayerName, LayerStats] = Field(default_factory=dict)

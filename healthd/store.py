@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from healthd.noise_scale import NoiseScaleEstimator
 from healthd.rules.base import JobMeta, JobWindow, RankStatus, RankWindow
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
 from healthd.settings import StoreSettings
@@ -89,6 +90,9 @@ class JobState:
     attach: AttachReport | None = None  # rank 0's, or the first seen
     layers: dict[str, LayerStats] = field(default_factory=dict)  # latest per-layer stats
     layers_rank: int | None = None
+    # Distributed: examples per optimizer step over all ranks, and B_simple's smoothed parts.
+    global_batch_size: int | None = None
+    noise: NoiseScaleEstimator = field(default_factory=NoiseScaleEstimator)
     created: float = 0.0
     last_seen: float = 0.0
 
@@ -164,6 +168,19 @@ class Store:
         if s.layers and (job.layers_rank is None or s.rank <= job.layers_rank):
             job.layers = dict(s.layers)
             job.layers_rank = s.rank
+        self._apply_distributed(job, s)
+
+    @staticmethod
+    def _apply_distributed(job: JobState, s: StepReport) -> None:
+        """Global batch size and the noise-scale estimate (healthd.noise_scale) from one rank's step."""
+        if s.batch_size is None:
+            return
+        meta = job.meta
+        local = s.batch_size * meta.grad_accumulation_steps  # examples behind this rank's local gradient
+        job.global_batch_size = local * meta.world_size
+        if s.grad_norm_local is not None and s.grad_norm_allreduced is not None and meta.world_size > 1:
+            # Each rank's report is one unbiased estimate; the EMA averages them over ranks and steps.
+            job.noise.update(s.grad_norm_local**2, s.grad_norm_allreduced**2, local, job.global_batch_size)
 
     def expire(self, now: float) -> list[str]:
         """Forget jobs silent for longer than the TTL; returns their names."""
@@ -186,6 +203,8 @@ class Store:
             initial_steps=st.initial_steps,
             gpu=st.gpu,
             lr_peak=st.lr_peak,
+            global_batch_size=job.global_batch_size,
+            noise_scale=job.noise.noise_scale,
         )
 
     def job_window(self, job_name: str, now: float) -> JobWindow:
@@ -203,7 +222,8 @@ class Store:
             )
             for r, st in job.ranks.items()
         }
-        return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks)
+        return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks,
+                         global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale)
 
     def __iter__(self) -> Iterator[JobState]:
         return iter(list(self.jobs.values()))

@@ -95,6 +95,8 @@ class RankWindow:
     initial_steps: Sequence[StepReport] = ()  # the first steps the rank ever reported
     gpu: Sequence[GpuReport] = ()
     lr_peak: float | None = None  # highest learning rate (group 0) seen so far in the run
+    global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
+    noise_scale: float | None = None  # job's gradient noise scale B_simple (examples), DDP only
 
     @property
     def latest(self) -> StepReport | None:
@@ -128,6 +130,8 @@ class JobWindow:
     meta: JobMeta
     now: float
     ranks: Mapping[int, RankStatus] = field(default_factory=dict)
+    global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
+    noise_scale: float | None = None  # gradient noise scale B_simple (examples), DDP only
 
 
 W = TypeVar("W", RankWindow, JobWindow)
