@@ -74,6 +74,9 @@ class RankState:
     nonfinite_totals: dict[str, int] = field(default_factory=lambda: {"loss": 0, "grads": 0, "params": 0})
     extremes: dict[str, WindowExtremes] = field(default_factory=dict)
     lr_peak: float | None = None
+    # Last known value of each scalar signal: some are measured every N steps only,
+    # and a gauge should not vanish on the steps in between.
+    last_values: dict[str, float] = field(default_factory=dict)
 
     @property
     def closed(self) -> bool:
@@ -81,6 +84,8 @@ class RankState:
 
 
 WINDOWED = ("loss", "grad_norm", "update_ratio", "step_seconds")
+LAST_VALUE_FIELDS = ("loss", "grad_norm", "grad_norm_local", "update_ratio", "batch_size", "step_seconds",
+                     "loss_scale")
 
 
 @dataclass
@@ -90,6 +95,7 @@ class JobState:
     attach: AttachReport | None = None  # rank 0's, or the first seen
     layers: dict[str, LayerStats] = field(default_factory=dict)  # latest per-layer stats
     layers_rank: int | None = None
+    layer_names: set[str] = field(default_factory=set)  # every layer name seen (limits.max_layers_per_job)
     # Distributed: examples per optimizer step over all ranks, and B_simple's smoothed parts.
     global_batch_size: int | None = None
     noise: NoiseScaleEstimator = field(default_factory=NoiseScaleEstimator)
@@ -163,11 +169,25 @@ class Store:
         nf["params"] += s.nonfinite.params
         for key in WINDOWED:
             st.extremes[key].push(now, getattr(s, key))
+        for key in LAST_VALUE_FIELDS:
+            v = getattr(s, key)
+            if v is not None:
+                st.last_values[key] = float(v)
         if s.lr and math.isfinite(s.lr[0]) and (st.lr_peak is None or s.lr[0] > st.lr_peak):
             st.lr_peak = s.lr[0]
+        if s.layers or s.activations:
+            job.layer_names.update(s.layers)
+            job.layer_names.update(s.activations)
         if s.layers and (job.layers_rank is None or s.rank <= job.layers_rank):
-            job.layers = dict(s.layers)
+            if job.layers_rank != s.rank:
+                job.layers = {}
             job.layers_rank = s.rank
+            for name, ls in s.layers.items():
+                old = job.layers.get(name)
+                # Fields measured every N steps only keep their last known value in between.
+                job.layers[name] = ls if old is None else ls.model_copy(update={
+                    k: getattr(old, k) for k in ("grad_norm", "update_ratio", "param_norm")
+                    if getattr(ls, k) is None})
         self._apply_distributed(job, s)
 
     @staticmethod
