@@ -220,8 +220,8 @@ class Sender:
         for _ in range(max(0, overflow)):
             self._items.popleft()
             self.dropped_total += 1
-        if len(self._items) >= self._config.max_batch_reports:
-            self._wake.notify_all()
+        if len(self._items) == 1 or len(self._items) >= self._config.max_batch_reports:
+            self._wake.notify_all()  # start the flush-interval clock, or send a full batch now
 
     def _heartbeat_report(self, closing: bool) -> dict[str, Any] | None:
         if self._heartbeat is None:

@@ -16,7 +16,7 @@ def test_param_norm_per_layer_matches_naive(make_monitor, transport):
     optimizer.step()
     monitor.step()
     expected = {
-        name or "root": math.sqrt(sum(float(p.double().norm()) ** 2 for p in m.parameters(recurse=False)))
+        name or "root": math.sqrt(sum(float(p.detach().double().norm()) ** 2 for p in m.parameters(recurse=False)))
         for name, m in model.named_modules()
         if list(m.parameters(recurse=False))
     }
