@@ -34,6 +34,8 @@ class MonitorConfig:
     close_timeout_seconds: float = 5.0
     retry_backoff_min_seconds: float = 0.1
     retry_backoff_max_seconds: float = 10.0
+    # GPU (NVML) sampling on a background thread; no effect without CUDA + NVML.
+    gpu_sample_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):

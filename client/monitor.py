@@ -447,7 +447,9 @@ def attach(
         token=token,
         config=config,
         hints={k: v for k, v in hints.items() if v is not None},
-        quantities=[*default_quantities(config), *extra_quantities],
+        # An extra quantity replaces the built-in one of the same name (e.g. a GpuMonitor with a test NVML).
+        quantities=[*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
+                    *extra_quantities],
         strict=strict,
     )
     _attached[optimizer] = monitor

@@ -138,6 +138,9 @@ class StepReport(_ReportBase):
     grad_norm: float | None = None  # global L2 norm of the gradients the optimizer saw
     grad_norm_local: float | None = None  # this rank's norm before all-reduce (DDP)
     grad_norm_allreduced: float | None = None  # norm of the all-reduced gradient, in the DDP comm hook
+    # Wall time from the first gradient bucket handed to DDP's comm hook to the last one reduced: mostly
+    # waiting for slower ranks. step_seconds - comm_seconds is the rank's own work (StragglerRank).
+    comm_seconds: float | None = Field(default=None, ge=0)
     update_ratio: float | None = None  # ||w_t - w_{t-1}|| / ||w_{t-1}|| over all params
     nonfinite: NonFinite = NonFinite()
     layers: dict[LayerName, LayerStats] = Field(default_factory=dict)
@@ -229,9 +232,11 @@ class GpuReport(_ReportBase):
 
     kind: Literal["gpu"] = "gpu"
     gpu: Annotated[int, Field(ge=0)]  # CUDA index as the job sees it
-    uuid: ShortText
+    uuid: ShortText  # the physical GPU's NVML UUID ("GPU-..."), dcgm-exporter's UUID label
     hostname: ShortText = ""
     mig: bool = False
+    mig_uuid: ShortText | None = None  # the MIG device's own UUID ("MIG-...") on a MIG slice
+    gpu_instance_id: Annotated[int, Field(ge=0)] | None = None  # MIG GPU instance (dcgm-exporter's GPU_I_ID)
     memory_used_bytes: Count | None = None
     memory_total_bytes: Count | None = None
     torch_allocated_bytes: Count | None = None
@@ -245,6 +250,7 @@ class GpuReport(_ReportBase):
     throttle_reasons: list[ShortText] = Field(default_factory=list, max_length=32)
     ecc_uncorrected_total: Count | None = None
     remapped_rows_failure: bool | None = None
+    remapped_rows_pending: bool | None = None  # a row remap waits for a GPU reset
     xid_events: list[int] = Field(default_factory=list, max_length=64)
 
 

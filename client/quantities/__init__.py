@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def default_quantities(config: MonitorConfig) -> list[Quantity]:
     """The built-in quantities, scheduled by ``config``."""
+    from healthd_client.quantities.gpu import GpuMonitor
     from healthd_client.quantities.grad_norm import GradNorm
     from healthd_client.quantities.loss import Loss
     from healthd_client.quantities.lr import LearningRate
@@ -34,4 +35,5 @@ def default_quantities(config: MonitorConfig) -> list[Quantity]:
         GradNorm(every_steps=config.grad_norm_every_steps),
         UpdateRatio(every_steps=config.heavy_every_steps, sample_per_tensor=config.update_sample_per_tensor),
         NonFiniteParams(every_steps=config.heavy_every_steps),
+        GpuMonitor(sample_seconds=config.gpu_sample_seconds),
     ]
