@@ -1,0 +1,74 @@
+"""GradientNormMismatch: one rank's local gradients are wildly different in scale from the others'."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
+from healthd.schema import Severity
+
+
+class GradientNormMismatchConfig(RuleConfig):
+    window_steps: int = Field(default=20, ge=1, description="last steps of each rank whose median is compared")
+    min_steps: int = Field(default=5, ge=1, description="steps a rank needs in the window to be judged")
+    max_ratio: float = Field(default=10.0, gt=1, description="a rank's median local norm over the others' median "
+                                                             "(or its inverse) above this is a finding")
+    for_steps: int = Field(default=3, ge=1, description="consecutive engine ticks with the finding before firing")
+
+
+class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
+    """A rank's local (pre-all-reduce) gradient norm is ``max_ratio`` times above or below the other ranks'.
+
+    Why: in data parallelism every rank computes gradients of the same model
+    on samples of the same distribution, so local gradient norms agree to
+    within sampling noise. A rank fed bad data (an unnormalised or corrupt
+    shard, wrong labels, a different preprocessing path, a broken host)
+    shows up as local gradients of a different scale, and its gradients are
+    averaged into everyone's update.
+
+    How: per rank, the median of ``grad_norm_local`` (sent by the client's
+    DDP comm hook) over its last ``window_steps`` steps, compared with the
+    median of the other ranks' medians. With two ranks the comparison cannot
+    tell which one is wrong: both are reported.
+    """
+
+    name: ClassVar[str] = "GradientNormMismatch"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.JOB
+    Config = GradientNormMismatchConfig
+    advice: ClassVar[str] = (
+        "Check the data this rank reads: its shard of the sampler (DistributedSampler with the right rank), "
+        "preprocessing and normalisation, corrupt files, labels. Print a batch's statistics on this rank and "
+        "on another."
+    )
+
+    def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
+        cfg = self.config
+        medians: dict[int, float] = {}
+        steps: dict[int, int | None] = {}
+        for rank, st in window.ranks.items():
+            if st.closed:
+                continue
+            norms = finite([s.grad_norm_local for s in list(st.steps)[-cfg.window_steps:]])
+            if len(norms) >= cfg.min_steps:
+                medians[rank] = median(norms)
+                steps[rank] = st.last_step
+        if len(medians) < 2:
+            return []
+        out = []
+        for rank, m in sorted(medians.items()):
+            others = median([v for r, v in medians.items() if r != rank])
+            if others <= 0 and m <= 0:
+                continue
+            ratio = m / others if others > 0 else float("inf")
+            if ratio > cfg.max_ratio or ratio < 1 / cfg.max_ratio:
+                out.append(Finding(
+                    summary=(f"rank {rank}'s local gradient norm (median {fmt(m)}) is {fmt(ratio)}x the other "
+                             f"ranks' (median {fmt(others)}); limit {cfg.max_ratio}x"),
+                    evidence={"median_grad_norm_local": m, "others_median_grad_norm_local": others,
+                              "ratio": ratio, "max_ratio": cfg.max_ratio},
+                    step=steps[rank], rank=rank,
+                ))
+        return out

@@ -1,0 +1,91 @@
+"""StragglerRank: a rank persistently slower than the rest of the job."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
+from healthd.schema import Severity, StepReport
+
+
+class StragglerRankConfig(RuleConfig):
+    window_steps: int = Field(default=20, ge=3, description="last steps of each rank whose median is compared")
+    min_steps: int = Field(default=5, ge=2, description="steps a rank needs in the window to be judged")
+    min_score: float = Field(default=0.75, gt=0, lt=1,
+                             description="straggler below this score (fastest median / this rank's median)")
+    for_steps: int = Field(default=3, ge=1, description="consecutive engine ticks with the finding before firing")
+    resolve_after_steps: int = Field(default=10, ge=1, description="ticks without the finding before resolving")
+
+
+def work_seconds(s: StepReport) -> float | None:
+    """The rank's own time in a step: step time minus the time spent waiting in gradient all-reduce.
+
+    Under DDP every rank waits for the slowest in the all-reduce, so plain step
+    times are all equal; what differs is how much of it each rank spent working.
+    """
+    if s.step_seconds is None:
+        return None
+    if s.comm_seconds is None:
+        return s.step_seconds
+    return max(0.0, s.step_seconds - s.comm_seconds)
+
+
+class StragglerRank(Rule[StragglerRankConfig]):
+    """A rank whose median step work time is well above the fastest rank's.
+
+    Why: synchronous data parallelism runs at the pace of its slowest rank. A
+    slow rank (a throttled or degraded GPU, a noisy neighbour, a slow data
+    shard or disk, a CPU-bound data loader) costs the whole job its speed, yet
+    looks healthy from any single rank's loss curve.
+
+    How: per rank, the median over its last ``window_steps`` steps of its work
+    time (``step_seconds - comm_seconds``: time not spent waiting for others in
+    DDP's all-reduce, see ``work_seconds``; plain ``step_seconds`` without the
+    DDP hook). score = fastest rank's median / this rank's median, as NVIDIA's
+    resiliency extension (nvidia-resiliency-ext, straggler detection) scores
+    ranks; a rank below ``min_score`` (0.75: 33 % slower) is a straggler. Needs
+    two ranks with ``min_steps`` steps each; ranks that closed are ignored.
+    """
+
+    name: ClassVar[str] = "StragglerRank"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.JOB
+    Config = StragglerRankConfig
+    advice: ClassVar[str] = (
+        "Look at this rank's node: GPU clocks and throttling (trainhealth GPU panels, nvidia-smi -q -d PERFORMANCE), "
+        "data loading on that host (num_workers, disk, network storage), other processes on the node. Cordon the "
+        "node if it is degraded; every other rank waits for this one at each all-reduce."
+    )
+
+    def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
+        cfg = self.config
+        medians: dict[int, float] = {}
+        last_step: dict[int, int | None] = {}
+        for rank, st in window.ranks.items():
+            if st.closed:
+                continue
+            recent = list(st.steps)[-cfg.window_steps:]
+            times = finite([work_seconds(s) for s in recent])
+            if len(times) >= cfg.min_steps:
+                medians[rank] = median(times)
+                last_step[rank] = st.last_step
+        if len(medians) < 2:
+            return []
+        fastest_rank = min(medians, key=lambda r: medians[r])
+        fastest = medians[fastest_rank]
+        out = []
+        for rank, m in sorted(medians.items()):
+            if m <= 0:
+                continue
+            score = fastest / m
+            if score < cfg.min_score:
+                out.append(Finding(
+                    summary=(f"rank {rank} is a straggler: median work time {fmt(m)} s per step vs {fmt(fastest)} s "
+                             f"on the fastest rank {fastest_rank} (score {score:.2f} < {cfg.min_score})"),
+                    evidence={"score": round(score, 4), "median_work_seconds": m, "fastest_rank": fastest_rank,
+                              "fastest_median_work_seconds": fastest, "window_steps": cfg.window_steps},
+                    step=last_step[rank], rank=rank,
+                ))
+        return out
