@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import torch
+
     from healthd_client.monitor import Monitor
     from healthd_client.quantities.base import Quantity
     from healthd_client.transport import Transport

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+
 from healthd_client.config import MonitorConfig
 from healthd_client.identity import Identity, detect_identity, git_commit
 from healthd_client.layers import build_layer_plan

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from healthd_client.quantities.base import Quantity, StepRecord
 
 # (quantity, key, offset, numel, shape) of one value inside a flat part.

@@ -32,9 +32,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from healthd_client.config import MonitorConfig
-
 from healthd.schema import SCHEMA_VERSION
+from healthd_client.config import MonitorConfig
 
 logger = logging.getLogger("healthd_client")
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from healthd_client.quantities.base import Quantity, QuantityContext, StepRecord, nonfinite
 
 

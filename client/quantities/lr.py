@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from healthd_client.quantities.base import Quantity, QuantityContext
 
 MAX_GROUPS = 64

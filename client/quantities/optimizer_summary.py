@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from healthd_client.quantities.base import Quantity, QuantityContext
 
 _MAX_TEXT = 256

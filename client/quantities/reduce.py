@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+
 from healthd_client.layers import LayerPlan
 from healthd_client.quantities.base import pack_dtype
 

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from healthd_client.layers import LayerPlan, copy_to_device
 from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats, pack_dtype
 from healthd_client.quantities.reduce import (

@@ -7,13 +7,13 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import healthd_client
 import pydantic
 import pytest
 import torch
-from healthd_client import MonitorConfig
 
+import healthd_client
 from healthd.schema import ReportBatch
+from healthd_client import MonitorConfig
 
 BATCH = pydantic.TypeAdapter(ReportBatch)
 

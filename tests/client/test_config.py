@@ -1,4 +1,5 @@
 import pytest
+
 from healthd_client import MonitorConfig
 
 

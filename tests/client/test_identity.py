@@ -1,4 +1,5 @@
 import pytest
+
 from healthd_client.identity import detect_identity, git_commit
 
 

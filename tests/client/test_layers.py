@@ -2,8 +2,8 @@ import re
 
 import pytest
 import torch
-from healthd_client.layers import build_layer_plan, sanitize_layer_name, unwrap_model
 
+from healthd_client.layers import build_layer_plan, sanitize_layer_name, unwrap_model
 from tests.client.conftest import Net
 
 LAYER_NAME = re.compile(r"^[A-Za-z0-9_.:\-\[\]]+$")

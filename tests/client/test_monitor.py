@@ -1,12 +1,12 @@
 import math
 import warnings
 
-import healthd_client
 import pytest
 import torch
+
+import healthd_client
 from healthd_client import MonitorConfig
 from healthd_client.quantities.base import Quantity
-
 from tests.client.conftest import FAST, Net, RecordingTransport, step_reports, train_steps, validate
 
 

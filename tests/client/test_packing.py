@@ -1,4 +1,5 @@
 import torch
+
 from healthd_client.packing import PackedRecord
 from healthd_client.quantities.base import Quantity, StepRecord
 

@@ -9,9 +9,9 @@ import time
 
 import httpx
 import pytest
+
 from healthd_client import MonitorConfig
 from healthd_client.transport import HttpTransport, Sender
-
 from tests.client.conftest import RecordingTransport, validate
 
 QUICK = dict(flush_interval_seconds=0.01, heartbeat_seconds=60.0, close_timeout_seconds=5.0,

@@ -3,9 +3,9 @@ import random
 
 import pytest
 import torch
+
 from healthd_client.layers import build_layer_plan
 from healthd_client.quantities.update_ratio import UpdateRatio, sample_view
-
 from tests.client.conftest import Net, step_reports
 
 
