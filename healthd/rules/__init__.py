@@ -5,15 +5,31 @@ classes it runs (``create_app`` passes these by default).
 """
 
 from healthd.rules.base import Finding, JobWindow, RankWindow, Rule, RuleConfig, Scope
+from healthd.rules.batch_norm_small_batch import BatchNormSmallBatch
+from healthd.rules.dead_activations import DeadActivations
+from healthd.rules.dropout_before_batch_norm import DropoutBeforeBatchNorm
+from healthd.rules.eval_mode_during_training import EvalModeDuringTraining
 from healthd.rules.exploding_gradients import ExplodingGradients
 from healthd.rules.gradient_norm_mismatch import GradientNormMismatch
+from healthd.rules.gradients_not_flowing import GradientsNotFlowing
+from healthd.rules.initial_loss_unexpected import InitialLossUnexpected
+from healthd.rules.input_not_normalized import InputNotNormalized
+from healthd.rules.large_batch_generalization import LargeBatchGeneralization
+from healthd.rules.learning_rate_not_scaled import LearningRateNotScaled
 from healthd.rules.learning_rate_too_high import LearningRateTooHigh
 from healthd.rules.learning_rate_too_low import LearningRateTooLow
 from healthd.rules.loss_diverging import LossDiverging
+from healthd.rules.loss_input_broadcast import LossInputBroadcast
+from healthd.rules.loss_oscillating import LossOscillating
+from healthd.rules.loss_plateau import LossPlateau
 from healthd.rules.loss_scale_collapse import LossScaleCollapse
+from healthd.rules.missing_zero_grad import MissingZeroGrad
 from healthd.rules.non_finite_values import NonFiniteValues
+from healthd.rules.overfitting import Overfitting
 from healthd.rules.rank_desync import RankDesync
 from healthd.rules.rank_stalled import RankStalled
+from healthd.rules.saturated_activations import SaturatedActivations
+from healthd.rules.softmax_before_loss import SoftmaxBeforeLoss
 from healthd.rules.straggler_rank import StragglerRank
 from healthd.rules.training_stalled import TrainingStalled
 from healthd.rules.vanishing_gradients import VanishingGradients
@@ -34,6 +50,23 @@ ALL_RULES: tuple[type[Rule], ...] = (
     TrainingStalled,
     RankDesync,
     GradientNormMismatch,
+    # the whole checklist (issue 3)
+    GradientsNotFlowing,
+    MissingZeroGrad,
+    EvalModeDuringTraining,
+    SoftmaxBeforeLoss,
+    LossInputBroadcast,
+    InitialLossUnexpected,
+    InputNotNormalized,
+    DeadActivations,
+    SaturatedActivations,
+    DropoutBeforeBatchNorm,
+    BatchNormSmallBatch,
+    LossOscillating,
+    LossPlateau,
+    Overfitting,
+    LargeBatchGeneralization,
+    LearningRateNotScaled,
 )
 
 __all__ = ["ALL_RULES", "Finding", "JobWindow", "RankWindow", "Rule", "RuleConfig", "Scope"]

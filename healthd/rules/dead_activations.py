@@ -1,0 +1,68 @@
+"""DeadActivations: most units of a ReLU layer never activate (dying ReLU)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
+from healthd.schema import Severity
+
+
+class DeadActivationsConfig(RuleConfig):
+    lookback_steps: int = Field(default=100, ge=1, description="steps searched for sampled activation statistics")
+    samples: int = Field(default=2, ge=1, description="latest samples that must all agree")
+    dead_fraction: float = Field(default=0.5, gt=0, le=1, description="fraction of dead units in a layer that warns")
+    critical_fraction: float = Field(default=0.9, gt=0, le=1, description="fraction that is critical")
+
+
+class DeadActivations(Rule[DeadActivationsConfig]):
+    """In a ReLU-family layer, more than ``dead_fraction`` of the units were never active over a sampled batch.
+
+    Why: a ReLU unit whose input is negative for every example gets no gradient
+    and never recovers ("dying ReLU"), typically after a too-large update or a
+    bad bias initialisation; the network silently loses capacity.
+    Source: SageMaker Debugger's dead-ReLU defaults (a unit is dead when active
+    < 1% of the time; the layer is flagged above 50% dead units), CS231n
+    ("dead ReLUs", seed 001). The client's sampled forward hook counts, per unit
+    (feature or channel), the share of the batch where the output is > 0.
+    Thresholds: > 0.5 of a layer's units dead in each of the latest ``samples``
+    (2) samples (one sample at the very start of a run); > 0.9 is critical.
+    """
+
+    name: ClassVar[str] = "DeadActivations"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = DeadActivationsConfig
+    advice: ClassVar[str] = (
+        "Lower the learning rate, use He initialisation with zero (or small positive) biases, try LeakyReLU/GELU, "
+        "and add normalisation before the activation."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        sampled = [s for s in window.last(cfg.lookback_steps) if s.activations][-cfg.samples:]
+        if not sampled:
+            return None
+        worst: tuple[str, float] | None = None
+        for name, a in sampled[-1].activations.items():
+            if a.kind != "relu" or a.dead_fraction is None:
+                continue
+            fractions = [s.activations[name].dead_fraction for s in sampled if name in s.activations]
+            lowest = min(f for f in fractions if f is not None)
+            if lowest > cfg.dead_fraction and (worst is None or lowest > worst[1]):
+                worst = (name, lowest)
+        if worst is None:
+            return None
+        s = window.steps[-1]
+        layer, fraction = worst
+        return Finding(
+            summary=(f"{fmt(100 * fraction)}% of the units of {layer} were never active over the sampled batch "
+                     f"(up to step {sampled[-1].step}, rank {window.rank}): dying ReLU"),
+            evidence={"step": s.step, "layer_name": layer, "dead_fraction": fraction, "samples": len(sampled)},
+            step=s.step,
+            rank=window.rank,
+            layer=layer,
+            severity=Severity.CRITICAL if fraction > cfg.critical_fraction else None,
+        )

@@ -1,0 +1,64 @@
+"""LargeBatchGeneralization: the global batch is a large fraction of the data set."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, median
+from healthd.schema import Severity
+
+
+class LargeBatchGeneralizationConfig(RuleConfig):
+    window_steps: int = Field(default=5, ge=1, description="steps whose median batch size is judged")
+    warn_fraction: float = Field(default=0.1, gt=0, le=1, description="global batch / data set size that warns")
+    info_fraction: float = Field(default=0.05, gt=0, le=1, description="global batch / data set size worth an info")
+
+
+class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
+    """Each step's global batch (per-rank batch x world size) is a large fraction of the training set.
+
+    Why: large-batch training converges to sharp minima that generalise worse
+    (the "generalization gap"), and with few steps per epoch the noise that
+    helps escape them is gone.
+    Source: Keskar et al. 2017, "On Large-Batch Training for Deep Learning"
+    (their large batches, ~10% of the data set, lost several points of test
+    accuracy); McCandlish et al. 2018 (critical batch size; gradient noise scale
+    can refine this once it is measured). Needs ``dataset_size=`` at attach.
+    Thresholds: median global batch > 10% of the data set warns, > 5% informs.
+    Full-batch training on a tiny data set is flagged too: say so in the config
+    (``enabled: false``) if that is the intent.
+    """
+
+    name: ClassVar[str] = "LargeBatchGeneralization"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = LargeBatchGeneralizationConfig
+    advice: ClassVar[str] = (
+        "Use a smaller batch (or more data); if you need the large batch for throughput, scale the learning "
+        "rate with warm-up (Goyal et al. 2017), use LARS/LAMB, and watch the validation gap."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        n = window.meta.dataset_size
+        if not n:
+            return None
+        sizes = [float(s.batch_size) for s in window.last(cfg.window_steps) if s.batch_size]
+        if not sizes:
+            return None
+        ws = window.meta.world_size
+        global_batch = median(sizes) * ws
+        fraction = global_batch / n
+        if fraction <= cfg.info_fraction:
+            return None
+        s = window.steps[-1]
+        return Finding(
+            summary=(f"Global batch {global_batch:g} ({median(sizes):g} x {ws} ranks) is {100 * fraction:.0f}% of "
+                     f"the {n}-example data set (step {s.step}): large-batch generalization gap risk"),
+            evidence={"step": s.step, "global_batch": global_batch, "dataset_size": n, "fraction": fraction},
+            step=s.step,
+            rank=window.rank,
+            severity=None if fraction > cfg.warn_fraction else Severity.INFO,
+        )

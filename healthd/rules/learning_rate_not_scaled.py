@@ -1,0 +1,87 @@
+"""LearningRateNotScaled: the batch size changed and the learning rate did not follow."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, median
+from healthd.schema import Severity
+
+
+class LearningRateNotScaledConfig(RuleConfig):
+    window_steps: int = Field(default=100, ge=4, description="steps searched for a batch-size change")
+    persist_steps: int = Field(default=3, ge=1, description="steps the new batch size must persist "
+                               "(a short last batch of an epoch is not a change)")
+    batch_change_factor: float = Field(default=2.0, gt=1, description="batch-size ratio that counts as a change")
+    tolerance_factor: float = Field(default=1.5, gt=1, description="slack around the sqrt..linear scaling band")
+
+
+class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
+    """The global batch changed by ``batch_change_factor`` or more and stayed, but the learning rate did not scale.
+
+    Why: the gradient's noise and magnitude per update depend on the batch; after
+    going from 256 to 1024 examples per step (e.g. more workers) with the same
+    learning rate, each epoch makes 4x fewer updates of the same size and
+    training is slower and generalises differently.
+    Source: Goyal et al. 2017 (linear scaling rule: multiply the LR by k when the
+    batch grows k-fold, with warm-up); the square-root rule (Krizhevsky 2014,
+    common with Adam) is accepted too. Thresholds: batch ratio k >= 2 persisting
+    ``persist_steps`` (3); the LR ratio must lie within [sqrt(k), k] widened by
+    ``tolerance_factor`` (1.5x) on each side.
+    """
+
+    name: ClassVar[str] = "LearningRateNotScaled"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = LearningRateNotScaledConfig
+    advice: ClassVar[str] = (
+        "Scale the learning rate with the global batch: linearly for SGD (Goyal et al. 2017, with a few epochs "
+        "of warm-up), by sqrt(k) for Adam-style optimizers; or keep the global batch fixed when adding workers."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        steps = [s for s in window.last(cfg.window_steps) if s.batch_size and s.lr]
+        p = cfg.persist_steps
+        if len(steps) < p + 1:
+            return None
+        ws = window.meta.world_size
+        recent = steps[-p:]
+        new_batch = recent[0].batch_size
+        if any(s.batch_size != new_batch for s in recent):
+            return None
+        # the last step before the new size took over
+        i = len(steps) - p - 1
+        while i >= 0 and steps[i].batch_size == new_batch:
+            i -= 1
+        if i < 0:
+            return None
+        before = [s for s in steps[:i + 1] if s.batch_size != new_batch][-5:]
+        old_batch = median([float(s.batch_size or 0) for s in before])
+        if old_batch <= 0 or new_batch is None:
+            return None
+        k = new_batch / old_batch
+        if max(k, 1 / k) < cfg.batch_change_factor:
+            return None
+        lr_old = median([s.lr[0] for s in before])
+        lr_new = median([s.lr[0] for s in recent])
+        if lr_old <= 0 or not math.isfinite(lr_old) or not math.isfinite(lr_new):
+            return None
+        r = lr_new / lr_old
+        lo, hi = sorted((math.sqrt(k), k))
+        if lo / cfg.tolerance_factor <= r <= hi * cfg.tolerance_factor:
+            return None
+        s = steps[-1]
+        return Finding(
+            summary=(f"Global batch went from {old_batch * ws:g} to {new_batch * ws:g} ({fmt(k)}x) at step "
+                     f"{steps[i + 1].step} but the learning rate went {fmt(lr_old)} -> {fmt(lr_new)} ({fmt(r)}x; "
+                     f"linear scaling says {fmt(k)}x, sqrt {fmt(math.sqrt(k))}x; rank {window.rank})"),
+            evidence={"step": s.step, "change_step": steps[i + 1].step, "batch_before": old_batch * ws,
+                      "batch_after": new_batch * ws, "lr_before": lr_old, "lr_after": lr_new, "lr_ratio": r,
+                      "batch_ratio": k},
+            step=s.step,
+            rank=window.rank,
+        )

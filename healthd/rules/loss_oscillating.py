@@ -1,0 +1,70 @@
+"""LossOscillating: the loss swings up and down instead of descending."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
+
+
+class LossOscillatingConfig(RuleConfig):
+    window_steps: int = Field(default=20, ge=6, description="steps whose swings are judged")
+    warmup_steps: int = Field(default=5, ge=0, description="first steps never judged")
+    swing_ratio: float = Field(default=0.5, gt=0, description="median |step-to-step change| / median loss that counts")
+    min_level_fraction: float = Field(
+        default=0.25, ge=0, description="only judged while the loss is above this fraction of its initial level"
+    )
+    for_steps: int = 3
+
+
+class LossOscillating(Rule[LossOscillatingConfig]):
+    """Step-to-step loss changes are as large as the loss itself, and the window made no net progress.
+
+    Why: a loss that jumps by a large fraction of itself every step, without
+    trending down, is not learning: the step size overshoots the valley (learning
+    rate too high, momentum too high, accumulating gradients) or the batches are
+    inconsistent (corrupted or mislabeled shards).
+    Source: "loss oscillating / not decreasing" (seeds 001, 003: LR too high,
+    corrupted data). Thresholds (over the last ``window_steps`` (20)): median
+    |L_t - L_{t-1}| > ``swing_ratio`` (0.5) x median L; the median of the last 5
+    losses is not lower than the first 5's by more than one median swing; and
+    the loss is still above ``min_level_fraction`` (1/4) of its initial level,
+    since near convergence minibatch noise is large relative to a small loss.
+    """
+
+    name: ClassVar[str] = "LossOscillating"
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = LossOscillatingConfig
+    advice: ClassVar[str] = (
+        "Lower the learning rate (3-10x) or the momentum, clip gradients, check that zero_grad() runs every "
+        "step, and look for corrupted or shuffled-label batches (log the loss per batch/shard)."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        steps = [s for s in window.last(cfg.window_steps) if s.step >= cfg.warmup_steps]
+        losses = finite(series(steps, "loss"))
+        if len(losses) < cfg.window_steps or min(losses) < 0:
+            return None
+        level = median(losses)
+        swing = median([abs(b - a) for a, b in zip(losses, losses[1:], strict=False)])
+        if level <= 0 or swing <= cfg.swing_ratio * level:
+            return None
+        progress = median(losses[:5]) - median(losses[-5:])
+        if progress > swing:
+            return None
+        initial = finite(series(window.initial_steps[:5], "loss"))
+        if initial and level < cfg.min_level_fraction * median(initial):
+            return None
+        s = steps[-1]
+        return Finding(
+            summary=(f"Loss is oscillating: median step-to-step change {fmt(swing)} vs median loss {fmt(level)} "
+                     f"over the last {len(losses)} steps, net progress {fmt(progress)} (step {s.step}, "
+                     f"rank {window.rank})"),
+            evidence={"step": s.step, "median_swing": swing, "median_loss": level, "progress": progress,
+                      "swing_ratio": swing / level},
+            step=s.step,
+            rank=window.rank,
+        )

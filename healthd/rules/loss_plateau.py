@@ -1,0 +1,77 @@
+"""LossPlateau: no progress over a long window, relative to the loss's own noise."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
+from healthd.schema import Severity
+
+
+class LossPlateauConfig(RuleConfig):
+    window_steps: int = Field(default=30, ge=10, description="steps over which progress is judged")
+    edge_steps: int = Field(default=10, ge=2, description="losses per median at each end of the window")
+    noise_multiple: float = Field(default=1.0, gt=0, description="progress below this many standard errors counts")
+    stuck_fraction: float = Field(
+        default=0.8, gt=0, description="warn only while the loss is above this fraction of its initial level"
+    )
+    for_steps: int = 3
+
+
+class LossPlateau(Rule[LossPlateauConfig]):
+    """Over ``window_steps`` the loss fell by less than its own noise; a warning when it never left its start.
+
+    Why: a flat loss means nothing is being learned: learning rate too low,
+    gradients not reaching the weights, too much regularisation, or labels that
+    carry no signal (corrupted/shuffled). A plateau late in training is usually
+    convergence, so that case is only an ``info``.
+    Source: "loss not decreasing / plateau" (seeds 001, 003, 004). Thresholds:
+    median of the first ``edge_steps`` (10) losses of the window minus the
+    median of the last 10 is below ``noise_multiple`` (1) x the standard error
+    of that difference (from the window's median |step-to-step change|); warning
+    while the loss is above ``stuck_fraction`` (0.8) of its initial level, info
+    otherwise.
+    """
+
+    name: ClassVar[str] = "LossPlateau"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = LossPlateauConfig
+    advice: ClassVar[str] = (
+        "Check the learning rate (range test), that gradients reach every layer, the regularisation strength "
+        "(weight decay, dropout), and the labels (overfit a single batch first: if that fails, the pipeline "
+        "or the model is broken). If the run has converged, stop it or decay the learning rate."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        steps = window.last(cfg.window_steps)
+        losses = finite(series(steps, "loss"))
+        if len(losses) < cfg.window_steps:
+            return None
+        k = cfg.edge_steps
+        head, tail = median(losses[:k]), median(losses[-k:])
+        swings = [abs(b - a) for a, b in zip(losses, losses[1:], strict=False)]
+        # |L_t - L_{t-1}| of iid noise has median ~0.95 sigma; a median of k has s.e. ~1.25 sigma / sqrt(k)
+        sigma = median(swings) / 0.95
+        stderr = 1.25 * sigma * math.sqrt(2.0 / k)
+        progress = head - tail
+        if progress >= cfg.noise_multiple * stderr and progress > 1e-12 * abs(head):
+            return None
+        initial = finite(series(window.initial_steps[:k], "loss"))
+        start = median(initial) if initial else head
+        stuck = start > 0 and tail >= cfg.stuck_fraction * start
+        s = steps[-1]
+        return Finding(
+            summary=(f"Loss has plateaued at {fmt(tail)}: {fmt(progress)} progress over the last {len(losses)} "
+                     f"steps vs noise {fmt(stderr)}" + (f", still near its initial {fmt(start)}" if stuck else "")
+                     + f" (step {s.step}, rank {window.rank})"),
+            evidence={"step": s.step, "loss_head": head, "loss_tail": tail, "progress": progress,
+                      "noise_stderr": stderr, "loss_initial": start},
+            step=s.step,
+            rank=window.rank,
+            severity=None if stuck else Severity.INFO,
+        )

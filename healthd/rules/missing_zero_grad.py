@@ -1,0 +1,57 @@
+"""MissingZeroGrad: gradients were already non-zero when backward began (optimizer.zero_grad() forgotten)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
+from healthd.schema import Severity
+
+
+class MissingZeroGradConfig(RuleConfig):
+    window_steps: int = Field(default=3, ge=1, description="consecutive measured steps with stale gradients")
+
+
+class MissingZeroGrad(Rule[MissingZeroGradConfig]):
+    """Gradients left over from the previous optimizer step were still there when the next backward began.
+
+    Why: without ``optimizer.zero_grad()`` every backward adds to the old
+    gradients, so the update is a running sum of all past gradients: the
+    effective learning rate grows step after step and training oscillates or
+    diverges while the code looks right.
+    Source: "forgot to zero the gradients" (seeds 000, 003). The client checks,
+    at the first backward after each optimizer step (a gradient hook fires before
+    accumulation), whether a gradient is already present and non-zero; that is
+    exactly the case intended accumulation never produces, since it zeroes after
+    each optimizer step (``grad_accumulation_steps`` micro-batches between
+    optimizer steps are fine by construction and named in the alert).
+    Threshold: ``window_steps`` (3) consecutive measured steps with stale gradients.
+    """
+
+    name: ClassVar[str] = "MissingZeroGrad"
+    severity: ClassVar[Severity] = Severity.CRITICAL
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = MissingZeroGradConfig
+    advice: ClassVar[str] = (
+        "Call optimizer.zero_grad(set_to_none=True) once per optimizer step (before backward, or right after "
+        "optimizer.step()). For gradient accumulation, zero after the optimizer step, never between micro-batches."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        measured = [s for s in window.last(4 * cfg.window_steps) if s.grads_stale_at_backward is not None]
+        recent = measured[-cfg.window_steps:]
+        if len(recent) < cfg.window_steps or not all(s.grads_stale_at_backward for s in recent):
+            return None
+        s = recent[-1]
+        acc = window.meta.grad_accumulation_steps
+        return Finding(
+            summary=(f"Gradients were already non-zero when backward began on {len(recent)} steps in a row "
+                     f"(up to step {s.step}, rank {window.rank}): zero_grad() is missing, so gradients "
+                     f"accumulate across optimizer steps (grad_accumulation_steps={acc})"),
+            evidence={"step": s.step, "steps": len(recent), "grad_accumulation_steps": acc},
+            step=s.step,
+            rank=window.rank,
+        )

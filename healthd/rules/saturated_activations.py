@@ -1,0 +1,65 @@
+"""SaturatedActivations: sigmoid/tanh units stuck in their flat regions."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
+from healthd.schema import Severity
+
+
+class SaturatedActivationsConfig(RuleConfig):
+    lookback_steps: int = Field(default=100, ge=1, description="steps searched for sampled activation statistics")
+    samples: int = Field(default=2, ge=1, description="latest samples that must all agree")
+    saturated_fraction: float = Field(default=0.5, gt=0, le=1, description="fraction of saturated units that warns")
+
+
+class SaturatedActivations(Rule[SaturatedActivationsConfig]):
+    """In a sigmoid/tanh layer, more than ``saturated_fraction`` of the units sit in the flat region.
+
+    Why: in the flat region the derivative is ~0 (sigmoid' < 0.02, tanh' < 0.04),
+    so gradients through the layer vanish and it stops learning; usually too
+    large initial weights or unnormalised inputs.
+    Source: CS231n on sigmoid saturation (seed 001); Glorot & Bengio 2010
+    (saturation of deep sigmoid nets). The client's sampled forward hook marks
+    an element flat when sigmoid output is < 0.02 or > 0.98, or |tanh| > 0.98,
+    and a unit saturated when it is flat for >= 90% of the batch. Threshold:
+    > 0.5 of a layer's units saturated in each of the latest ``samples`` (2).
+    """
+
+    name: ClassVar[str] = "SaturatedActivations"
+    severity: ClassVar[Severity] = Severity.WARNING
+    scope: ClassVar[Scope] = Scope.RANK
+    Config = SaturatedActivationsConfig
+    advice: ClassVar[str] = (
+        "Use Xavier/Glorot initialisation for sigmoid/tanh layers, normalise the inputs, add batch/layer norm "
+        "before the activation, or switch hidden layers to ReLU-family activations."
+    )
+
+    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+        cfg = self.config
+        sampled = [s for s in window.last(cfg.lookback_steps) if s.activations][-cfg.samples:]
+        if not sampled:
+            return None
+        worst: tuple[str, float] | None = None
+        for name, a in sampled[-1].activations.items():
+            if a.kind not in ("sigmoid", "tanh") or a.saturated_fraction is None:
+                continue
+            fractions = [s.activations[name].saturated_fraction for s in sampled if name in s.activations]
+            lowest = min(f for f in fractions if f is not None)
+            if lowest > cfg.saturated_fraction and (worst is None or lowest > worst[1]):
+                worst = (name, lowest)
+        if worst is None:
+            return None
+        s = window.steps[-1]
+        layer, fraction = worst
+        return Finding(
+            summary=(f"{fmt(100 * fraction)}% of the units of {layer} are saturated (flat region) over the sampled "
+                     f"batch (up to step {sampled[-1].step}, rank {window.rank}): their gradients vanish"),
+            evidence={"step": s.step, "layer_name": layer, "saturated_fraction": fraction, "samples": len(sampled)},
+            step=s.step,
+            rank=window.rank,
+            layer=layer,
+        )
