@@ -6,6 +6,8 @@ Routes:
   an unparseable body, 413 for a body or batch over the limits.
 - ``GET /v1/alerts?job=J&state=firing``: alerts, resolved ones included.
 - ``GET /v1/jobs`` and ``GET /v1/jobs/{job}``: what healthd knows of each job.
+- ``GET /v1/jobs/{job}/series``: the job's stored windows and alerts (``healthd.series``).
+- ``GET /``: a server-rendered status page (``healthd.status_page``).
 - ``GET /metrics``: Prometheus exposition (private registry).
 - ``GET /healthz``: liveness.
 """
@@ -22,17 +24,25 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+from healthd.alertmanager import AlertmanagerPusher
+from healthd.auth import BearerAuth
 from healthd.engine import AlertListener, Engine
 from healthd.exporter import Counters, HealthCollector
 from healthd.ingest import parse_batch
+from healthd.limits import admit
+from healthd.openapi import openapi_document
+from healthd.persistence import AlertDb
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule
-from healthd.schema import AlertState, IngestResult, StepReport
+from healthd.schema import AlertState, IngestResult, Rejection, StepReport
+from healthd.series import job_series
 from healthd.settings import Settings, build_rules
+from healthd.status_page import render_status_page
 from healthd.store import Store
 
 log = logging.getLogger(__name__)
@@ -48,6 +58,7 @@ class Healthd:
     counters: Counters
     registry: CollectorRegistry
     clock: Callable[[], float]
+    alert_db: AlertDb | None = None  # persistence.sqlite_path
 
     def ingest(self, body: bytes) -> tuple[int, IngestResult]:
         """Validate and apply a report batch; returns (HTTP status, result)."""
@@ -58,15 +69,31 @@ class Healthd:
             Counters.inc(self.counters.rejected, err.type)
             return status, IngestResult(accepted=0, rejected=[parsed.body_error])
         now = self.clock()
-        for report in parsed.reports:
+        limits = self.settings.limits
+        capped: list[Rejection] = []
+        accepted = 0
+        for pos, report in enumerate(parsed.reports):
+            index = parsed.indices[pos] if parsed.indices is not None else pos
+            admission = admit(self.store, limits, report, index)
+            if admission.cap is not None and admission.error is not None:
+                Counters.inc(self.counters.capped, admission.cap)
+                capped.append(Rejection(index=index, errors=[admission.error]))
+            report = admission.report
+            if report is None:
+                continue
+            accepted += 1
             self.store.apply(report, now)
             Counters.inc(self.counters.received, report.kind)
             if isinstance(report, StepReport):
                 self.engine.on_step(self.store.rank_window(report.job, report.rank))
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
-            return 422, IngestResult(accepted=len(parsed.reports), rejected=parsed.rejected)
-        return 200, IngestResult(accepted=len(parsed.reports))
+        if capped:
+            Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted)
+        if parsed.rejected or capped:
+            rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
+            return 422, IngestResult(accepted=accepted, rejected=rejected)
+        return 200, IngestResult(accepted=accepted)
 
     def tick(self) -> None:
         """Run job-scoped rules and expire silent jobs."""
@@ -82,12 +109,20 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
           listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time) -> Healthd:
     """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo)."""
     store = Store(settings.store, settings.exporter.window_seconds)
+    listeners = list(listeners)
+    alert_db = None
+    if settings.persistence.sqlite_path:
+        alert_db = AlertDb(settings.persistence.sqlite_path, history_per_job=settings.store.alert_history_per_job)
+        listeners.append(alert_db)
     engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
                     listeners=listeners, clock=clock)
+    if alert_db is not None:
+        # Restored without notifying: a firing alert stays firing and is not paged again.
+        engine.restore(alert_db.load(now=clock(), stale_after_seconds=settings.store.job_ttl_seconds))
     counters = Counters()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HealthCollector(store, engine, counters, clock))
-    return Healthd(settings, store, engine, counters, registry, clock)
+    return Healthd(settings, store, engine, counters, registry, clock, alert_db)
 
 
 def _json(status: int, payload: object) -> Response:
@@ -101,6 +136,11 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
                hd: Healthd | None = None) -> Starlette:
     """Build the ASGI app. Nothing is global: two apps never share state."""
     settings = settings or Settings()
+    pusher = None
+    if settings.alertmanager.url and hd is None:  # direct push to Alertmanager (healthd.alertmanager)
+        pusher = AlertmanagerPusher(settings.alertmanager, clock=clock,
+                                    base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
+        listeners = [*listeners, pusher]
     hd = hd or build(settings, rules=rules, listeners=listeners, clock=clock)
     max_body = settings.limits.max_body_bytes
 
@@ -140,14 +180,31 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
         out["attach"] = job.attach.model_dump(mode="json") if job.attach else None
         return _json(200, out)
 
+    async def get_series(request: Request) -> Response:
+        name = request.path_params["job"]
+        series = job_series(hd.store, hd.engine, name)
+        if series is None:
+            return _json(404, {"error": f"no job named {name!r}"})
+        return _json(200, series)
+
+    async def status_page(request: Request) -> Response:
+        return HTMLResponse(render_status_page(hd.store, hd.engine, hd.clock()))
+
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(hd.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
         return _json(200, {"status": "ok", "jobs": len(hd.store.jobs)})
 
+    openapi = json.dumps(openapi_document()).encode()
+
+    async def get_openapi(request: Request) -> Response:
+        return Response(openapi, media_type="application/json")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if pusher is not None:
+            pusher.start()
         task = asyncio.create_task(_ticker(hd))
         try:
             yield
@@ -155,20 +212,33 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if pusher is not None:
+                await asyncio.to_thread(pusher.stop)
+            if hd.alert_db is not None:  # graceful shutdown (SIGTERM): in-flight requests are done by now
+                hd.alert_db.flush(hd.engine.firing())
 
     app = Starlette(
         routes=[
             Route("/v1/reports", post_reports, methods=["POST"]),
             Route("/v1/alerts", get_alerts, methods=["GET"]),
             Route("/v1/jobs", get_jobs, methods=["GET"]),
+            Route("/v1/jobs/{job:path}/series", get_series, methods=["GET"]),
             Route("/v1/jobs/{job:path}", get_job, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            Route("/", status_page, methods=["GET"]),
+            Route("/openapi.json", get_openapi, methods=["GET"]),
         ],
+        middleware=[Middleware(BearerAuth, settings=settings.auth, on_refused=lambda: _count_unauthorized(hd))],
         lifespan=lifespan,
     )
     app.state.healthd = hd
+    app.state.alertmanager = pusher
     return app
+
+
+def _count_unauthorized(hd: Healthd) -> None:
+    hd.counters.unauthorized += 1
 
 
 def _too_large(hd: Healthd, limit: int) -> Response:
@@ -188,6 +258,7 @@ def _job_summary(hd: Healthd, name: str) -> dict[str, object]:
         "last_seen": job.last_seen,
         "last_step": max((st.last_step.step for st in job.ranks.values() if st.last_step), default=None),
         "firing": len(firing),
+        "global_batch_size": job.global_batch_size,
     }
 
 

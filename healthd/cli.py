@@ -19,6 +19,11 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings.from_yaml(args.config) if args.config else Settings()
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         settings = settings.model_copy(update=overrides)
+        if args.alertmanager_url:
+            settings = settings.model_copy(update={"alertmanager": settings.alertmanager.model_copy(
+                update={"url": args.alertmanager_url})})
+        if args.public_url:
+            settings = settings.model_copy(update={"public_url": args.public_url})
         app = create_app(settings)
     except ConfigError as e:
         print(f"healthd: bad configuration: {e}", file=sys.stderr)
@@ -34,6 +39,19 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(fault=args.fault, steps=args.steps, live=not args.no_live)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from healthd.report import ReportError, write_report
+
+    out = args.out or f"report-{args.job.replace('/', '_')}.html"
+    try:
+        path = write_report(args.server, args.job, out)
+    except ReportError as e:
+        print(f"healthd report: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``healthd`` command."""
     parser = argparse.ArgumentParser(prog="healthd", description="Training-health service for deep-learning jobs.")
@@ -44,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--config", default=None, help="YAML settings file (rules, limits, ...)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--alertmanager-url", default=None,
+                       help="push alerts to this Alertmanager (v2 API), e.g. http://alertmanager:9093")
+    serve.add_argument("--public-url", default=None, help="healthd's URL as users reach it (links in alerts)")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="healthd plus a small CPU training run with a fault")
@@ -51,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--no-live", action="store_true", help="no live terminal view (for logs/CI)")
     demo.set_defaults(func=_demo)
+
+    report = sub.add_parser("report", help="write a self-contained HTML report of a job from a running healthd")
+    report.add_argument("--job", required=True)
+    report.add_argument("--server", default="http://127.0.0.1:9184", help="healthd's base URL")
+    report.add_argument("--out", default=None, help="output file (default: report-<job>.html)")
+    report.set_defaults(func=_report)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -49,6 +49,17 @@ class LimitSettings(_Section):
     max_reports_per_request: int = Field(default=10_000, ge=1)
 
 
+class AlertmanagerSettings(_Section):
+    """Direct push to Alertmanager's v2 API (healthd.alertmanager). Unset url: no push."""
+
+    url: str | None = Field(default=None, description="Alertmanager base URL, e.g. http://alertmanager:9093")
+    resend_seconds: float = Field(
+        default=60.0, gt=0, description="firing alerts are re-sent this often; endsAt is 4x this ahead"
+    )
+    timeout_seconds: float = Field(default=5.0, gt=0, description="HTTP timeout of one push")
+    max_backoff_seconds: float = Field(default=60.0, gt=0, description="longest wait between retries while down")
+
+
 class Settings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=9184, ge=0, le=65535)
@@ -57,6 +68,7 @@ class Settings(_Section):
     exporter: ExporterSettings = ExporterSettings()
     engine: EngineSettings = EngineSettings()
     limits: LimitSettings = LimitSettings()
+    alertmanager: AlertmanagerSettings = AlertmanagerSettings()
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-rule config by alert name")
 
     @classmethod
