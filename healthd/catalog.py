@@ -150,6 +150,11 @@ RULE_EVALUATION_SECONDS = Metric(SELF_PREFIX + "rule_evaluation_seconds", Metric
 JOBS = Metric(SELF_PREFIX + "jobs", MetricType.GAUGE, "Jobs currently tracked.", ())
 ALERT_TRANSITIONS_TOTAL = Metric(SELF_PREFIX + "alert_transitions_total", MetricType.COUNTER,
                                  "Alert state transitions, by new state.", ("state",))
+CARDINALITY_REJECTIONS_TOTAL = Metric(SELF_PREFIX + "cardinality_rejections_total", MetricType.COUNTER,
+                                      "Reports (or, for max_layers_per_job, layers of a report) refused because "
+                                      "a cardinality cap was reached, by cap (limits.<cap>).", ("cap",))
+UNAUTHORIZED_REQUESTS_TOTAL = Metric(SELF_PREFIX + "unauthorized_requests_total", MetricType.COUNTER,
+                                     "Requests refused with 401 (missing or wrong bearer token).", ())
 
 ALL: tuple[Metric, ...] = tuple(
     m for m in globals().values() if isinstance(m, Metric)

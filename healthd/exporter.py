@@ -36,6 +36,8 @@ class Counters:
         self.received: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.requests: dict[str, int] = {}
+        self.capped: dict[str, int] = {}  # by cap name (limits.max_jobs, ...)
+        self.unauthorized = 0
 
     @staticmethod
     def inc(d: dict[str, int], key: str, n: int = 1) -> None:
@@ -145,11 +147,15 @@ class HealthCollector(Collector):
     def _self_metrics(self) -> Iterator[Metric]:
         for metric, values in ((C.REPORTS_RECEIVED_TOTAL, self.counters.received),
                                (C.REPORTS_REJECTED_TOTAL, self.counters.rejected),
-                               (C.REQUESTS_TOTAL, self.counters.requests)):
+                               (C.REQUESTS_TOTAL, self.counters.requests),
+                               (C.CARDINALITY_REJECTIONS_TOTAL, self.counters.capped)):
             c = _counter(metric)
             for key, n in sorted(values.items()):
                 c.add_metric([key], n)
             yield c
+        unauthorized = _counter(C.UNAUTHORIZED_REQUESTS_TOTAL)
+        unauthorized.add_metric([], self.counters.unauthorized)
+        yield unauthorized
         t = _counter(C.ALERT_TRANSITIONS_TOTAL)
         for state, n in self.engine.transitions_total.items():
             t.add_metric([state], n)

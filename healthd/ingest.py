@@ -22,6 +22,7 @@ _REPORT: TypeAdapter[Any] = TypeAdapter(Report)
 @dataclass
 class Parsed:
     reports: list[Any] = field(default_factory=list)
+    indices: list[int] | None = None  # position of each report in the body; None: 0..len-1
     rejected: list[Rejection] = field(default_factory=list)
     body_error: Rejection | None = None  # the body as a whole is unusable
 
@@ -63,11 +64,13 @@ def parse_batch(body: bytes, max_reports: int) -> Parsed:
     if len(reports) > max_reports:
         return _body_error(f"too many reports in one request: {len(reports)} > limit {max_reports} "
                            "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
-    out = Parsed()
+    indices: list[int] = []
+    out = Parsed(indices=indices)
     for i, raw in enumerate(reports):
         try:
             # Re-encode so the report is judged by exactly the JSON rules of the fast path.
             out.reports.append(_REPORT.validate_json(json.dumps(raw)))
+            indices.append(i)
         except ValidationError as e:
             errs = [FieldError(loc=["reports", i, *fe.loc], msg=fe.msg, type=fe.type) for fe in _errors(e)]
             out.rejected.append(Rejection(index=i, errors=errs))

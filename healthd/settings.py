@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from healthd.rules.base import Rule
 
@@ -47,6 +47,25 @@ class EngineSettings(_Section):
 class LimitSettings(_Section):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_reports_per_request: int = Field(default=10_000, ge=1)
+    # Cardinality caps: each bounds the series /metrics exposes. A report past a cap is
+    # rejected (422 naming the cap); the job's other reports are still accepted.
+    max_jobs: int = Field(default=1_000, ge=1, description="jobs tracked at once")
+    max_ranks_per_job: int = Field(default=16_384, ge=1, description="ranks tracked per job")
+    max_layers_per_job: int = Field(default=1_024, ge=1, description="distinct layer names per job")
+
+
+class AuthSettings(_Section):
+    """Optional bearer token. Unset: no authentication (bind to localhost or a private network)."""
+
+    token: SecretStr | None = Field(default=None, description="required as 'Authorization: Bearer <token>'")
+    protect_metrics: bool = Field(default=False, description="require the token on GET /metrics too")
+    protect_healthz: bool = Field(default=False, description="require the token on GET /healthz too")
+
+
+class PersistenceSettings(_Section):
+    sqlite_path: str | None = Field(
+        default=None, description="SQLite file for alert state and history; None keeps them in memory only"
+    )
 
 
 class AlertmanagerSettings(_Section):
@@ -68,6 +87,8 @@ class Settings(_Section):
     exporter: ExporterSettings = ExporterSettings()
     engine: EngineSettings = EngineSettings()
     limits: LimitSettings = LimitSettings()
+    auth: AuthSettings = AuthSettings()
+    persistence: PersistenceSettings = PersistenceSettings()
     alertmanager: AlertmanagerSettings = AlertmanagerSettings()
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-rule config by alert name")
 
