@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from pydantic import SecretStr
 
 from healthd.settings import ConfigError, Settings
 
@@ -24,13 +27,29 @@ def _serve(args: argparse.Namespace) -> int:
                 update={"url": args.alertmanager_url})})
         if args.public_url:
             settings = settings.model_copy(update={"public_url": args.public_url})
+        settings = _security_overrides(settings, args)
         app = create_app(settings)
     except ConfigError as e:
         print(f"healthd: bad configuration: {e}", file=sys.stderr)
         return 2
+    # SIGTERM/SIGINT: uvicorn stops accepting, finishes in-flight requests (up to 10 s), then
+    # the app's lifespan shutdown flushes alert state to SQLite.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     return 0
+
+
+def _security_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    """--token / $HEALTHD_TOKEN and --db / $HEALTHD_DB over the config file's values."""
+    token = args.token or os.environ.get("HEALTHD_TOKEN")
+    if token:
+        settings = settings.model_copy(update={"auth": settings.auth.model_copy(
+            update={"token": SecretStr(token)})})
+    db = args.db or os.environ.get("HEALTHD_DB")
+    if db:
+        settings = settings.model_copy(update={"persistence": settings.persistence.model_copy(
+            update={"sqlite_path": db})})
+    return settings
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--alertmanager-url", default=None,
                        help="push alerts to this Alertmanager (v2 API), e.g. http://alertmanager:9093")
     serve.add_argument("--public-url", default=None, help="healthd's URL as users reach it (links in alerts)")
+    serve.add_argument("--token", default=None,
+                       help="require 'Authorization: Bearer TOKEN' (prefer $HEALTHD_TOKEN: argv is visible in ps)")
+    serve.add_argument("--db", default=None,
+                       help="SQLite file for alert state and history (default $HEALTHD_DB, else in memory)")
+    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM), passed to uvicorn")
+    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM), passed to uvicorn")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="healthd plus a small CPU training run with a fault")
