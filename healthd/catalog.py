@@ -99,6 +99,18 @@ def _window(base: Metric, which: str) -> Metric:
 WINDOW_MAX: dict[str, Metric] = {k: _window(m, "max") for k, m in WINDOWED_SIGNALS.items()}
 WINDOW_MIN: dict[str, Metric] = {k: _window(m, "min") for k, m in WINDOWED_SIGNALS.items()}
 
+# Per-step sums: a Summary without quantiles (<name>_per_step_sum and _count, both
+# counters over every finite step the rank reported), so that
+# rate(<name>_per_step_sum[5m]) / rate(<name>_per_step_count[5m]) is the mean per
+# step over any range, whatever the scrape interval, and rate(..._count) is steps/s.
+def _per_step(base: Metric) -> Metric:
+    return Metric(f"{base.name}_per_step", MetricType.SUMMARY,
+                  f"Sum and count of {base.name} over every step the rank reported (finite values).",
+                  base.labels, base.unit)
+
+
+PER_STEP: dict[str, Metric] = {k: _per_step(m) for k, m in WINDOWED_SIGNALS.items()}
+
 STEPS_TOTAL = _c("steps_total", "Optimizer steps reported by the rank.")
 NONFINITE_TOTAL = _c(
     "nonfinite_total",
@@ -158,7 +170,7 @@ UNAUTHORIZED_REQUESTS_TOTAL = Metric(SELF_PREFIX + "unauthorized_requests_total"
 
 ALL: tuple[Metric, ...] = tuple(
     m for m in globals().values() if isinstance(m, Metric)
-) + tuple(WINDOW_MAX.values()) + tuple(WINDOW_MIN.values())
+) + tuple(WINDOW_MAX.values()) + tuple(WINDOW_MIN.values()) + tuple(PER_STEP.values())
 
 
 def by_name(name: str) -> Metric:

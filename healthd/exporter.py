@@ -80,6 +80,7 @@ class HealthCollector(Collector):
                                             C.LAST_REPORT_TIMESTAMP, C.EVAL_LOSS, C.EVAL_ACCURACY)}
         wmax = {k: _gauge(m) for k, m in C.WINDOW_MAX.items()}
         wmin = {k: _gauge(m) for k, m in C.WINDOW_MIN.items()}
+        per_step = {k: SummaryMetricFamily(m.name, m.help, labels=m.labels) for k, m in C.PER_STEP.items()}
         lr = _gauge(C.LEARNING_RATE)
         steps_total = _counter(C.STEPS_TOTAL)
         nonfinite = _counter(C.NONFINITE_TOTAL)
@@ -113,6 +114,9 @@ class HealthCollector(Collector):
                         if hi is not None and lo is not None:
                             wmax[key].add_metric(lv, hi)
                             wmin[key].add_metric(lv, lo)
+                        if key in st.signal_counts:
+                            per_step[key].add_metric(lv, count_value=st.signal_counts[key],
+                                                     sum_value=st.signal_sums[key])
                 if st.evals:
                     e = st.evals[-1]
                     if e.loss is not None:
@@ -131,6 +135,7 @@ class HealthCollector(Collector):
         yield from last.values()
         yield from wmax.values()
         yield from wmin.values()
+        yield from per_step.values()
         yield lr
         yield steps_total
         yield nonfinite

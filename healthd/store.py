@@ -73,6 +73,9 @@ class RankState:
     steps_total: int = 0
     nonfinite_totals: dict[str, int] = field(default_factory=lambda: {"loss": 0, "grads": 0, "params": 0})
     extremes: dict[str, WindowExtremes] = field(default_factory=dict)
+    # Running sum and count of each windowed signal's finite values (the *_per_step summaries).
+    signal_sums: dict[str, float] = field(default_factory=dict)
+    signal_counts: dict[str, int] = field(default_factory=dict)
     lr_peak: float | None = None
     # Last known value of each scalar signal: some are measured every N steps only,
     # and a gauge should not vanish on the steps in between.
@@ -168,7 +171,11 @@ class Store:
         nf["grads"] += s.nonfinite.grads
         nf["params"] += s.nonfinite.params
         for key in WINDOWED:
-            st.extremes[key].push(now, getattr(s, key))
+            v = getattr(s, key)
+            st.extremes[key].push(now, v)
+            if v is not None and math.isfinite(v):
+                st.signal_sums[key] = st.signal_sums.get(key, 0.0) + float(v)
+                st.signal_counts[key] = st.signal_counts.get(key, 0) + 1
         for key in LAST_VALUE_FIELDS:
             v = getattr(s, key)
             if v is not None:
