@@ -1,0 +1,56 @@
+"""``GET /v1/jobs/{job}/series``: the stored windows of one job, for ``healthd report`` and notebooks.
+
+What lives here: turning a job's in-memory state (``healthd.store``) and its
+alerts into one JSON-able dict. What does not: storage (the store keeps bounded
+windows: the first ``store.initial_steps`` and the last ``store.window_steps``
+steps per rank, the last ``evals_kept`` evals and ``gpu_samples_kept`` GPU
+samples), rendering (``healthd.report``).
+
+Shape::
+
+    {"job": J, "world_size": N, "global_batch_size": B | null, "attach": AttachReport | null,
+     "ranks": {"0": {"steps": [StepReport...], "evals": [EvalReport...], "gpu": [GpuReport...],
+                     "steps_total": int, "closed": bool}},
+     "alerts": [AlertOut...]}
+
+Steps are sorted by step and de-duplicated (the initial steps and the window
+overlap in short runs). NaN/Inf stay data (JSON literals, as on the wire).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from healthd.engine import Engine
+    from healthd.store import RankState, Store
+
+SERIES_SCHEMA_VERSION = 1
+
+
+def _rank_series(st: RankState) -> dict[str, Any]:
+    by_step = {s.step: s for s in st.initial_steps}
+    by_step.update({s.step: s for s in st.steps})
+    return {
+        "steps": [by_step[k].model_dump(mode="json") for k in sorted(by_step)],
+        "evals": [e.model_dump(mode="json") for e in st.evals],
+        "gpu": [g.model_dump(mode="json") for g in st.gpu],
+        "steps_total": st.steps_total,
+        "closed": st.closed,
+    }
+
+
+def job_series(store: Store, engine: Engine, name: str) -> dict[str, Any] | None:
+    """Everything stored about job ``name`` (None when healthd does not know it)."""
+    job = store.jobs.get(name)
+    if job is None:
+        return None
+    return {
+        "schema_version": SERIES_SCHEMA_VERSION,
+        "job": name,
+        "world_size": job.meta.world_size,
+        "global_batch_size": job.global_batch_size,
+        "attach": job.attach.model_dump(mode="json") if job.attach else None,
+        "ranks": {str(r): _rank_series(job.ranks[r]) for r in sorted(job.ranks)},
+        "alerts": [a.out().model_dump(mode="json") for a in engine.alerts(name)],
+    }
