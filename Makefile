@@ -22,6 +22,10 @@ system-deps:
 	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager; \
 	fi
+	@# Headless Chromium for the status-page / report rendering tests (tests/integration/test_pages_in_browser.py).
+	@if ! command -v chromium >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/healthd demo --fault lr-too-high
