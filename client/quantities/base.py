@@ -41,20 +41,20 @@ Rules for a quantity (they are what keeps the step free of host syncs):
 - Reports of another kind (a GpuReport from a sampler thread) go through
   ``ctx.emit(report_dict)``, which fills job/rank/time and never blocks.
 
-Example: the mean of the gradients' absolute max, every 10 steps::
+Example: a cheap parameter checksum every 50 steps, for the RankDesync rule
+(single-device model for brevity; see ``reduce.group_by_device`` otherwise)::
 
-    class GradAbsMax(Quantity):
-        name = "grad_abs_max"
+    class ParamFingerprint(Quantity):
+        name = "param_fingerprint"
 
-        def before_step(self, ctx):
-            grads = [p.grad for p in ctx.plan.params if p.grad is not None]
-            if grads:
-                ctx.record.put(self, "max", torch.stack(torch._foreach_norm(grads, float("inf"))).max())
+        def after_step(self, ctx):
+            params = [p.detach() for p in ctx.plan.params]
+            ctx.record.put(self, "fp", torch.stack(torch._foreach_norm(params)).double().sum())
 
         def write(self, report, values):
-            report["grad_abs_max"] = values["max"]  # needs a StepReport field of that name
+            report["param_fingerprint"] = values["fp"]  # a StepReport field
 
-    attach(model, optimizer, job="j", extra_quantities=[GradAbsMax(every_steps=10)])
+    attach(model, optimizer, job="j", extra_quantities=[ParamFingerprint(every_steps=50)])
 """
 
 from __future__ import annotations

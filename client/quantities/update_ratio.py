@@ -52,7 +52,8 @@ def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
     """A 1-d view over all elements of ``t`` if its memory is dense (any dim order), else None."""
     if t.dim() == 0:
         return t.view(1)
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: (-strides[d], d))
     permuted = t.permute(order)
     return permuted.view(-1) if permuted.is_contiguous() else None
 

@@ -1,4 +1,5 @@
 import math
+import textwrap
 import warnings
 
 import pytest
@@ -264,3 +265,20 @@ def test_pending_records_beyond_the_bound_are_dropped_and_counted(make_monitor, 
     monitor.close()
     assert sorted(step_reports(transport)) == [3, 4]
     assert transport.of_kind("heartbeat")[-1]["reports_dropped_total"] == 3
+
+
+def test_the_plugin_example_in_base_works(make_monitor, transport):
+    from healthd_client.quantities import base
+
+    source = base.__doc__.split("class ParamFingerprint")[1].split("    attach(")[0]
+    namespace = {"Quantity": Quantity, "torch": torch}
+    exec("class ParamFingerprint" + textwrap.dedent("    " + source.strip("\n")), namespace)  # noqa: S102
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = make_monitor(model, optimizer, extra_quantities=[namespace["ParamFingerprint"](every_steps=2)])
+    train_steps(model, optimizer, monitor, 3)
+    monitor.close()
+    reports = step_reports(transport)
+    assert [s for s, r in sorted(reports.items()) if "param_fingerprint" in r] == [0, 2]
+    for body in transport.bodies:
+        validate(body)
