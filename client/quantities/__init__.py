@@ -16,13 +16,18 @@ if TYPE_CHECKING:
 
 def default_quantities(config: MonitorConfig) -> list[Quantity]:
     """The built-in quantities, scheduled by ``config``."""
+    from healthd_client.quantities.activations import Activations
     from healthd_client.quantities.gpu import GpuMonitor
     from healthd_client.quantities.grad_norm import GradNorm
+    from healthd_client.quantities.inputs import Inputs
     from healthd_client.quantities.loss import Loss
+    from healthd_client.quantities.loss_inputs import LossInputs
     from healthd_client.quantities.lr import LearningRate
     from healthd_client.quantities.model_summary import ModelSummary
     from healthd_client.quantities.non_finite import NonFiniteParams
     from healthd_client.quantities.optimizer_summary import OptimizerSummary
+    from healthd_client.quantities.stale_grads import StaleGrads
+    from healthd_client.quantities.static_checks import StaticChecks
     from healthd_client.quantities.step_time import StepTime
     from healthd_client.quantities.update_ratio import UpdateRatio
 
@@ -35,5 +40,11 @@ def default_quantities(config: MonitorConfig) -> list[Quantity]:
         GradNorm(every_steps=config.grad_norm_every_steps),
         UpdateRatio(every_steps=config.heavy_every_steps, sample_per_tensor=config.update_sample_per_tensor),
         NonFiniteParams(every_steps=config.heavy_every_steps),
+        # the checklist (issue 3): sampled on the heavy schedule, plus two cheap always-on checks
+        StaticChecks(),
+        StaleGrads(),
+        Activations(sample_every_steps=config.heavy_every_steps),
+        Inputs(sample_every_steps=config.heavy_every_steps),
+        LossInputs(sample_every_steps=config.heavy_every_steps),
         GpuMonitor(sample_seconds=config.gpu_sample_seconds),
     ]
