@@ -3,7 +3,7 @@
 The request and response bodies are the pydantic models of ``healthd.schema``
 (``ReportBatch.model_json_schema()`` and friends), so the document cannot drift
 from what the server validates. Error answers are documented per status:
-400 for a body that is not JSON (or not a batch object), 401 for a missing or
+400 for a body that is not JSON, 401 for a missing or
 wrong bearer token, 413 for a body or batch over the limits, 422 naming the
 field at fault of each rejected report (the valid ones are kept).
 """
@@ -34,6 +34,9 @@ def openapi_document() -> dict[str, Any]:
     """The API description; pure (a fresh dict on every call)."""
     schemas: dict[str, Any] = {}
     batch = _schema(ReportBatch, schemas, "validation")
+    for name in ("StepReport", "EvalReport", "HeartbeatReport", "AttachReport", "GpuReport"):
+        # ``kind`` has a default in the models but is the union's discriminator: a report must carry it.
+        schemas[name].setdefault("required", []).append("kind")
     result = _schema(IngestResult, schemas, "serialization")
     alert = _schema(AlertOut, schemas, "serialization")
     error = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
@@ -51,7 +54,7 @@ def openapi_document() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": batch}}},
                 "responses": {
                     "200": _json(result, "all reports accepted"),
-                    "400": _json(result, "the body is not JSON, or not a JSON object of the batch shape"),
+                    "400": _json(result, "the body is not JSON (or not UTF-8)"),
                     "401": unauthorized,
                     "413": _json(result, "body over limits.max_body_bytes or more reports than "
                                          "limits.max_reports_per_request"),
