@@ -143,6 +143,40 @@ LAYER_UPDATE_RATIO = _g("layer_update_ratio", "Per-layer update-to-weight ratio 
                         unit="ratio")
 LAYER_PARAM_NORM = _g("layer_param_norm", "Per-layer parameter L2 norm at the last step.", JOB_LAYER)
 
+# ----------------------------------------------------------------- GPU (client's NVML sampler, issue 5)
+# Labels: CUDA index as the job sees it (``gpu``), the physical GPU's NVML UUID and MIG GPU instance
+# named as dcgm-exporter names them (``UUID``, ``GPU_I_ID``; empty outside MIG) so Grafana joins
+# healthd's series with DCGM's on UUID, and the host. Bounded: one device per rank.
+GPU_LABELS = (*JOB_RANK, "gpu", "UUID", "GPU_I_ID", "hostname")
+GPU_MEMORY_USED = _g("gpu_memory_used_bytes", "Device memory in use (NVML; the MIG slice's on MIG).", GPU_LABELS,
+                     unit="bytes")
+GPU_MEMORY_TOTAL = _g("gpu_memory_total_bytes", "Device memory (NVML; the MIG slice's on MIG).", GPU_LABELS,
+                      unit="bytes")
+GPU_TORCH_ALLOCATED = _g("gpu_torch_allocated_bytes", "Memory held by live tensors (torch.cuda.memory_allocated).",
+                         GPU_LABELS, unit="bytes")
+GPU_TORCH_RESERVED = _g("gpu_torch_reserved_bytes", "Memory held by torch's caching allocator "
+                        "(torch.cuda.memory_reserved).", GPU_LABELS, unit="bytes")
+GPU_TORCH_PEAK = _g("gpu_torch_peak_allocated_bytes", "High-water mark of tensor memory "
+                    "(torch.cuda.max_memory_allocated).", GPU_LABELS, unit="bytes")
+GPU_UTILIZATION = _g("gpu_utilization_ratio", "Fraction of the sample period a kernel ran (NVML); absent on MIG.",
+                     GPU_LABELS, unit="ratio")
+GPU_MEMORY_UTILIZATION = _g("gpu_memory_utilization_ratio", "Fraction of the sample period device memory was read "
+                            "or written (NVML); absent on MIG.", GPU_LABELS, unit="ratio")
+GPU_TEMPERATURE = _g("gpu_temperature_celsius", "GPU core temperature.", GPU_LABELS, unit="celsius")
+GPU_POWER = _g("gpu_power_watts", "Board power draw.", GPU_LABELS, unit="watts")
+GPU_ENERGY = _c("gpu_energy_joules_total", "Energy the GPU consumed since the driver loaded.", GPU_LABELS,
+                unit="joules")
+GPU_CLOCK_EVENT_ACTIVE = _g("gpu_clock_event_active", "1 for each clock event (throttle) reason NVML reports "
+                            "active at the last sample, e.g. reason=hw_thermal_slowdown.", (*GPU_LABELS, "reason"))
+GPU_ECC_UNCORRECTED = _c("gpu_ecc_uncorrected_errors_total", "Uncorrected ECC errors since the last driver load or "
+                         "GPU reset (NVML volatile count).", GPU_LABELS)
+GPU_REMAPPED_ROWS_FAILURE = _g("gpu_remapped_rows_failure", "1 when a memory row remapping failed (RMA).",
+                               GPU_LABELS)
+GPU_REMAPPED_ROWS_PENDING = _g("gpu_remapped_rows_pending", "1 when a memory row remap waits for a GPU reset.",
+                               GPU_LABELS)
+GPU_XID_EVENTS = _c("gpu_xid_events_total", "XID critical error events the rank's NVML watcher saw, by XID.",
+                    (*GPU_LABELS, "xid"))
+
 # ----------------------------------------------------------------- alerts
 ALERT = _g(
     "alert",

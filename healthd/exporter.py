@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from healthd import catalog as C
 from healthd.engine import Engine
+from healthd.exporter_gpu import gpu_metrics
 from healthd.store import WINDOWED, Store
 
 
@@ -71,6 +72,7 @@ class HealthCollector(Collector):
         for name in self.store.expire(now):
             self.engine.forget(name)
         yield from self._training(now)
+        yield from gpu_metrics(self.store)
         yield from self._alerts()
         yield from self._self_metrics()
 

@@ -77,6 +77,7 @@ class RankState:
     signal_sums: dict[str, float] = field(default_factory=dict)
     signal_counts: dict[str, int] = field(default_factory=dict)
     lr_peak: float | None = None
+    gpu_xid_totals: dict[int, int] = field(default_factory=dict)  # XID -> events reported
     # Last known value of each scalar signal: some are measured every N steps only,
     # and a gauge should not vanish on the steps in between.
     last_values: dict[str, float] = field(default_factory=dict)
@@ -158,6 +159,8 @@ class Store:
                 job.attach = report
         elif isinstance(report, GpuReport):
             st.gpu.append(report)
+            for xid in report.xid_events:
+                st.gpu_xid_totals[xid] = st.gpu_xid_totals.get(xid, 0) + 1
 
     def _apply_step(self, job: JobState, st: RankState, s: StepReport, now: float) -> None:
         st.steps.append(s)

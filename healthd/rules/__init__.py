@@ -10,6 +10,11 @@ from healthd.rules.dead_activations import DeadActivations
 from healthd.rules.dropout_before_batch_norm import DropoutBeforeBatchNorm
 from healthd.rules.eval_mode_during_training import EvalModeDuringTraining
 from healthd.rules.exploding_gradients import ExplodingGradients
+from healthd.rules.gpu_hardware_errors import GPUHardwareErrors
+from healthd.rules.gpu_imbalance import GPUImbalance
+from healthd.rules.gpu_memory_leak import GPUMemoryLeak
+from healthd.rules.gpu_memory_near_limit import GPUMemoryNearLimit
+from healthd.rules.gpu_throttling import GPUThrottling
 from healthd.rules.gradient_norm_mismatch import GradientNormMismatch
 from healthd.rules.gradients_not_flowing import GradientsNotFlowing
 from healthd.rules.initial_loss_unexpected import InitialLossUnexpected
@@ -23,12 +28,14 @@ from healthd.rules.loss_input_broadcast import LossInputBroadcast
 from healthd.rules.loss_oscillating import LossOscillating
 from healthd.rules.loss_plateau import LossPlateau
 from healthd.rules.loss_scale_collapse import LossScaleCollapse
+from healthd.rules.low_gpu_utilization import LowGPUUtilization
 from healthd.rules.missing_zero_grad import MissingZeroGrad
 from healthd.rules.non_finite_values import NonFiniteValues
 from healthd.rules.overfitting import Overfitting
 from healthd.rules.rank_desync import RankDesync
 from healthd.rules.rank_stalled import RankStalled
 from healthd.rules.saturated_activations import SaturatedActivations
+from healthd.rules.small_batch_underutilization import SmallBatchUnderutilization
 from healthd.rules.softmax_before_loss import SoftmaxBeforeLoss
 from healthd.rules.straggler_rank import StragglerRank
 from healthd.rules.training_stalled import TrainingStalled
@@ -67,6 +74,14 @@ ALL_RULES: tuple[type[Rule], ...] = (
     Overfitting,
     LargeBatchGeneralization,
     LearningRateNotScaled,
+    # GPUs (issue 5)
+    GPUHardwareErrors,
+    GPUMemoryNearLimit,
+    GPUMemoryLeak,
+    GPUThrottling,
+    LowGPUUtilization,
+    SmallBatchUnderutilization,
+    GPUImbalance,
 )
 
 __all__ = ["ALL_RULES", "Finding", "JobWindow", "RankWindow", "Rule", "RuleConfig", "Scope"]
