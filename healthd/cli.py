@@ -71,6 +71,47 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy_export(args: argparse.Namespace) -> int:
+    from healthd.deploy import export
+
+    for path in export(args.dir, healthd_url=args.healthd_url):
+        print(path)
+    return 0
+
+
+def _dashboards_export(args: argparse.Namespace) -> int:
+    try:
+        from healthd_dashboards import export
+    except ImportError as e:
+        print(f"healthd dashboards: {e}; pip install 'healthd[dashboards]'", file=sys.stderr)
+        return 2
+    for path in export(args.dir):
+        print(path)
+    return 0
+
+
+def _dashboards_push(args: argparse.Namespace) -> int:
+    import os
+
+    from healthd.grafana import GrafanaError, push_dashboards
+
+    try:
+        from healthd_dashboards import dashboards
+    except ImportError as e:
+        print(f"healthd dashboards: {e}; pip install 'healthd[dashboards]'", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("GRAFANA_TOKEN")
+    try:
+        pushed = push_dashboards(args.grafana_url, token, dashboards(), folder_uid=args.folder_uid,
+                                 folder_title=args.folder)
+    except (GrafanaError, OSError) as e:
+        print(f"healthd dashboards push: {e}", file=sys.stderr)
+        return 1
+    for p in pushed:
+        print(f"{p.uid}: {args.grafana_url.rstrip('/')}{p.url} (version {p.version})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``healthd`` command."""
     parser = argparse.ArgumentParser(prog="healthd", description="Training-health service for deep-learning jobs.")
@@ -103,6 +144,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--server", default="http://127.0.0.1:9184", help="healthd's base URL")
     report.add_argument("--out", default=None, help="output file (default: report-<job>.html)")
     report.set_defaults(func=_report)
+
+    deploy = sub.add_parser("deploy", help="Prometheus rule files generated from the rule catalog")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    dexp = deploy_sub.add_parser("export", help="write prometheus/*.rules.yml and k8s/prometheusrule.yaml")
+    dexp.add_argument("dir", nargs="?", default="deploy")
+    dexp.add_argument("--healthd-url", default="http://healthd:9184", help="healthd's URL for links in alerts")
+    dexp.set_defaults(func=_deploy_export)
+
+    dash = sub.add_parser("dashboards", help="Grafana dashboards (needs the 'dashboards' extra)")
+    dash_sub = dash.add_subparsers(dest="dashboards_command", required=True)
+    dash_exp = dash_sub.add_parser("export", help="write the dashboards' JSON into DIR")
+    dash_exp.add_argument("dir")
+    dash_exp.set_defaults(func=_dashboards_export)
+    dash_push = dash_sub.add_parser("push", help="upsert the dashboards by uid into a Grafana folder")
+    dash_push.add_argument("--grafana-url", required=True)
+    dash_push.add_argument("--token", default=None, help="service-account token (default: $GRAFANA_TOKEN)")
+    dash_push.add_argument("--folder", default="healthd", help="folder title")
+    dash_push.add_argument("--folder-uid", default="healthd")
+    dash_push.set_defaults(func=_dashboards_push)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
