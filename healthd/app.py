@@ -115,7 +115,7 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
         alert_db = AlertDb(settings.persistence.sqlite_path, history_per_job=settings.store.alert_history_per_job)
         listeners.append(alert_db)
     engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
-                    listeners=listeners, clock=clock)
+                    listeners=listeners, clock=clock, rank_rules_every_steps=settings.engine.rank_rules_every_steps)
     if alert_db is not None:
         # Restored without notifying: a firing alert stays firing and is not paged again.
         engine.restore(alert_db.load(now=clock(), stale_after_seconds=settings.store.job_ttl_seconds))

@@ -14,6 +14,7 @@ step; job-scoped rules run on ``tick``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from healthd.rules.base import EvidenceValue, Finding, JobWindow, RankWindow, Rule, Scope
-from healthd.schema import AlertOut, AlertState, Severity
+from healthd.schema import AlertOut, AlertState, Severity, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,14 @@ class Engine:
         rules: Sequence[Rule],
         *,
         history_per_job: int = 1000,
+        rank_rules_every_steps: int = 1,
         listeners: Iterable[AlertListener] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rank_rules = [r for r in rules if r.scope is Scope.RANK]
         self.job_rules = [r for r in rules if r.scope is Scope.JOB]
         self.history_per_job = history_per_job
+        self.rank_rules_every_steps = rank_rules_every_steps
         self.listeners = list(listeners)
         self.clock = clock
         self._jobs: dict[str, _JobAlerts] = {}
@@ -94,6 +97,10 @@ class Engine:
     # ------------------------------------------------------------- evaluation
     def on_step(self, window: RankWindow) -> None:
         """Run the rank-scoped rules on a rank's window after it reported a step."""
+        every = self.rank_rules_every_steps
+        latest = window.latest
+        if every > 1 and latest is not None and latest.step % every and not _urgent(latest):
+            return  # load shedding (engine.rank_rules_every_steps); a NaN/Inf step is never skipped
         t0 = time.perf_counter()
         now = self.clock()
         for rule in self.rank_rules:
@@ -207,3 +214,8 @@ class Engine:
 
     def forget(self, job: str) -> None:
         self._jobs.pop(job, None)
+
+
+def _urgent(step: StepReport) -> bool:
+    nf = step.nonfinite
+    return bool(nf.loss or nf.grads or nf.params) or (step.loss is not None and not math.isfinite(step.loss))

@@ -42,6 +42,9 @@ class ExporterSettings(_Section):
 
 class EngineSettings(_Section):
     tick_seconds: float = Field(default=1.0, gt=0, description="period of job-scoped (time-based) rules")
+    rank_rules_every_steps: int = Field(
+        default=1, ge=1, description="evaluate rank-scoped rules on steps divisible by this (and on any step "
+        "with a non-finite value); for_steps/resolve_after_steps then count evaluations, not steps")
 
 
 class LimitSettings(_Section):

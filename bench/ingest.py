@@ -1,0 +1,222 @@
+"""Ingest throughput of one healthd server core, with the rules engine on, against a bare-endpoint ceiling.
+
+Usage::
+
+    .venv/bin/python bench/ingest.py                      # 2,048 ranks, 10 reports/request, 20 s per target
+    .venv/bin/python bench/ingest.py --soak-seconds 600   # 10-minute soak: RSS and open files over time
+
+Each target runs in its own process pinned to CPU 0 (``sched_setaffinity``), the load
+generator on the other CPUs: a raw asyncio HTTP/1.1 keep-alive client (so the generator,
+not httpx, is cheap) with ``--connections`` connections. Bodies are ``ReportBatch``es of
+``--reports-per-request`` step reports, each for one of ``--ranks`` simulated ranks of one
+job, steps counting up per rank (realistic values: loss, grad norm, lr, update ratio, 4
+layers). Targets:
+
+- ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``;
+- ``bare``: a Starlette route that only reads the body and answers 200 (the ceiling).
+
+Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from healthd.rules import ALL_RULES  # noqa: E402
+
+LAYERS = ("embed", "block.0", "block.1", "head")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(target: str, port: int, ready: mp.Event, every: int) -> None:  # type: ignore[valid-type]
+    os.sched_setaffinity(0, {0})
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    if target == "bare":
+        async def read_only(request: Request) -> Response:
+            await request.body()
+            return Response(b'{"accepted":0,"rejected":[]}', media_type="application/json")
+
+        app = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
+    else:
+        from healthd.app import create_app
+        from healthd.settings import Settings
+
+        app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
+                                                "engine": {"rank_rules_every_steps": every}}))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                            lifespan="on", loop="asyncio", http="h11" if os.environ.get("BENCH_H11") else "auto")
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        ready.set()  # type: ignore[attr-defined]
+        await task
+
+    asyncio.run(main())
+
+
+def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> bytes:
+    reports = []
+    for k in range(per_request):
+        rank = ranks[k % len(ranks)]
+        s = step + k // len(ranks)
+        loss = 2.5 * (1 + s) ** -0.3 + rng.random() * 0.01
+        reports.append({"kind": "step", "job": "bench", "rank": rank, "time": time.time(), "step": s,
+                        "loss": loss, "batch_size": 32, "step_seconds": 0.1, "lr": [3e-4],
+                        "grad_norm": 1.0 + rng.random() * 0.1, "update_ratio": 1e-3 * (1 + rng.random() * 0.1),
+                        "layers": {name: {"grad_norm": 0.5 + rng.random() * 0.01,
+                                          "update_ratio": 1e-3 * (1 + rng.random() * 0.1)} for name in LAYERS}})
+    return json.dumps({"schema_version": 1, "reports": reports}).encode()
+
+
+async def _connection(port: int, bodies: list[bytes], stop_at: float, latencies: list[float],
+                      counts: list[int], per_request: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = 0
+    while time.perf_counter() < stop_at:
+        body = bodies[i % len(bodies)]
+        i += 1
+        head = (f"POST /v1/reports HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        t0 = time.perf_counter()
+        writer.write(head + body)
+        status_line = await reader.readline()
+        length = 0
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        await reader.readexactly(length)
+        latencies.append(time.perf_counter() - t0)
+        if status_line.split()[1] in (b"200", b"422"):
+            counts[0] += per_request
+        else:
+            counts[1] += 1
+    writer.close()
+
+
+def _load(port: int, args: argparse.Namespace, seconds: float, step0: int) -> tuple[float, list[float], int]:
+    """Drive the server for ``seconds``; returns (reports/s, latencies, failed requests)."""
+    rng = random.Random(0)
+    per = args.reports_per_request
+    groups = [range(r, min(r + per, args.ranks)) for r in range(0, args.ranks, per)]
+    # Each body carries `per` consecutive ranks at one step; bodies cycle through ranks, then steps advance.
+    bodies = [_body(g, step0 + s, per, rng) for s in range(args.steps_per_cycle) for g in groups]
+    latencies: list[float] = []
+    counts = [0, 0]
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds
+        per_conn = [bodies[c::args.connections] for c in range(args.connections)]
+        await asyncio.gather(*(_connection(port, b, stop_at, latencies, counts, per) for b in per_conn))
+        return time.perf_counter() - t0
+
+    elapsed = asyncio.run(run())
+    return counts[0] / elapsed, latencies, counts[1]
+
+
+def _proc_status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmHWM", "VmRSS")):
+            out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_serve, args=(target, port, ready, args.rank_rules_every_steps), daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError(f"{target} server did not start")
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)) or {0})
+        _load(port, args, args.warmup_seconds, 0)  # fill every rank's window first
+        if args.soak_seconds:
+            return _soak(proc.pid or 0, port, args)
+        rate, lat, failed = _load(port, args, args.seconds, 10_000)
+        st = _proc_status(proc.pid or 0)
+        return {"reports_per_second": rate, "p50_ms": statistics.median(lat) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3,
+                "peak_rss_mib": st["VmHWM"] / 2**20, "failed_requests": failed, "requests": len(lat)}
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+def _soak(pid: int, port: int, args: argparse.Namespace) -> dict[str, float]:
+    samples = []
+    t_end = time.monotonic() + args.soak_seconds
+    step0 = 10_000
+    while time.monotonic() < t_end:
+        rate, lat, failed = _load(port, args, min(30.0, t_end - time.monotonic()), step0)
+        step0 += args.steps_per_cycle * 1000
+        st = _proc_status(pid)
+        samples.append(st)
+        print(f"  soak t={args.soak_seconds - (t_end - time.monotonic()):6.0f}s  {rate:8.0f} reports/s  "
+              f"p99 {_pct(lat, 0.99) * 1e3:6.1f} ms  RSS {st['VmRSS'] / 2**20:7.1f} MiB  fds {st['fds']}",
+              flush=True)
+    return {"rss_first_mib": samples[0]["VmRSS"] / 2**20, "rss_last_mib": samples[-1]["VmRSS"] / 2**20,
+            "fds_first": samples[0]["fds"], "fds_last": samples[-1]["fds"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2048)
+    p.add_argument("--reports-per-request", type=int, default=10)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup-seconds", type=float, default=10.0)
+    p.add_argument("--steps-per-cycle", type=int, default=3, help="distinct steps per rank in the body pool")
+    p.add_argument("--soak-seconds", type=float, default=0.0, help="soak the healthd target instead")
+    p.add_argument("--targets", default="bare,healthd")
+    p.add_argument("--rank-rules-every-steps", type=int, default=1, help="engine.rank_rules_every_steps")
+    args = p.parse_args()
+    print(f"{args.ranks} ranks, {args.reports_per_request} reports/request, {args.connections} connections, "
+          f"server on 1 core ({os.cpu_count()} CPUs here), "
+          f"engine.rank_rules_every_steps={args.rank_rules_every_steps}, {len(ALL_RULES)} rules")
+    results = {}
+    for target in ([] if args.soak_seconds else args.targets.split(",")) or ["healthd"]:
+        results[target] = r = bench(target, args)
+        print(f"{target:8s} " + "  ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
+    if "bare" in results and "healthd" in results:
+        ratio = results["healthd"]["reports_per_second"] / results["bare"]["reports_per_second"]
+        print(f"healthd / bare = {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
