@@ -110,6 +110,7 @@ class Monitor:
         self._pending: deque[PackedRecord] = deque()
         self._disabled: dict[int, str] = {}  # id(quantity) -> name
         self._bad_batch_size_warned = False
+        self._opened_externally = False  # before_optimizer_step() replaced the optimizer's step pre-hook
         plan = build_layer_plan(model, optimizer, config.max_layers)
         self.sender = Sender(transport, config, token=token, heartbeat=self._heartbeat)
         self._ctx = QuantityContext(
@@ -176,6 +177,26 @@ class Monitor:
             if self._active:
                 self._poll()
             self.sender.enqueue(report)
+
+    def open_steps_externally(self) -> None:
+        """Stop opening step records in the optimizer's step pre-hook; ``before_optimizer_step`` opens them.
+
+        For framework integrations (``healthd_client.integrations``) that know the moment the
+        gradients are final better than the optimizer's step pre-hook: Lightning runs forward and
+        backward *inside* ``optimizer.step(closure)``, so the pre-hook fires before the gradients
+        exist. Call it right after ``attach``; the step post-hook stays (it fires after the update).
+        """
+        if not self._opened_externally:
+            self._opened_externally = True
+            self._handles[0].remove()
+
+    def before_optimizer_step(self) -> None:
+        """Open this step's record now: the gradients are final, the parameters not yet updated.
+
+        Implies ``open_steps_externally()``. Call ``step(loss=, batch_size=)`` afterwards as usual.
+        """
+        self.open_steps_externally()
+        self._pre_hook(self._optimizer, (), {})
 
     def memory_overhead_bytes(self) -> int:
         """Device/host memory the monitor holds between steps (sample buffers, index tensors)."""
@@ -455,4 +476,3 @@ def attach(
     )
     _attached[optimizer] = monitor
     return monitor
-
