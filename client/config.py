@@ -21,6 +21,10 @@ class MonitorConfig:
     # Measurement schedule, in optimizer steps.
     heavy_every_steps: int = 10  # update ratio, parameter norms / non-finite params
     grad_norm_every_steps: int = 1  # per-layer + global grad norm, non-finite grads
+    fingerprint_every_steps: int = 50  # parameter checksum for RankDesync (multi-rank jobs only)
+    # Per-layer statistics of all-reduced gradients are the same on every DDP rank: only ranks
+    # 0..layer_stats_ranks-1 send them, so healthd does not store them world_size times.
+    layer_stats_ranks: int = 1
     # Bounds on what is measured.
     max_layers: int = 64  # layers beyond this (smallest first) are folded into "other"
     update_sample_per_tensor: int = 1024  # elements sampled per parameter tensor

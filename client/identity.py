@@ -1,9 +1,13 @@
 """Who this process is in the job: rank, world size, host, run id, git commit.
 
-Kept deliberately simple: torch.distributed when it is initialised, else the
-environment variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), else a
-single process. Launcher-specific detection (Ray, SLURM arrays ...) extends
-``detect_identity`` without changing its callers.
+Sources, first match wins: explicit arguments; Ray Train's context inside a
+``TorchTrainer`` worker (``ray.train.get_context()``: world/local/node rank,
+world size, experiment name as the run id; Ray 2.60 runs Train V2, where
+``get_trial_name()`` raises, so it is never called); torch.distributed when it
+is initialised; the environment variables torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK, GROUP_RANK, TORCHELASTIC_RUN_ID); else a single process. Ray is
+only consulted if the process already imported ``ray.train`` (a train_func
+does), so the identity is never the reason Ray or torch gets imported.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class Identity:
     local_rank: int
     hostname: str
     run_id: str | None
+    node_rank: int | None = None  # index of the node (torchrun GROUP_RANK, Ray Train node rank)
+    launcher: str = "single"  # "ray_train", "torch.distributed", "env" or "single"
 
 
 def _env_int(name: str) -> int | None:
@@ -54,28 +60,79 @@ def _distributed_rank_world() -> tuple[int, int] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _RayTrain:
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int | None
+    experiment: str | None
+
+
+def _ray_train_context() -> _RayTrain | None:
+    train = sys.modules.get("ray.train")
+    if train is None:
+        return None
+    try:
+        ctx = train.get_context()
+        out = _RayTrain(int(ctx.get_world_rank()), int(ctx.get_world_size()), int(ctx.get_local_rank()), None, None)
+    except Exception:  # not inside a Ray Train worker
+        return None
+    node_rank: int | None = None
+    experiment: str | None = None
+    try:
+        node_rank = int(ctx.get_node_rank())
+    except Exception:
+        node_rank = None
+    try:
+        experiment = str(ctx.get_experiment_name()) or None
+    except Exception:
+        experiment = None
+    return _RayTrain(out.rank, out.world_size, out.local_rank, node_rank, experiment)
+
+
 def detect_identity(rank: int | None = None, world_size: int | None = None) -> Identity:
-    """Rank and world size: arguments, then torch.distributed, then env, then 0/1."""
+    """Rank and world size: arguments, then Ray Train, then torch.distributed, then env, then 0/1."""
+    ray = _ray_train_context()
+    if ray is not None:
+        return _checked(Identity(
+            rank=ray.rank if rank is None else rank,
+            world_size=ray.world_size if world_size is None else world_size,
+            local_rank=ray.local_rank,
+            hostname=socket.gethostname()[:256],
+            run_id=(os.environ.get("HEALTHD_RUN_ID") or ray.experiment or "")[:256] or None,
+            node_rank=ray.node_rank,
+            launcher="ray_train",
+        ))
     from_dist = _distributed_rank_world()
+    launcher = "torch.distributed" if from_dist else ("env" if _env_int("WORLD_SIZE") is not None else "single")
     if rank is None:
         rank = from_dist[0] if from_dist else _env_int("RANK")
     if world_size is None:
         world_size = from_dist[1] if from_dist else _env_int("WORLD_SIZE")
     rank = 0 if rank is None else rank
     world_size = 1 if world_size is None else world_size
-    if rank < 0:
-        raise ValueError(f"rank must be >= 0, got {rank}")
-    if world_size < 1 or rank >= world_size:
-        raise ValueError(f"world_size must be >= 1 and > rank, got world_size={world_size}, rank={rank}")
     local_rank = _env_int("LOCAL_RANK")
+    node_rank = _env_int("GROUP_RANK")
     run_id = next((os.environ[n] for n in _RUN_ID_ENV if os.environ.get(n)), None)
-    return Identity(
+    return _checked(Identity(
         rank=rank,
         world_size=world_size,
         local_rank=local_rank if local_rank is not None and local_rank >= 0 else 0,
         hostname=socket.gethostname()[:256],
         run_id=run_id[:256] if run_id else None,
-    )
+        node_rank=node_rank if node_rank is not None and node_rank >= 0 else None,
+        launcher=launcher,
+    ))
+
+
+def _checked(identity: Identity) -> Identity:
+    rank, world_size = identity.rank, identity.world_size
+    if rank < 0:
+        raise ValueError(f"rank must be >= 0, got {rank}")
+    if world_size < 1 or rank >= world_size:
+        raise ValueError(f"world_size must be >= 1 and > rank, got world_size={world_size}, rank={rank}")
+    return identity
 
 
 def git_commit(timeout_seconds: float = 1.0) -> str | None:

@@ -336,6 +336,8 @@ class Monitor:
                 q.write(report, values)
             except Exception as exc:
                 self._disable(q, "write", exc)
+        if self.identity.rank >= self.config.layer_stats_ranks:
+            report.pop("layers", None)  # identical on every DDP rank: sent by the first ranks only
         return report
 
     # ------------------------------------------------------------------ other reports
@@ -476,3 +478,4 @@ def attach(
     )
     _attached[optimizer] = monitor
     return monitor
+

@@ -32,6 +32,10 @@ class StoreSettings(_Section):
     gpu_samples_kept: int = Field(default=256, ge=1)
     job_ttl_seconds: float = Field(default=3600.0, gt=0, description="forget jobs silent for this long")
     alert_history_per_job: int = Field(default=1000, ge=1, description="resolved alerts kept per job")
+    noise_scale_ema_alpha: float = Field(
+        default=0.05, gt=0, le=1,
+        description="weight of each rank-step in the EMAs of tr(Sigma) and |G|^2 (healthd.noise_scale)",
+    )
 
 
 class ExporterSettings(_Section):

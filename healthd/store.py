@@ -123,7 +123,8 @@ class Store:
     def _job(self, name: str, now: float) -> JobState:
         job = self.jobs.get(name)
         if job is None:
-            job = self.jobs[name] = JobState(name=name, created=now)
+            job = self.jobs[name] = JobState(
+                name=name, created=now, noise=NoiseScaleEstimator(alpha=self.settings.noise_scale_ema_alpha))
         job.last_seen = now
         return job
 

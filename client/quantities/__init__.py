@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 def default_quantities(config: MonitorConfig) -> list[Quantity]:
     """The built-in quantities, scheduled by ``config``."""
+    from healthd_client.integrations.ddp import DDPGradientNoise
     from healthd_client.quantities.activations import Activations
     from healthd_client.quantities.gpu import GpuMonitor
     from healthd_client.quantities.grad_norm import GradNorm
@@ -26,6 +27,7 @@ def default_quantities(config: MonitorConfig) -> list[Quantity]:
     from healthd_client.quantities.model_summary import ModelSummary
     from healthd_client.quantities.non_finite import NonFiniteParams
     from healthd_client.quantities.optimizer_summary import OptimizerSummary
+    from healthd_client.quantities.param_fingerprint import ParamFingerprint
     from healthd_client.quantities.stale_grads import StaleGrads
     from healthd_client.quantities.static_checks import StaticChecks
     from healthd_client.quantities.step_time import StepTime
@@ -47,4 +49,7 @@ def default_quantities(config: MonitorConfig) -> list[Quantity]:
         Inputs(sample_every_steps=config.heavy_every_steps),
         LossInputs(sample_every_steps=config.heavy_every_steps),
         GpuMonitor(sample_seconds=config.gpu_sample_seconds),
+        # Distributed jobs: both turn themselves off in a single process / without DDP.
+        DDPGradientNoise(),
+        ParamFingerprint(every_steps=config.fingerprint_every_steps),
     ]

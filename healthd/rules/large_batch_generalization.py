@@ -14,6 +14,10 @@ class LargeBatchGeneralizationConfig(RuleConfig):
     window_steps: int = Field(default=5, ge=1, description="steps whose median batch size is judged")
     warn_fraction: float = Field(default=0.1, gt=0, le=1, description="global batch / data set size that warns")
     info_fraction: float = Field(default=0.05, gt=0, le=1, description="global batch / data set size worth an info")
+    noise_scale_warn_ratio: float = Field(
+        default=10.0, gt=1, description="global batch / gradient noise scale B_simple above this warns")
+    noise_scale_info_ratio: float = Field(
+        default=0.1, gt=0, lt=1, description="global batch / B_simple below this informs (room for parallelism)")
 
 
 class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
@@ -29,6 +33,15 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
     Thresholds: median global batch > 10% of the data set warns, > 5% informs.
     Full-batch training on a tiny data set is flagged too: say so in the config
     (``enabled: false``) if that is the intent.
+
+    Noise-scale branch (DDP jobs, evaluated on rank 0 only): healthd measures
+    the simple gradient noise scale B_simple (``healthd.noise_scale``,
+    McCandlish et al. 2018), which approximates the critical batch size.
+    A global batch above ``noise_scale_warn_ratio`` (10) x B_simple is in the
+    regime of diminishing returns (each doubling of the batch buys almost no
+    fewer steps) and of the large-batch generalization gap: warning. One below
+    ``noise_scale_info_ratio`` (0.1) x B_simple could use ~10x more data
+    parallelism at nearly the same sample efficiency: info.
     """
 
     name: ClassVar[str] = "LargeBatchGeneralization"
@@ -44,7 +57,7 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
         cfg = self.config
         n = window.meta.dataset_size
         if not n:
-            return None
+            return self._noise_scale(window)
         sizes = [float(s.batch_size) for s in window.last(cfg.window_steps) if s.batch_size]
         if not sizes:
             return None
@@ -52,7 +65,7 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
         global_batch = median(sizes) * ws
         fraction = global_batch / n
         if fraction <= cfg.info_fraction:
-            return None
+            return self._noise_scale(window)
         s = window.steps[-1]
         return Finding(
             summary=(f"Global batch {global_batch:g} ({median(sizes):g} x {ws} ranks) is {100 * fraction:.0f}% of "
@@ -62,3 +75,25 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
             rank=window.rank,
             severity=None if fraction > cfg.warn_fraction else Severity.INFO,
         )
+
+    def _noise_scale(self, window: RankWindow) -> Finding | None:
+        cfg = self.config
+        b_simple, global_batch = window.noise_scale, window.global_batch_size
+        if window.rank != 0 or not b_simple or not global_batch or not window.steps:
+            return None
+        ratio = global_batch / b_simple
+        s = window.steps[-1]
+        evidence = {"step": s.step, "global_batch": global_batch, "noise_scale": b_simple, "ratio": ratio}
+        if ratio > cfg.noise_scale_warn_ratio:
+            return Finding(
+                summary=(f"Global batch {global_batch} is {ratio:.0f}x the gradient noise scale B_simple = "
+                         f"{b_simple:.3g} (step {s.step}): diminishing returns per example and large-batch "
+                         "generalization gap risk"),
+                evidence=evidence, step=s.step, rank=window.rank)
+        if ratio < cfg.noise_scale_info_ratio:
+            return Finding(
+                summary=(f"Global batch {global_batch} is {ratio:.2g}x the gradient noise scale B_simple = "
+                         f"{b_simple:.3g} (step {s.step}): the job could use more data parallelism (a larger "
+                         "global batch) at nearly the same sample efficiency"),
+                evidence=evidence, step=s.step, rank=window.rank, severity=Severity.INFO)
+        return None

@@ -139,3 +139,24 @@ def test_loss_scale_collapse_skipped_fraction_in_full_window() -> None:
     rule = LossScaleCollapse(LossScaleCollapse.Config(window_steps=10, max_consecutive_skipped=5))
     f = rule.evaluate(window(steps(10, step_skipped=[False, True, False, True, True] * 2, loss_scale=1024.0)))
     assert f is not None and f.evidence["skipped_fraction"] == 0.6
+
+
+# ------------------------------------------------------------------ LargeBatchGeneralization, noise-scale branch
+@pytest.mark.parametrize(("global_batch", "noise_scale", "severity"), [
+    (4096, 100.0, "warning"),  # 41x above B_simple
+    (512, 100.0, None),  # within 0.1x .. 10x
+    (8, 100.0, "info"),  # 0.08x: room for parallelism
+    (4096, None, None),  # not measured (no DDP)
+])
+def test_large_batch_generalization_uses_noise_scale(global_batch: int, noise_scale: float | None,
+                                                     severity: str | None) -> None:
+    from healthd.rules.large_batch_generalization import LargeBatchGeneralization
+
+    rule = LargeBatchGeneralization()
+    f = rule.evaluate(window(steps(5, batch_size=global_batch // 2), global_batch_size=global_batch,
+                             noise_scale=noise_scale))
+    if severity is None:
+        assert f is None
+    else:
+        assert f is not None and (f.severity or rule.severity).value == severity
+        assert f.evidence["noise_scale"] == noise_scale
