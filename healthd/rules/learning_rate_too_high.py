@@ -18,6 +18,9 @@ class LearningRateTooHighConfig(RuleConfig):
     lr_jump_factor: float = Field(default=2.0, gt=1, description="LR increase within the window that counts")
     loss_jump_factor: float = Field(default=2.0, gt=1, description="loss increase after the LR jump that counts")
     for_steps: int = 3
+    lookback_steps: int = Field(default=100, ge=1, description="steps searched for sampled update ratios "
+                                "(the client measures them every heavy_every_steps)")
+    min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed before judging")
 
 
 class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
@@ -62,8 +65,9 @@ class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
                 step=s.step,
                 rank=window.rank,
             )
-        ratios = finite(series(steps, "update_ratio"))
-        if len(ratios) < cfg.window_steps:
+        # update ratios are sampled (every heavy_every_steps), so take the last window_steps samples
+        ratios = finite(series(window.last(cfg.lookback_steps), "update_ratio"))[-cfg.window_steps:]
+        if len(ratios) < cfg.min_samples:
             return None
         med = median(ratios)
         if med < cfg.info_update_ratio:

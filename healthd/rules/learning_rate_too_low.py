@@ -20,6 +20,7 @@ class LearningRateTooLowConfig(RuleConfig):
         default=0.5, gt=0, le=1, description="skip when the LR has decayed below this fraction of its peak"
     )
     for_steps: int = 10
+    min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed in the window")
 
 
 class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
@@ -60,7 +61,7 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
             return None
         ratios = finite(series(steps, "update_ratio"))
         norms = finite(series(steps, "grad_norm"))
-        if len(ratios) < len(steps) // 2 or not norms or median(norms) <= 0:
+        if len(ratios) < cfg.min_samples or not norms or median(norms) <= 0:
             return None
         med = median(ratios)
         if med <= 0 or med >= cfg.min_update_ratio:

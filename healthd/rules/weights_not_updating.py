@@ -11,7 +11,11 @@ from healthd.schema import Severity
 
 
 class WeightsNotUpdatingConfig(RuleConfig):
-    window_steps: int = Field(default=5, ge=2, description="consecutive steps with no update before it counts")
+    window_steps: int = Field(default=3, ge=2, description="consecutive measured steps with no update before it counts")
+    lookback_steps: int = Field(default=100, ge=1, description="steps searched for measured update ratios "
+                                "(the client samples them every heavy_every_steps)")
+    no_grad_steps: int = Field(default=3, ge=1, description="consecutive steps in which no layer of the "
+                               "optimizer got a gradient before it counts")
     zero_update_ratio: float = Field(default=1e-12, ge=0, description="update ratio treated as no update")
     for_steps: int = 1
 
@@ -40,7 +44,12 @@ class WeightsNotUpdating(Rule[WeightsNotUpdatingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = [s for s in window.last(cfg.window_steps) if not s.step_skipped]
+        orphan = self._no_layer_gets_gradients(window)
+        if orphan is not None:
+            return orphan
+        measured = [s for s in window.last(cfg.lookback_steps) if not s.step_skipped and (
+            s.update_ratio is not None or any(ls.update_ratio is not None for ls in s.layers.values()))]
+        steps = measured[-cfg.window_steps:]
         if len(steps) < cfg.window_steps:
             return None
         stuck: set[str] | None = None
@@ -69,4 +78,22 @@ class WeightsNotUpdating(Rule[WeightsNotUpdatingConfig]):
             rank=window.rank,
             layer=layers[0],
             severity=Severity.CRITICAL if len(layers) == total else None,
+        )
+
+    def _no_layer_gets_gradients(self, window: RankWindow) -> Finding | None:
+        """Every layer the optimizer holds had grad None for ``no_grad_steps`` steps while losses came in."""
+        n = self.config.no_grad_steps
+        steps = window.last(n)
+        if len(steps) < n or not all(s.layers and s.loss is not None and s.grad_norm is None
+                                     and all(ls.grad_missing for ls in s.layers.values()) for s in steps):
+            return None
+        s = steps[-1]
+        return Finding(
+            summary=(f"None of the {len(s.layers)} layers the optimizer holds got a gradient for {n} steps while the "
+                     f"loss was computed (step {s.step}, rank {window.rank}): the optimizer was built over other "
+                     f"parameters (a copy or an earlier model instance), so nothing is trained"),
+            evidence={"step": s.step, "layers": len(s.layers), "steps": n, "loss": s.loss},
+            step=s.step,
+            rank=window.rank,
+            severity=Severity.CRITICAL,
         )
