@@ -1,0 +1,1 @@
+"""Benchmarks and the fault zoo (not installed; run from the repository root)."""

@@ -1,0 +1,3 @@
+from bench.faultzoo.runner import main
+
+raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Run fault-zoo scenarios against an in-process healthd and score them.
+
+Each scenario trains a small model on CPU with ``healthd_client.attach`` whose
+transport hands each batch to ``Healthd.ingest`` directly (no HTTP; the same
+code path behind ``POST /v1/reports``). An engine listener records, for every
+alert that reaches *firing*, the step of the finding that made it fire, so the
+detection delay is measured in training steps, independent of batching.
+
+Scoring: a fault is detected when its expected alert fired (other alerts may
+fire too; they are listed). Steps to detect = firing step - the fault's onset.
+A control raises a false alarm when any alert above ``info`` fired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from healthd.app import Healthd, build
+from healthd.engine import Alert
+from healthd.schema import AlertState, Severity
+from healthd.settings import Settings
+
+
+class InProcessTransport:
+    """A healthd_client transport that ingests into a Healthd object (no network)."""
+
+    def __init__(self, hd: Healthd) -> None:
+        self.hd = hd
+
+    def send(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str]:
+        status, result = self.hd.ingest(body)
+        return status, result.model_dump_json()
+
+
+class FiringRecorder:
+    """Engine listener: first firing step and the highest severity per rule."""
+
+    def __init__(self) -> None:
+        self.fired: dict[str, dict[str, Any]] = {}
+
+    def on_transition(self, alert: Alert, previous: AlertState) -> None:
+        if alert.state is AlertState.FIRING and alert.rule not in self.fired:
+            self.fired[alert.rule] = {"step": alert.last_step, "severity": alert.severity.value,
+                                      "summary": alert.summary}
+
+
+@dataclass
+class Result:
+    name: str
+    kind: str  # "fault" or "control"
+    expected: str | None
+    onset: int
+    steps: int
+    fired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    detected: bool = False
+    detect_step: int | None = None
+    steps_to_detect: int | None = None
+    false_alarms: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.detected if self.kind == "fault" else not self.false_alarms
+
+
+def run_one(scenario: Any) -> Result:
+    """Train one scenario with a fresh healthd and score it."""
+    from healthd_client import MonitorConfig, attach
+
+    recorder = FiringRecorder()
+    hd = build(Settings(), listeners=[recorder])
+    t0 = time.perf_counter()
+    setup = scenario.setup()
+    monitor = attach(setup.model, setup.optimizer, job=f"zoo-{scenario.name}", transport=InProcessTransport(hd),
+                     config=MonitorConfig(flush_interval_seconds=0.05, heartbeat_seconds=60.0),
+                     strict=True, **setup.hints)
+    onset = setup.train(monitor)
+    monitor.close()
+    onset = scenario.onset if onset is None else onset
+    # severities can escalate after firing: take the final one
+    for alert in hd.engine.alerts(f"zoo-{scenario.name}"):
+        if alert.rule in recorder.fired and alert.fired_at is not None:
+            recorder.fired[alert.rule]["severity"] = alert.severity.value
+    res = Result(name=scenario.name, kind="control" if scenario.expected is None else "fault",
+                 expected=scenario.expected, onset=onset, steps=setup.steps, fired=recorder.fired,
+                 seconds=round(time.perf_counter() - t0, 2))
+    if scenario.expected is not None and scenario.expected in recorder.fired:
+        res.detected = True
+        res.detect_step = recorder.fired[scenario.expected]["step"]
+        res.steps_to_detect = None if res.detect_step is None else max(0, res.detect_step - onset)
+    res.false_alarms = sorted(r for r, a in recorder.fired.items()
+                              if scenario.expected is None and Severity(a["severity"]).level > Severity.INFO.level)
+    return res
+
+
+def summarize(results: Sequence[Result]) -> dict[str, Any]:
+    faults = [r for r in results if r.kind == "fault"]
+    controls = [r for r in results if r.kind == "control"]
+    delays = [r.steps_to_detect for r in faults if r.steps_to_detect is not None]
+    return {
+        "faults": len(faults),
+        "detected": sum(r.detected for r in faults),
+        "recall": (sum(r.detected for r in faults) / len(faults)) if faults else None,
+        "controls": len(controls),
+        "false_alarms": sum(bool(r.false_alarms) for r in controls),
+        "median_steps_to_detect": statistics.median(delays) if delays else None,
+        "max_steps_to_detect": max(delays) if delays else None,
+        "seconds": round(sum(r.seconds for r in results), 1),
+    }
+
+
+def format_row(r: Result) -> str:
+    fired = ", ".join(f"{k}({v['severity'][0]}@{v['step']})" for k, v in sorted(r.fired.items())) or "-"
+    if r.kind == "fault":
+        verdict = f"detected at step {r.detect_step} (+{r.steps_to_detect})" if r.detected else "MISSED"
+    else:
+        verdict = "quiet" if not r.false_alarms else "FALSE ALARM: " + ", ".join(r.false_alarms)
+    return f"{r.name:<28} {r.expected or '(control)':<26} {verdict:<32} {fired}"
+
+
+def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.stdout) -> list[Result]:
+    results = []
+    print(f"{'scenario':<28} {'expected':<26} {'verdict':<32} alerts fired (severity@step)", file=stream)
+    for sc in scenarios:
+        r = run_one(sc)
+        results.append(r)
+        print(format_row(r), file=stream, flush=True)
+    s = summarize(results)
+    print(f"recall {s['detected']}/{s['faults']} = {100 * (s['recall'] or 0):.0f}%, false alarms "
+          f"{s['false_alarms']}/{s['controls']} controls, median steps to detect {s['median_steps_to_detect']} "
+          f"(max {s['max_steps_to_detect']}), {s['seconds']} s", file=stream)
+    if out is not None:
+        out.write_text(json.dumps({"summary": s, "results": [asdict(r) for r in results]}, indent=1))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from bench.faultzoo.scenarios import SCENARIOS
+
+    p = argparse.ArgumentParser(prog="python -m bench.faultzoo", description=__doc__)
+    p.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="JSON result path")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # tiny models; the machine's cores are shared
+    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    results = run(chosen, Path(args.out))
+    return 0 if all(r.ok for r in results) else 1

@@ -1,0 +1,460 @@
+"""The fault zoo's scenarios: one known mistake each, and healthy controls.
+
+A scenario is a name, the alert it must raise (``None`` for a control, which
+must raise nothing above ``info``), the step the fault starts (its onset) and a
+``setup`` that returns the model, optimizer, attach hints and a training
+function. Data: scikit-learn's bundled ``load_digits`` (1797 8x8 images, 10
+classes; no download) and small synthetic tasks. Everything runs on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Setup:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train: Callable[[Any], int | None]  # returns an onset override, or None
+    steps: int
+    hints: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    expected: str | None
+    setup: Callable[[], Setup]
+    onset: int = 0
+    fast: bool = False  # part of the test suite's subset
+
+
+@cache
+def digits(raw: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    if not raw:
+        mean, std = x[:1400].mean(0), x[:1400].std(0).clamp_min(1.0)
+        x = (x - mean) / std
+    return x[:1400], y[:1400], x[1400:], y[1400:]
+
+
+def mlp(act: type[nn.Module] = nn.ReLU, width: int = 64, depth: int = 2, inp: int = 64, out: int = 10) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = inp
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), act()]
+        d = width
+    layers.append(nn.Linear(d, out))
+    return nn.Sequential(*layers)
+
+
+def loop(model: nn.Module, opt: torch.optim.Optimizer, mon: Any, *, steps: int = 120, batch: int | Callable[[int], int]
+         = 64, raw: bool = False, loss_fn: Callable[..., torch.Tensor] = F.cross_entropy,
+         forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+         inject: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+         zero_grad: bool = True, eval_every: int = 0, sign: float = 1.0, labels: torch.Tensor | None = None,
+         train_size: int = 1400, on_step: Callable[[int], None] | None = None, clip: float | None = None,
+         sched: Any = None) -> None:
+    """Minibatch training on digits with hooks to inject a fault."""
+    x, y, xv, yv = digits(raw)
+    x, y = x[:train_size], (labels if labels is not None else y)[:train_size]
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        b = batch(i) if callable(batch) else batch
+        idx = torch.randint(0, len(x), (b,), generator=g)
+        xb, yb = x[idx], y[idx]
+        if inject is not None:
+            xb, yb = inject(i, xb, yb)
+        if zero_grad:
+            opt.zero_grad()
+        out = forward(model, xb) if forward else model(xb)
+        loss = loss_fn(out, yb)
+        (sign * loss).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        mon.step(loss=loss.detach(), batch_size=b)
+        if on_step:
+            on_step(i)
+        if eval_every and (i + 1) % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                mon.eval(loss=F.cross_entropy(model(xv), yv))
+            model.train()
+
+
+def _std(model: nn.Module | None = None, lr: float = 1e-3, opt: str = "adam", **kw: Any) -> Setup:
+    model = model or mlp()
+    o = torch.optim.Adam(model.parameters(), lr=lr) if opt == "adam" else torch.optim.SGD(model.parameters(), lr=lr)
+    return Setup(model, o, lambda mon: loop(model, o, mon, **kw), kw.get("steps", 120), {"num_classes": 10})
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def nan_input() -> Setup:
+    def inject(i: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if i >= 30:
+            x = x.clone()
+            x[0, 0] = math.nan
+        return x, y
+    return _std(inject=inject, steps=40)
+
+
+def gradient_spike() -> Setup:
+    return _std(inject=lambda i, x, y: (x * 1000.0 if i == 40 else x, y), steps=60)
+
+
+def deep_sigmoid() -> Setup:
+    torch.manual_seed(0)
+    return _std(mlp(nn.Sigmoid, width=32, depth=10), lr=1e-3, opt="sgd", steps=80)
+
+
+def lr_too_high() -> Setup:
+    torch.manual_seed(0)
+    return _std(lr=0.5, steps=60)
+
+
+def lr_too_low() -> Setup:
+    torch.manual_seed(0)
+    return _std(lr=1e-7, opt="sgd", steps=80)
+
+
+def optimizer_over_copy() -> Setup:
+    torch.manual_seed(0)
+    model, other = mlp(), mlp()
+    opt = torch.optim.Adam(other.parameters(), lr=1e-3)  # built over another instance
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=40), 40, {"num_classes": 10})
+
+
+def error_explodes() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def on_step(i: int) -> None:
+        if i == 49:
+            for grp in opt.param_groups:
+                grp["lr"] = 20.0
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=80, on_step=on_step) or 50, 80,
+                 {"num_classes": 10})
+
+
+def error_goes_up() -> Setup:
+    torch.manual_seed(0)
+    return _std(lr=1e-2, sign=-1.0, steps=60)  # the loss is maximised: a sign error
+
+
+def labels_shuffled() -> Setup:
+    torch.manual_seed(0)
+    _, y, _, _ = digits()
+    labels = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
+    return _std(lr=1e-3, labels=labels, steps=80)
+
+
+def forgot_zero_grad() -> Setup:
+    torch.manual_seed(0)
+    return _std(lr=1e-3, zero_grad=False, steps=30)
+
+
+def softmax_wrong_dim() -> Setup:
+    torch.manual_seed(0)
+    return _std(forward=lambda m, x: F.softmax(m(x), dim=0), steps=30)
+
+
+def softmax_before_cross_entropy() -> Setup:
+    torch.manual_seed(0)
+    return _std(forward=lambda m, x: F.softmax(m(x), dim=1), loss_fn=nn.CrossEntropyLoss(), steps=30)
+
+
+def _regression(broadcast: bool, steps: int = 60) -> Setup:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    w = torch.randn(8)
+    g = torch.Generator().manual_seed(2)
+
+    def train(mon: Any) -> None:
+        for _ in range(steps):
+            x = torch.randn(64, 8, generator=g)
+            y = x @ w + 0.1 * torch.randn(64, generator=g)
+            opt.zero_grad()
+            pred = model(x)
+            loss = F.mse_loss(pred if broadcast else pred.squeeze(-1), y)
+            loss.backward()
+            opt.step()
+            mon.step(loss=loss.detach(), batch_size=64)
+    return Setup(model, opt, train, steps)
+
+
+def detached_layer() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    return _std(model, forward=lambda m, x: m[2:](m[1](m[0](x).detach())), steps=30)
+
+
+def eval_mode_left_on() -> Setup:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10))
+    return _std(model, on_step=lambda i: model.eval() if i == 29 else None, steps=50)
+
+
+def bad_output_init() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        model[-1].weight.mul_(30.0)
+    return _std(model, steps=20)
+
+
+def raw_inputs() -> Setup:
+    torch.manual_seed(0)
+    return _std(raw=True, steps=30)
+
+
+def dying_relu() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(-20.0)
+    return _std(model, steps=30)
+
+
+def saturated_tanh() -> Setup:
+    torch.manual_seed(0)
+    model = mlp(nn.Tanh)
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)
+    return _std(model, steps=30)
+
+
+def dropout_before_bn() -> Setup:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    return _std(model, steps=20)
+
+
+def bn_small_batch() -> Setup:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
+    return _std(model, batch=4, steps=20)
+
+
+def lr_oscillating() -> Setup:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=30.0)  # ~100x a sane rate for this problem
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=60), 60, {"num_classes": 10})
+
+
+def overfitting() -> Setup:
+    torch.manual_seed(0)
+    model = mlp(width=256)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    evals: list[float] = []
+
+    def train(mon: Any) -> int:
+        orig_eval = mon.eval
+
+        def spy(loss: Any = None, **kw: Any) -> None:
+            evals.append(float(loss))
+            orig_eval(loss=loss, **kw)
+        mon.eval = spy
+        loop(model, opt, mon, steps=200, batch=32, train_size=40, eval_every=10)
+        return 10 * (1 + min(range(len(evals)), key=evals.__getitem__))  # onset: the best validation loss
+    return Setup(model, opt, train, 200, {"num_classes": 10})
+
+
+def large_batch() -> Setup:
+    torch.manual_seed(0)
+    s = _std(batch=512, steps=20)
+    s.hints["dataset_size"] = 1400
+    return s
+
+
+def lr_not_scaled() -> Setup:
+    torch.manual_seed(0)
+    s = _std(batch=lambda i: 32 if i < 30 else 256, steps=50)
+    s.hints["dataset_size"] = 1400 * 20  # as if the data set were large: only the scaling is at fault
+    return s
+
+
+# ---------------------------------------------------------------------------- controls
+
+
+def ctrl_mlp() -> Setup:
+    torch.manual_seed(0)
+    return _std(steps=200, eval_every=50)
+
+
+def ctrl_cnn_bn() -> Setup:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10))
+    return _std(model, lr=3e-3, steps=150, eval_every=50)
+
+
+class SeqClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 32, batch_first=True)
+        self.head = nn.Linear(32, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def ctrl_lstm_clip() -> Setup:
+    torch.manual_seed(0)
+    model = SeqClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(4)
+
+    def train(mon: Any) -> None:
+        for _ in range(150):
+            x = torch.randn(32, 12, 4, generator=g)
+            y = (x[:, :, 0].sum(1) > 0).long()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            mon.step(loss=loss.detach(), batch_size=32)
+    return Setup(model, opt, train, 150, {"num_classes": 2})
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 16, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(8, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 64, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x) + self.pos))
+
+
+def ctrl_transformer() -> Setup:
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    steps, warm = 150, 15
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / (steps - warm))))
+    g = torch.Generator().manual_seed(5)
+
+    def train(mon: Any) -> None:
+        for _ in range(steps):
+            x = torch.randint(0, 16, (32, 8), generator=g)
+            y = x.flip(1)  # learn to reverse the sequence
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x).reshape(-1, 16), y.reshape(-1))
+            loss.backward()
+            opt.step()
+            sched.step()
+            mon.step(loss=loss.detach(), batch_size=32)
+    return Setup(model, opt, train, steps, {"num_classes": 16})
+
+
+def ctrl_regression() -> Setup:
+    return _regression(broadcast=False, steps=100)
+
+
+def ctrl_sgd_momentum_wd() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=150, eval_every=50), 150, {"num_classes": 10})
+
+
+def ctrl_grad_accumulation() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y, _, _ = digits()
+    g = torch.Generator().manual_seed(6)
+
+    def train(mon: Any) -> None:
+        for _ in range(100):
+            for _ in range(4):  # four micro-batches per optimizer step
+                idx = torch.randint(0, len(x), (16,), generator=g)
+                loss = F.cross_entropy(model(x[idx]), y[idx]) / 4
+                loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(loss=4 * loss.detach(), batch_size=64)
+    return Setup(model, opt, train, 100, {"num_classes": 10, "grad_accumulation_steps": 4})
+
+
+def ctrl_bf16_autocast() -> Setup:
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def fwd(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(xb).float()
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=150, forward=fwd), 150, {"num_classes": 10})
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    # rules of the foundation issue
+    Scenario("nan_input", "NonFiniteValues", nan_input, onset=30, fast=True),
+    Scenario("gradient_spike", "ExplodingGradients", gradient_spike, onset=40),
+    Scenario("deep_sigmoid_stack", "VanishingGradients", deep_sigmoid),
+    Scenario("lr_too_high_adam", "LearningRateTooHigh", lr_too_high),
+    Scenario("lr_too_low_sgd", "LearningRateTooLow", lr_too_low),
+    Scenario("optimizer_over_copy", "WeightsNotUpdating", optimizer_over_copy, fast=True),
+    Scenario("error_explodes", "LossDiverging", error_explodes, onset=50),
+    # the seeds' classics
+    Scenario("error_goes_up_sign_flip", "LossDiverging", error_goes_up),
+    Scenario("labels_shuffled", "LossPlateau", labels_shuffled),
+    Scenario("forgot_zero_grad", "MissingZeroGrad", forgot_zero_grad, fast=True),
+    Scenario("softmax_wrong_dim", "SoftmaxBeforeLoss", softmax_wrong_dim, fast=True),
+    # the checklist rules
+    Scenario("softmax_before_ce", "SoftmaxBeforeLoss", softmax_before_cross_entropy),
+    Scenario("regression_broadcast", "LossInputBroadcast", lambda: _regression(broadcast=True), fast=True),
+    Scenario("detached_layer", "GradientsNotFlowing", detached_layer, fast=True),
+    Scenario("eval_mode_left_on", "EvalModeDuringTraining", eval_mode_left_on, onset=30, fast=True),
+    Scenario("bad_output_init", "InitialLossUnexpected", bad_output_init, fast=True),
+    Scenario("raw_pixel_inputs", "InputNotNormalized", raw_inputs, fast=True),
+    Scenario("dying_relu_bias", "DeadActivations", dying_relu, fast=True),
+    Scenario("saturated_tanh_init", "SaturatedActivations", saturated_tanh, fast=True),
+    Scenario("dropout_before_bn", "DropoutBeforeBatchNorm", dropout_before_bn, fast=True),
+    Scenario("bn_batch_of_4", "BatchNormSmallBatch", bn_small_batch, fast=True),
+    Scenario("lr_oscillating_sgd", "LossOscillating", lr_oscillating, fast=True),
+    Scenario("overfit_40_examples", "Overfitting", overfitting),
+    Scenario("batch_37pct_of_data", "LargeBatchGeneralization", large_batch, fast=True),
+    Scenario("batch_8x_lr_same", "LearningRateNotScaled", lr_not_scaled, onset=30, fast=True),
+    # healthy controls: nothing above info
+    Scenario("ctrl_mlp_adam", None, ctrl_mlp, fast=True),
+    Scenario("ctrl_cnn_batchnorm", None, ctrl_cnn_bn),
+    Scenario("ctrl_lstm_clipping", None, ctrl_lstm_clip),
+    Scenario("ctrl_transformer_warmup_cos", None, ctrl_transformer),
+    Scenario("ctrl_regression_mse", None, ctrl_regression, fast=True),
+    Scenario("ctrl_sgd_momentum_wd", None, ctrl_sgd_momentum_wd),
+    Scenario("ctrl_grad_accumulation", None, ctrl_grad_accumulation, fast=True),
+    Scenario("ctrl_bf16_autocast", None, ctrl_bf16_autocast),
+)
