@@ -29,6 +29,10 @@ from healthd.engine import Engine
 from healthd.exporter_gpu import gpu_metrics
 from healthd.store import WINDOWED, Store
 
+_LAST_VALUE_METRIC = {"loss": C.LOSS, "grad_norm": C.GRAD_NORM, "grad_norm_local": C.GRAD_NORM_LOCAL,
+                      "update_ratio": C.UPDATE_RATIO, "batch_size": C.BATCH_SIZE, "step_seconds": C.STEP_SECONDS,
+                      "loss_scale": C.LOSS_SCALE}
+
 
 class Counters:
     """healthd's own counters (reports received/rejected, requests)."""
@@ -100,12 +104,9 @@ class HealthCollector(Collector):
                 last[C.LAST_REPORT_TIMESTAMP.name].add_metric(lv, st.last_seen)
                 s = st.last_step
                 if s is not None:
-                    for metric, value in ((C.STEP, s.step), (C.LOSS, s.loss), (C.GRAD_NORM, s.grad_norm),
-                                          (C.GRAD_NORM_LOCAL, s.grad_norm_local),
-                                          (C.UPDATE_RATIO, s.update_ratio), (C.BATCH_SIZE, s.batch_size),
-                                          (C.STEP_SECONDS, s.step_seconds), (C.LOSS_SCALE, s.loss_scale)):
-                        if value is not None:
-                            last[metric.name].add_metric(lv, float(value))
+                    last[C.STEP.name].add_metric(lv, float(s.step))
+                    for key, value in st.last_values.items():
+                        last[_LAST_VALUE_METRIC[key].name].add_metric(lv, value)
                     for i, v in enumerate(s.lr):
                         lr.add_metric([*lv, str(i)], v)
                     steps_total.add_metric(lv, st.steps_total)
