@@ -1,0 +1,82 @@
+"""deploy/: validated as far as this machine allows (no Docker daemon/compose plugin, no Kubernetes cluster).
+
+Run here: amtool check-config and routing tests, promtool check config, YAML structure of the
+compose file and the Kubernetes manifests, paths they reference, generated ConfigMap up to date.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from healthd_dashboards.build import configmap, dashboards
+from tests.integration.servers import require_binary
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([require_binary(argv[0]), *argv[1:]], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+
+
+def test_alertmanager_config_and_routing_tree() -> None:
+    cfg = str(DEPLOY / "alertmanager" / "alertmanager.yml")
+    r = _run("amtool", "check-config", cfg)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for labels, receiver in ((["severity=critical", "alertname=NonFiniteValues"], "pager"),
+                             (["severity=warning", "alertname=ExplodingGradients"], "chat"),
+                             (["severity=info", "alertname=LossPlateau"], "null")):
+        r = _run("amtool", "config", "routes", "test", f"--config.file={cfg}", *labels)
+        assert r.returncode == 0 and r.stdout.strip() == receiver, (labels, r.stdout, r.stderr)
+
+
+def test_prometheus_scrape_config(tmp_path: Path) -> None:
+    text = (DEPLOY / "prometheus" / "prometheus.yml").read_text()
+    cfg = yaml.safe_load(text)
+    scrape = cfg["scrape_configs"][0]
+    assert scrape["job_name"] == "healthd" and scrape["honor_labels"] is True
+    local = tmp_path / "prometheus.yml"
+    local.write_text(text.replace("/etc/prometheus/", f"{DEPLOY / 'prometheus'}/"))
+    r = _run("promtool", "check", "config", str(local))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_stack_references_existing_files() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"healthd", "prometheus", "alertmanager", "grafana"}
+    assert "--alertmanager-url" in services["healthd"]["command"]
+    assert (REPO / services["healthd"]["build"]["dockerfile"]).is_file()
+    assert "--cluster.listen-address=" in services["alertmanager"]["command"]
+    for svc in services.values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("."):
+                assert (DEPLOY / src).exists(), src
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (REPO / src).exists(), src
+
+
+def test_kubernetes_manifests() -> None:
+    docs = [d for f in sorted((DEPLOY / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text())]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service", "ServiceMonitor", "PrometheusRule", "ConfigMap"}
+    sm = kinds["ServiceMonitor"]["spec"]
+    assert sm["endpoints"][0]["honorLabels"] is True
+    assert sm["selector"]["matchLabels"] == kinds["Service"]["spec"]["selector"]
+    port_names = {p["name"] for p in kinds["Service"]["spec"]["ports"]}
+    assert sm["endpoints"][0]["port"] in port_names
+    cm = kinds["ConfigMap"]
+    assert cm["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    assert sorted(cm["data"]) == sorted(f"{uid}.json" for uid in dashboards())
+
+
+def test_dashboards_configmap_is_up_to_date() -> None:
+    assert (DEPLOY / "k8s" / "grafana-dashboards.yaml").read_text() == configmap(), \
+        "deploy/k8s/grafana-dashboards.yaml is stale: run `python -m healthd_dashboards`"
