@@ -26,7 +26,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import quote
 
 import httpx
@@ -71,7 +71,7 @@ def fetch_series(server: str, job: str, *, timeout_seconds: float = 30.0,
 # ----------------------------------------------------------------------------- plotting
 
 
-def _finite(v: Any) -> bool:
+def _finite(v: Any) -> TypeGuard[float]:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -92,7 +92,10 @@ def _png(fig: Any) -> str:
 
 
 def _new_axes(title: str, ylabel: str) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # Agg canvas by default; no pyplot, no global state
+    try:
+        from matplotlib.figure import Figure  # Agg canvas by default; no pyplot, no global state
+    except ImportError:
+        raise ReportError("healthd report needs matplotlib: pip install 'healthd[report]'") from None
 
     fig = Figure(figsize=(6.4, 3.4), layout="constrained")
     ax = fig.add_subplot()
