@@ -22,6 +22,11 @@ class MonitorConfig:
     heavy_every_steps: int = 10  # update ratio, parameter norms / non-finite params
     grad_norm_every_steps: int = 1  # per-layer + global grad norm, non-finite grads
     fingerprint_every_steps: int = 50  # parameter checksum for RankDesync (multi-rank jobs only)
+    # Forward/loss inspection (activation stats, input stats, loss-input checks) re-reads
+    # activations and wraps torch calls: the costliest measurements, so sampled rarely,
+    # but on each of the first steps too, where mistakes like softmax-before-loss show first.
+    inspect_every_steps: int = 25
+    inspect_first_steps: int = 3
     # Per-layer statistics of all-reduced gradients are the same on every DDP rank: only ranks
     # 0..layer_stats_ranks-1 send them, so healthd does not store them world_size times.
     layer_stats_ranks: int = 1

@@ -45,9 +45,9 @@ def default_quantities(config: MonitorConfig) -> list[Quantity]:
         # the checklist (issue 3): sampled on the heavy schedule, plus two cheap always-on checks
         StaticChecks(),
         StaleGrads(),
-        Activations(sample_every_steps=config.heavy_every_steps),
-        Inputs(sample_every_steps=config.heavy_every_steps),
-        LossInputs(sample_every_steps=config.heavy_every_steps),
+        Activations(sample_every_steps=config.inspect_every_steps, first_steps=config.inspect_first_steps),
+        Inputs(sample_every_steps=config.inspect_every_steps, first_steps=config.inspect_first_steps),
+        LossInputs(sample_every_steps=config.inspect_every_steps, first_steps=config.inspect_first_steps),
         GpuMonitor(sample_seconds=config.gpu_sample_seconds),
         # Distributed jobs: both turn themselves off in a single process / without DDP.
         DDPGradientNoise(),

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from healthd_client.layers import sanitize_layer_name, unwrap_model
-from healthd_client.quantities.base import Quantity, QuantityContext
+from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
 
 _KINDS: tuple[tuple[type[torch.nn.Module], str], ...] = (
     (torch.nn.ReLU, "relu"), (torch.nn.ReLU6, "relu"), (torch.nn.Sigmoid, "sigmoid"), (torch.nn.Tanh, "tanh"),
@@ -54,11 +54,12 @@ def unit_stats(kind: str, y: torch.Tensor) -> torch.Tensor:
 class Activations(Quantity):
     name = "activations"
 
-    def __init__(self, sample_every_steps: int = 10, max_modules: int = 32) -> None:
+    def __init__(self, sample_every_steps: int = 25, max_modules: int = 32, first_steps: int = 3) -> None:
         super().__init__(every_steps=1)  # the post-hook arms the next sampled step; sampling is ours
         if isinstance(sample_every_steps, bool) or not isinstance(sample_every_steps, int) or sample_every_steps < 1:
             raise ValueError(f"sample_every_steps must be an int >= 1, got {sample_every_steps!r}")
         self.sample_every_steps = sample_every_steps
+        self.first_steps = first_steps
         self.max_modules = max_modules
         self._handles: list[Any] = []
         self._armed = True  # step 0 is sampled
@@ -91,7 +92,8 @@ class Activations(Quantity):
         self._armed = False
 
     def after_step(self, ctx: QuantityContext) -> None:
-        self._armed = ctx.step is not None and (ctx.step + 1) % self.sample_every_steps == 0
+        self._armed = ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps,
+                                                              self.first_steps)
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         out = report.setdefault("activations", {})

@@ -71,6 +71,12 @@ if TYPE_CHECKING:
     from healthd_client.layers import LayerPlan
 
 
+def inspection_due(next_step: int, every_steps: int, first_steps: int) -> bool:
+    """Whether the forward/loss inspections sample step ``next_step``: each of the first
+    ``first_steps`` steps, then every ``every_steps``-th."""
+    return next_step < first_steps or (next_step + 1) % every_steps == 0
+
+
 def pack_dtype(device: torch.device) -> torch.dtype:
     """Dtype of the packed record on ``device``: float64 where the device has it."""
     return torch.float32 if device.type == "mps" else torch.float64

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from healthd_client.layers import unwrap_model
-from healthd_client.quantities.base import Quantity, QuantityContext
+from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
 
 
 def _first_float(args: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
@@ -31,11 +31,12 @@ def _first_float(args: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
 class Inputs(Quantity):
     name = "inputs"
 
-    def __init__(self, sample_every_steps: int = 10) -> None:
+    def __init__(self, sample_every_steps: int = 25, first_steps: int = 3) -> None:
         super().__init__(every_steps=1)
         if isinstance(sample_every_steps, bool) or not isinstance(sample_every_steps, int) or sample_every_steps < 1:
             raise ValueError(f"sample_every_steps must be an int >= 1, got {sample_every_steps!r}")
         self.sample_every_steps = sample_every_steps
+        self.first_steps = first_steps
         self._handle: Any = None
         self._armed = True
         self._stats: torch.Tensor | None = None
@@ -59,7 +60,8 @@ class Inputs(Quantity):
         self._armed = False
 
     def after_step(self, ctx: QuantityContext) -> None:
-        self._armed = ctx.step is not None and (ctx.step + 1) % self.sample_every_steps == 0
+        self._armed = ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps,
+                                                              self.first_steps)
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         mean, std, abs_max = (float(v) for v in values["stats"])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from healthd_client.quantities.base import Quantity, QuantityContext
+from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
 
 _CLASS_LOSSES = {F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss"}
 _ELEMENTWISE_LOSSES = {
@@ -92,11 +92,12 @@ class _LossSpy(TorchFunctionMode):
 class LossInputs(Quantity):
     name = "loss_inputs"
 
-    def __init__(self, sample_every_steps: int = 10, max_calls: int = 4) -> None:
+    def __init__(self, sample_every_steps: int = 25, max_calls: int = 4, first_steps: int = 3) -> None:
         super().__init__(every_steps=1)
         if isinstance(sample_every_steps, bool) or not isinstance(sample_every_steps, int) or sample_every_steps < 1:
             raise ValueError(f"sample_every_steps must be an int >= 1, got {sample_every_steps!r}")
         self.sample_every_steps = sample_every_steps
+        self.first_steps = first_steps
         self.max_calls = max_calls
         self.calls: list[dict[str, Any]] = []
         self._mode: _LossSpy | None = None
@@ -124,7 +125,7 @@ class LossInputs(Quantity):
         self.calls = []
 
     def after_step(self, ctx: QuantityContext) -> None:
-        if ctx.step is not None and (ctx.step + 1) % self.sample_every_steps == 0:
+        if ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps, self.first_steps):
             self._push()
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
