@@ -54,14 +54,18 @@ class NoiseScaleEstimator:
     ``alpha`` is the EMA weight of a new estimate (0 < alpha <= 1); the
     averages are bias-corrected for their start at zero (as Adam does), so the
     first estimate is not pulled towards 0. ``min_samples`` estimates are
-    needed before ``noise_scale`` returns a value.
+    needed before ``noise_scale`` returns a value (default ``3 / alpha``: the
+    EMA has then forgotten 95 % of its start; single estimates are noisy
+    enough that a handful of them can be off by several times).
     """
 
     __slots__ = ("alpha", "min_samples", "samples", "_grad_sq", "_trace_cov", "_weight")
 
-    def __init__(self, alpha: float = 0.05, min_samples: int = 10) -> None:
+    def __init__(self, alpha: float = 0.05, min_samples: int | None = None) -> None:
         if not (0 < alpha <= 1):
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        if min_samples is None:
+            min_samples = math.ceil(3 / alpha)
         if min_samples < 1:
             raise ValueError(f"min_samples must be >= 1, got {min_samples}")
         self.alpha = alpha
