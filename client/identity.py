@@ -12,6 +12,7 @@ does), so the identity is never the reason Ray or torch gets imported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -75,20 +76,16 @@ def _ray_train_context() -> _RayTrain | None:
         return None
     try:
         ctx = train.get_context()
-        out = _RayTrain(int(ctx.get_world_rank()), int(ctx.get_world_size()), int(ctx.get_local_rank()), None, None)
+        rank, world_size, local_rank = int(ctx.get_world_rank()), int(ctx.get_world_size()), int(ctx.get_local_rank())
     except Exception:  # not inside a Ray Train worker
         return None
     node_rank: int | None = None
     experiment: str | None = None
-    try:
+    with contextlib.suppress(Exception):  # optional in older Ray / local mode
         node_rank = int(ctx.get_node_rank())
-    except Exception:
-        node_rank = None
-    try:
+    with contextlib.suppress(Exception):
         experiment = str(ctx.get_experiment_name()) or None
-    except Exception:
-        experiment = None
-    return _RayTrain(out.rank, out.world_size, out.local_rank, node_rank, experiment)
+    return _RayTrain(rank, world_size, local_rank, node_rank, experiment)
 
 
 def detect_identity(rank: int | None = None, world_size: int | None = None) -> Identity:
