@@ -188,6 +188,11 @@ class Sender:
                 return
             self._closing = True
             self._deadline = time.monotonic() + timeout
+            # Make room first: a drop caused by appending the heartbeat would be
+            # counted after the heartbeat took its count, and never reach healthd.
+            while self._items and len(self._items) >= self._config.queue_capacity:
+                _, lost = self._items.popleft()
+                self.dropped_total += _counts(lost)
             closing_heartbeat = self._heartbeat_report(closing=True)
             if closing_heartbeat is not None:
                 self._append_locked(closing_heartbeat)
@@ -217,8 +222,8 @@ class Sender:
         self._items.append((self._seq, report))
         overflow = len(self._items) - self._config.queue_capacity
         for _ in range(max(0, overflow)):
-            self._items.popleft()
-            self.dropped_total += 1
+            _, lost = self._items.popleft()
+            self.dropped_total += _counts(lost)
         if len(self._items) == 1 or len(self._items) >= self._config.max_batch_reports:
             self._wake.notify_all()  # start the flush-interval clock, or send a full batch now
 
@@ -280,7 +285,7 @@ class Sender:
                     return
                 left = self._deadline - time.monotonic()
                 if left <= 0:
-                    self.dropped_total += len(self._items)
+                    self.dropped_total += sum(_counts(r) for _, r in self._items)
                     self._items.clear()
                     self._wake.notify_all()
                     return
@@ -366,3 +371,12 @@ def _after_fork(ref: weakref.ref[Sender]) -> None:
     if sender is not None:
         sender._after_fork_in_child()
 
+
+def _counts(report: dict[str, Any]) -> int:
+    """Whether losing ``report`` counts as a dropped report.
+
+    Heartbeats carry the drop count itself: a lost one is superseded by the next,
+    and counting it would make the client's total one that no heartbeat can ever
+    deliver (the closing heartbeat lost at the exit deadline).
+    """
+    return 0 if report.get("kind") == "heartbeat" else 1

@@ -152,7 +152,10 @@ class Store:
         elif isinstance(report, EvalReport):
             st.evals.append(report)
         elif isinstance(report, HeartbeatReport):
-            st.last_heartbeat = report
+            # A retried request can land after a newer one: never let an older
+            # heartbeat (and its smaller drop count) replace a newer one.
+            if st.last_heartbeat is None or report.time >= st.last_heartbeat.time:
+                st.last_heartbeat = report
             st.last_heartbeat_time = now
         elif isinstance(report, AttachReport):
             st.attach = report
