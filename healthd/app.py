@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -230,11 +231,18 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
             Route("/openapi.json", get_openapi, methods=["GET"]),
         ],
         middleware=[Middleware(BearerAuth, settings=settings.auth, on_refused=lambda: _count_unauthorized(hd))],
+        exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
     app.state.healthd = hd
     app.state.alertmanager = pusher
     return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Every answer of the API is JSON, the router's own 404/405 included (the OpenAPI document says so).
+    assert isinstance(exc, HTTPException)
+    return _json(exc.status_code, {"error": exc.detail})
 
 
 def _count_unauthorized(hd: Healthd) -> None:
