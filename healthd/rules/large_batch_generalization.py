@@ -14,6 +14,9 @@ class LargeBatchGeneralizationConfig(RuleConfig):
     window_steps: int = Field(default=5, ge=1, description="steps whose median batch size is judged")
     warn_fraction: float = Field(default=0.1, gt=0, le=1, description="global batch / data set size that warns")
     info_fraction: float = Field(default=0.05, gt=0, le=1, description="global batch / data set size worth an info")
+    noise_scale_warmup_steps: int = Field(
+        default=100, ge=0, description="steps before the noise-scale comparison is judged: B_simple grows as "
+        "training progresses (McCandlish et al. 2018, sec. 4), so early estimates are systematically small")
     noise_scale_warn_ratio: float = Field(
         default=10.0, gt=1, description="global batch / gradient noise scale B_simple above this warns")
     noise_scale_info_ratio: float = Field(
@@ -81,8 +84,10 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
         b_simple, global_batch = window.noise_scale, window.global_batch_size
         if window.rank != 0 or not b_simple or not global_batch or not window.steps:
             return None
-        ratio = global_batch / b_simple
         s = window.steps[-1]
+        if s.step < cfg.noise_scale_warmup_steps:
+            return None
+        ratio = global_batch / b_simple
         evidence = {"step": s.step, "global_batch": global_batch, "noise_scale": b_simple, "ratio": ratio}
         if ratio > cfg.noise_scale_warn_ratio:
             return Finding(
