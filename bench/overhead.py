@@ -37,7 +37,7 @@ from healthd_client import MonitorConfig
 
 # Every-step monitoring: all quantities at every step (the default measures update ratio and
 # non-finite params every 10 steps).
-EVERY_STEP = dict(heavy_every_steps=1, grad_norm_every_steps=1)
+EVERY_STEP = dict(heavy_every_steps=1, grad_norm_every_steps=1, inspect_every_steps=1)
 
 
 class NullTransport:
