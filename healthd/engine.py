@@ -103,10 +103,14 @@ class Engine:
             return  # load shedding (engine.rank_rules_every_steps); a NaN/Inf step is never skipped
         t0 = time.perf_counter()
         now = self.clock()
+        book = self._jobs.get(window.job)
         for rule in self.rank_rules:
             finding = self._evaluate(rule, window)
-            self._update(window.job, rule, [(window.rank, finding)] if finding else [], now,
-                         scope_keys=[(rule.name, window.rank)])
+            key = (rule.name, window.rank)
+            if finding is None and (book is None or key not in book.active):
+                continue  # the common case: nothing seen, nothing to resolve
+            self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key])
+            book = self._jobs.get(window.job)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
 

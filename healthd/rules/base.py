@@ -14,11 +14,11 @@ detects, why it matters, its source and its thresholds, an ``advice`` string
 from __future__ import annotations
 
 import enum
-import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -102,10 +102,15 @@ class RankWindow:
     def latest(self) -> StepReport | None:
         return self.steps[-1] if self.steps else None
 
+    @cached_property
+    def _step_list(self) -> list[StepReport]:
+        # Rules ask for several tails of the same window: copy the deque once per evaluation.
+        return list(self.steps)
+
     def last(self, n: int) -> list[StepReport]:
         """The last ``n`` steps, oldest first (fewer if the window is shorter)."""
-        size = len(self.steps)
-        return list(itertools.islice(self.steps, max(0, size - n), size))
+        steps = self._step_list
+        return steps[max(0, len(steps) - n):]
 
 
 @dataclass(frozen=True)
