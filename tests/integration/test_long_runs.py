@@ -8,11 +8,14 @@ window max ``trainhealth_grad_norm_window_max`` and the ``_per_step`` sums keep 
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from collections.abc import Mapping
 
 from healthd import catalog as C
 from healthd_client import MonitorConfig
+from healthd_client.transport import HttpTransport
 from tests.integration.servers import prometheus, wait_until
 from tests.integration.training import Run
 from tests.live import live_healthd
@@ -21,13 +24,28 @@ JOB = "spike"
 SCALE = 1000.0
 
 
+class _SpikeNeverLast(HttpTransport):
+    """HTTP transport that refuses (503, retried) a batch whose last step report is the spike."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__(server, timeout_seconds=5.0)
+
+    def send(self, body: bytes, headers: Mapping[str, str]) -> tuple[int, str]:
+        steps = [r for r in json.loads(body)["reports"] if r["kind"] == "step"]
+        if steps and (steps[-1].get("grad_norm") or 0.0) > SCALE / 10:
+            return 503, "spike held back until the next step joins it"
+        return super().send(body, headers)
+
+
 def test_one_step_spike_between_scrapes_survives_in_window_max_not_in_last_value() -> None:
     with live_healthd() as hd, prometheus([hd.url]) as prom:
         prom.wait_for('up{job="healthd"} == 1')
-        # The client batches every second: the spike and the step after it (~1 ms later) travel in
-        # one batch, so the spike is never the latest step at a scrape and the last-value gauge misses
-        # it (unless a flush falls in that millisecond: ~0.1% of runs).
-        run = Run(JOB, hd.url, momentum=0.0, config=MonitorConfig(flush_interval_seconds=1.0))
+        # The client batches every second, so the spike and the step after it (~1 ms later) almost
+        # always travel in one batch and the spike is never the latest step at a scrape. A flush can
+        # still fall in that millisecond (more likely on a loaded machine): the transport below then
+        # answers 503 once, and the retry carries the next step too. That makes the scenario exact.
+        run = Run(JOB, hd.url, momentum=0.0, config=MonitorConfig(flush_interval_seconds=1.0),
+                  transport=_SpikeNeverLast(hd.url))
         try:
             t_end = time.monotonic() + 3.0
             while time.monotonic() < t_end:

@@ -25,6 +25,7 @@ class Run:
     lr: float = 0.05
     momentum: float = 0.9  # 0 for the spike test: momentum would carry the spike into later updates
     seed: int = 0
+    transport: Any = None  # a healthd_client Transport; None: HTTP to ``server``
     step_index: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -37,7 +38,8 @@ class Run:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
         self.loss_fn = torch.nn.CrossEntropyLoss()
         self.monitor = healthd_client.attach(self.model, self.optimizer, job=self.job, server=self.server,
-                                             num_classes=4, dataset_size=len(self.x), config=self.config)
+                                             num_classes=4, dataset_size=len(self.x), config=self.config,
+                                             transport=self.transport)
 
     def step(self, *, nan_input: bool = False, grad_scale: float = 1.0,
              before_step: Callable[[Run], Any] | None = None) -> float:
