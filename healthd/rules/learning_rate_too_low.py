@@ -21,6 +21,8 @@ class LearningRateTooLowConfig(RuleConfig):
     )
     for_steps: int = 10
     min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed in the window")
+    diverged_loss_factor: float = Field(
+        default=2.0, gt=1, description="skip when the recent loss is this many times the initial loss (diverged)")
 
 
 class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
@@ -35,7 +37,10 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
     ``window_steps``. Warm-up and decay phases are skipped: the rule judges only
     while the LR is steady (max/min over the window < ``steady_lr_factor``) and
     at least ``peak_fraction`` of the highest LR seen, so a cosine tail or a
-    warm-up start is never called too low.
+    warm-up start is never called too low. A run whose loss is
+    ``diverged_loss_factor`` times above where it started is not too slow: it
+    blew up, its weights grew huge and every update looks tiny next to them
+    (that is LossDiverging's and ExplodingGradients' finding, not this one).
     """
 
     name: ClassVar[str] = "LearningRateTooLow"
@@ -66,6 +71,10 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
         med = median(ratios)
         if med <= 0 or med >= cfg.min_update_ratio:
             return None  # exactly zero is WeightsNotUpdating's finding
+        initial = finite(series(window.initial_steps, "loss"))
+        recent = finite(series(steps[-10:], "loss"))
+        if initial and recent and median(recent) > cfg.diverged_loss_factor * abs(median(initial)):
+            return None
         s = steps[-1]
         return Finding(
             summary=(f"Update-to-weight ratio {fmt(med)} (median of {len(ratios)} steps) is "

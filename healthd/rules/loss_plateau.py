@@ -15,6 +15,8 @@ class LossPlateauConfig(RuleConfig):
     window_steps: int = Field(default=30, ge=10, description="steps over which progress is judged")
     edge_steps: int = Field(default=10, ge=2, description="losses per median at each end of the window")
     noise_multiple: float = Field(default=1.0, gt=0, description="progress below this many standard errors counts")
+    diverged_loss_factor: float = Field(
+        default=2.0, gt=1, description="a loss this many times its initial level has diverged, not plateaued")
     stuck_fraction: float = Field(
         default=0.8, gt=0, description="warn only while the loss is above this fraction of its initial level"
     )
@@ -63,6 +65,8 @@ class LossPlateau(Rule[LossPlateauConfig]):
             return None
         initial = finite(series(window.initial_steps[:k], "loss"))
         start = median(initial) if initial else head
+        if start > 0 and tail > cfg.diverged_loss_factor * start:
+            return None  # flat far above where it started: a blown-up run, LossDiverging's finding
         stuck = start > 0 and tail >= cfg.stuck_fraction * start
         s = steps[-1]
         return Finding(

@@ -133,3 +133,20 @@ def test_loss_diverging() -> None:
     # Late-training noise on a tiny loss: doubled, but a small fraction of the progress made.
     noisy = [2.0 * 0.9**i for i in range(40)] + [0.05, 0.03, 0.06, 0.04, 0.07, 0.05, 0.06, 0.05]
     assert LossDiverging().evaluate(window(steps(48, loss=noisy))) is None
+
+
+def test_lr_too_low_is_not_blamed_for_a_diverged_run() -> None:
+    # Weights blew up: updates are tiny next to them, but the loss is far above where it started.
+    blown = steps(50, update_ratio=1e-9, grad_norm=1.0, lr=[10.0], loss=[2.0] * 20 + [50.0] * 30)
+    assert LearningRateTooLow().evaluate(window(blown, lr_peak=10.0)) is None
+    slow = steps(50, update_ratio=1e-9, grad_norm=1.0, lr=[10.0], loss=[2.0] * 20 + [1.99] * 30)
+    assert LearningRateTooLow().evaluate(window(slow, lr_peak=10.0)) is not None
+
+
+def test_loss_plateau_is_not_blamed_for_a_diverged_run() -> None:
+    from healthd.rules.loss_plateau import LossPlateau
+
+    flat_high = steps(60, loss=[2.0] * 20 + [40.0 + 0.01 * (i % 2) for i in range(40)])
+    assert LossPlateau().evaluate(window(flat_high)) is None
+    flat_at_start = steps(60, loss=[2.0 + 0.01 * (i % 2) for i in range(60)])
+    assert LossPlateau().evaluate(window(flat_at_start)) is not None
