@@ -176,6 +176,15 @@ def series(steps: Sequence[StepReport], attr: str) -> list[float | None]:
     return [getattr(s, attr) for s in steps]
 
 
+def numerically_sound(step: StepReport) -> bool:
+    """False when NaN/Inf already reached this step's loss or tensors: its other statistics
+    (activations, ratios) describe the poisoning, which NonFiniteValues reports, not a new fault."""
+    nf = step.nonfinite
+    if nf.loss or nf.grads or nf.params:
+        return False
+    return step.loss is None or math.isfinite(step.loss)
+
+
 def layer_values(step: StepReport, attr: str) -> dict[str, float]:
     """A per-layer field of one step, finite values only (e.g. ``layer_values(s, "grad_norm")``)."""
     out = {}

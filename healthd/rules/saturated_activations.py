@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, numerically_sound
 from healthd.schema import Severity
 
 
@@ -40,7 +40,8 @@ class SaturatedActivations(Rule[SaturatedActivationsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        sampled = [s for s in window.last(cfg.lookback_steps) if s.activations][-cfg.samples:]
+        sampled = [s for s in window.last(cfg.lookback_steps)
+                   if s.activations and numerically_sound(s)][-cfg.samples:]
         if not sampled:
             return None
         worst: tuple[str, float] | None = None

@@ -150,3 +150,14 @@ def test_loss_plateau_is_not_blamed_for_a_diverged_run() -> None:
     assert LossPlateau().evaluate(window(flat_high)) is None
     flat_at_start = steps(60, loss=[2.0 + 0.01 * (i % 2) for i in range(60)])
     assert LossPlateau().evaluate(window(flat_at_start)) is not None
+
+
+def test_activation_rules_ignore_steps_poisoned_by_nan() -> None:
+    from healthd.rules.dead_activations import DeadActivations
+    from healthd.schema import ActivationStats
+
+    dead = {"act": ActivationStats(kind="relu", dead_fraction=1.0)}
+    poisoned = [step(i, loss=NAN, nonfinite=NonFinite(loss=1), activations=dead) for i in range(5)]
+    assert DeadActivations().evaluate(window(poisoned)) is None
+    healthy_but_dead = [step(i, loss=1.0, activations=dead) for i in range(5)]
+    assert DeadActivations().evaluate(window(healthy_but_dead)) is not None
