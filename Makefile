@@ -36,4 +36,5 @@ lint: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/ruff check healthd client tests bench dashboards
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider

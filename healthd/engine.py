@@ -105,7 +105,7 @@ class Engine:
         now = self.clock()
         book = self._jobs.get(window.job)
         for rule in self.rank_rules:
-            finding = self._evaluate(rule, window)
+            finding = _first(self._evaluate(rule, window))
             key = (rule.name, window.rank)
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
@@ -118,8 +118,7 @@ class Engine:
         """Run the job-scoped rules on a job's window (called periodically)."""
         t0 = time.perf_counter()
         for rule in self.job_rules:
-            finding = self._evaluate(rule, window)
-            findings = list(finding) if isinstance(finding, list | tuple) else ([finding] if finding else [])
+            findings = _all(self._evaluate(rule, window))
             book = self._jobs.get(window.job)
             keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
             self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
@@ -223,3 +222,17 @@ class Engine:
 def _urgent(step: StepReport) -> bool:
     nf = step.nonfinite
     return bool(nf.loss or nf.grads or nf.params) or (step.loss is not None and not math.isfinite(step.loss))
+
+
+def _all(result: Finding | Sequence[Finding] | None) -> list[Finding]:
+    """A rule's answer as a list (job-scoped rules may return one finding per rank)."""
+    if result is None:
+        return []
+    if isinstance(result, Finding):
+        return [result]
+    return [f for f in result if isinstance(f, Finding)]
+
+
+def _first(result: Finding | Sequence[Finding] | None) -> Finding | None:
+    found = _all(result)
+    return found[0] if found else None

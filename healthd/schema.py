@@ -263,7 +263,7 @@ Report = Annotated[
 class ReportBatch(_Model):
     """Body of ``POST /v1/reports``."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # SCHEMA_VERSION
     reports: list[Report]
 
 

@@ -27,6 +27,7 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -192,7 +193,7 @@ def read_sample(nvml: Any, cuda: Any, target: DeviceTarget) -> dict[str, Any]:
         out["memory_total_bytes"] = int(mem.total)
     for key, fn in (("torch_allocated_bytes", "memory_allocated"), ("torch_reserved_bytes", "memory_reserved"),
                     ("torch_peak_bytes", "max_memory_allocated")):
-        v = _try(lambda fn=fn: getattr(cuda, fn)(target.index))
+        v = _try(functools.partial(getattr(cuda, fn), target.index))
         if v is not None:
             out[key] = int(v)
     if not target.mig:  # NVML has no utilisation counters for a MIG slice: None, not 0
