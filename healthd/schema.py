@@ -82,7 +82,10 @@ class _ReportBase(_Model):
 
 
 class NonFinite(_Model):
-    """Counts of NaN/Inf elements seen in a step."""
+    """Counts of tensors holding NaN/Inf in a step (tensors, not elements: a non-finite norm says so cheaply).
+
+    ``params`` is measured every ``heavy_every_steps`` only; 0 on other steps means "not measured or clean".
+    """
 
     loss: Count = 0
     grads: Count = 0
