@@ -185,6 +185,24 @@ def numerically_sound(step: StepReport) -> bool:
     return step.loss is None or math.isfinite(step.loss)
 
 
+def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: str, threshold: float,
+                           lookback_steps: int, samples: int) -> tuple[str, float, Sequence[StepReport]] | None:
+    """The activation layer of one of ``kinds`` whose ``attr`` (dead/saturated fraction) stayed above
+    ``threshold`` in each of the latest ``samples`` sound samples: (layer, its lowest fraction, samples)."""
+    sampled = [s for s in window.last(lookback_steps) if s.activations and numerically_sound(s)][-samples:]
+    if not sampled:
+        return None
+    worst: tuple[str, float] | None = None
+    for name, a in sampled[-1].activations.items():
+        if a.kind not in kinds or getattr(a, attr) is None:
+            continue
+        fractions = [getattr(s.activations[name], attr) for s in sampled if name in s.activations]
+        lowest = min(f for f in fractions if f is not None)
+        if lowest > threshold and (worst is None or lowest > worst[1]):
+            worst = (name, lowest)
+    return None if worst is None else (worst[0], worst[1], sampled)
+
+
 def layer_values(step: StepReport, attr: str) -> dict[str, float]:
     """A per-layer field of one step, finite values only (e.g. ``layer_values(s, "grad_norm")``)."""
     out = {}

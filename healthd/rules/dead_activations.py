@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, numerically_sound
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, worst_activation_layer
 from healthd.schema import Severity
 
 
@@ -42,22 +42,12 @@ class DeadActivations(Rule[DeadActivationsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        sampled = [s for s in window.last(cfg.lookback_steps)
-                   if s.activations and numerically_sound(s)][-cfg.samples:]
-        if not sampled:
-            return None
-        worst: tuple[str, float] | None = None
-        for name, a in sampled[-1].activations.items():
-            if a.kind != "relu" or a.dead_fraction is None:
-                continue
-            fractions = [s.activations[name].dead_fraction for s in sampled if name in s.activations]
-            lowest = min(f for f in fractions if f is not None)
-            if lowest > cfg.dead_fraction and (worst is None or lowest > worst[1]):
-                worst = (name, lowest)
+        worst = worst_activation_layer(window, kinds=("relu",), attr="dead_fraction", threshold=cfg.dead_fraction,
+                                       lookback_steps=cfg.lookback_steps, samples=cfg.samples)
         if worst is None:
             return None
+        layer, fraction, sampled = worst
         s = window.steps[-1]
-        layer, fraction = worst
         return Finding(
             summary=(f"{fmt(100 * fraction)}% of the units of {layer} were never active over the sampled batch "
                      f"(up to step {sampled[-1].step}, rank {window.rank}): dying ReLU"),

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, numerically_sound
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, worst_activation_layer
 from healthd.schema import Severity
 
 
@@ -40,22 +40,13 @@ class SaturatedActivations(Rule[SaturatedActivationsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        sampled = [s for s in window.last(cfg.lookback_steps)
-                   if s.activations and numerically_sound(s)][-cfg.samples:]
-        if not sampled:
-            return None
-        worst: tuple[str, float] | None = None
-        for name, a in sampled[-1].activations.items():
-            if a.kind not in ("sigmoid", "tanh") or a.saturated_fraction is None:
-                continue
-            fractions = [s.activations[name].saturated_fraction for s in sampled if name in s.activations]
-            lowest = min(f for f in fractions if f is not None)
-            if lowest > cfg.saturated_fraction and (worst is None or lowest > worst[1]):
-                worst = (name, lowest)
+        worst = worst_activation_layer(window, kinds=("sigmoid", "tanh"), attr="saturated_fraction",
+                                       threshold=cfg.saturated_fraction, lookback_steps=cfg.lookback_steps,
+                                       samples=cfg.samples)
         if worst is None:
             return None
+        layer, fraction, sampled = worst
         s = window.steps[-1]
-        layer, fraction = worst
         return Finding(
             summary=(f"{fmt(100 * fraction)}% of the units of {layer} are saturated (flat region) over the sampled "
                      f"batch (up to step {sampled[-1].step}, rank {window.rank}): their gradients vanish"),

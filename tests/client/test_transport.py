@@ -213,7 +213,6 @@ def test_http_transport_connection_refused_is_retried(senders):
     assert sender.pending() == 1 and sender.dropped_total == 0
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_does_not_own_the_sender(senders):
     transport = RecordingTransport()
     sender = senders(transport, flush_interval_seconds=30.0)
