@@ -24,16 +24,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats, nonfinite
-from healthd_client.quantities.reduce import (
-    count_nonfinite,
-    device_key,
-    group_by_device,
-    layer_square_sums,
-    norms,
-    safe_sqrt,
-    sum_partials,
-)
+from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats
+from healthd_client.quantities.reduce import put_layer_norms, safe_sqrt, write_layer_norms
 
 
 class GradNorm(Quantity):
@@ -51,21 +43,12 @@ class GradNorm(Quantity):
                 present.append((i, grad))
                 has_grad[ctx.plan.layer_of_param[i]] = True
         record.put(self, "missing", [name for name, seen in zip(ctx.plan.names, has_grad, strict=True) if not seen])
-        for device, (indices, grads) in group_by_device(present).items():
-            tensor_norms = norms(grads)
-            record.put(self, device_key("sq", device), layer_square_sums(ctx.plan, device, indices, tensor_norms))
-            record.put(self, device_key("nonfinite", device), count_nonfinite(tensor_norms))
-        record.put(self, "names", ctx.plan.names)
+        put_layer_norms(self, record, ctx.plan, present)
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
-        missing = set(values["missing"])
+        missing = frozenset(values["missing"])
         for name in missing:
             layer_stats(report, name)["grad_missing"] = True
-        nonfinite(report)["grads"] = int(sum_partials(values, "nonfinite") or 0)
-        sq = sum_partials(values, "sq")
-        if sq is None:  # no parameter had a gradient
-            return
-        for name, layer_sq in zip(values["names"], sq, strict=True):
-            if name not in missing:
-                layer_stats(report, name)["grad_norm"] = safe_sqrt(layer_sq)
-        report["grad_norm"] = safe_sqrt(sum(sq))
+        sq = write_layer_norms(report, values, norm_field="grad_norm", nonfinite_field="grads", skip=missing)
+        if sq is not None:
+            report["grad_norm"] = safe_sqrt(sum(sq))

@@ -22,16 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats, nonfinite
-from healthd_client.quantities.reduce import (
-    count_nonfinite,
-    device_key,
-    group_by_device,
-    layer_square_sums,
-    norms,
-    safe_sqrt,
-    sum_partials,
-)
+from healthd_client.quantities.base import Quantity, QuantityContext
+from healthd_client.quantities.reduce import put_layer_norms, write_layer_norms
 
 
 class NonFiniteParams(Quantity):
@@ -41,17 +33,7 @@ class NonFiniteParams(Quantity):
         record = ctx.record
         if record is None:
             return
-        params = ((i, p.detach()) for i, p in enumerate(ctx.plan.params))
-        for device, (indices, tensors) in group_by_device(params).items():
-            tensor_norms = norms(tensors)
-            record.put(self, device_key("sq", device), layer_square_sums(ctx.plan, device, indices, tensor_norms))
-            record.put(self, device_key("nonfinite", device), count_nonfinite(tensor_norms))
-        record.put(self, "names", ctx.plan.names)
+        put_layer_norms(self, record, ctx.plan, ((i, p.detach()) for i, p in enumerate(ctx.plan.params)))
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
-        nonfinite(report)["params"] = int(sum_partials(values, "nonfinite") or 0)
-        sq = sum_partials(values, "sq")
-        if sq is None:
-            return
-        for name, layer_sq in zip(values["names"], sq, strict=True):
-            layer_stats(report, name)["param_norm"] = safe_sqrt(layer_sq)
+        write_layer_norms(report, values, norm_field="param_norm", nonfinite_field="params")

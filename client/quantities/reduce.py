@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from healthd_client.layers import LayerPlan
-from healthd_client.quantities.base import pack_dtype
+from healthd_client.quantities.base import layer_stats, nonfinite, pack_dtype
 
 
 def group_by_device(
@@ -90,3 +90,28 @@ def ratio(numerator_sq: float, denominator_sq: float) -> float:
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return num / den
+
+
+def put_layer_norms(quantity: Any, record: Any, plan: LayerPlan,
+                    indexed: Iterable[tuple[int, torch.Tensor]]) -> None:
+    """Put, per device, the per-layer squared norms (``sq``) and the count of non-finite tensors
+    (``nonfinite``) of (param index, tensor) pairs, plus the layer names; ``write_layer_norms`` reads them."""
+    for device, (indices, tensors) in group_by_device(indexed).items():
+        tensor_norms = norms(tensors)
+        record.put(quantity, device_key("sq", device), layer_square_sums(plan, device, indices, tensor_norms))
+        record.put(quantity, device_key("nonfinite", device), count_nonfinite(tensor_norms))
+    record.put(quantity, "names", plan.names)
+
+
+def write_layer_norms(report: dict[str, Any], values: Mapping[str, Any], *, norm_field: str, nonfinite_field: str,
+                      skip: frozenset[str] = frozenset()) -> list[float] | None:
+    """Write what ``put_layer_norms`` put: the non-finite tensor count and each layer's norm.
+    Returns the per-layer squared norms (None when there was no tensor)."""
+    nonfinite(report)[nonfinite_field] = int(sum_partials(values, "nonfinite") or 0)
+    sq = sum_partials(values, "sq")
+    if sq is None:  # no tensor at all (e.g. no parameter had a gradient)
+        return None
+    for name, layer_sq in zip(values["names"], sq, strict=True):
+        if name not in skip:
+            layer_stats(report, name)[norm_field] = safe_sqrt(layer_sq)
+    return list(sq)
