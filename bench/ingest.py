@@ -60,11 +60,12 @@ def _serve(target: str, port: int, ready: mp.Event, every: int) -> None:  # type
 
         app = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
     else:
-        from healthd.app import create_app
+        from healthd.app import create_app, tune_gc_for_serving
         from healthd.settings import Settings
 
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
                                                 "engine": {"rank_rules_every_steps": every}}))
+        tune_gc_for_serving()  # as `healthd serve` does
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="asyncio", http="h11" if os.environ.get("BENCH_H11") else "auto")
     server = uvicorn.Server(config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import time
@@ -124,6 +125,19 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HealthCollector(store, engine, counters, clock))
     return Healthd(settings, store, engine, counters, registry, clock, alert_db)
+
+
+def tune_gc_for_serving() -> None:
+    """Process-wide GC settings for a long-lived healthd (``healthd serve`` calls it; importing does not).
+
+    healthd keeps ~10^6 small report objects in its windows (2,048 ranks x 512 steps). With CPython's
+    default thresholds (700, 10, 10), full collections walk all of them every few hundred thousand
+    allocations: pauses of 1-2 s measured here, which is the ingest p99. The objects are freed by
+    reference counting (reports hold no cycles), so rarer young collections lose nothing.
+    """
+    gc.collect()
+    gc.freeze()  # what start-up built (modules, app, rules) is never scanned again
+    gc.set_threshold(50_000, 20, 100)
 
 
 def _json(status: int, payload: object) -> Response:
