@@ -152,9 +152,14 @@ class Engine:
                 )
                 book.active[key] = alert
             else:
-                if severity.level > alert.severity.level:
+                escalated = severity.level > alert.severity.level
+                if escalated:
                     alert.severity = severity  # escalate only: the label Alertmanager routes on stays stable
-                alert.summary, alert.evidence, alert.layer = f.summary, dict(f.evidence), f.layer or alert.layer
+                if alert.state is AlertState.PENDING or escalated:
+                    # Once firing, the evidence is what made it fire (the on-call wants the onset, not
+                    # step 10,000 of the same NaN); only an escalation brings new evidence.
+                    alert.summary, alert.evidence = f.summary, dict(f.evidence)
+                    alert.layer = f.layer or alert.layer
                 alert.last_step = f.step if f.step is not None else alert.last_step
                 alert.updated_at = now
             alert.hits += 1

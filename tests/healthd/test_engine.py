@@ -88,3 +88,13 @@ def test_buggy_rule_is_contained() -> None:
     eng = Engine([Broken(), LossAbove()])
     run(eng, [2])
     assert eng.rule_errors_total == 1 and [a.rule for a in eng.alerts("j")] == ["LossAbove"]
+
+
+def test_firing_alert_keeps_the_evidence_that_fired_it_unless_it_escalates() -> None:
+    eng = Engine([LossAbove(RuleConfig(for_steps=2))])
+    run(eng, [2, 3, 4, 5])
+    (a,) = eng.alerts("j")
+    assert a.evidence == {"loss": 3} and a.last_step == 3  # fired at the 2nd finding; last_step still moves
+    run(eng, [2, 3, 4, 50])
+    (a,) = eng.alerts("j")
+    assert a.severity is Severity.CRITICAL and a.evidence == {"loss": 50}
