@@ -221,7 +221,19 @@ class Engine:
                 book.active[(a.rule, a.rank)] = a
 
     def forget(self, job: str) -> None:
-        self._jobs.pop(job, None)
+        """Drop a job that went silent past its TTL. Its firing alerts are resolved first, so
+        listeners hear it: Alertmanager gets their endsAt instead of re-sends forever."""
+        book = self._jobs.pop(job, None)
+        if book is None:
+            return
+        now = self.clock()
+        for alert in book.active.values():
+            if alert.state is not AlertState.FIRING:
+                continue
+            alert.state = AlertState.RESOLVED
+            alert.resolved_at = alert.updated_at = now
+            alert.evidence = {**alert.evidence, "resolved_because": "job expired (silent past store.job_ttl_seconds)"}
+            self._notify(alert, AlertState.FIRING)
 
 
 def _urgent(step: StepReport) -> bool:

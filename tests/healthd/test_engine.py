@@ -98,3 +98,12 @@ def test_firing_alert_keeps_the_evidence_that_fired_it_unless_it_escalates() -> 
     run(eng, [2, 3, 4, 50])
     (a,) = eng.alerts("j")
     assert a.severity is Severity.CRITICAL and a.evidence == {"loss": 50}
+
+
+def test_forgetting_an_expired_job_resolves_its_firing_alerts_for_the_listeners() -> None:
+    rec = Recorder()
+    eng = Engine([LossAbove()], listeners=[rec])
+    run(eng, [2])
+    eng.forget("j")
+    assert rec.events[-1] == ("LossAbove", AlertState.FIRING, AlertState.RESOLVED)
+    assert eng.alerts("j") == []
