@@ -120,6 +120,10 @@ NONFINITE_TOTAL = _c(
 LAST_REPORT_TIMESTAMP = _g(
     "last_report_timestamp_seconds", "Unix time healthd last received a report from the rank.", unit="seconds"
 )
+RANK_CLOSED = _g(
+    "rank_closed", "1 once the rank's monitor closed cleanly (its final heartbeat arrived), else 0: a finished "
+    "job is told apart from a silent one."
+)
 CLIENT_DROPPED_TOTAL = _c(
     "client_reports_dropped_total", "Reports the rank's client dropped (queue full or healthd unreachable)."
 )

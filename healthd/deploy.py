@@ -94,14 +94,15 @@ def alerting_group(rules: Sequence[type[Rule]] = ALL_RULES, *, healthd_url: str 
     })
     out.append({
         "alert": "TrainingJobSilent",
-        "expr": f"time() - max by (job) ({C.LAST_REPORT_TIMESTAMP.name}) > {JOB_SILENT_SECONDS}",
+        "expr": (f"time() - max by (job) ({C.LAST_REPORT_TIMESTAMP.name}) > {JOB_SILENT_SECONDS} "
+                 f"unless on (job) (min by (job) ({C.RANK_CLOSED.name}) == 1)"),
         "for": "1m",
         "labels": {"severity": "warning", "source": "prometheus"},
         "annotations": {
             "summary": "Training job {{ $labels.job }} sent nothing for {{ $value | humanizeDuration }}",
             "description": f"No rank of the job reported to healthd for over {JOB_SILENT_SECONDS} s (its series "
                            "are kept until healthd's job TTL). A crashed or hung job, or a network problem "
-                           "between the job and healthd; a job that finished cleanly also shows this until the TTL.",
+                           "between the job and healthd (a job whose every rank closed cleanly is left out).",
             "advice": "Check whether the job is still running (scheduler, pod status) and its logs.",
             "healthd_url": _link(healthd_url),
         },

@@ -83,7 +83,8 @@ class HealthCollector(Collector):
     def _training(self, now: float) -> Iterator[Metric]:
         last = {m.name: _gauge(m) for m in (C.STEP, C.LOSS, C.GRAD_NORM, C.GRAD_NORM_LOCAL, C.UPDATE_RATIO,
                                             C.BATCH_SIZE, C.STEP_SECONDS, C.LOSS_SCALE,
-                                            C.LAST_REPORT_TIMESTAMP, C.EVAL_LOSS, C.EVAL_ACCURACY)}
+                                            C.LAST_REPORT_TIMESTAMP, C.EVAL_LOSS, C.EVAL_ACCURACY,
+                                            C.RANK_CLOSED)}
         wmax = {k: _gauge(m) for k, m in C.WINDOW_MAX.items()}
         wmin = {k: _gauge(m) for k, m in C.WINDOW_MIN.items()}
         per_step = {k: SummaryMetricFamily(m.name, m.help, labels=m.labels) for k, m in C.PER_STEP.items()}
@@ -126,6 +127,7 @@ class HealthCollector(Collector):
                         last[C.EVAL_LOSS.name].add_metric(lv, e.loss)
                     if e.accuracy is not None:
                         last[C.EVAL_ACCURACY.name].add_metric(lv, e.accuracy)
+                last[C.RANK_CLOSED.name].add_metric(lv, 1.0 if st.closed else 0.0)
                 if st.last_heartbeat is not None:
                     dropped.add_metric(lv, st.last_heartbeat.reports_dropped_total)
             for name, ls in job.layers.items():
