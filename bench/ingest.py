@@ -81,6 +81,8 @@ def _serve(target: str, port: int, ready: mp.Event, every: int) -> None:  # type
 
 
 def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> bytes:
+    """``per_request`` step reports of ``ranks`` round-robin from ``step`` on: one rank and
+    ``per_request`` consecutive steps is what a healthd_client sends (a rank's queue per flush)."""
     reports = []
     for k in range(per_request):
         rank = ranks[k % len(ranks)]
@@ -126,9 +128,12 @@ def _load(port: int, args: argparse.Namespace, seconds: float, step0: int) -> tu
     """Drive the server for ``seconds``; returns (reports/s, latencies, failed requests)."""
     rng = random.Random(0)
     per = args.reports_per_request
-    groups = [range(r, min(r + per, args.ranks)) for r in range(0, args.ranks, per)]
-    # Each body carries `per` consecutive ranks at one step; bodies cycle through ranks, then steps advance.
-    bodies = [_body(g, step0 + s, per, rng) for s in range(args.steps_per_cycle) for g in groups]
+    width = args.ranks_per_request
+    groups = [range(r, min(r + width, args.ranks)) for r in range(0, args.ranks, width)]
+    # Each body carries `width` ranks (default 1, like healthd_client) for `per // width` consecutive
+    # steps each; bodies cycle through the ranks, then the steps advance.
+    advance = max(1, per // width)
+    bodies = [_body(g, step0 + s * advance, per, rng) for s in range(args.steps_per_cycle) for g in groups]
     latencies: list[float] = []
     counts = [0, 0]
 
@@ -199,6 +204,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, default=2048)
     p.add_argument("--reports-per-request", type=int, default=10)
+    p.add_argument("--ranks-per-request", type=int, default=1,
+                   help="ranks in one request: 1 is healthd_client (one rank's queue per POST); "
+                        "10 with 10 reports per request is the old shape, one step of 10 ranks (a proxy)")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--warmup-seconds", type=float, default=10.0)
@@ -207,7 +215,8 @@ def main() -> None:
     p.add_argument("--targets", default="bare,healthd")
     p.add_argument("--rank-rules-every-steps", type=int, default=1, help="engine.rank_rules_every_steps")
     args = p.parse_args()
-    print(f"{args.ranks} ranks, {args.reports_per_request} reports/request, {args.connections} connections, "
+    print(f"{args.ranks} ranks, {args.reports_per_request} reports/request from {args.ranks_per_request} rank(s), "
+          f"{args.connections} connections, "
           f"server on 1 core ({os.cpu_count()} CPUs here), "
           f"engine.rank_rules_every_steps={args.rank_rules_every_steps}, {len(ALL_RULES)} rules")
     results = {}

@@ -74,6 +74,7 @@ class Healthd:
         limits = self.settings.limits
         capped: list[Rejection] = []
         accepted = 0
+        new_steps: dict[tuple[str, int], int] = {}
         for pos, report in enumerate(parsed.reports):
             index = parsed.indices[pos] if parsed.indices is not None else pos
             admission = admit(self.store, limits, report, index)
@@ -87,7 +88,14 @@ class Healthd:
             self.store.apply(report, now)
             Counters.inc(self.counters.received, report.kind)
             if isinstance(report, StepReport):
-                self.engine.on_step(self.store.rank_window(report.job, report.rank))
+                key = (report.job, report.rank)
+                new_steps[key] = new_steps.get(key, 0) + 1
+        # Each rank is evaluated once per request, over all the steps it brought (a client sends one
+        # rank's queue per request): rules see every step through ``RankWindow.new``, at a fraction
+        # of the cost of evaluating after each one.
+        for (job, rank), n in new_steps.items():
+            if job in self.store.jobs:
+                self.engine.on_step(self.store.rank_window(job, rank, new_steps=n))
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:

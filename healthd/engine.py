@@ -96,20 +96,27 @@ class Engine:
 
     # ------------------------------------------------------------- evaluation
     def on_step(self, window: RankWindow) -> None:
-        """Run the rank-scoped rules on a rank's window after it reported a step."""
+        """Run the rank-scoped rules on a rank's window after it reported ``window.new_steps`` steps.
+
+        One evaluation may cover several new steps (a request carries a rank's queue). For
+        ``for_steps`` and ``resolve_after_steps`` such an evaluation weighs as many steps as it
+        covers, except the first of a run of hits or misses, which weighs one: the condition is known
+        at both ends of the interval only when the previous evaluation agreed.
+        """
         every = self.rank_rules_every_steps
-        latest = window.latest
-        if every > 1 and latest is not None and latest.step % every and not _urgent(latest):
+        if every > 1 and not any(s.step % every == 0 or _urgent(s) for s in window.new):
             return  # load shedding (engine.rank_rules_every_steps); a NaN/Inf step is never skipped
         t0 = time.perf_counter()
         now = self.clock()
+        weight = max(1, window.new_steps)
         book = self._jobs.get(window.job)
         for rule in self.rank_rules:
             finding = _first(self._evaluate(rule, window))
             key = (rule.name, window.rank)
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
-            self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key])
+            self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key],
+                         weight=weight)
             book = self._jobs.get(window.job)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
@@ -134,7 +141,7 @@ class Engine:
             return None
 
     def _update(self, job: str, rule: Rule, findings: list[tuple[int | None, Finding]], now: float,
-                scope_keys: list[tuple[str, int | None]]) -> None:
+                scope_keys: list[tuple[str, int | None]], weight: int = 1) -> None:
         book = self._jobs.setdefault(job, _JobAlerts())
         cfg = rule.config
         seen: set[tuple[str, int | None]] = set()
@@ -162,7 +169,7 @@ class Engine:
                     alert.layer = f.layer or alert.layer
                 alert.last_step = f.step if f.step is not None else alert.last_step
                 alert.updated_at = now
-            alert.hits += 1
+            alert.hits += weight if alert.hits else 1
             alert.misses = 0
             if alert.state is AlertState.PENDING and alert.hits >= cfg.for_steps:
                 alert.state = AlertState.FIRING
@@ -177,7 +184,7 @@ class Engine:
             if alert.state is AlertState.PENDING:
                 del book.active[key]
                 continue
-            alert.misses += 1
+            alert.misses += weight if alert.misses else 1
             if alert.misses >= cfg.resolve_after_steps:
                 alert.state = AlertState.RESOLVED
                 alert.resolved_at = alert.updated_at = now

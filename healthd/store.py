@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
-from healthd.rules.base import JobMeta, JobWindow, RankStatus, RankWindow
+from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_value
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
 from healthd.settings import StoreSettings
 
@@ -81,6 +81,8 @@ class RankState:
     # Last known value of each scalar signal: some are measured every N steps only,
     # and a gauge should not vanish on the steps in between.
     last_values: dict[str, float] = field(default_factory=dict)
+    # One deque per COLUMNS field, aligned with ``steps`` (same maxlen): what RankWindow.column reads.
+    columns: dict[str, deque[float | None]] = field(default_factory=dict)
 
     @property
     def closed(self) -> bool:
@@ -138,6 +140,7 @@ class Store:
                 evals=deque(maxlen=s.evals_kept),
                 gpu=deque(maxlen=s.gpu_samples_kept),
                 extremes={k: WindowExtremes(self.exporter_window_seconds) for k in WINDOWED},
+                columns={k: deque(maxlen=s.window_steps) for k in COLUMNS},
             )
         return st
 
@@ -168,6 +171,8 @@ class Store:
 
     def _apply_step(self, job: JobState, st: RankState, s: StepReport, now: float) -> None:
         st.steps.append(s)
+        for key, col in st.columns.items():
+            col.append(column_value(s, key))
         if len(st.initial_steps) < self.settings.initial_steps:
             st.initial_steps.append(s)
         st.last_step = s
@@ -225,7 +230,7 @@ class Store:
         return gone
 
     # ------------------------------------------------------------- reads
-    def rank_window(self, job_name: str, rank: int) -> RankWindow:
+    def rank_window(self, job_name: str, rank: int, new_steps: int = 1) -> RankWindow:
         job = self.jobs[job_name]
         st = job.ranks[rank]
         return RankWindow(
@@ -239,6 +244,8 @@ class Store:
             lr_peak=st.lr_peak,
             global_batch_size=job.global_batch_size,
             noise_scale=job.noise.noise_scale,
+            new_steps=new_steps,
+            columns=st.columns,
         )
 
     def job_window(self, job_name: str, now: float) -> JobWindow:
@@ -253,6 +260,7 @@ class Store:
                 last_heartbeat_time=st.last_heartbeat_time,
                 gpu=st.gpu,
                 closed=st.closed,
+                columns=st.columns,
             )
             for r, st in job.ranks.items()
         }

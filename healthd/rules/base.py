@@ -14,6 +14,7 @@ detects, why it matters, its source and its thresholds, an ``advice`` string
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -83,6 +84,31 @@ class JobMeta:
         return self.attach.hints.grad_accumulation_steps if self.attach else 1
 
 
+# Scalar step fields the store also keeps as one series each (``RankWindow.column``): rules read
+# these tails many times per evaluation, and a deque of floats slices far faster than getattr
+# over hundreds of reports. "lr" is parameter group 0's learning rate.
+COLUMNS: tuple[str, ...] = ("step", "loss", "grad_norm", "grad_norm_local", "update_ratio", "step_seconds",
+                            "comm_seconds", "batch_size", "loss_scale", "lr")
+
+
+def column_value(step: StepReport, attr: str) -> float | None:
+    """One step's value of a column (``COLUMNS``)."""
+    if attr == "lr":
+        return step.lr[0] if step.lr else None
+    return getattr(step, attr)  # type: ignore[no-any-return]
+
+
+def _tail(steps: Sequence[StepReport], columns: Mapping[str, Sequence[float | None]], attr: str,
+          n: int | None) -> list[float | None]:
+    col = columns.get(attr)
+    if col is None:  # a window built by hand (tests), or a field the store does not keep as a column
+        tail = list(steps) if n is None else list(steps)[max(0, len(steps) - n):]
+        return [column_value(s, attr) for s in tail]
+    if n is None or n >= len(col):
+        return list(col)
+    return list(itertools.islice(col, len(col) - n, None))
+
+
 @dataclass(frozen=True)
 class RankWindow:
     """A read-only view of one rank's recent data, oldest first."""
@@ -97,10 +123,29 @@ class RankWindow:
     lr_peak: float | None = None  # highest learning rate (group 0) seen so far in the run
     global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
     noise_scale: float | None = None  # job's gradient noise scale B_simple (examples), DDP only
+    # Steps that arrived since this rank was last evaluated (the newest ``new_steps`` of ``steps``).
+    # healthd evaluates a rank once per request, so a rule that looks for an event at one step
+    # (a NaN, a spike) looks at each of ``new`` rather than at ``latest`` only.
+    new_steps: int = 1
+    # The store's per-field series, aligned with ``steps`` (see ``COLUMNS``); empty for hand-built windows.
+    columns: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
+
+    def column(self, attr: str, n: int | None = None) -> list[float | None]:
+        """One scalar field over the last ``n`` steps (all kept steps when None), oldest first."""
+        return _tail(self.steps, self.columns, attr, n)
+
+    def values(self, attr: str, n: int | None = None) -> list[float]:
+        """The finite values of ``column(attr, n)``."""
+        return finite(self.column(attr, n))
 
     @property
     def latest(self) -> StepReport | None:
         return self.steps[-1] if self.steps else None
+
+    @property
+    def new(self) -> list[StepReport]:
+        """The steps this evaluation is about, oldest first (at least the latest, when there is one)."""
+        return self.last(max(1, self.new_steps))
 
     @cached_property
     def _step_list(self) -> list[StepReport]:
@@ -125,6 +170,15 @@ class RankStatus:
     last_heartbeat_time: float | None
     gpu: Sequence[GpuReport] = ()
     closed: bool = False
+    columns: Mapping[str, Sequence[float | None]] = field(default_factory=dict)  # as RankWindow.columns
+
+    def column(self, attr: str, n: int | None = None) -> list[float | None]:
+        """One scalar field over the last ``n`` steps (all kept steps when None), oldest first."""
+        return _tail(self.steps, self.columns, attr, n)
+
+    def values(self, attr: str, n: int | None = None) -> list[float]:
+        """The finite values of ``column(attr, n)``."""
+        return finite(self.column(attr, n))
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,17 @@ class ExplodingGradients(Rule[ExplodingGradientsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        s = window.latest
-        if s is None or s.grad_norm is None or not math.isfinite(s.grad_norm):
+        # The largest gradient norm among the steps that just arrived, judged against the steps before it.
+        new = window.new
+        candidates = [(s.grad_norm, i) for i, s in enumerate(new) if s.grad_norm is not None
+                      and math.isfinite(s.grad_norm)]
+        if not candidates:
             return None
-        history = finite(series(window.last(cfg.window_steps + 1)[:-1], "grad_norm"))
+        _, i = max(candidates)
+        s = new[i]
+        assert s.grad_norm is not None
+        before = len(new) - i  # steps from s to the newest, s included
+        history = finite(series(window.last(cfg.window_steps + before)[:-before], "grad_norm"))
         if len(history) < cfg.min_history_steps:
             return None
         base = median(history)

@@ -55,8 +55,8 @@ class InitialLossUnexpected(Rule[InitialLossUnexpectedConfig]):
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
         s = window.latest
-        if s is None or s.step > cfg.report_until_step:
-            return None
+        if s is None or window.new[0].step > cfg.report_until_step:
+            return None  # judged while the first steps arrive (they may all arrive in one request)
         first = window.initial_steps[:cfg.first_steps]
         losses = finite(series(first, "loss"))
         if len(losses) < cfg.first_steps:

@@ -6,7 +6,7 @@ import math
 from typing import ClassVar
 
 from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
-from healthd.schema import Severity
+from healthd.schema import Severity, StepReport
 
 
 class NonFiniteValuesConfig(RuleConfig):
@@ -40,16 +40,18 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
     )
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
-        s = window.latest
-        if s is None:
-            return None
-        loss_bad = s.nonfinite.loss > 0 or (s.loss is not None and not math.isfinite(s.loss))
-        grads_bad = s.nonfinite.grads > 0 or (s.grad_norm is not None and not math.isfinite(s.grad_norm))
-        params_bad = s.nonfinite.params > 0
-        if s.step_skipped and grads_bad and not (loss_bad or params_bad):
-            return None
-        if not (loss_bad or grads_bad or params_bad):
-            return None
+        for s in window.new:  # the first poisoned step among those that just arrived: the onset
+            loss_bad = s.nonfinite.loss > 0 or (s.loss is not None and not math.isfinite(s.loss))
+            grads_bad = s.nonfinite.grads > 0 or (s.grad_norm is not None and not math.isfinite(s.grad_norm))
+            params_bad = s.nonfinite.params > 0
+            if s.step_skipped and grads_bad and not (loss_bad or params_bad):
+                continue  # AMP skipped it: LossScaleCollapse watches those
+            if loss_bad or grads_bad or params_bad:
+                return self._finding(window, s, loss_bad, grads_bad, params_bad)
+        return None
+
+    @staticmethod
+    def _finding(window: RankWindow, s: StepReport, loss_bad: bool, grads_bad: bool, params_bad: bool) -> Finding:
         where = [n for n, bad in (("loss", loss_bad), ("gradients", grads_bad), ("parameters", params_bad)) if bad]
         bad_layers = sorted(n for n, ls in s.layers.items()
                             if ls.grad_norm is not None and not math.isfinite(ls.grad_norm))

@@ -1,0 +1,47 @@
+"""The store's per-rank windows: columns stay aligned with the steps they come from."""
+
+from __future__ import annotations
+
+import math
+
+from healthd.rules.base import COLUMNS, column_value
+from healthd.schema import StepReport
+from healthd.settings import StoreSettings
+from healthd.store import Store
+from tests.healthd.factories import window
+
+
+def _step(i: int) -> StepReport:
+    # Fields come and go (measured every N steps), and some are not finite: the columns keep every position.
+    return StepReport(job="j", rank=0, time=float(i), step=i, loss=math.nan if i == 30 else 1.0 / (1 + i),
+                      grad_norm=float(i) if i % 3 == 0 else None, lr=[1e-3 * i] if i % 2 else [],
+                      batch_size=32, update_ratio=1e-3 if i % 10 == 0 else None)
+
+
+def test_columns_match_the_steps_past_the_window_length() -> None:
+    store = Store(StoreSettings(window_steps=16))
+    for i in range(40):
+        store.apply(_step(i), float(i))
+    w = store.rank_window("j", 0, new_steps=3)
+    assert [s.step for s in w.steps] == list(range(24, 40))
+    for attr in COLUMNS:
+        expected = [column_value(s, attr) for s in w.steps]
+        got = w.column(attr)
+        assert len(got) == len(expected) and all(
+            a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+            for a, b in zip(got, expected, strict=True)), attr
+        assert w.column(attr, 5) == got[-5:] or attr == "loss"
+        assert w.column(attr, 100) == got or attr == "loss"
+    assert w.values("loss") == [v for v in w.column("loss") if v is not None and math.isfinite(v)]
+    assert [s.step for s in w.new] == [37, 38, 39]
+
+
+def test_hand_built_window_has_the_same_columns() -> None:
+    steps = [_step(i) for i in range(10)]
+    assert window(steps).column("grad_norm", 4) == [6.0, None, None, 9.0]
+    assert window(steps).column("lr", 2) == [None, 1e-3 * 9]
+    assert window(steps).values("grad_norm") == [0.0, 3.0, 6.0, 9.0]
+    job = Store(StoreSettings())
+    for s in steps:
+        job.apply(s, 0.0)
+    assert job.job_window("j", 1.0).ranks[0].values("grad_norm", 4) == [6.0, 9.0]
