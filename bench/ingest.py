@@ -45,7 +45,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(target: str, port: int, ready: mp.Event, every: int) -> None:  # type: ignore[valid-type]
+def _serve(target: str, port: int, ready: mp.Event, every: int,  # type: ignore[valid-type]
+           ranks: int, prefill: int) -> None:
     os.sched_setaffinity(0, {0})
     import uvicorn
     from starlette.applications import Starlette
@@ -65,6 +66,15 @@ def _serve(target: str, port: int, ready: mp.Event, every: int) -> None:  # type
 
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
                                                 "engine": {"rank_rules_every_steps": every}}))
+        if prefill:
+            # Full windows, as in a long run: rules' cost grows with what they look at.
+            from healthd.ingest import parse_batch
+            hd = app.state.healthd
+            rng = random.Random(1)
+            now = time.time()
+            for rank in range(ranks):
+                for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill).reports:
+                    hd.store.apply(report, now)
         tune_gc_for_serving()  # as `healthd serve` does
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="asyncio", http="h11" if os.environ.get("BENCH_H11") else "auto")
@@ -166,13 +176,14 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
     port = _free_port()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_serve, args=(target, port, ready, args.rank_rules_every_steps), daemon=True)
+    proc = ctx.Process(target=_serve, args=(target, port, ready, args.rank_rules_every_steps,
+                                                        args.ranks, args.prefill_steps), daemon=True)
     proc.start()
     try:
-        if not ready.wait(60):
+        if not ready.wait(600):
             raise RuntimeError(f"{target} server did not start")
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)) or {0})
-        _load(port, args, args.warmup_seconds, 0)  # fill every rank's window first
+        _load(port, args, args.warmup_seconds, args.prefill_steps)  # warm the server up (windows were filled at start)
         if args.soak_seconds:
             return _soak(proc.pid or 0, port, args)
         rate, lat, failed = _load(port, args, args.seconds, 10_000)
@@ -210,6 +221,8 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--warmup-seconds", type=float, default=10.0)
+    p.add_argument("--prefill-steps", type=int, default=512,
+                   help="steps put in every rank's window before the run (store.window_steps: full windows)")
     p.add_argument("--steps-per-cycle", type=int, default=3, help="distinct steps per rank in the body pool")
     p.add_argument("--soak-seconds", type=float, default=0.0, help="soak the healthd target instead")
     p.add_argument("--targets", default="bare,healthd")

@@ -3,7 +3,8 @@
 What lives here: turning a job's in-memory state (``healthd.store``) and its
 alerts into one JSON-able dict. What does not: storage (the store keeps bounded
 windows: the first ``store.initial_steps`` and the last ``store.window_steps``
-steps per rank, the last ``evals_kept`` evals and ``gpu_samples_kept`` GPU
+steps per rank, the newest ``store.detail_steps`` of them whole and the older ones
+as their scalar fields only (step, loss, grad_norm, lr, ...), the last ``evals_kept`` evals and ``gpu_samples_kept`` GPU
 samples), rendering (``healthd.report``).
 
 Shape::
@@ -28,11 +29,22 @@ if TYPE_CHECKING:
 SERIES_SCHEMA_VERSION = 1
 
 
-def _rank_series(st: RankState) -> dict[str, Any]:
-    by_step = {s.step: s for s in st.initial_steps}
-    by_step.update({s.step: s for s in st.steps})
+def _rank_series(job: str, st: RankState) -> dict[str, Any]:
+    # Older steps of the window survive as scalar columns only (store.detail_steps): they come out
+    # as light step dicts ({"step", "loss", "grad_norm", ...}), the whole reports override them.
+    by_step: dict[int, dict[str, Any]] = {}
+    cols = st.columns
+    for i, k in enumerate(cols.get("step", ())):
+        if k is None:
+            continue
+        light: dict[str, Any] = {"kind": "step", "job": job, "rank": st.rank, "step": int(k)}
+        for name, col in cols.items():
+            if name != "step" and col[i] is not None:
+                light[name] = [col[i]] if name == "lr" else col[i]
+        by_step[int(k)] = light
+    by_step.update({s.step: s.model_dump(mode="json") for s in (*st.initial_steps, *st.steps)})
     return {
-        "steps": [by_step[k].model_dump(mode="json") for k in sorted(by_step)],
+        "steps": [by_step[k] for k in sorted(by_step)],
         "evals": [e.model_dump(mode="json") for e in st.evals],
         "gpu": [g.model_dump(mode="json") for g in st.gpu],
         "steps_total": st.steps_total,
@@ -51,6 +63,6 @@ def job_series(store: Store, engine: Engine, name: str) -> dict[str, Any] | None
         "world_size": job.meta.world_size,
         "global_batch_size": job.global_batch_size,
         "attach": job.attach.model_dump(mode="json") if job.attach else None,
-        "ranks": {str(r): _rank_series(job.ranks[r]) for r in sorted(job.ranks)},
+        "ranks": {str(r): _rank_series(name, job.ranks[r]) for r in sorted(job.ranks)},
         "alerts": [a.out().model_dump(mode="json") for a in engine.alerts(name)],
     }

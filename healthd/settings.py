@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from healthd.rules.base import Rule
 
@@ -26,7 +26,12 @@ class _Section(BaseModel):
 
 
 class StoreSettings(_Section):
-    window_steps: int = Field(default=512, ge=16, description="steps kept per rank for the rules")
+    window_steps: int = Field(default=512, ge=16, description="steps kept per rank for the rules (scalar columns)")
+    detail_steps: int = Field(
+        default=128, ge=16,
+        description="latest steps kept whole per rank (per-layer stats, activations, inputs); older steps of the "
+                    "window keep their scalars only, so memory does not grow with layers x window_steps",
+    )
     initial_steps: int = Field(default=20, ge=1, description="first steps of a rank kept for the whole run")
     evals_kept: int = Field(default=256, ge=1)
     gpu_samples_kept: int = Field(default=256, ge=1)
@@ -36,6 +41,13 @@ class StoreSettings(_Section):
         default=0.05, gt=0, le=1,
         description="weight of each rank-step in the EMAs of tr(Sigma) and |G|^2 (healthd.noise_scale)",
     )
+
+
+    @model_validator(mode="after")
+    def _detail_within_window(self) -> StoreSettings:
+        if self.detail_steps > self.window_steps:
+            raise ValueError(f"detail_steps ({self.detail_steps}) must not exceed window_steps ({self.window_steps})")
+        return self
 
 
 class ExporterSettings(_Section):

@@ -81,7 +81,8 @@ class RankState:
     # Last known value of each scalar signal: some are measured every N steps only,
     # and a gauge should not vanish on the steps in between.
     last_values: dict[str, float] = field(default_factory=dict)
-    # One deque per COLUMNS field, aligned with ``steps`` (same maxlen): what RankWindow.column reads.
+    # One deque per COLUMNS field over the last ``window_steps`` steps (``steps`` holds the newest
+    # ``detail_steps`` of them whole): what RankWindow.column reads.
     columns: dict[str, deque[float | None]] = field(default_factory=dict)
 
     @property
@@ -136,7 +137,7 @@ class Store:
             s = self.settings
             st = job.ranks[rank] = RankState(
                 rank=rank,
-                steps=deque(maxlen=s.window_steps),
+                steps=deque(maxlen=s.detail_steps),
                 evals=deque(maxlen=s.evals_kept),
                 gpu=deque(maxlen=s.gpu_samples_kept),
                 extremes={k: WindowExtremes(self.exporter_window_seconds) for k in WINDOWED},

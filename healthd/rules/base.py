@@ -138,6 +138,14 @@ class RankWindow:
         """The finite values of ``column(attr, n)``."""
         return finite(self.column(attr, n))
 
+    def values_from_step(self, attr: str, n: int, first_step: int) -> list[float]:
+        """The finite values of ``column(attr, n)`` at steps numbered ``first_step`` or later."""
+        col = self.column(attr, n)
+        steps = self.column("step", n)
+        if not steps or (steps[0] is not None and steps[0] >= first_step):
+            return finite(col)  # the common case: the whole tail is past warm-up
+        return finite([v for st, v in zip(steps, col, strict=True) if st is not None and st >= first_step])
+
     @property
     def latest(self) -> StepReport | None:
         return self.steps[-1] if self.steps else None
@@ -218,6 +226,11 @@ class Rule(Generic[C]):
 
 def finite(values: Sequence[float | None]) -> list[float]:
     """The finite, present values of a series."""
+    try:
+        if math.isfinite(sum(values)):  # type: ignore[arg-type]
+            return list(values)  # type: ignore[arg-type]  # the common case, at C speed: nothing to drop
+    except TypeError:
+        pass  # a None in the series
     return [v for v in values if v is not None and math.isfinite(v)]
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, layer_values, median, series
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, layer_values, median
 from healthd.schema import Severity
 
 
@@ -53,7 +53,7 @@ class ExplodingGradients(Rule[ExplodingGradientsConfig]):
         s = new[i]
         assert s.grad_norm is not None
         before = len(new) - i  # steps from s to the newest, s included
-        history = finite(series(window.last(cfg.window_steps + before)[:-before], "grad_norm"))
+        history = finite(window.column("grad_norm", cfg.window_steps + before)[:-before])
         if len(history) < cfg.min_history_steps:
             return None
         base = median(history)

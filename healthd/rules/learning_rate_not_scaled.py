@@ -44,6 +44,9 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
+        sizes = [b for b in window.column("batch_size", cfg.window_steps) if b]
+        if not sizes or min(sizes) == max(sizes):
+            return None  # the batch size did not change in the window: the common case, from one column
         steps = [s for s in window.last(cfg.window_steps) if s.batch_size and s.lr]
         p = cfg.persist_steps
         if len(steps) < p + 1:

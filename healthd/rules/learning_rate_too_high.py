@@ -66,7 +66,7 @@ class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
                 rank=window.rank,
             )
         # update ratios are sampled (every heavy_every_steps), so take the last window_steps samples
-        ratios = finite(series(window.last(cfg.lookback_steps), "update_ratio"))[-cfg.window_steps:]
+        ratios = window.values("update_ratio", cfg.lookback_steps)[-cfg.window_steps:]
         if len(ratios) < cfg.min_samples:
             return None
         med = median(ratios)

@@ -54,28 +54,27 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = window.last(cfg.window_steps)
-        if len(steps) < cfg.window_steps:
+        if len(window.column("step", cfg.window_steps)) < cfg.window_steps:
             return None
-        lrs = finite([s.lr[0] if s.lr else None for s in steps])
-        if len(lrs) < len(steps) or min(lrs) <= 0:
+        lrs = window.values("lr", cfg.window_steps)
+        if len(lrs) < cfg.window_steps or min(lrs) <= 0:
             return None
         if max(lrs) / min(lrs) > cfg.steady_lr_factor:
             return None
         if window.lr_peak is not None and lrs[-1] < cfg.peak_fraction * window.lr_peak:
             return None
-        ratios = finite(series(steps, "update_ratio"))
-        norms = finite(series(steps, "grad_norm"))
+        ratios = window.values("update_ratio", cfg.window_steps)
+        norms = window.values("grad_norm", cfg.window_steps)
         if len(ratios) < cfg.min_samples or not norms or median(norms) <= 0:
             return None
         med = median(ratios)
         if med <= 0 or med >= cfg.min_update_ratio:
             return None  # exactly zero is WeightsNotUpdating's finding
         initial = finite(series(window.initial_steps, "loss"))
-        recent = finite(series(steps[-10:], "loss"))
+        recent = window.values("loss", 10)
         if initial and recent and median(recent) > cfg.diverged_loss_factor * abs(median(initial)):
             return None
-        s = steps[-1]
+        s = window.steps[-1]
         return Finding(
             summary=(f"Update-to-weight ratio {fmt(med)} (median of {len(ratios)} steps) is "
                      f"{1e-3 / med:.0f}x below the ~1e-3 rule of thumb at lr={fmt(lrs[-1])} (rank {window.rank})"),

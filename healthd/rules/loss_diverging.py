@@ -47,13 +47,17 @@ class LossDiverging(Rule[LossDivergingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = [s for s in window.last(cfg.window_steps) if s.step >= cfg.warmup_steps]
-        losses = finite(series(steps, "loss"))
+        losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
         k = cfg.smooth_steps
         if len(losses) < 3 * k:
             return None
+        recent = median(losses[-k:])
+        lowest = min(losses)
+        if lowest >= 0 and recent <= (1 + cfg.rise_factor) * lowest:
+            # Every smoothed value is >= the lowest loss, so the rise over the best smoothed value
+            # cannot exceed rise_factor x |best|: the common, healthy case, without the medians.
+            return None
         smoothed = _rolling_medians(losses, k)
-        recent = smoothed[-1]
         best = min(smoothed[:-1])
         start = smoothed[0]
         rise = recent - best
@@ -63,10 +67,10 @@ class LossDiverging(Rule[LossDivergingConfig]):
             return None
         initial = finite(series(window.initial_steps[:k], "loss"))
         initial_level = median(initial) if initial else start
-        s = steps[-1]
+        s = window.steps[-1]
         return Finding(
             summary=(f"Loss is diverging: {fmt(recent)} (median of last {k} steps) vs best {fmt(best)} "
-                     f"in the last {len(steps)} steps (rank {window.rank}, step {s.step})"),
+                     f"in the last {len(losses)} steps (rank {window.rank}, step {s.step})"),
             evidence={"step": s.step, "loss_recent": recent, "loss_best": best, "loss_initial": initial_level},
             step=s.step,
             rank=window.rank,

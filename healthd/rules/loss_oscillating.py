@@ -44,8 +44,7 @@ class LossOscillating(Rule[LossOscillatingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = [s for s in window.last(cfg.window_steps) if s.step >= cfg.warmup_steps]
-        losses = finite(series(steps, "loss"))
+        losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
         if len(losses) < cfg.window_steps or min(losses) < 0:
             return None
         level = median(losses)
@@ -58,7 +57,7 @@ class LossOscillating(Rule[LossOscillatingConfig]):
         initial = finite(series(window.initial_steps[:5], "loss"))
         if initial and level < cfg.min_level_fraction * median(initial):
             return None
-        s = steps[-1]
+        s = window.steps[-1]
         return Finding(
             summary=(f"Loss is oscillating: median step-to-step change {fmt(swing)} vs median loss {fmt(level)} "
                      f"over the last {len(losses)} steps, net progress {fmt(progress)} (step {s.step}, "

@@ -50,8 +50,7 @@ class LossPlateau(Rule[LossPlateauConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = window.last(cfg.window_steps)
-        losses = finite(series(steps, "loss"))
+        losses = window.values("loss", cfg.window_steps)
         if len(losses) < cfg.window_steps:
             return None
         k = cfg.edge_steps
@@ -68,7 +67,7 @@ class LossPlateau(Rule[LossPlateauConfig]):
         if start > 0 and tail > cfg.diverged_loss_factor * start:
             return None  # flat far above where it started: a blown-up run, LossDiverging's finding
         stuck = start > 0 and tail >= cfg.stuck_fraction * start
-        s = steps[-1]
+        s = window.steps[-1]
         return Finding(
             summary=(f"Loss has plateaued at {fmt(tail)}: {fmt(progress)} progress over the last {len(losses)} "
                      f"steps vs noise {fmt(stderr)}" + (f", still near its initial {fmt(start)}" if stuck else "")

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median
 from healthd.schema import EvalReport, Severity
 
 
@@ -43,7 +43,9 @@ class Overfitting(Rule[OverfittingConfig]):
     )
 
     def _train_loss(self, window: RankWindow, e: EvalReport) -> float | None:
-        losses = finite(series([s for s in window.steps if s.step <= e.step], "loss")[-self.config.train_steps:])
+        upto = [v for st, v in zip(window.column("step"), window.column("loss"), strict=True)
+                if st is not None and st <= e.step]
+        losses = finite(upto[-self.config.train_steps:])
         return median(losses) if losses else None
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]

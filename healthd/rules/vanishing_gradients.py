@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
-from healthd.schema import Severity
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, median
+from healthd.schema import Severity, StepReport
 
 # Modules whose gradients are sparse by design (only looked-up rows get one):
 # their per-element RMS says nothing about vanishing.
@@ -53,11 +53,10 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = window.last(cfg.window_steps)
-        norms = finite(series(steps, "grad_norm"))
+        norms = window.values("grad_norm", cfg.window_steps)
         if len(norms) < cfg.min_history_steps:
             return None
-        s = steps[-1]
+        s = window.steps[-1]
         attach = window.meta.attach
         n_params = attach.model.trainable_count if attach and attach.model else 0
         med = median(norms)
@@ -70,6 +69,7 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
                 step=s.step,
                 rank=window.rank,
             )
+        steps = window.last(cfg.window_steps)
         ratio = self._first_last_ratio(window, steps)
         if ratio is not None and ratio[0] < cfg.min_first_last_ratio:
             value, first, last = ratio
@@ -84,7 +84,7 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
         return None
 
     @staticmethod
-    def _first_last_ratio(window: RankWindow, steps: object) -> tuple[float, str, str] | None:
+    def _first_last_ratio(window: RankWindow, steps: list[StepReport]) -> tuple[float, str, str] | None:
         attach = window.meta.attach
         if attach is None or attach.model is None:
             return None
@@ -94,7 +94,7 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
             return None
         first, last = layers[0], layers[-1]
         ratios = []
-        for s in steps:  # type: ignore[attr-defined]
+        for s in steps:
             a, b = s.layers.get(first.name), s.layers.get(last.name)
             if a is None or b is None or a.grad_norm is None or b.grad_norm is None:
                 continue
@@ -102,6 +102,6 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
             rb = b.grad_norm / math.sqrt(last.params)
             if math.isfinite(ra) and math.isfinite(rb) and rb > 0:
                 ratios.append(ra / rb)
-        if len(ratios) < max(3, len(steps) // 2):  # type: ignore[arg-type]
+        if len(ratios) < max(3, len(steps) // 2):
             return None
         return median(ratios), first.name, last.name

@@ -19,20 +19,22 @@ def _step(i: int) -> StepReport:
 
 
 def test_columns_match_the_steps_past_the_window_length() -> None:
-    store = Store(StoreSettings(window_steps=16))
+    store = Store(StoreSettings(window_steps=32, detail_steps=16))
     for i in range(40):
         store.apply(_step(i), float(i))
     w = store.rank_window("j", 0, new_steps=3)
     assert [s.step for s in w.steps] == list(range(24, 40))
+    assert w.column("step") == list(range(8, 40))  # the window keeps scalars past the whole reports
     for attr in COLUMNS:
         expected = [column_value(s, attr) for s in w.steps]
-        got = w.column(attr)
+        got = w.column(attr, len(w.steps))
         assert len(got) == len(expected) and all(
             a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
             for a, b in zip(got, expected, strict=True)), attr
         assert w.column(attr, 5) == got[-5:] or attr == "loss"
-        assert w.column(attr, 100) == got or attr == "loss"
+        assert w.column(attr, 100)[-16:] == got or attr == "loss"
     assert w.values("loss") == [v for v in w.column("loss") if v is not None and math.isfinite(v)]
+    assert len(w.values("loss")) == 31  # step 30's NaN is not a value
     assert [s.step for s in w.new] == [37, 38, 39]
 
 
