@@ -93,9 +93,20 @@ class Healthd:
         # Each rank is evaluated once per request, over all the steps it brought (a client sends one
         # rank's queue per request): rules see every step through ``RankWindow.new``, at a fraction
         # of the cost of evaluating after each one.
+        every = self.settings.engine.max_steps_per_evaluation
         for (job, rank), n in new_steps.items():
-            if job in self.store.jobs:
-                self.engine.on_step(self.store.rank_window(job, rank, new_steps=n))
+            if job not in self.store.jobs:
+                continue
+            # At least every `every` steps, oldest first: a request may carry a long queue, and a
+            # condition that came and went inside it must still be evaluated while it held.
+            kept = len(self.store.jobs[job].ranks[rank].steps)
+            # Evaluated after steps ends[0], ends[1], ... of the n; an end whose window is no longer
+            # kept whole (store.detail_steps) is left to the next one, which covers its steps too.
+            ends = [e for e in reversed(range(n, 0, -every)) if n - e < kept]
+            done = 0
+            for end in ends:
+                self.engine.on_step(self.store.rank_window(job, rank, new_steps=end - done, cut=n - end))
+                done = end
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:

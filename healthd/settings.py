@@ -58,9 +58,14 @@ class ExporterSettings(_Section):
 
 class EngineSettings(_Section):
     tick_seconds: float = Field(default=1.0, gt=0, description="period of job-scoped (time-based) rules")
+    max_steps_per_evaluation: int = Field(
+        default=5, ge=1, description="rank-scoped rules run once per request over the steps it brought, and at "
+        "least every this many of them (a request may carry a rank's whole queue): a condition that comes and "
+        "goes inside one request is still seen")
     rank_rules_every_steps: int = Field(
-        default=1, ge=1, description="evaluate rank-scoped rules on steps divisible by this (and on any step "
-        "with a non-finite value); for_steps/resolve_after_steps then count evaluations, not steps")
+        default=1, ge=1, description="load shedding: skip a rank's evaluation unless one of its new steps is "
+        "divisible by this (a step with a non-finite value is never skipped); for_steps/resolve_after_steps "
+        "then count the steps of the evaluations that ran")
 
 
 class LimitSettings(_Section):

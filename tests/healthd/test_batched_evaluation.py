@@ -1,0 +1,75 @@
+"""One request carries a rank's queue: rules run at least every engine.max_steps_per_evaluation steps of it."""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from healthd.app import Healthd, build
+from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
+from healthd.schema import AlertState
+from healthd.settings import Settings
+
+
+class Seen(Rule[RuleConfig]):
+    """Test rule: records what each evaluation saw; finds while the latest loss is above 1."""
+
+    name: ClassVar[str] = "Seen"
+    scope: ClassVar[Scope] = Scope.RANK
+    calls: ClassVar[list[tuple[int, list[int]]]] = []
+
+    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+        s = w.latest
+        assert s is not None
+        Seen.calls.append((s.step, [n.step for n in w.new]))
+        assert w.column("step")[-1] == s.step  # columns are cut at the same step as the reports
+        if s.loss is not None and s.loss > 1:
+            return Finding(summary="high", evidence={}, step=s.step, rank=w.rank)
+        return None
+
+
+def _body(losses: list[float], start: int = 0) -> bytes:
+    reports = [{"kind": "step", "job": "j", "rank": 0, "time": 1.0, "step": start + i, "loss": v}
+               for i, v in enumerate(losses)]
+    return json.dumps({"schema_version": 1, "reports": reports}).encode()
+
+
+def _healthd(every: int) -> Healthd:
+    Seen.calls = []
+    return build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": every},
+                                        "rules": {"Seen": {"for_steps": 3, "resolve_after_steps": 8}}}),
+                 rules=[Seen])
+
+
+def test_a_long_request_is_evaluated_in_chunks_oldest_first() -> None:
+    hd = _healthd(5)
+    status, _ = hd.ingest(_body([0.5] * 23))
+    assert status == 200
+    # Every step is in exactly one evaluation's `new`; the first chunk takes the remainder.
+    assert Seen.calls == [(2, [0, 1, 2]), (7, [3, 4, 5, 6, 7]), (12, [8, 9, 10, 11, 12]),
+                          (17, [13, 14, 15, 16, 17]), (22, [18, 19, 20, 21, 22])]
+
+
+def test_a_condition_inside_one_request_is_seen_and_hits_count_steps() -> None:
+    hd = _healthd(5)
+    losses = [0.5] * 10 + [5.0] * 10 + [0.5] * 5  # high for steps 10..19 only, all in one request
+    hd.ingest(_body(losses))
+    alerts = hd.engine.alerts("j")
+    assert len(alerts) == 1
+    a = alerts[0]
+    # Seen at the chunk ending at step 14 (1 step: the first of a run), then 5 more at step 19: firing
+    # (for_steps=3); the chunk ending at step 24 misses, one miss of 8 needed to resolve: still firing.
+    assert a.state is AlertState.FIRING and a.step == 14 and a.last_step == 19
+    hd.ingest(_body([0.5] * 5, start=25))
+    assert hd.engine.alerts("j")[0].state is AlertState.FIRING  # 1 + 5 misses
+    hd.ingest(_body([0.5] * 5, start=30))
+    assert hd.engine.alerts("j")[0].state is AlertState.RESOLVED
+
+
+def test_one_step_per_request_is_evaluated_at_every_step() -> None:
+    hd = _healthd(5)
+    for i in range(4):
+        hd.ingest(_body([2.0], start=i))
+    assert [c[0] for c in Seen.calls] == [0, 1, 2, 3]
+    a = hd.engine.alerts("j")[0]
+    assert a.state is AlertState.FIRING and a.step == 0  # hits 1, 2, 3: fires at the third step, as before
