@@ -17,7 +17,7 @@ import enum
 import itertools
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar, Generic, TypeVar
@@ -88,7 +88,7 @@ class JobMeta:
 # these tails many times per evaluation, and a deque of floats slices far faster than getattr
 # over hundreds of reports. "lr" is parameter group 0's learning rate.
 COLUMNS: tuple[str, ...] = ("step", "loss", "grad_norm", "grad_norm_local", "update_ratio", "step_seconds",
-                            "comm_seconds", "batch_size", "loss_scale", "lr")
+                            "comm_seconds", "batch_size", "loss_scale", "lr", "param_fingerprint")
 
 
 def column_value(step: StepReport, attr: str) -> float | None:
@@ -159,6 +159,19 @@ class RankWindow:
     def _step_list(self) -> list[StepReport]:
         # Rules ask for several tails of the same window: copy the deque once per evaluation.
         return list(self.steps)
+
+    def latest_where(self, keep: Callable[[StepReport], object], count: int, lookback: int) -> list[StepReport]:
+        """The newest ``count`` steps for which ``keep`` is true among the last ``lookback`` steps,
+        oldest first: ``[s for s in last(lookback) if keep(s)][-count:]``, scanning from the newest
+        (sampled fields arrive every N steps: no need to walk the whole lookback every evaluation)."""
+        out: list[StepReport] = []
+        for s in itertools.islice(reversed(self._step_list), lookback):
+            if keep(s):
+                out.append(s)
+                if len(out) == count:
+                    break
+        out.reverse()
+        return out
 
     def last(self, n: int) -> list[StepReport]:
         """The last ``n`` steps, oldest first (fewer if the window is shorter)."""
@@ -256,7 +269,7 @@ def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: 
                            lookback_steps: int, samples: int) -> tuple[str, float, Sequence[StepReport]] | None:
     """The activation layer of one of ``kinds`` whose ``attr`` (dead/saturated fraction) stayed above
     ``threshold`` in each of the latest ``samples`` sound samples: (layer, its lowest fraction, samples)."""
-    sampled = [s for s in window.last(lookback_steps) if s.activations and numerically_sound(s)][-samples:]
+    sampled = window.latest_where(lambda s: s.activations and numerically_sound(s), samples, lookback_steps)
     if not sampled:
         return None
     worst: tuple[str, float] | None = None

@@ -37,7 +37,7 @@ class EvalModeDuringTraining(Rule[EvalModeDuringTrainingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        steps = [s for s in window.last(2 * cfg.window_steps) if s.training is not None][-cfg.window_steps:]
+        steps = window.latest_where(lambda s: s.training is not None, cfg.window_steps, 2 * cfg.window_steps)
         if len(steps) < cfg.window_steps or any(s.training for s in steps):
             return None
         s = steps[-1]

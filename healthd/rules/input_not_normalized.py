@@ -45,7 +45,7 @@ class InputNotNormalized(Rule[InputNotNormalizedConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        sampled = [s for s in window.last(cfg.lookback_steps) if s.inputs is not None][-cfg.samples:]
+        sampled = window.latest_where(lambda s: s.inputs is not None, cfg.samples, cfg.lookback_steps)
         if not sampled:
             return None
         mean = median([s.inputs.mean for s in sampled if s.inputs])

@@ -41,8 +41,8 @@ class MissingZeroGrad(Rule[MissingZeroGradConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        measured = [s for s in window.last(4 * cfg.window_steps) if s.grads_stale_at_backward is not None]
-        recent = measured[-cfg.window_steps:]
+        recent = window.latest_where(lambda s: s.grads_stale_at_backward is not None, cfg.window_steps,
+                                     4 * cfg.window_steps)
         if len(recent) < cfg.window_steps or not all(s.grads_stale_at_backward for s in recent):
             return None
         s = recent[-1]

@@ -47,9 +47,9 @@ class WeightsNotUpdating(Rule[WeightsNotUpdatingConfig]):
         orphan = self._no_layer_gets_gradients(window)
         if orphan is not None:
             return orphan
-        measured = [s for s in window.last(cfg.lookback_steps) if not s.step_skipped and (
-            s.update_ratio is not None or any(ls.update_ratio is not None for ls in s.layers.values()))]
-        steps = measured[-cfg.window_steps:]
+        steps = window.latest_where(lambda s: not s.step_skipped and (
+            s.update_ratio is not None or any(ls.update_ratio is not None for ls in s.layers.values())),
+            cfg.window_steps, cfg.lookback_steps)
         if len(steps) < cfg.window_steps:
             return None
         stuck: set[str] | None = None
