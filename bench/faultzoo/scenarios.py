@@ -167,7 +167,7 @@ def labels_shuffled() -> Setup:
     torch.manual_seed(0)
     _, y, _, _ = digits()
     labels = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
-    return _std(lr=1e-3, labels=labels, steps=200)  # a plateau is judged over 30 steps of noise: give it room
+    return _std(lr=1e-3, labels=labels, steps=120)  # a plateau is judged against 30 steps of noise: room
 
 
 def forgot_zero_grad() -> Setup:
