@@ -99,9 +99,9 @@ class Engine:
         """Run the rank-scoped rules on a rank's window after it reported ``window.new_steps`` steps.
 
         One evaluation may cover several new steps (a request carries a rank's queue). For
-        ``for_steps`` and ``resolve_after_steps`` such an evaluation weighs as many steps as it
-        covers, except the first of a run of hits or misses, which weighs one: the condition is known
-        at both ends of the interval only when the previous evaluation agreed.
+        ``resolve_after_steps`` an evaluation without a finding counts the steps it covers. For
+        ``for_steps`` a finding counts them too, except the first of a run, which counts one: a
+        condition is known to have held over the interval only when the previous evaluation saw it.
         """
         every = self.rank_rules_every_steps
         if every > 1 and not any(s.step % every == 0 or _urgent(s) for s in window.new):
@@ -184,7 +184,7 @@ class Engine:
             if alert.state is AlertState.PENDING:
                 del book.active[key]
                 continue
-            alert.misses += weight if alert.misses else 1
+            alert.misses += weight
             if alert.misses >= cfg.resolve_after_steps:
                 alert.state = AlertState.RESOLVED
                 alert.resolved_at = alert.updated_at = now

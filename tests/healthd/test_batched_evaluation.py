@@ -58,12 +58,12 @@ def test_a_condition_inside_one_request_is_seen_and_hits_count_steps() -> None:
     assert len(alerts) == 1
     a = alerts[0]
     # Seen at the chunk ending at step 14 (1 step: the first of a run), then 5 more at step 19: firing
-    # (for_steps=3); the chunk ending at step 24 misses, one miss of 8 needed to resolve: still firing.
+    # (for_steps=3); the chunk ending at step 24 is 5 clean steps of the 8 needed to resolve.
     assert a.state is AlertState.FIRING and a.step == 14 and a.last_step == 19
-    hd.ingest(_body([0.5] * 5, start=25))
-    assert hd.engine.alerts("j")[0].state is AlertState.FIRING  # 1 + 5 misses
-    hd.ingest(_body([0.5] * 5, start=30))
-    assert hd.engine.alerts("j")[0].state is AlertState.RESOLVED
+    hd.ingest(_body([0.5] * 2, start=25))
+    assert hd.engine.alerts("j")[0].state is AlertState.FIRING  # 7 clean steps
+    hd.ingest(_body([0.5] * 1, start=27))
+    assert hd.engine.alerts("j")[0].state is AlertState.RESOLVED  # 8
 
 
 def test_one_step_per_request_is_evaluated_at_every_step() -> None:
