@@ -20,7 +20,7 @@ import gc
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -74,7 +74,8 @@ class Healthd:
         limits = self.settings.limits
         capped: list[Rejection] = []
         accepted = 0
-        new_steps: dict[tuple[str, int], int] = {}
+        new_steps: dict[tuple[str, int], int] = {}  # steps of each rank not evaluated yet
+        every = self.settings.engine.max_steps_per_evaluation
         for pos, report in enumerate(parsed.reports):
             index = parsed.indices[pos] if parsed.indices is not None else pos
             admission = admit(self.store, limits, report, index)
@@ -88,25 +89,18 @@ class Healthd:
             self.store.apply(report, now)
             Counters.inc(self.counters.received, report.kind)
             if isinstance(report, StepReport):
+                # A rank is evaluated once per `every` of its steps and once at the end of the request,
+                # over the steps since its last evaluation (RankWindow.new): a request carries a rank's
+                # queue, and a condition that came and went inside it is still evaluated while it held.
                 key = (report.job, report.rank)
-                new_steps[key] = new_steps.get(key, 0) + 1
-        # Each rank is evaluated once per request, over all the steps it brought (a client sends one
-        # rank's queue per request): rules see every step through ``RankWindow.new``, at a fraction
-        # of the cost of evaluating after each one.
-        every = self.settings.engine.max_steps_per_evaluation
+                n = new_steps.get(key, 0) + 1
+                if n >= every:
+                    self.engine.on_step(self.store.rank_window(report.job, report.rank, new_steps=n))
+                    n = 0
+                new_steps[key] = n
         for (job, rank), n in new_steps.items():
-            if job not in self.store.jobs:
-                continue
-            # At least every `every` steps, oldest first: a request may carry a long queue, and a
-            # condition that came and went inside it must still be evaluated while it held.
-            kept = len(self.store.jobs[job].ranks[rank].steps)
-            # Evaluated after steps ends[0], ends[1], ... of the n; an end whose window is no longer
-            # kept whole (store.detail_steps) is left to the next one, which covers its steps too.
-            ends = [e for e in reversed(range(n, 0, -every)) if n - e < kept]
-            done = 0
-            for end in ends:
-                self.engine.on_step(self.store.rank_window(job, rank, new_steps=end - done, cut=n - end))
-                done = end
+            if n and job in self.store.jobs:
+                self.engine.on_step(self.store.rank_window(job, rank, new_steps=n))
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:
@@ -117,13 +111,30 @@ class Healthd:
         return 200, IngestResult(accepted=accepted)
 
     def tick(self) -> None:
-        """Run job-scoped rules and expire silent jobs."""
-        now = self.clock()
-        for name in self.store.expire(now):
+        """Run job-scoped rules and expire silent jobs, all at once (tests, the demo)."""
+        for _ in self.tick_slices():
+            pass
+
+    def tick_slices(self) -> Iterator[None]:
+        """``tick`` in slices: it pauses after expiring jobs, after building each job's window and
+        after each job-scoped rule on it. The server's ticker lets the event loop serve requests at
+        each pause: a whole tick of a job of thousands of ranks takes tens of milliseconds.
+
+        Rules that run after a pause see the window built before it: the ranks' step and GPU series
+        are the store's own (they may have grown), their last-step times and ``now`` are as built.
+        """
+        for name in self.store.expire(self.clock()):
             self.engine.forget(name)
-        if self.engine.job_rules:
-            for job in self.store:
-                self.engine.on_tick(self.store.job_window(job.name, now))
+        rules = self.engine.job_rules
+        if not rules:
+            return
+        yield
+        for job in self.store:
+            window = self.store.job_window(job.name, self.clock())
+            yield
+            for rule in rules:
+                self.engine.on_tick_rule(rule, window)
+                yield
 
 
 def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
@@ -308,6 +319,7 @@ async def _ticker(hd: Healthd) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            hd.tick()
+            for _ in hd.tick_slices():
+                await asyncio.sleep(0)  # requests waiting on the event loop go first
         except Exception:
             log.exception("tick failed")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
@@ -231,20 +231,14 @@ class Store:
         return gone
 
     # ------------------------------------------------------------- reads
-    def rank_window(self, job_name: str, rank: int, new_steps: int = 1, cut: int = 0) -> RankWindow:
-        """Rank ``rank``'s window; with ``cut``, as it was before its newest ``cut`` steps arrived."""
+    def rank_window(self, job_name: str, rank: int, new_steps: int = 1) -> RankWindow:
         job = self.jobs[job_name]
         st = job.ranks[rank]
-        steps: Sequence[StepReport] = st.steps
-        columns: Mapping[str, Sequence[float | None]] = st.columns
-        if cut:
-            steps = list(st.steps)[:-cut]
-            columns = {k: list(col)[:-cut] for k, col in st.columns.items()}
         return RankWindow(
             job=job_name,
             rank=rank,
             meta=job.meta,
-            steps=steps,
+            steps=st.steps,
             evals=st.evals,
             initial_steps=st.initial_steps,
             gpu=st.gpu,
@@ -252,7 +246,7 @@ class Store:
             global_batch_size=job.global_batch_size,
             noise_scale=job.noise.noise_scale,
             new_steps=new_steps,
-            columns=columns,
+            columns=st.columns,
         )
 
     def job_window(self, job_name: str, now: float) -> JobWindow:

@@ -1,4 +1,4 @@
-"""One request carries a rank's queue: rules run at least every engine.max_steps_per_evaluation steps of it."""
+"""One request carries a rank's queue: rules run every engine.max_steps_per_evaluation steps of it, and at its end."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Seen(Rule[RuleConfig]):
         s = w.latest
         assert s is not None
         Seen.calls.append((s.step, [n.step for n in w.new]))
-        assert w.column("step")[-1] == s.step  # columns are cut at the same step as the reports
+        assert w.column("step")[-1] == s.step  # columns end at the same step as the reports
         if s.loss is not None and s.loss > 1:
             return Finding(summary="high", evidence={}, step=s.step, rank=w.rank)
         return None
@@ -45,9 +45,9 @@ def test_a_long_request_is_evaluated_in_chunks_oldest_first() -> None:
     hd = _healthd(5)
     status, _ = hd.ingest(_body([0.5] * 23))
     assert status == 200
-    # Every step is in exactly one evaluation's `new`; the first chunk takes the remainder.
-    assert Seen.calls == [(2, [0, 1, 2]), (7, [3, 4, 5, 6, 7]), (12, [8, 9, 10, 11, 12]),
-                          (17, [13, 14, 15, 16, 17]), (22, [18, 19, 20, 21, 22])]
+    # Every step is in exactly one evaluation's `new`; the last one takes the remainder.
+    assert Seen.calls == [(4, [0, 1, 2, 3, 4]), (9, [5, 6, 7, 8, 9]), (14, [10, 11, 12, 13, 14]),
+                          (19, [15, 16, 17, 18, 19]), (22, [20, 21, 22])]
 
 
 def test_a_condition_inside_one_request_is_seen_and_hits_count_steps() -> None:

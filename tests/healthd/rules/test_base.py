@@ -5,7 +5,12 @@ from __future__ import annotations
 import random
 
 from healthd.rules.base import finite
+from healthd.schema import StepReport
 from tests.healthd.factories import steps, window
+
+
+def _keep(s: StepReport) -> bool:
+    return s.loss is not None and s.loss > 1
 
 
 def test_latest_where_equals_filter_then_tail() -> None:
@@ -15,8 +20,7 @@ def test_latest_where_equals_filter_then_tail() -> None:
         hist = steps(n, loss=[rng.choice([None, 1.0, 2.0]) for _ in range(n)])
         w = window(hist)
         count, lookback = rng.randint(1, 6), rng.randint(1, 50)
-        keep = (lambda s: s.loss is not None and s.loss > 1)
-        assert w.latest_where(keep, count, lookback) == [s for s in w.last(lookback) if keep(s)][-count:]
+        assert w.latest_where(_keep, count, lookback) == [s for s in w.last(lookback) if _keep(s)][-count:]
 
 
 def test_finite_drops_none_nan_and_inf_in_both_paths() -> None:
