@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -88,6 +89,21 @@ def _ray_train_context() -> _RayTrain | None:
     return _RayTrain(rank, world_size, local_rank, node_rank, experiment)
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:/@+\-]")
+_UNSAFE_HOST = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+def label_safe(text: str, max_chars: int = 128) -> str:
+    """``text`` as healthd accepts it where it may become a label value (schema.LABEL_SAFE_PATTERN):
+    other characters become ``_``, and it is cut to ``max_chars``."""
+    return _UNSAFE.sub("_", text)[:max_chars]
+
+
+def hostname() -> str:
+    """This host's name as healthd accepts it (schema.HostName)."""
+    return _UNSAFE_HOST.sub("_", socket.gethostname())[:253]
+
+
 def detect_identity(rank: int | None = None, world_size: int | None = None) -> Identity:
     """Rank and world size: arguments, then Ray Train, then torch.distributed, then env, then 0/1."""
     ray = _ray_train_context()
@@ -96,7 +112,7 @@ def detect_identity(rank: int | None = None, world_size: int | None = None) -> I
             rank=ray.rank if rank is None else rank,
             world_size=ray.world_size if world_size is None else world_size,
             local_rank=ray.local_rank,
-            hostname=socket.gethostname()[:256],
+            hostname=hostname(),
             run_id=(os.environ.get("HEALTHD_RUN_ID") or ray.experiment or "")[:256] or None,
             node_rank=ray.node_rank,
             launcher="ray_train",
@@ -116,7 +132,7 @@ def detect_identity(rank: int | None = None, world_size: int | None = None) -> I
         rank=rank,
         world_size=world_size,
         local_rank=local_rank if local_rank is not None and local_rank >= 0 else 0,
-        hostname=socket.gethostname()[:256],
+        hostname=hostname(),
         run_id=run_id[:256] if run_id else None,
         node_rank=node_rank if node_rank is not None and node_rank >= 0 else None,
         launcher=launcher,

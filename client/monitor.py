@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from healthd_client.config import MonitorConfig
-from healthd_client.identity import Identity, detect_identity, git_commit
+from healthd_client.identity import Identity, detect_identity, git_commit, label_safe
 from healthd_client.layers import build_layer_plan
 from healthd_client.packing import PackedRecord
 from healthd_client.quantities import default_quantities
@@ -171,7 +171,9 @@ class Monitor:
                 report["accuracy"] = _host_float(accuracy)
             values = {}
             for name, value in list(metrics.items())[:_MAX_EVAL_METRICS]:
-                values[str(name)[:_MAX_METRIC_NAME_CHARS]] = _host_float(value)
+                key = label_safe(str(name), _MAX_METRIC_NAME_CHARS)  # "val acc" -> "val_acc", not a 422
+                if key:
+                    values[key] = _host_float(value)
             if values:
                 report["metrics"] = values
             if self._active:

@@ -33,6 +33,14 @@ LayerName = Annotated[
     str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-\[\]]+$")
 ]
 ShortText = Annotated[str, StringConstraints(max_length=256)]
+# Other values that become Prometheus label values (GPU UUID, hostname, clock-event reason) or
+# keys a person reads (eval metric names): printable, no spaces or quotes, bounded. The client
+# sanitises what it does not control (healthd_client.identity.label_safe).
+LABEL_SAFE_PATTERN = r"^[A-Za-z0-9_.:/@+\-]+$"
+DeviceId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=LABEL_SAFE_PATTERN)]
+HostName = Annotated[str, StringConstraints(max_length=253, pattern=r"^[A-Za-z0-9_.:\-]*$")]
+MetricName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=LABEL_SAFE_PATTERN)]
+ReasonName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
 Rank = Annotated[int, Field(ge=0, le=1_000_000)]
 Count = Annotated[int, Field(ge=0)]
 Step = Annotated[int, Field(ge=0)]
@@ -164,7 +172,7 @@ class EvalReport(_ReportBase):
     step: Step
     loss: float | None = None
     accuracy: float | None = None
-    metrics: dict[Annotated[str, StringConstraints(max_length=64)], float] = Field(
+    metrics: dict[MetricName, float] = Field(
         default_factory=dict, max_length=32
     )
 
@@ -220,7 +228,7 @@ class AttachReport(_ReportBase):
     kind: Literal["attach"] = "attach"
     world_size: Annotated[int, Field(ge=1)] = 1
     local_rank: Rank = 0
-    hostname: ShortText = ""
+    hostname: HostName = ""
     run_id: ShortText | None = None
     model: ModelSummary | None = None
     optimizer: OptimizerInfo | None = None
@@ -235,10 +243,10 @@ class GpuReport(_ReportBase):
 
     kind: Literal["gpu"] = "gpu"
     gpu: Annotated[int, Field(ge=0)]  # CUDA index as the job sees it
-    uuid: ShortText  # the physical GPU's NVML UUID ("GPU-..."), dcgm-exporter's UUID label
-    hostname: ShortText = ""
+    uuid: DeviceId  # the physical GPU's NVML UUID ("GPU-..."), dcgm-exporter's UUID label
+    hostname: HostName = ""
     mig: bool = False
-    mig_uuid: ShortText | None = None  # the MIG device's own UUID ("MIG-...") on a MIG slice
+    mig_uuid: DeviceId | None = None  # the MIG device's own UUID ("MIG-...") on a MIG slice
     gpu_instance_id: Annotated[int, Field(ge=0)] | None = None  # MIG GPU instance (dcgm-exporter's GPU_I_ID)
     memory_used_bytes: Count | None = None
     memory_total_bytes: Count | None = None
@@ -250,7 +258,7 @@ class GpuReport(_ReportBase):
     temperature_celsius: float | None = None
     power_watts: float | None = None
     energy_joules: float | None = None
-    throttle_reasons: list[ShortText] = Field(default_factory=list, max_length=32)
+    throttle_reasons: list[ReasonName] = Field(default_factory=list, max_length=32)
     ecc_uncorrected_total: Count | None = None
     remapped_rows_failure: bool | None = None
     remapped_rows_pending: bool | None = None  # a row remap waits for a GPU reset

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from healthd_client.identity import label_safe
 from healthd_client.quantities.base import Quantity
 
 if TYPE_CHECKING:
@@ -321,10 +322,10 @@ class GpuMonitor(Quantity):
         target, emit = self.target, self._emit
         if target is None or emit is None:
             return None
-        report: dict[str, Any] = {"kind": "gpu", "gpu": target.index, "uuid": target.uuid,
+        report: dict[str, Any] = {"kind": "gpu", "gpu": target.index, "uuid": label_safe(target.uuid),
                                   "hostname": self._hostname, "mig": target.mig}
         if target.mig:
-            report["mig_uuid"] = target.mig_uuid
+            report["mig_uuid"] = label_safe(target.mig_uuid or "") or None
             if target.gpu_instance_id is not None:
                 report["gpu_instance_id"] = target.gpu_instance_id
         report.update(read_sample(self._nvml, self._cuda, target))

@@ -1,6 +1,6 @@
 import pytest
 
-from healthd_client.identity import detect_identity, git_commit
+from healthd_client.identity import detect_identity, git_commit, hostname, label_safe
 
 
 @pytest.fixture(autouse=True)
@@ -47,3 +47,10 @@ def test_git_commit_outside_a_repository_is_none(tmp_path, monkeypatch):
 def test_git_commit_in_this_repository():
     commit = git_commit()
     assert commit is None or len(commit) == 40
+
+
+def test_hostname_and_labels_are_what_healthd_accepts(monkeypatch):
+    import socket
+    monkeypatch.setattr(socket, "gethostname", lambda: "my host (gpu)\n")
+    assert hostname() == "my_host__gpu__" and detect_identity().hostname == "my_host__gpu__"
+    assert label_safe('GPU-1"} x', 8) == "GPU-1___"

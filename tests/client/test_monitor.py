@@ -99,6 +99,19 @@ def test_eval_is_at_the_last_completed_step(make_monitor, transport):
     assert second == {**second, "step": 2, "loss": 0.5, "accuracy": 0.75, "metrics": {"bleu": 12.5}}
 
 
+def test_eval_metric_names_are_made_label_safe(make_monitor, transport):
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = make_monitor(model, optimizer)
+    monitor.eval(**{"val acc": 0.5, "f1/macro": 0.25, "x" * 100: 1.0})
+    monitor.close()
+    (report,) = transport.of_kind("eval")
+    # What healthd's schema accepts (EvalReport.metrics): a space would cost the whole report a 422.
+    assert report["metrics"] == {"val_acc": 0.5, "f1/macro": 0.25, "x" * 64: 1.0}
+    from healthd.schema import EvalReport
+    EvalReport.model_validate({**report, "job": "j", "time": 1.0})
+
+
 def test_bad_batch_size_is_dropped_with_one_warning(make_monitor, transport):
     model = Net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -117,3 +117,28 @@ def test_malformed_bodies_are_4xx_naming_the_field() -> None:
             assert r.status_code == status, body
             err = r.json()["rejected"][0]["errors"][0]
             assert err["loc"][: len(loc)] == loc, (body, err)
+
+
+def test_free_text_that_becomes_a_label_has_a_character_rule() -> None:
+    gpu = {"kind": "gpu", "job": "run-1", "rank": 0, "time": 1.0, "gpu": 0, "uuid": "GPU-5a4b-11"}
+    bad = {
+        ("uuid",): {**gpu, "uuid": 'GPU-1"} evil{x="'},
+        ("hostname",): {**gpu, "hostname": "node 1\n"},
+        ("mig_uuid",): {**gpu, "mig": True, "mig_uuid": "MIG 1"},
+        ("throttle_reasons", 0): {**gpu, "throttle_reasons": ["Power Cap!"]},
+        ("metrics", "val acc", "[key]"): {"kind": "eval", "job": "run-1", "rank": 0, "time": 1.0, "step": 3,
+                                          "metrics": {"val acc": 0.5}},
+    }
+    with live_healthd() as live:
+        for loc, report in bad.items():
+            # The bad report sits between two good ones: 422 naming its field, the neighbours kept.
+            r = httpx.post(live.url + "/v1/reports", content=_batch(_step(0), report, _step(1)), timeout=10)
+            assert r.status_code == 422, loc
+            body = r.json()
+            assert body["accepted"] == 2, loc
+            (rejection,) = body["rejected"]
+            assert rejection["index"] == 1
+            assert any(tuple(e["loc"][-len(loc):]) == loc for e in rejection["errors"]), (loc, rejection)
+        ok = {**gpu, "uuid": "MIG-GPU-5a4b/1/0", "hostname": "gpu-node-7.cluster.local", "mig": True,
+              "mig_uuid": "MIG-5a4b-22", "throttle_reasons": ["sw_power_cap"]}
+        assert httpx.post(live.url + "/v1/reports", content=_batch(ok), timeout=10).status_code == 200
