@@ -16,45 +16,56 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
-from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_value
+from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
 from healthd.settings import StoreSettings
 
 
 class WindowExtremes:
-    """Sliding-window max and min of a signal over ``window_seconds`` (monotonic deques, O(1) amortised)."""
+    """Sliding-window max and min of a signal over ``window_seconds``.
 
-    __slots__ = ("window", "_max", "_min")
+    Kept per bucket of ``window_seconds / 32``: a push is a comparison or two (it runs for every
+    step report), a read (at scrape time) scans at most 33 buckets. The window's far edge is
+    bucket-aligned, so a value may count up to one bucket longer than ``window_seconds``.
+    """
+
+    __slots__ = ("window", "_width", "_buckets")
 
     def __init__(self, window_seconds: float) -> None:
         self.window = window_seconds
-        self._max: deque[tuple[float, float]] = deque()
-        self._min: deque[tuple[float, float]] = deque()
+        self._width = window_seconds / 32
+        self._buckets: deque[list[float]] = deque()  # [bucket index, max, min], oldest first
 
     def push(self, t: float, v: float | None) -> None:
         if v is None or not math.isfinite(v):
             return  # non-finite values are counted by trainhealth_nonfinite_total
-        while self._max and self._max[-1][1] <= v:
-            self._max.pop()
-        self._max.append((t, v))
-        while self._min and self._min[-1][1] >= v:
-            self._min.pop()
-        self._min.append((t, v))
+        i = t // self._width
+        b = self._buckets
+        if b and b[-1][0] == i:
+            last = b[-1]
+            if v > last[1]:
+                last[1] = v
+            elif v < last[2]:
+                last[2] = v
+            return
+        b.append([i, v, v])
+        while b[0][0] < i - 33:  # bounded even if nobody reads
+            b.popleft()
 
-    def _evict(self, now: float) -> None:
-        cutoff = now - self.window
-        while self._max and self._max[0][0] < cutoff:
-            self._max.popleft()
-        while self._min and self._min[0][0] < cutoff:
-            self._min.popleft()
+    def _live(self, now: float) -> deque[list[float]]:
+        first = (now - self.window) // self._width
+        b = self._buckets
+        while b and b[0][0] < first:
+            b.popleft()
+        return b
 
     def max(self, now: float) -> float | None:
-        self._evict(now)
-        return self._max[0][1] if self._max else None
+        b = self._live(now)
+        return max(x[1] for x in b) if b else None
 
     def min(self, now: float) -> float | None:
-        self._evict(now)
-        return self._min[0][1] if self._min else None
+        b = self._live(now)
+        return min(x[2] for x in b) if b else None
 
 
 @dataclass
@@ -173,7 +184,7 @@ class Store:
     def _apply_step(self, job: JobState, st: RankState, s: StepReport, now: float) -> None:
         st.steps.append(s)
         for key, col in st.columns.items():
-            col.append(column_value(s, key))
+            col.append(getattr(s, key) if key != "lr" else (s.lr[0] if s.lr else None))
         if len(st.initial_steps) < self.settings.initial_steps:
             st.initial_steps.append(s)
         st.last_step = s
@@ -183,16 +194,17 @@ class Store:
         nf["loss"] += s.nonfinite.loss
         nf["grads"] += s.nonfinite.grads
         nf["params"] += s.nonfinite.params
-        for key in WINDOWED:
+        sums, counts, last_values = st.signal_sums, st.signal_counts, st.last_values
+        for key, extremes in st.extremes.items():  # the WINDOWED signals
             v = getattr(s, key)
-            st.extremes[key].push(now, v)
             if v is not None and math.isfinite(v):
-                st.signal_sums[key] = st.signal_sums.get(key, 0.0) + float(v)
-                st.signal_counts[key] = st.signal_counts.get(key, 0) + 1
+                extremes.push(now, v)
+                sums[key] = sums.get(key, 0.0) + v
+                counts[key] = counts.get(key, 0) + 1
         for key in LAST_VALUE_FIELDS:
             v = getattr(s, key)
             if v is not None:
-                st.last_values[key] = float(v)
+                last_values[key] = float(v)
         if s.lr and math.isfinite(s.lr[0]) and (st.lr_peak is None or s.lr[0] > st.lr_peak):
             st.lr_peak = s.lr[0]
         if s.layers or s.activations:

@@ -47,3 +47,29 @@ def test_hand_built_window_has_the_same_columns() -> None:
     for s in steps:
         job.apply(s, 0.0)
     assert job.job_window("j", 1.0).ranks[0].values("grad_norm", 4) == [6.0, 9.0]
+
+
+def test_window_extremes_match_brute_force_within_one_bucket() -> None:
+    import random
+
+    from healthd.store import WindowExtremes
+
+    rng = random.Random(1)
+    w = WindowExtremes(60.0)
+    pushed: list[tuple[float, float]] = []
+    t = now = 1000.0
+    for _ in range(3000):
+        t += rng.expovariate(20.0)
+        v = rng.gauss(0, 1) * (50 if rng.random() < 0.01 else 1)
+        w.push(t, v)
+        pushed.append((t, v))
+        if rng.random() < 0.05:
+            now = max(now, t + rng.random() * 5)  # reads come in time order (scrapes)
+            hi, lo = w.max(now), w.min(now)
+            exact = [v for ts, v in pushed if ts >= now - 60.0]
+            loose = [v for ts, v in pushed if ts >= now - 60.0 - 60.0 / 32]  # the far edge is bucket-aligned
+            assert hi is not None and lo is not None
+            assert max(exact) <= hi <= max(loose) and min(loose) <= lo <= min(exact)
+    w.push(t, math.inf)
+    w.push(t, None)
+    assert w.max(t + 61.0 + 60.0 / 32) is None  # everything aged out; non-finite values never counted
