@@ -83,6 +83,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rank_rules = [r for r in rules if r.scope is Scope.RANK]
+        self._gated_fields = sorted({f for r in self.rank_rules for f in r.reads})
         self.job_rules = [r for r in rules if r.scope is Scope.JOB]
         self.history_per_job = history_per_job
         self.rank_rules_every_steps = rank_rules_every_steps
@@ -110,9 +111,13 @@ class Engine:
         now = self.clock()
         weight = max(1, window.new_steps)
         book = self._jobs.get(window.job)
+        new = window.new if self._gated_fields else []
+        arrived = {f for f in self._gated_fields if any(_present(getattr(s, f)) for s in new)}
         for rule in self.rank_rules:
-            finding = _first(self._evaluate(rule, window))
             key = (rule.name, window.rank)
+            if rule.reads and arrived.isdisjoint(rule.reads) and (book is None or key not in book.active):
+                continue  # none of what it reads arrived: its answer stands (Rule.reads)
+            finding = _first(self._evaluate(rule, window))
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
             self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key],
@@ -241,6 +246,13 @@ class Engine:
             alert.resolved_at = alert.updated_at = now
             alert.evidence = {**alert.evidence, "resolved_because": "job expired (silent past store.job_ttl_seconds)"}
             self._notify(alert, AlertState.FIRING)
+
+
+def _present(value: object) -> bool:
+    """A sampled field carries data (``training=False`` does; an empty dict or list does not)."""
+    if isinstance(value, dict | list):
+        return bool(value)
+    return value is not None
 
 
 def _urgent(step: StepReport) -> bool:

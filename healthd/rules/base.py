@@ -8,7 +8,8 @@ nothing. Alert state (pending -> firing -> resolved) lives in the engine only.
 To add a rule: subclass ``Rule``, give it a ``Config`` (a ``RuleConfig``
 subclass with typed, unit-named thresholds), a docstring that says what it
 detects, why it matters, its source and its thresholds, an ``advice`` string
-(shown in the alert), and list it in ``healthd.rules.ALL_RULES``.
+(shown in the alert), and list it in ``healthd.rules.ALL_RULES``. A rank rule that only
+looks at fields the client samples every N steps (activations, inputs) names them in ``reads``.
 """
 
 from __future__ import annotations
@@ -226,6 +227,10 @@ class Rule(Generic[C]):
     scope: ClassVar[Scope] = Scope.RANK
     advice: ClassVar[str] = ""
     Config: ClassVar[type[RuleConfig]] = RuleConfig
+    # Rank rules over sampled fields only: the StepReport fields whose arrival can change the answer.
+    # The engine skips the rule for an evaluation whose new steps carry none of them (no hit, no
+    # miss), unless the rule has an alert open on that rank. Empty: evaluated every time.
+    reads: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: C | None = None) -> None:
         self.config: C = config if config is not None else self.Config()  # type: ignore[assignment]

@@ -34,6 +34,7 @@ class DeadActivations(Rule[DeadActivationsConfig]):
     name: ClassVar[str] = "DeadActivations"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("activations",)
     Config = DeadActivationsConfig
     advice: ClassVar[str] = (
         "Lower the learning rate, use He initialisation with zero (or small positive) biases, try LeakyReLU/GELU, "

@@ -29,6 +29,7 @@ class EvalModeDuringTraining(Rule[EvalModeDuringTrainingConfig]):
     name: ClassVar[str] = "EvalModeDuringTraining"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("training",)
     Config = EvalModeDuringTrainingConfig
     advice: ClassVar[str] = (
         "Call model.train() before the training loop resumes after evaluation (model.eval() is sticky). "

@@ -37,6 +37,7 @@ class InputNotNormalized(Rule[InputNotNormalizedConfig]):
     name: ClassVar[str] = "InputNotNormalized"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("inputs",)
     Config = InputNotNormalizedConfig
     advice: ClassVar[str] = (
         "Standardise inputs (subtract the training set's mean, divide by its std, per feature/channel; "

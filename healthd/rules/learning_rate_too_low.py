@@ -46,6 +46,7 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
     name: ClassVar[str] = "LearningRateTooLow"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("update_ratio",)
     Config = LearningRateTooLowConfig
     advice: ClassVar[str] = (
         "Raise the learning rate (try 3-10x), or run a learning-rate range test. The update-to-weight ratio "
@@ -54,6 +55,13 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
+        # Every test below must pass; the one that fails in a healthy run (the ratio) goes first.
+        ratios = window.values("update_ratio", cfg.window_steps)
+        if len(ratios) < cfg.min_samples:
+            return None
+        med = median(ratios)
+        if med <= 0 or med >= cfg.min_update_ratio:
+            return None  # exactly zero is WeightsNotUpdating's finding
         if len(window.column("step", cfg.window_steps)) < cfg.window_steps:
             return None
         lrs = window.values("lr", cfg.window_steps)
@@ -63,13 +71,9 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
             return None
         if window.lr_peak is not None and lrs[-1] < cfg.peak_fraction * window.lr_peak:
             return None
-        ratios = window.values("update_ratio", cfg.window_steps)
         norms = window.values("grad_norm", cfg.window_steps)
-        if len(ratios) < cfg.min_samples or not norms or median(norms) <= 0:
+        if not norms or median(norms) <= 0:
             return None
-        med = median(ratios)
-        if med <= 0 or med >= cfg.min_update_ratio:
-            return None  # exactly zero is WeightsNotUpdating's finding
         initial = finite(series(window.initial_steps, "loss"))
         recent = window.values("loss", 10)
         if initial and recent and median(recent) > cfg.diverged_loss_factor * abs(median(initial)):

@@ -28,6 +28,7 @@ class LossInputBroadcast(Rule[LossInputBroadcastConfig]):
     name: ClassVar[str] = "LossInputBroadcast"
     severity: ClassVar[Severity] = Severity.CRITICAL
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("loss_inputs",)
     Config = LossInputBroadcastConfig
     advice: ClassVar[str] = (
         "Make input and target the same shape before the loss: pred.squeeze(-1) or target.unsqueeze(-1) "

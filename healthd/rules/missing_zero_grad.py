@@ -33,6 +33,7 @@ class MissingZeroGrad(Rule[MissingZeroGradConfig]):
     name: ClassVar[str] = "MissingZeroGrad"
     severity: ClassVar[Severity] = Severity.CRITICAL
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("grads_stale_at_backward",)
     Config = MissingZeroGradConfig
     advice: ClassVar[str] = (
         "Call optimizer.zero_grad(set_to_none=True) once per optimizer step (before backward, or right after "

@@ -32,6 +32,7 @@ class SaturatedActivations(Rule[SaturatedActivationsConfig]):
     name: ClassVar[str] = "SaturatedActivations"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("activations",)
     Config = SaturatedActivationsConfig
     advice: ClassVar[str] = (
         "Use Xavier/Glorot initialisation for sigmoid/tanh layers, normalise the inputs, add batch/layer norm "

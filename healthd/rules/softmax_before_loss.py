@@ -59,6 +59,7 @@ class SoftmaxBeforeLoss(Rule[SoftmaxBeforeLossConfig]):
     name: ClassVar[str] = "SoftmaxBeforeLoss"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("loss_inputs",)
     Config = SoftmaxBeforeLossConfig
     advice: ClassVar[str] = (
         "Pass raw logits to cross_entropy / CrossEntropyLoss / BCEWithLogitsLoss (remove the softmax/sigmoid); "

@@ -73,3 +73,47 @@ def test_one_step_per_request_is_evaluated_at_every_step() -> None:
     assert [c[0] for c in Seen.calls] == [0, 1, 2, 3]
     a = hd.engine.alerts("j")[0]
     assert a.state is AlertState.FIRING and a.step == 0  # hits 1, 2, 3: fires at the third step, as before
+
+
+class SampledInputs(Rule[RuleConfig]):
+    """Test rule over a sampled field: finds while the newest sampled input mean is above 1."""
+
+    name: ClassVar[str] = "SampledInputs"
+    scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("inputs",)
+    calls: ClassVar[list[int]] = []
+
+    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+        assert w.latest is not None
+        SampledInputs.calls.append(w.latest.step)
+        sampled = w.latest_where(lambda s: s.inputs is not None, 1, 10)
+        if sampled and sampled[-1].inputs is not None and sampled[-1].inputs.mean > 1:
+            return Finding(summary="inputs", evidence={}, step=sampled[-1].step, rank=w.rank)
+        return None
+
+
+def test_a_rule_over_a_sampled_field_runs_when_it_arrives_or_while_its_alert_is_open() -> None:
+    SampledInputs.calls = []
+    hd = build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": 1},
+                                      "rules": {"SampledInputs": {"resolve_after_steps": 3}}}), rules=[SampledInputs])
+
+    def send(step: int, mean: float | None = None) -> None:
+        report: dict[str, object] = {"kind": "step", "job": "j", "rank": 0, "time": 1.0, "step": step, "loss": 1.0}
+        if mean is not None:
+            report["inputs"] = {"mean": mean, "std": 1.0, "abs_max": 3.0}
+        hd.ingest(json.dumps({"schema_version": 1, "reports": [report]}).encode())
+
+    send(0, mean=0.0)
+    for i in range(1, 5):
+        send(i)
+    assert SampledInputs.calls == [0]  # steps 1-4 carried no inputs: nothing to re-judge
+    send(5, mean=5.0)
+    assert hd.engine.alerts("j")[0].state is AlertState.FIRING
+    for i in range(6, 9):
+        send(i)  # the alert is open: evaluated every step, and still finds (step 5 is within 10)
+    assert SampledInputs.calls == [0, 5, 6, 7, 8]
+    send(9, mean=0.0)
+    for i in range(10, 13):
+        send(i)
+    assert hd.engine.alerts("j")[0].state is AlertState.RESOLVED
+    assert SampledInputs.calls == [0, 5, 6, 7, 8, 9, 10, 11]  # resolved at 11: skipped again at 12
