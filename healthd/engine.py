@@ -137,6 +137,19 @@ class Engine:
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
 
+    def on_tick_rule(self, rule: Rule, window: JobWindow) -> None:
+        """Run one job-scoped rule (of ``job_rules``) on a job's window: ``on_tick`` a rule at a time,
+        for a caller that lets other work run in between (the server's ticker serves ingest there).
+        As in ``on_tick``, the window counts as one evaluation, once its last rule has run."""
+        t0 = time.perf_counter()
+        findings = _all(self._evaluate(rule, window))
+        book = self._jobs.get(window.job)
+        keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
+        self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
+        self.evaluation_seconds_sum += time.perf_counter() - t0
+        if rule is self.job_rules[-1]:
+            self.evaluation_count += 1
+
     def _evaluate(self, rule: Rule, window: RankWindow | JobWindow) -> Finding | Sequence[Finding] | None:
         try:
             return rule.evaluate(window)
