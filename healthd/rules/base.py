@@ -107,6 +107,8 @@ def _tail(steps: Sequence[StepReport], columns: Mapping[str, Sequence[float | No
         return [column_value(s, attr) for s in tail]
     if n is None or n >= len(col):
         return list(col)
+    if isinstance(col, list):
+        return col[-n:] if n > 0 else []
     return list(itertools.islice(col, len(col) - n, None))
 
 

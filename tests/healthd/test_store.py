@@ -24,7 +24,8 @@ def test_columns_match_the_steps_past_the_window_length() -> None:
         store.apply(_step(i), float(i))
     w = store.rank_window("j", 0, new_steps=3)
     assert [s.step for s in w.steps] == list(range(24, 40))
-    assert w.column("step") == list(range(8, 40))  # the window keeps scalars past the whole reports
+    assert w.column("step", 32) == list(range(8, 40))  # the window keeps scalars past the whole reports
+    assert w.column("step")[-32:] == list(range(8, 40)) and len(w.column("step")) <= 40  # trimmed in chunks
     for attr in COLUMNS:
         expected = [column_value(s, attr) for s in w.steps]
         got = w.column(attr, len(w.steps))
@@ -33,8 +34,9 @@ def test_columns_match_the_steps_past_the_window_length() -> None:
             for a, b in zip(got, expected, strict=True)), attr
         assert w.column(attr, 5) == got[-5:] or attr == "loss"
         assert w.column(attr, 100)[-16:] == got or attr == "loss"
+        assert w.column(attr, 0) == []
     assert w.values("loss") == [v for v in w.column("loss") if v is not None and math.isfinite(v)]
-    assert len(w.values("loss")) == 31  # step 30's NaN is not a value
+    assert len(w.values("loss", 32)) == 31  # step 30's NaN is not a value
     assert [s.step for s in w.new] == [37, 38, 39]
 
 
