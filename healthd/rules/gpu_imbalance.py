@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 import statistics
+from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules._gpu import last_samples, memory_ratio
+from healthd.rules._gpu import memory_ratio
 from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity
+from healthd.schema import GpuReport, Severity
 
 
 class GPUImbalanceConfig(RuleConfig):
@@ -22,6 +26,31 @@ class GPUImbalanceConfig(RuleConfig):
     stale_seconds: float = Field(default=120.0, gt=0, description="ranks without a sample for this long are left out")
     for_steps: int = 3
     resolve_after_steps: int = 10
+
+
+_utilization = operator.attrgetter("utilization_gpu_ratio")
+_used = operator.attrgetter("memory_used_bytes")
+_total = operator.attrgetter("memory_total_bytes")
+
+
+def _present(values: list[float | None]) -> list[float]:
+    """The values that are not None."""
+    try:
+        math.fsum(values)  # type: ignore[arg-type]
+    except TypeError:  # a None ("None in values" compares every float with None: slower)
+        return [v for v in values if v is not None]
+    return values  # type: ignore[return-value]
+
+
+def _memory_ratios(samples: Sequence[GpuReport]) -> list[float]:
+    """``memory_ratio`` of the samples that have one; NVML's readings, the common case, at C speed."""
+    total = list(map(_total, samples))
+    if all(total):
+        try:
+            return list(map(operator.truediv, map(_used, samples), total))
+        except TypeError:  # no NVML reading in some sample
+            pass
+    return [r for r in map(memory_ratio, samples) if r is not None]
 
 
 class GPUImbalance(Rule[GPUImbalanceConfig]):
@@ -56,11 +85,12 @@ class GPUImbalance(Rule[GPUImbalanceConfig]):
         for rank, st in window.ranks.items():
             if st.closed:
                 continue
-            samples = last_samples(st.gpu, cfg.window_samples)
-            if len(samples) < cfg.min_samples or window.now - samples[-1].time > cfg.stale_seconds:
+            # Newest first, read from the end of the deque: this runs for every rank of the job on each tick.
+            samples = list(itertools.islice(reversed(st.gpu), cfg.window_samples))
+            if len(samples) < cfg.min_samples or window.now - samples[0].time > cfg.stale_seconds:
                 continue
-            u = [s.utilization_gpu_ratio for s in samples if s.utilization_gpu_ratio is not None]
-            m = [r for r in map(memory_ratio, samples) if r is not None]
+            u = _present(list(map(_utilization, samples)))
+            m = _memory_ratios(samples)
             if len(u) >= cfg.min_samples:
                 util[rank] = statistics.fmean(u)
             if len(m) >= cfg.min_samples:

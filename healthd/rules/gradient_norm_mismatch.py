@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
 
 from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
+from healthd.rules.straggler_rank import newest
 from healthd.schema import Severity
 
 
@@ -16,6 +18,31 @@ class GradientNormMismatchConfig(RuleConfig):
     max_ratio: float = Field(default=10.0, gt=1, description="a rank's median local norm over the others' median "
                                                              "(or its inverse) above this is a finding")
     for_steps: int = Field(default=3, ge=1, description="consecutive engine ticks with the finding before firing")
+
+
+def leave_one_out_medians(values: Sequence[float]) -> list[float]:
+    """For each ``values[i]``, the median of all the other values, as ``statistics.median`` gives it.
+
+    One stable sort instead of a sort per value: O(n log n) where the direct way is O(n^2 log n),
+    which at thousands of ranks took tens of milliseconds per tick. Needs at least two values.
+    """
+    order = sorted(range(len(values)), key=values.__getitem__)
+    xs = [values[i] for i in order]
+    position = [0] * len(values)
+    for p, i in enumerate(order):
+        position[i] = p
+    rest = len(values) - 1
+    half = rest // 2
+    out = []
+    for p in position:
+        # The others, sorted, are xs without index p: their j-th is xs[j] below p, xs[j + 1] from p on.
+        upper = xs[half + 1] if half >= p else xs[half]
+        if rest % 2:
+            out.append(upper)
+        else:
+            lower = xs[half] if half - 1 >= p else xs[half - 1]
+            out.append((lower + upper) / 2)
+    return out
 
 
 class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
@@ -51,15 +78,16 @@ class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
         for rank, st in window.ranks.items():
             if st.closed:
                 continue
-            norms = finite([s.grad_norm_local for s in list(st.steps)[-cfg.window_steps:]])
+            norms = finite(newest(st, "grad_norm_local", cfg.window_steps))
             if len(norms) >= cfg.min_steps:
                 medians[rank] = median(norms)
                 steps[rank] = st.last_step
         if len(medians) < 2:
             return []
+        others_medians = dict(zip(medians, leave_one_out_medians(list(medians.values())), strict=True))
         out = []
         for rank, m in sorted(medians.items()):
-            others = median([v for r, v in medians.items() if r != rank])
+            others = others_medians[rank]
             if others <= 0 and m <= 0:
                 continue
             ratio = m / others if others > 0 else float("inf")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
-from healthd.schema import Severity, StepReport
+from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope, finite, fmt, median
+from healthd.schema import Severity
 
 
 class StragglerRankConfig(RuleConfig):
@@ -19,17 +22,42 @@ class StragglerRankConfig(RuleConfig):
     resolve_after_steps: int = Field(default=10, ge=1, description="ticks without the finding before resolving")
 
 
-def work_seconds(s: StepReport) -> float | None:
+def newest(st: RankStatus, attr: str, n: int) -> list[float | None]:
+    """``st.column(attr, n)`` newest first, read from the column's end.
+
+    Job rules read a short tail of every rank's column on each tick; ``RankStatus.column`` walks the
+    whole window to reach it, which at thousands of ranks was most of the rules' time.
+    """
+    col = st.columns.get(attr)
+    if col is None:  # a RankStatus built by hand (tests)
+        return st.column(attr, n)[::-1]
+    return list(itertools.islice(reversed(col), n))
+
+
+def work_seconds(step_seconds: float | None, comm_seconds: float | None) -> float | None:
     """The rank's own time in a step: step time minus the time spent waiting in gradient all-reduce.
 
     Under DDP every rank waits for the slowest in the all-reduce, so plain step
     times are all equal; what differs is how much of it each rank spent working.
     """
-    if s.step_seconds is None:
+    if step_seconds is None:
         return None
-    if s.comm_seconds is None:
-        return s.step_seconds
-    return max(0.0, s.step_seconds - s.comm_seconds)
+    if comm_seconds is None:
+        return step_seconds
+    return max(0.0, step_seconds - comm_seconds)
+
+
+def _work_times(step_seconds: list[float | None], comm_seconds: list[float | None]) -> list[float]:
+    """The finite ``work_seconds`` of aligned step and comm times, the common cases at C speed."""
+    if not comm_seconds or (comm_seconds[0] is None and comm_seconds.count(None) == len(comm_seconds)):
+        return finite(step_seconds)  # no DDP comm hook: the work is the step time
+    try:
+        work = list(map(operator.sub, step_seconds, comm_seconds))  # type: ignore[arg-type]
+    except TypeError:  # a None among them ("x in list" compares every float with None: slower)
+        return finite([work_seconds(s, c) for s, c in zip(step_seconds, comm_seconds, strict=True)])
+    if math.isfinite(sum(work)) and min(work) > 0:  # all finite and positive: max(0.0, w) is w
+        return work
+    return finite(list(map(max, itertools.repeat(0.0), work)))
 
 
 class StragglerRank(Rule[StragglerRankConfig]):
@@ -63,11 +91,13 @@ class StragglerRank(Rule[StragglerRankConfig]):
         cfg = self.config
         medians: dict[int, float] = {}
         last_step: dict[int, int | None] = {}
+        n = cfg.window_steps
         for rank, st in window.ranks.items():
             if st.closed:
                 continue
-            recent = list(st.steps)[-cfg.window_steps:]
-            times = finite([work_seconds(s) for s in recent])
+            step_seconds = newest(st, "step_seconds", n)
+            comm_seconds = newest(st, "comm_seconds", n)
+            times = _work_times(step_seconds, comm_seconds)
             if len(times) >= cfg.min_steps:
                 medians[rank] = median(times)
                 last_step[rank] = st.last_step

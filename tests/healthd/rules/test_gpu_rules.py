@@ -193,6 +193,16 @@ def test_imbalance_ignores_closed_stale_and_single_ranks() -> None:
     assert GPUImbalance().evaluate(job_window({0: busy, 1: stale})) is None
 
 
+def test_imbalance_compares_mig_slices_and_torch_memory() -> None:
+    # A MIG slice (no utilisation, torch's reserved bytes only) and a sample without a device total.
+    w = job_window({0: series(12, 0), 1: series(12, 1, utilization_gpu_ratio=None, memory_used_bytes=None,
+                                                torch_reserved_bytes=20 * GIB),
+                    2: series(12, 2, memory_total_bytes=[TOTAL] * 11 + [None])})
+    f = GPUImbalance().evaluate(w)
+    assert f is not None and "memory 25% on rank 1 vs 75% on rank 0" in f.summary
+    assert f.evidence["utilization_spread"] == 0.0 and f.evidence["ranks_compared"] == 3
+
+
 def test_configs_validate_with_value_errors() -> None:
     with pytest.raises(ValueError):
         LowGPUUtilization.Config(p95_below_ratio=1.5)
