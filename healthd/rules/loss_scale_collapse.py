@@ -37,6 +37,7 @@ class LossScaleCollapse(Rule[LossScaleCollapseConfig]):
     name: ClassVar[str] = "LossScaleCollapse"
     severity: ClassVar[Severity] = Severity.WARNING
     scope: ClassVar[Scope] = Scope.RANK
+    reads: ClassVar[tuple[str, ...]] = ("step_skipped", "loss_scale")
     Config = LossScaleCollapseConfig
     advice: ClassVar[str] = (
         "Find where the values overflow: run a few steps in fp32 or bf16, check for NaN/Inf in the loss and "
