@@ -112,7 +112,7 @@ class Engine:
         weight = max(1, window.new_steps)
         book = self._jobs.get(window.job)
         new = window.new if self._gated_fields else []
-        arrived = {f for f in self._gated_fields if any(_present(getattr(s, f)) for s in new)}
+        arrived = {f for f in self._gated_fields for s in new if getattr(s, f) not in _ABSENT}
         for rule in self.rank_rules:
             key = (rule.name, window.rank)
             if rule.reads and arrived.isdisjoint(rule.reads) and (book is None or key not in book.active):
@@ -261,11 +261,8 @@ class Engine:
             self._notify(alert, AlertState.FIRING)
 
 
-def _present(value: object) -> bool:
-    """A sampled field carries data (``training=False`` does; an empty dict or list does not)."""
-    if isinstance(value, dict | list):
-        return bool(value)
-    return value is not None
+# A sampled field that carries no data: None, or an empty dict or list (``training=False`` is data).
+_ABSENT: tuple[object, ...] = (None, {}, [])
 
 
 def _urgent(step: StepReport) -> bool:
