@@ -7,8 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
-from healthd.rules.straggler_rank import newest
+from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, fmt, median
 from healthd.schema import Severity
 
 
@@ -78,7 +77,7 @@ class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
         for rank, st in window.ranks.items():
             if st.closed:
                 continue
-            norms = finite(newest(st, "grad_norm_local", cfg.window_steps))
+            norms = st.values("grad_norm_local", cfg.window_steps)
             if len(norms) >= cfg.min_steps:
                 medians[rank] = median(norms)
                 steps[rank] = st.last_step

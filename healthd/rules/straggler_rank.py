@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope, finite, fmt, median
+from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
 from healthd.schema import Severity
 
 
@@ -20,18 +20,6 @@ class StragglerRankConfig(RuleConfig):
                              description="straggler below this score (fastest median / this rank's median)")
     for_steps: int = Field(default=3, ge=1, description="consecutive engine ticks with the finding before firing")
     resolve_after_steps: int = Field(default=10, ge=1, description="ticks without the finding before resolving")
-
-
-def newest(st: RankStatus, attr: str, n: int) -> list[float | None]:
-    """``st.column(attr, n)`` newest first, read from the column's end.
-
-    Job rules read a short tail of every rank's column on each tick; ``RankStatus.column`` walks the
-    whole window to reach it, which at thousands of ranks was most of the rules' time.
-    """
-    col = st.columns.get(attr)
-    if col is None:  # a RankStatus built by hand (tests)
-        return st.column(attr, n)[::-1]
-    return list(itertools.islice(reversed(col), n))
 
 
 def work_seconds(step_seconds: float | None, comm_seconds: float | None) -> float | None:
@@ -95,9 +83,7 @@ class StragglerRank(Rule[StragglerRankConfig]):
         for rank, st in window.ranks.items():
             if st.closed:
                 continue
-            step_seconds = newest(st, "step_seconds", n)
-            comm_seconds = newest(st, "comm_seconds", n)
-            times = _work_times(step_seconds, comm_seconds)
+            times = _work_times(st.column("step_seconds", n), st.column("comm_seconds", n))
             if len(times) >= cfg.min_steps:
                 medians[rank] = median(times)
                 last_step[rank] = st.last_step
