@@ -77,7 +77,7 @@ def _serve(target: str, port: int, ready: mp.Event, every: int,  # type: ignore[
                     hd.store.apply(report, now)
         tune_gc_for_serving()  # as `healthd serve` does
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            lifespan="on", loop="asyncio", http="h11" if os.environ.get("BENCH_H11") else "auto")
+                            lifespan="on", loop="auto", http="auto")  # as `healthd serve`: uvloop + httptools
     server = uvicorn.Server(config)
 
     async def main() -> None:
@@ -87,7 +87,11 @@ def _serve(target: str, port: int, ready: mp.Event, every: int,  # type: ignore[
         ready.set()  # type: ignore[attr-defined]
         await task
 
-    asyncio.run(main())
+    try:  # the event loop `healthd serve` gets from uvicorn when uvloop is installed
+        import uvloop
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
 
 
 def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> bytes:
