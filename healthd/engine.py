@@ -1,14 +1,17 @@
 """The rules engine: runs rules over windows and owns alert state.
 
 An alert is keyed by (job, rule, rank). Its lifecycle follows Prometheus'
-alerting rules: a finding makes it *pending*; ``for_steps`` consecutive
-findings make it *firing*; ``resolve_after_steps`` consecutive evaluations
+alerting rules: a finding makes it *pending*; findings over ``for_steps``
+steps in a row make it *firing*; ``resolve_after_steps`` steps in a row
 without a finding (the cool-down) make it *resolved*, so a noisy signal does
 not flap. A pending alert whose condition clears is dropped, never notified.
+Job-scoped rules count engine ticks instead of steps.
 
 Listeners (Alertmanager push, persistence) hear every pending->firing and
-firing->resolved transition. Rank-scoped rules run when their rank reports a
-step; job-scoped rules run on ``tick``.
+firing->resolved transition. Rank-scoped rules run when their rank has
+reported steps (``Healthd.ingest`` calls ``on_step`` every
+``engine.max_steps_per_evaluation`` steps of a rank and at the end of each
+request); job-scoped rules run on ``tick``.
 """
 
 from __future__ import annotations

@@ -55,9 +55,11 @@ class RuleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True
-    for_steps: int = Field(default=1, ge=1, description="consecutive evaluations with a finding before firing")
+    for_steps: int = Field(
+        default=1, ge=1, description="steps in a row with a finding before firing (job rules: ticks)"
+    )
     resolve_after_steps: int = Field(
-        default=20, ge=1, description="consecutive evaluations without a finding before resolving (cool-down)"
+        default=20, ge=1, description="steps in a row without a finding before resolving (cool-down; job rules: ticks)"
     )
     severity: Severity | None = Field(default=None, description="override the rule's default severity")
 
