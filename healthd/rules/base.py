@@ -114,8 +114,23 @@ def _tail(steps: Sequence[StepReport], columns: Mapping[str, Sequence[float | No
     return list(itertools.islice(col, len(col) - n, None))
 
 
+class _ColumnReader:
+    """``column``/``values`` over a rank's ``steps`` and the store's ``columns`` (RankWindow, RankStatus)."""
+
+    steps: Sequence[StepReport]
+    columns: Mapping[str, Sequence[float | None]]
+
+    def column(self, attr: str, n: int | None = None) -> list[float | None]:
+        """One scalar field over the last ``n`` steps (all kept steps when None), oldest first."""
+        return _tail(self.steps, self.columns, attr, n)
+
+    def values(self, attr: str, n: int | None = None) -> list[float]:
+        """The finite values of ``column(attr, n)``."""
+        return finite(self.column(attr, n))
+
+
 @dataclass(frozen=True)
-class RankWindow:
+class RankWindow(_ColumnReader):
     """A read-only view of one rank's recent data, oldest first."""
 
     job: str
@@ -134,14 +149,6 @@ class RankWindow:
     new_steps: int = 1
     # The store's per-field series, aligned with ``steps`` (see ``COLUMNS``); empty for hand-built windows.
     columns: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
-
-    def column(self, attr: str, n: int | None = None) -> list[float | None]:
-        """One scalar field over the last ``n`` steps (all kept steps when None), oldest first."""
-        return _tail(self.steps, self.columns, attr, n)
-
-    def values(self, attr: str, n: int | None = None) -> list[float]:
-        """The finite values of ``column(attr, n)``."""
-        return finite(self.column(attr, n))
 
     def values_from_step(self, attr: str, n: int, first_step: int) -> list[float]:
         """The finite values of ``column(attr, n)`` at steps numbered ``first_step`` or later."""
@@ -185,7 +192,7 @@ class RankWindow:
 
 
 @dataclass(frozen=True)
-class RankStatus:
+class RankStatus(_ColumnReader):
     """One rank as a job-scoped rule sees it."""
 
     rank: int
@@ -197,14 +204,6 @@ class RankStatus:
     gpu: Sequence[GpuReport] = ()
     closed: bool = False
     columns: Mapping[str, Sequence[float | None]] = field(default_factory=dict)  # as RankWindow.columns
-
-    def column(self, attr: str, n: int | None = None) -> list[float | None]:
-        """One scalar field over the last ``n`` steps (all kept steps when None), oldest first."""
-        return _tail(self.steps, self.columns, attr, n)
-
-    def values(self, attr: str, n: int | None = None) -> list[float]:
-        """The finite values of ``column(attr, n)``."""
-        return finite(self.column(attr, n))
 
 
 @dataclass(frozen=True)
