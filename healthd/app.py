@@ -99,7 +99,7 @@ class Healthd:
                     n = 0
                 new_steps[key] = n
         for (job, rank), n in new_steps.items():
-            if n and job in self.store.jobs:
+            if n:  # the rank applied steps after its last evaluation in this request
                 self.engine.on_step(self.store.rank_window(job, rank, new_steps=n))
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
-from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow
+from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_value
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
 from healthd.settings import StoreSettings
 
@@ -187,7 +187,7 @@ class Store:
         st.steps.append(s)
         cols = st.columns
         for key, col in cols.items():
-            col.append(getattr(s, key) if key != "lr" else (s.lr[0] if s.lr else None))
+            col.append(column_value(s, key))
         window = self.settings.window_steps
         if len(cols["step"]) > window + window // 4:
             for col in cols.values():
