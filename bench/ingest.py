@@ -45,7 +45,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(target: str, port: int, ready: mp.Event, every: int,  # type: ignore[valid-type]
+def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignore[valid-type]
            ranks: int, prefill: int) -> None:
     os.sched_setaffinity(0, {0})
     import uvicorn
@@ -65,7 +65,7 @@ def _serve(target: str, port: int, ready: mp.Event, every: int,  # type: ignore[
         from healthd.settings import Settings
 
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
-                                                "engine": {"rank_rules_every_steps": every}}))
+                                                "engine": {"rank_rules_cpu_share": share}}))
         if prefill:
             # Full windows, as in a long run: rules' cost grows with what they look at.
             from healthd.ingest import parse_batch
@@ -180,7 +180,7 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
     port = _free_port()
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
-    proc = ctx.Process(target=_serve, args=(target, port, ready, args.rank_rules_every_steps,
+    proc = ctx.Process(target=_serve, args=(target, port, ready, args.rank_rules_cpu_share,
                                                         args.ranks, args.prefill_steps), daemon=True)
     proc.start()
     try:
@@ -230,12 +230,12 @@ def main() -> None:
     p.add_argument("--steps-per-cycle", type=int, default=3, help="distinct steps per rank in the body pool")
     p.add_argument("--soak-seconds", type=float, default=0.0, help="soak the healthd target instead")
     p.add_argument("--targets", default="bare,healthd")
-    p.add_argument("--rank-rules-every-steps", type=int, default=1, help="engine.rank_rules_every_steps")
+    p.add_argument("--rank-rules-cpu-share", type=float, default=0.25, help="engine.rank_rules_cpu_share")
     args = p.parse_args()
     print(f"{args.ranks} ranks, {args.reports_per_request} reports/request from {args.ranks_per_request} rank(s), "
           f"{args.connections} connections, "
           f"server on 1 core ({os.cpu_count()} CPUs here), "
-          f"engine.rank_rules_every_steps={args.rank_rules_every_steps}, {len(ALL_RULES)} rules")
+          f"engine.rank_rules_cpu_share={args.rank_rules_cpu_share}, {len(ALL_RULES)} rules")
     results = {}
     for target in ([] if args.soak_seconds else args.targets.split(",")) or ["healthd"]:
         results[target] = r = bench(target, args)

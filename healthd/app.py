@@ -19,6 +19,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from healthd.openapi import openapi_document
 from healthd.persistence import AlertDb
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule
+from healthd.scheduler import EvaluationQueue
 from healthd.schema import AlertState, IngestResult, Rejection, StepReport
 from healthd.series import job_series
 from healthd.settings import Settings, build_rules
@@ -60,6 +62,7 @@ class Healthd:
     counters: Counters
     registry: CollectorRegistry
     clock: Callable[[], float]
+    queue: EvaluationQueue  # ranks waiting for their rules (healthd.scheduler)
     alert_db: AlertDb | None = None  # persistence.sqlite_path
 
     def ingest(self, body: bytes) -> tuple[int, IngestResult]:
@@ -74,8 +77,8 @@ class Healthd:
         limits = self.settings.limits
         capped: list[Rejection] = []
         accepted = 0
-        new_steps: dict[tuple[str, int], int] = {}  # steps of each rank not evaluated yet
         every = self.settings.engine.max_steps_per_evaluation
+        queue = self.queue
         for pos, report in enumerate(parsed.reports):
             index = parsed.indices[pos] if parsed.indices is not None else pos
             admission = admit(self.store, limits, report, index)
@@ -89,18 +92,13 @@ class Healthd:
             self.store.apply(report, now)
             Counters.inc(self.counters.received, report.kind)
             if isinstance(report, StepReport):
-                # A rank is evaluated once per `every` of its steps and once at the end of the request,
-                # over the steps since its last evaluation (RankWindow.new): a request carries a rank's
-                # queue, and a condition that came and went inside it is still evaluated while it held.
+                # A request carries a rank's queue: while the budget allows, the rank is evaluated every
+                # `every` of its steps (a condition that came and went inside the request is still seen
+                # while it held) and at the end of the request; a NaN/Inf is evaluated at once, always.
                 key = (report.job, report.rank)
-                n = new_steps.get(key, 0) + 1
-                if n >= every:
-                    self.engine.on_step(self.store.rank_window(report.job, report.rank, new_steps=n))
-                    n = 0
-                new_steps[key] = n
-        for (job, rank), n in new_steps.items():
-            if n:  # the rank applied steps after its last evaluation in this request
-                self.engine.on_step(self.store.rank_window(job, rank, new_steps=n))
+                if queue.add(key, now) >= every and queue.has_budget() or _urgent(report):
+                    self.evaluate_rank(key)
+        self.evaluate_due()
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:
@@ -109,6 +107,30 @@ class Healthd:
             rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
             return 422, IngestResult(accepted=accepted, rejected=rejected)
         return 200, IngestResult(accepted=accepted)
+
+    def evaluate_rank(self, key: tuple[str, int]) -> None:
+        """Run the rank-scoped rules on one queued rank over its waiting steps, charging the budget."""
+        n = self.queue.take(key)
+        job = self.store.jobs.get(key[0])
+        if not n or job is None or key[1] not in job.ranks:
+            return
+        t0 = time.perf_counter()
+        self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=n))
+        self.queue.charge(time.perf_counter() - t0)
+
+    def evaluate_due(self) -> None:
+        """Evaluate queued ranks, oldest first, while the budget (engine.rank_rules_cpu_share) allows."""
+        queue = self.queue
+        while len(queue) and queue.has_budget():
+            key = queue.oldest()
+            assert key is not None
+            self.evaluate_rank(key)
+
+    def settle(self, job: str | None = None) -> None:
+        """Evaluate every queued rank (of ``job`` if given) now, budget or not: what a read answers
+        (alerts, a job's state) then covers every step accepted before it."""
+        for key in self.queue.keys(job):
+            self.evaluate_rank(key)
 
     def tick(self) -> None:
         """Run job-scoped rules and expire silent jobs, all at once (tests, the demo)."""
@@ -124,6 +146,7 @@ class Healthd:
         are the store's own (they may have grown), their last-step times and ``now`` are as built.
         """
         for name in self.store.expire(self.clock()):
+            self.queue.drop_job(name)
             self.engine.forget(name)
         rules = self.engine.job_rules
         if not rules:
@@ -147,14 +170,21 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
         alert_db = AlertDb(settings.persistence.sqlite_path, history_per_job=settings.store.alert_history_per_job)
         listeners.append(alert_db)
     engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
-                    listeners=listeners, clock=clock, rank_rules_every_steps=settings.engine.rank_rules_every_steps)
+                    listeners=listeners, clock=clock)
     if alert_db is not None:
         # Restored without notifying: a firing alert stays firing and is not paged again.
         engine.restore(alert_db.load(now=clock(), stale_after_seconds=settings.store.job_ttl_seconds))
     counters = Counters()
+    queue = EvaluationQueue(settings.engine.rank_rules_cpu_share, settings.engine.rank_rules_burst_seconds)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HealthCollector(store, engine, counters, clock))
-    return Healthd(settings, store, engine, counters, registry, clock, alert_db)
+    registry.register(HealthCollector(store, engine, counters, clock, queue))
+    return Healthd(settings, store, engine, counters, registry, clock, queue, alert_db)
+
+
+def _urgent(step: StepReport) -> bool:
+    """A step with a NaN/Inf: its rank is evaluated at once, whatever the budget."""
+    nf = step.nonfinite
+    return bool(nf.loss or nf.grads or nf.params) or (step.loss is not None and not math.isfinite(step.loss))
 
 
 def tune_gc_for_serving() -> None:
@@ -208,18 +238,21 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
         state = request.query_params.get("state")
         if state is not None and state not in {s.value for s in AlertState}:
             return _json(400, {"error": f"state must be one of {[s.value for s in AlertState]}"})
+        await _settle(hd, job)
         alerts = [a.out() for a in hd.engine.alerts(job)]
         if state:
             alerts = [a for a in alerts if a.state.value == state]
         return _json(200, {"alerts": [a.model_dump(mode="json") for a in alerts]})
 
     async def get_jobs(request: Request) -> Response:
+        await _settle(hd)
         return _json(200, {"jobs": [_job_summary(hd, j.name) for j in hd.store]})
 
     async def get_job(request: Request) -> Response:
         name = request.path_params["job"]
         if name not in hd.store.jobs:
             return _json(404, {"error": f"no job named {name!r}"})
+        await _settle(hd, name)
         job = hd.store.jobs[name]
         out = _job_summary(hd, name)
         out["attach"] = job.attach.model_dump(mode="json") if job.attach else None
@@ -227,12 +260,14 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
 
     async def get_series(request: Request) -> Response:
         name = request.path_params["job"]
+        await _settle(hd, name)
         series = job_series(hd.store, hd.engine, name)
         if series is None:
             return _json(404, {"error": f"no job named {name!r}"})
         return _json(200, series)
 
     async def status_page(request: Request) -> Response:
+        await _settle(hd)
         return HTMLResponse(render_status_page(hd.store, hd.engine, hd.clock()))
 
     async def metrics(request: Request) -> Response:
@@ -250,13 +285,16 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if pusher is not None:
             pusher.start()
-        task = asyncio.create_task(_ticker(hd))
+        tasks = [asyncio.create_task(_ticker(hd)), asyncio.create_task(_sweeper(hd))]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            hd.settle()  # graceful shutdown: what was accepted is evaluated (and persisted below)
             if pusher is not None:
                 await asyncio.to_thread(pusher.stop)
             if hd.alert_db is not None:  # graceful shutdown (SIGTERM): in-flight requests are done by now
@@ -312,6 +350,38 @@ def _job_summary(hd: Healthd, name: str) -> dict[str, object]:
         "firing": len(firing),
         "global_batch_size": job.global_batch_size,
     }
+
+
+_SLICE_SECONDS = 0.002  # how long the evaluation loops below run before letting requests in
+
+
+async def _settle(hd: Healthd, job: str | None = None) -> None:
+    """``Healthd.settle`` in slices: a read answers for every step accepted before it, and requests
+    arriving meanwhile are served in between (under load thousands of ranks may be waiting)."""
+    deadline = time.perf_counter() + _SLICE_SECONDS
+    for key in hd.queue.keys(job):
+        hd.evaluate_rank(key)  # a rank evaluated meanwhile is no longer queued: a no-op
+        if time.perf_counter() > deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + _SLICE_SECONDS
+
+
+async def _sweeper(hd: Healthd, period: float = 0.05) -> None:
+    """Evaluates waiting ranks while no request brings budget to them (the load stopped, or a rank
+    went quiet), oldest first, within the budget."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            deadline = time.perf_counter() + _SLICE_SECONDS
+            while len(hd.queue) and hd.queue.has_budget():
+                key = hd.queue.oldest()
+                assert key is not None
+                hd.evaluate_rank(key)
+                if time.perf_counter() > deadline:
+                    await asyncio.sleep(0)
+                    deadline = time.perf_counter() + _SLICE_SECONDS
+        except Exception:
+            log.exception("rank evaluation sweep failed")
 
 
 async def _ticker(hd: Healthd) -> None:

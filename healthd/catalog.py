@@ -198,6 +198,12 @@ REQUESTS_TOTAL = Metric(SELF_PREFIX + "ingest_requests_total", MetricType.COUNTE
 RULE_EVALUATION_SECONDS = Metric(SELF_PREFIX + "rule_evaluation_seconds", MetricType.SUMMARY,
                                  "Time spent evaluating rules.", (), "seconds")
 JOBS = Metric(SELF_PREFIX + "jobs", MetricType.GAUGE, "Jobs currently tracked.", ())
+RANK_EVALUATIONS_PENDING = Metric(SELF_PREFIX + "rank_evaluations_pending", MetricType.GAUGE,
+                                  "Ranks whose newest steps wait for their rank-scoped rules "
+                                  "(engine.rank_rules_cpu_share).", ())
+RANK_EVALUATION_DELAY_SECONDS = Metric(SELF_PREFIX + "rank_evaluation_delay_seconds", MetricType.GAUGE,
+                                       "How long the oldest step waiting for rank-scoped rules has waited; "
+                                       "0 when none waits.", (), "seconds")
 ALERT_TRANSITIONS_TOTAL = Metric(SELF_PREFIX + "alert_transitions_total", MetricType.COUNTER,
                                  "Alert state transitions, by new state.", ("state",))
 CARDINALITY_REJECTIONS_TOTAL = Metric(SELF_PREFIX + "cardinality_rejections_total", MetricType.COUNTER,

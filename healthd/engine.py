@@ -9,15 +9,15 @@ Job-scoped rules count engine ticks instead of steps.
 
 Listeners (Alertmanager push, persistence) hear every pending->firing and
 firing->resolved transition. Rank-scoped rules run when their rank has
-reported steps (``Healthd.ingest`` calls ``on_step`` every
-``engine.max_steps_per_evaluation`` steps of a rank and at the end of each
-request); job-scoped rules run on ``tick``.
+reported steps (``Healthd`` calls ``on_step`` when ``healthd.scheduler``'s
+budget allows, every ``engine.max_steps_per_evaluation`` steps of a request
+and at its end; at once for a step with a NaN/Inf); job-scoped rules run on
+``tick``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections import deque
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from healthd.rules.base import EvidenceValue, Finding, JobWindow, RankWindow, Rule, Scope
-from healthd.schema import AlertOut, AlertState, Severity, StepReport
+from healthd.schema import AlertOut, AlertState, Severity
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,6 @@ class Engine:
         rules: Sequence[Rule],
         *,
         history_per_job: int = 1000,
-        rank_rules_every_steps: int = 1,
         listeners: Iterable[AlertListener] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -89,7 +88,6 @@ class Engine:
         self._gated_fields = sorted({f for r in self.rank_rules for f in r.reads})
         self.job_rules = [r for r in rules if r.scope is Scope.JOB]
         self.history_per_job = history_per_job
-        self.rank_rules_every_steps = rank_rules_every_steps
         self.listeners = list(listeners)
         self.clock = clock
         self._jobs: dict[str, _JobAlerts] = {}
@@ -107,9 +105,6 @@ class Engine:
         ``for_steps`` a finding counts them too, except the first of a run, which counts one: a
         condition is known to have held over the interval only when the previous evaluation saw it.
         """
-        every = self.rank_rules_every_steps
-        if every > 1 and not any(s.step % every == 0 or _urgent(s) for s in window.new):
-            return  # load shedding (engine.rank_rules_every_steps); a NaN/Inf step is never skipped
         t0 = time.perf_counter()
         now = self.clock()
         weight = max(1, window.new_steps)
@@ -266,11 +261,6 @@ class Engine:
 
 # A sampled field that carries no data: None, or an empty dict or list (``training=False`` is data).
 _ABSENT: tuple[object, ...] = (None, {}, [])
-
-
-def _urgent(step: StepReport) -> bool:
-    nf = step.nonfinite
-    return bool(nf.loss or nf.grads or nf.params) or (step.loss is not None and not math.isfinite(step.loss))
 
 
 def _all(result: Finding | Sequence[Finding] | None) -> list[Finding]:

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from healthd import catalog as C
 from healthd.engine import Engine
 from healthd.exporter_gpu import gpu_metrics
+from healthd.scheduler import EvaluationQueue
 from healthd.store import WINDOWED, Store
 
 _LAST_VALUE_METRIC = {"loss": C.LOSS, "grad_norm": C.GRAD_NORM, "grad_norm_local": C.GRAD_NORM_LOCAL,
@@ -65,15 +66,17 @@ class HealthCollector(Collector):
     """Reads the store and engine on every scrape."""
 
     def __init__(self, store: Store, engine: Engine, counters: Counters,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, queue: EvaluationQueue | None = None) -> None:
         self.store = store
         self.engine = engine
         self.counters = counters
         self.clock = clock
+        self.queue = queue if queue is not None else EvaluationQueue(1.0, 1.0)
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
         for name in self.store.expire(now):
+            self.queue.drop_job(name)
             self.engine.forget(name)
         yield from self._training(now)
         yield from gpu_metrics(self.store)
@@ -118,7 +121,7 @@ class HealthCollector(Collector):
                         if hi is not None and lo is not None:
                             wmax[key].add_metric(lv, hi)
                             wmin[key].add_metric(lv, lo)
-                        if key in st.signal_counts:
+                        if st.signal_counts.get(key):  # once a finite value arrived
                             per_step[key].add_metric(lv, count_value=st.signal_counts[key],
                                                      sum_value=st.signal_sums[key])
                 if st.evals:
@@ -176,3 +179,10 @@ class HealthCollector(Collector):
         jobs = _gauge(C.JOBS)
         jobs.add_metric([], len(self.store.jobs))
         yield jobs
+        pending = _gauge(C.RANK_EVALUATIONS_PENDING)
+        pending.add_metric([], len(self.queue))
+        yield pending
+        since = self.queue.oldest_since()
+        delay = _gauge(C.RANK_EVALUATION_DELAY_SECONDS)
+        delay.add_metric([], 0.0 if since is None else max(0.0, self.clock() - since))
+        yield delay

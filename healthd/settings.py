@@ -59,13 +59,16 @@ class ExporterSettings(_Section):
 class EngineSettings(_Section):
     tick_seconds: float = Field(default=1.0, gt=0, description="period of job-scoped (time-based) rules")
     max_steps_per_evaluation: int = Field(
-        default=5, ge=1, description="rank-scoped rules run once per request over the steps it brought, and at "
-        "least every this many of them (a request may carry a rank's whole queue): a condition that comes and "
+        default=5, ge=1, description="while the budget allows, a rank's rules run every this many of the steps a "
+        "request brings, and at its end (a request may carry a rank's whole queue): a condition that comes and "
         "goes inside one request is still seen")
-    rank_rules_every_steps: int = Field(
-        default=1, ge=1, description="load shedding: skip a rank's evaluation unless one of its new steps is "
-        "divisible by this (a step with a non-finite value is never skipped); for_steps/resolve_after_steps "
-        "then count the steps of the evaluations that ran")
+    rank_rules_cpu_share: float = Field(
+        default=0.25, gt=0, le=1, description="fraction of one core rank-scoped rules may use under load "
+        "(healthd.scheduler): a rank whose evaluation does not fit waits, and its next evaluation covers every "
+        "step it reported meanwhile; 1 evaluates every request's ranks before answering it, whatever the cost")
+    rank_rules_burst_seconds: float = Field(
+        default=0.5, gt=0, description="CPU seconds rank-scoped rules may spend at once before the share applies "
+        "(a burst after a quiet period is evaluated at once)")
 
 
 class LimitSettings(_Section):

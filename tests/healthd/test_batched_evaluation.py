@@ -36,7 +36,7 @@ def _body(losses: list[float], start: int = 0) -> bytes:
 
 def _healthd(every: int) -> Healthd:
     Seen.calls = []
-    return build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": every},
+    return build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": every, "rank_rules_cpu_share": 1.0},
                                         "rules": {"Seen": {"for_steps": 3, "resolve_after_steps": 8}}}),
                  rules=[Seen])
 
@@ -94,7 +94,7 @@ class SampledInputs(Rule[RuleConfig]):
 
 def test_a_rule_over_a_sampled_field_runs_when_it_arrives_or_while_its_alert_is_open() -> None:
     SampledInputs.calls = []
-    hd = build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": 1},
+    hd = build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": 1, "rank_rules_cpu_share": 1.0},
                                       "rules": {"SampledInputs": {"resolve_after_steps": 3}}}), rules=[SampledInputs])
 
     def send(step: int, mean: float | None = None) -> None:
