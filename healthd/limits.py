@@ -41,9 +41,11 @@ def admit(store: Store, limits: LimitSettings, report: Any, index: int) -> Admis
         return _refuse("max_ranks_per_job", limits.max_ranks_per_job, ["reports", index, "rank"],
                        f"rank {report.rank} refused: job {report.job!r} already has "
                        f"{limits.max_ranks_per_job} ranks")
-    if not isinstance(report, StepReport) or not (report.layers or report.activations):
+    if not isinstance(report, StepReport):
         return Admission(report)
     known = job.layer_names
+    if report.layers.keys() <= known and report.activations.keys() <= known:
+        return Admission(report)  # the common case: no new layer names
     new = [n for n in dict.fromkeys([*report.layers, *report.activations]) if n not in known]
     room = limits.max_layers_per_job - len(known)
     if len(new) <= room:

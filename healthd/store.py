@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
-from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_value
+from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_values
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
 from healthd.settings import StoreSettings
 
@@ -97,6 +97,9 @@ class RankState:
     # slice their tails on every evaluation, and a list slice is a copy at C speed where a deque has
     # to be walked. Trimmed back to window_steps once past 1.25 x window_steps (amortised O(1)).
     columns: dict[str, list[float | None]] = field(default_factory=dict)
+    column_lists: tuple[list[float | None], ...] = ()  # the lists of ``columns``, in COLUMNS order
+    # (signal, its position in COLUMNS, its extremes) for each WINDOWED signal
+    windowed: tuple[tuple[str, int, WindowExtremes], ...] = ()
 
     @property
     def closed(self) -> bool:
@@ -106,6 +109,8 @@ class RankState:
 WINDOWED = ("loss", "grad_norm", "update_ratio", "step_seconds")
 LAST_VALUE_FIELDS = ("loss", "grad_norm", "grad_norm_local", "update_ratio", "batch_size", "step_seconds",
                      "loss_scale")
+_LAST_VALUE_AT = tuple((k, COLUMNS.index(k)) for k in LAST_VALUE_FIELDS)  # every one of them is a column
+_LR_AT = COLUMNS.index("lr")
 
 
 @dataclass
@@ -148,13 +153,19 @@ class Store:
         st = job.ranks.get(rank)
         if st is None:
             s = self.settings
+            extremes = {k: WindowExtremes(self.exporter_window_seconds) for k in WINDOWED}
+            columns: dict[str, list[float | None]] = {k: [] for k in COLUMNS}
             st = job.ranks[rank] = RankState(
                 rank=rank,
                 steps=deque(maxlen=s.detail_steps),
                 evals=deque(maxlen=s.evals_kept),
                 gpu=deque(maxlen=s.gpu_samples_kept),
-                extremes={k: WindowExtremes(self.exporter_window_seconds) for k in WINDOWED},
-                columns={k: [] for k in COLUMNS},
+                extremes=extremes,
+                signal_sums=dict.fromkeys(WINDOWED, 0.0),
+                signal_counts=dict.fromkeys(WINDOWED, 0),
+                columns=columns,
+                column_lists=tuple(columns[k] for k in COLUMNS),
+                windowed=tuple((k, COLUMNS.index(k), extremes[k]) for k in WINDOWED),
             )
         return st
 
@@ -184,36 +195,42 @@ class Store:
                 st.gpu_xid_totals[xid] = st.gpu_xid_totals.get(xid, 0) + 1
 
     def _apply_step(self, job: JobState, st: RankState, s: StepReport, now: float) -> None:
+        # Runs for every step report: the column values are read once (column_values, at C speed) and
+        # the windowed and last-value signals, all columns, are taken from them by position.
         st.steps.append(s)
-        cols = st.columns
-        for key, col in cols.items():
-            col.append(column_value(s, key))
+        values = column_values(s)
+        lists = st.column_lists
+        for col, v in zip(lists, values, strict=True):
+            col.append(v)
         window = self.settings.window_steps
-        if len(cols["step"]) > window + window // 4:
-            for col in cols.values():
+        if len(lists[0]) > window + window // 4:
+            for col in lists:
                 del col[:-window]
         if len(st.initial_steps) < self.settings.initial_steps:
             st.initial_steps.append(s)
         st.last_step = s
         st.last_step_time = now
         st.steps_total += 1
-        nf = st.nonfinite_totals
-        nf["loss"] += s.nonfinite.loss
-        nf["grads"] += s.nonfinite.grads
-        nf["params"] += s.nonfinite.params
+        nf = s.nonfinite
+        if nf.loss or nf.grads or nf.params:
+            totals = st.nonfinite_totals
+            totals["loss"] += nf.loss
+            totals["grads"] += nf.grads
+            totals["params"] += nf.params
         sums, counts, last_values = st.signal_sums, st.signal_counts, st.last_values
-        for key, extremes in st.extremes.items():  # the WINDOWED signals
-            v = getattr(s, key)
+        for key, at, extremes in st.windowed:
+            v = values[at]
             if v is not None and math.isfinite(v):
                 extremes.push(now, v)
-                sums[key] = sums.get(key, 0.0) + v
-                counts[key] = counts.get(key, 0) + 1
-        for key in LAST_VALUE_FIELDS:
-            v = getattr(s, key)
+                sums[key] += v
+                counts[key] += 1
+        for key, at in _LAST_VALUE_AT:
+            v = values[at]
             if v is not None:
                 last_values[key] = float(v)
-        if s.lr and math.isfinite(s.lr[0]) and (st.lr_peak is None or s.lr[0] > st.lr_peak):
-            st.lr_peak = s.lr[0]
+        lr = values[_LR_AT]
+        if lr and math.isfinite(lr) and (st.lr_peak is None or lr > st.lr_peak):
+            st.lr_peak = lr
         if s.layers or s.activations:
             job.layer_names.update(s.layers)
             job.layer_names.update(s.activations)
@@ -227,15 +244,14 @@ class Store:
                 job.layers[name] = ls if old is None else ls.model_copy(update={
                     k: getattr(old, k) for k in ("grad_norm", "update_ratio", "param_norm")
                     if getattr(ls, k) is None})
-        self._apply_distributed(job, s)
+        if s.batch_size is not None:
+            self._apply_distributed(job, s, s.batch_size)
 
     @staticmethod
-    def _apply_distributed(job: JobState, s: StepReport) -> None:
+    def _apply_distributed(job: JobState, s: StepReport, batch_size: int) -> None:
         """Global batch size and the noise-scale estimate (healthd.noise_scale) from one rank's step."""
-        if s.batch_size is None:
-            return
         meta = job.meta
-        local = s.batch_size * meta.grad_accumulation_steps  # examples behind this rank's local gradient
+        local = batch_size * meta.grad_accumulation_steps  # examples behind this rank's local gradient
         job.global_batch_size = local * meta.world_size
         if s.grad_norm_local is not None and s.grad_norm_allreduced is not None and meta.world_size > 1:
             # Each rank's report is one unbiased estimate; the EMA averages them over ranks and steps.

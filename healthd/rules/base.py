@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import operator
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,18 @@ def column_value(step: StepReport, attr: str) -> float | None:
     if attr == "lr":
         return step.lr[0] if step.lr else None
     return getattr(step, attr)  # type: ignore[no-any-return]
+
+
+_LR_AT = COLUMNS.index("lr")
+_OTHER_COLUMNS = operator.attrgetter(*(c for c in COLUMNS if c != "lr"))
+
+
+def column_values(step: StepReport) -> list[float | None]:
+    """All of a step's column values, in ``COLUMNS`` order: ``column_value`` for each, at C speed
+    (the store calls it for every step report)."""
+    values: list[float | None] = list(_OTHER_COLUMNS(step))
+    values.insert(_LR_AT, step.lr[0] if step.lr else None)
+    return values
 
 
 def _tail(steps: Sequence[StepReport], columns: Mapping[str, Sequence[float | None]], attr: str,
