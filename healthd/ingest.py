@@ -28,8 +28,13 @@ class Parsed:
 
 
 def _errors(e: ValidationError) -> list[FieldError]:
-    return [FieldError(loc=[p for p in err["loc"]], msg=err["msg"], type=err["type"])
-            for err in e.errors(include_url=False)]
+    out = []
+    for err in e.errors(include_url=False):
+        msg, type_ = err["msg"], err["type"]
+        if type_ == "unexpected_keyword_argument":  # an unknown field of a record (schema._record)
+            msg, type_ = "Extra inputs are not permitted", "extra_forbidden"  # as for every other model
+        out.append(FieldError(loc=list(err["loc"]), msg=msg, type=type_))
+    return out
 
 
 def _body_error(msg: str, type_: str, loc: list[str | int] | None = None) -> Parsed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from healthd.schema import FieldError, StepReport
+from healthd.schema import FieldError, StepReport, replace
 from healthd.settings import LimitSettings
 from healthd.store import Store
 
@@ -51,10 +51,8 @@ def admit(store: Store, limits: LimitSettings, report: Any, index: int) -> Admis
     if len(new) <= room:
         return Admission(report)
     dropped = set(new[max(room, 0):])
-    trimmed = report.model_copy(update={
-        "layers": {n: v for n, v in report.layers.items() if n not in dropped},
-        "activations": {n: v for n, v in report.activations.items() if n not in dropped},
-    })
+    trimmed = replace(report, layers={n: v for n, v in report.layers.items() if n not in dropped},
+                      activations={n: v for n, v in report.activations.items() if n not in dropped})
     first = new[max(room, 0)]
     field = "layers" if first in report.layers else "activations"
     refused = _refuse("max_layers_per_job", limits.max_layers_per_job, ["reports", index, field, first],

@@ -18,9 +18,14 @@ Conventions:
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from dataclasses import field as _field
+from dataclasses import replace as _replace
+from functools import cache
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic.dataclasses import dataclass as _pydantic_dataclass
+from typing_extensions import dataclass_transform
 
 SCHEMA_VERSION = 1
 
@@ -83,13 +88,47 @@ class AlertState(str, enum.Enum):
 # --------------------------------------------------------------------------- reports
 
 
+_T = TypeVar("_T")
+
+
+@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(Field, _field))
+def _record(cls: type[_T]) -> type[_T]:
+    """The wire rules of ``_Model`` (strict, unknown fields rejected, NaN/Inf as JSON literals) on a
+    frozen slotted dataclass instead of a BaseModel: what healthd keeps of every step, thousands of
+    ranks times hundreds of steps. An instance is one object (no ``__dict__``, no fields-set set):
+    ~4x less memory and half the objects the garbage collector walks. ``replace`` and ``dump`` stand
+    in for ``model_copy`` and ``model_dump``."""
+    return _pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants"),
+                               frozen=True, slots=True, kw_only=True)(cls)  # type: ignore[return-value]
+
+
+def replace(record: _T, **changes: Any) -> _T:
+    """A copy of a report with some fields changed (validated again)."""
+    if isinstance(record, BaseModel):
+        return record.model_copy(update=changes)  # type: ignore[return-value]
+    return _replace(record, **changes)  # type: ignore[type-var]
+
+
+@cache
+def _adapter(cls: type) -> TypeAdapter[Any]:
+    return TypeAdapter(cls)
+
+
+def dump(record: object) -> dict[str, Any]:
+    """A report as JSON-ready data (``model_dump(mode="json")`` for models and records alike)."""
+    if isinstance(record, BaseModel):
+        return record.model_dump(mode="json")
+    return _adapter(type(record)).dump_python(record, mode="json")  # type: ignore[arg-type,no-any-return]
+
+
 class _ReportBase(_Model):
     job: JobName
     rank: Rank = 0
     time: UnixTime
 
 
-class NonFinite(_Model):
+@_record
+class NonFinite:
     """Counts of tensors holding NaN/Inf in a step (tensors, not elements: a non-finite norm says so cheaply).
 
     ``params`` is measured every ``heavy_every_steps`` only; 0 on other steps means "not measured or clean".
@@ -100,7 +139,8 @@ class NonFinite(_Model):
     params: Count = 0
 
 
-class LayerStats(_Model):
+@_record
+class LayerStats:
     """Per-layer statistics. A layer is the parameter tensors of one module."""
 
     grad_norm: float | None = None
@@ -109,7 +149,8 @@ class LayerStats(_Model):
     grad_missing: bool = False  # every parameter of the layer had grad None
 
 
-class ActivationStats(_Model):
+@_record
+class ActivationStats:
     """Sampled forward-hook statistics of one activation layer."""
 
     kind: Literal["relu", "sigmoid", "tanh", "other"]
@@ -117,7 +158,8 @@ class ActivationStats(_Model):
     saturated_fraction: Ratio | None = None  # units in the flat region over the batch
 
 
-class InputStats(_Model):
+@_record
+class InputStats:
     """Sampled statistics of the model's first floating-point input."""
 
     mean: float
@@ -125,7 +167,8 @@ class InputStats(_Model):
     abs_max: float
 
 
-class LossInputCheck(_Model):
+@_record
+class LossInputCheck:
     """What a sampled loss call was given (SoftmaxBeforeLoss, LossInputBroadcast)."""
 
     fn: ShortText  # e.g. "cross_entropy", "nll_loss", "mse_loss"
@@ -137,9 +180,13 @@ class LossInputCheck(_Model):
     broadcasts: bool = False  # input and target shapes differ but broadcast
 
 
-class StepReport(_ReportBase):
+@_record
+class StepReport:
     """One optimizer step on one rank."""
 
+    job: JobName
+    rank: Rank = 0
+    time: UnixTime
     kind: Literal["step"] = "step"
     step: Step
     loss: float | None = None
@@ -153,7 +200,7 @@ class StepReport(_ReportBase):
     # waiting for slower ranks. step_seconds - comm_seconds is the rank's own work (StragglerRank).
     comm_seconds: float | None = Field(default=None, ge=0)
     update_ratio: float | None = None  # ||w_t - w_{t-1}|| / ||w_{t-1}|| over all params
-    nonfinite: NonFinite = NonFinite()
+    nonfinite: NonFinite = _field(default_factory=NonFinite)
     layers: dict[LayerName, LayerStats] = Field(default_factory=dict)
     training: bool | None = None  # model.training when the optimizer stepped
     grads_stale_at_backward: bool | None = None  # grads non-zero when backward began

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from healthd.schema import dump
+
 if TYPE_CHECKING:
     from healthd.engine import Engine
     from healthd.store import RankState, Store
@@ -42,7 +44,7 @@ def _rank_series(job: str, st: RankState) -> dict[str, Any]:
             if name != "step" and col[i] is not None:
                 light[name] = [col[i]] if name == "lr" else col[i]
         by_step[int(k)] = light
-    by_step.update({s.step: s.model_dump(mode="json") for s in (*st.initial_steps, *st.steps)})
+    by_step.update({s.step: dump(s) for s in (*st.initial_steps, *st.steps)})
     return {
         "steps": [by_step[k] for k in sorted(by_step)],
         "evals": [e.model_dump(mode="json") for e in st.evals],

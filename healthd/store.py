@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
 from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_values
-from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport
+from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport, replace
 from healthd.settings import StoreSettings
 
 
@@ -241,7 +241,7 @@ class Store:
             for name, ls in s.layers.items():
                 old = job.layers.get(name)
                 # Fields measured every N steps only keep their last known value in between.
-                job.layers[name] = ls if old is None else ls.model_copy(update={
+                job.layers[name] = ls if old is None else replace(ls, **{
                     k: getattr(old, k) for k in ("grad_norm", "update_ratio", "param_norm")
                     if getattr(ls, k) is None})
         if s.batch_size is not None:

@@ -75,3 +75,14 @@ def test_window_extremes_match_brute_force_within_one_bucket() -> None:
     w.push(t, math.inf)
     w.push(t, None)
     assert w.max(t + 61.0 + 60.0 / 32) is None  # everything aged out; non-finite values never counted
+
+
+def test_column_values_is_column_value_for_every_column() -> None:
+    from healthd.rules.base import COLUMNS, column_value, column_values
+    from healthd.schema import StepReport
+
+    for s in (StepReport(job="j", time=1.0, step=3),
+              StepReport(job="j", time=1.0, step=4, loss=2.0, lr=[0.1, 0.2], grad_norm=1.5, batch_size=8,
+                         step_seconds=0.2, comm_seconds=0.1, loss_scale=1024.0, param_fingerprint=7.0,
+                         grad_norm_local=1.4, update_ratio=1e-3)):
+        assert column_values(s) == [column_value(s, c) for c in COLUMNS]

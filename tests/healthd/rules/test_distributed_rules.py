@@ -18,7 +18,7 @@ from healthd.rules.rank_desync import RankDesync, _group, _latest_shared_fingerp
 from healthd.rules.rank_stalled import RankStalled
 from healthd.rules.straggler_rank import StragglerRank, work_seconds
 from healthd.rules.training_stalled import TrainingStalled
-from healthd.schema import HeartbeatReport, StepReport
+from healthd.schema import HeartbeatReport, StepReport, replace
 from healthd.settings import StoreSettings
 from healthd.store import Store
 from tests.healthd.factories import steps, window
@@ -28,7 +28,7 @@ NOW = 2000.0
 
 def rank(r: int, *, n: int = 10, last_step_time: float | None = NOW, heartbeat_time: float | None = NOW,
          closing: bool = False, **series: Sequence[Any] | Any) -> RankStatus:
-    st: list[StepReport] = [s.model_copy(update={"rank": r}) for s in steps(n, **series)] if n else []
+    st: list[StepReport] = [replace(s, rank=r) for s in steps(n, **series)] if n else []
     hb = HeartbeatReport(job="j", rank=r, time=NOW, closing=closing) if heartbeat_time is not None else None
     return RankStatus(rank=r, steps=st, last_step=st[-1].step if st else None,
                       last_step_time=last_step_time if st else None, last_heartbeat=hb,
