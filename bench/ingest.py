@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/ingest.py                      # 2,048 ranks, 10 reports/request, 20 s per target
+    .venv/bin/python bench/ingest.py                      # 2,048 ranks, 10 reports/request, 30 s per target
     .venv/bin/python bench/ingest.py --soak-seconds 600   # 10-minute soak: RSS and open files over time
 
 Each target runs in its own process pinned to CPU 0 (``sched_setaffinity``), the load
@@ -15,7 +15,11 @@ layers). Targets:
 - ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``;
 - ``bare``: a Starlette route that only reads the body and answers 200 (the ceiling).
 
-Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM).
+Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM); for healthd
+also, from ``/healthz`` polled every second, how long steps waited for rank rules (median and max),
+how many ranks waited, and rank evaluations per second (engine.rank_rules_cpu_share bounds their CPU);
+and the duration and size of a ``/metrics`` scrape taken every ``--scrape-seconds`` (15) during the
+run, as Prometheus would (its cost is part of the load).
 """
 
 from __future__ import annotations
@@ -138,7 +142,32 @@ async def _connection(port: int, bodies: list[bytes], stop_at: float, latencies:
     writer.close()
 
 
-def _load(port: int, args: argparse.Namespace, seconds: float, step0: int) -> tuple[float, list[float], int]:
+async def _get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    text = (await reader.read()).decode()
+    writer.close()
+    return text.partition("\r\n\r\n")[2]
+
+
+async def _sample(port: int, stop_at: float, samples: list[dict[str, float]], scrape_seconds: float) -> None:
+    """Every second ``/healthz`` (the evaluation queue's wait, rule evaluations so far); every
+    ``scrape_seconds`` a Prometheus-like scrape of ``/metrics``, timed (it is part of the load)."""
+    next_scrape = time.perf_counter() + scrape_seconds
+    while time.perf_counter() + 1.0 < stop_at:
+        await asyncio.sleep(1.0)
+        sample = json.loads(await _get(port, "/healthz"))
+        sample["t"] = time.perf_counter()
+        if scrape_seconds and sample["t"] >= next_scrape:
+            next_scrape += scrape_seconds
+            t0 = time.perf_counter()
+            sample["scrape_bytes"] = len(await _get(port, "/metrics"))
+            sample["scrape_seconds"] = time.perf_counter() - t0
+        samples.append(sample)
+
+
+def _load(port: int, args: argparse.Namespace, seconds: float, step0: int,
+          samples: list[dict[str, float]] | None = None) -> tuple[float, list[float], int]:
     """Drive the server for ``seconds``; returns (reports/s, latencies, failed requests)."""
     rng = random.Random(0)
     per = args.reports_per_request
@@ -155,7 +184,8 @@ def _load(port: int, args: argparse.Namespace, seconds: float, step0: int) -> tu
         t0 = time.perf_counter()
         stop_at = t0 + seconds
         per_conn = [bodies[c::args.connections] for c in range(args.connections)]
-        await asyncio.gather(*(_connection(port, b, stop_at, latencies, counts, per) for b in per_conn))
+        sampler = [_sample(port, stop_at, samples, args.scrape_seconds)] if samples is not None else []
+        await asyncio.gather(*(_connection(port, b, stop_at, latencies, counts, per) for b in per_conn), *sampler)
         return time.perf_counter() - t0
 
     elapsed = asyncio.run(run())
@@ -190,10 +220,24 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
         _load(port, args, args.warmup_seconds, args.prefill_steps)  # warm the server up (windows were filled at start)
         if args.soak_seconds:
             return _soak(proc.pid or 0, port, args)
-        rate, lat, failed = _load(port, args, args.seconds, 10_000)
+        samples: list[dict[str, float]] | None = [] if target == "healthd" else None
+        rate, lat, failed = _load(port, args, args.seconds, 10_000, samples)
         st = _proc_status(proc.pid or 0)
-        return {"reports_per_second": rate, "p50_ms": statistics.median(lat) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3,
-                "peak_rss_mib": st["VmHWM"] / 2**20, "failed_requests": failed, "requests": len(lat)}
+        out = {"reports_per_second": rate, "p50_ms": statistics.median(lat) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3,
+               "peak_rss_mib": st["VmHWM"] / 2**20, "failed_requests": failed, "requests": len(lat)}
+        if samples and len(samples) > 1:  # how long steps waited for rank rules; how often ranks were evaluated
+            delays = [x["rank_evaluation_delay_seconds"] for x in samples]
+            out["eval_delay_median_s"] = statistics.median(delays)
+            out["eval_delay_max_s"] = max(delays)
+            out["ranks_pending_median"] = statistics.median(x["rank_evaluations_pending"] for x in samples)
+            first, last = samples[0], samples[-1]
+            out["rank_evaluations_per_s"] = ((last["rule_evaluations_total"] - first["rule_evaluations_total"])
+                                             / (last["t"] - first["t"]))
+            scrapes = [x["scrape_seconds"] for x in samples if "scrape_seconds" in x]
+            if scrapes:
+                out["scrape_ms_max"] = max(scrapes) * 1e3
+                out["scrape_mib"] = max(x["scrape_bytes"] for x in samples if "scrape_bytes" in x) / 2**20
+        return out
     finally:
         proc.terminate()
         proc.join(10)
@@ -223,7 +267,9 @@ def main() -> None:
                    help="ranks in one request: 1 is healthd_client (one rank's queue per POST); "
                         "10 with 10 reports per request is the old shape, one step of 10 ranks (a proxy)")
     p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--scrape-seconds", type=float, default=15.0,
+                   help="scrape /metrics this often during the run, as Prometheus would (0: never)")
     p.add_argument("--warmup-seconds", type=float, default=10.0)
     p.add_argument("--prefill-steps", type=int, default=512,
                    help="steps put in every rank's window before the run (store.window_steps: full windows)")

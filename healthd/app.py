@@ -274,7 +274,12 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
         return Response(generate_latest(hd.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
-        return _json(200, {"status": "ok", "jobs": len(hd.store.jobs)})
+        # Cheap at any size (unlike /metrics): what a probe or a load test can poll every second.
+        since = hd.queue.oldest_since()
+        return _json(200, {"status": "ok", "jobs": len(hd.store.jobs),
+                           "rank_evaluations_pending": len(hd.queue),
+                           "rank_evaluation_delay_seconds": 0.0 if since is None else max(0.0, hd.clock() - since),
+                           "rule_evaluations_total": hd.engine.evaluation_count})
 
     openapi = json.dumps(openapi_document()).encode()
 

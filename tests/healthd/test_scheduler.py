@@ -137,6 +137,8 @@ def test_reads_settle_and_metrics_show_the_wait() -> None:
         _starved(hd)
         assert client.post("/v1/reports", content=_body(0, 0, 10, nan_at=9)).status_code == 200
         assert client.post("/v1/reports", content=_body(1, 0, 4)).status_code == 200
+        health = client.get("/healthz").json()
+        assert health["rank_evaluations_pending"] == 1 and health["rank_evaluation_delay_seconds"] >= 0
         metrics = client.get("/metrics").text
         assert "healthd_rank_evaluations_pending 1.0" in metrics
         assert "healthd_rank_evaluation_delay_seconds " in metrics
