@@ -8,6 +8,7 @@ RankDesync, RankStalled).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -54,6 +55,28 @@ def launch(hd: Embedded, job: str, tmp_path: Path, **env: Any) -> subprocess.Pop
            str(SCRIPT)]
     log = (tmp_path / f"{job}.log").open("wb")
     return subprocess.Popen(cmd, env=full, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts each worker in a session of its own,
+    so killing torchrun's process group leaves the workers behind (the hung one sleeps for an hour)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def alerts(hd: Embedded, job: str) -> list[dict[str, Any]]:
@@ -119,5 +142,5 @@ def test_straggler_then_desync_then_hang(healthd: Embedded, tmp_path: Path) -> N
         wait_for(lambda: bool(firing("TrainingStalled")), 20, "TrainingStalled")
         assert proc.poll() is None  # the job really is hung, not dead
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait(timeout=30)
