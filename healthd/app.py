@@ -120,17 +120,29 @@ class Healthd:
 
     def evaluate_due(self) -> None:
         """Evaluate queued ranks, oldest first, while the budget (engine.rank_rules_cpu_share) allows."""
+        for _ in self.due_slices():
+            pass
+
+    def due_slices(self) -> Iterator[None]:
+        """``evaluate_due`` a rank at a time (the server's sweeper serves requests in between)."""
         queue = self.queue
         while len(queue) and queue.has_budget():
             key = queue.oldest()
             assert key is not None
             self.evaluate_rank(key)
+            yield
 
     def settle(self, job: str | None = None) -> None:
         """Evaluate every queued rank (of ``job`` if given) now, budget or not: what a read answers
         (alerts, a job's state) then covers every step accepted before it."""
+        for _ in self.settle_slices(job):
+            pass
+
+    def settle_slices(self, job: str | None = None) -> Iterator[None]:
+        """``settle`` a rank at a time; a rank evaluated meanwhile is no longer queued (a no-op)."""
         for key in self.queue.keys(job):
             self.evaluate_rank(key)
+            yield
 
     def tick(self) -> None:
         """Run job-scoped rules and expire silent jobs, all at once (tests, the demo)."""
@@ -360,15 +372,19 @@ def _job_summary(hd: Healthd, name: str) -> dict[str, object]:
 _SLICE_SECONDS = 0.002  # how long the evaluation loops below run before letting requests in
 
 
-async def _settle(hd: Healthd, job: str | None = None) -> None:
-    """``Healthd.settle`` in slices: a read answers for every step accepted before it, and requests
-    arriving meanwhile are served in between (under load thousands of ranks may be waiting)."""
+async def _in_slices(slices: Iterator[None]) -> None:
+    """Run ``slices`` (Healthd.settle_slices, due_slices) on the event loop, letting waiting requests
+    in every ``_SLICE_SECONDS``: under load thousands of ranks may be queued."""
     deadline = time.perf_counter() + _SLICE_SECONDS
-    for key in hd.queue.keys(job):
-        hd.evaluate_rank(key)  # a rank evaluated meanwhile is no longer queued: a no-op
+    for _ in slices:
         if time.perf_counter() > deadline:
             await asyncio.sleep(0)
             deadline = time.perf_counter() + _SLICE_SECONDS
+
+
+async def _settle(hd: Healthd, job: str | None = None) -> None:
+    """A read answers for every step accepted before it (``Healthd.settle``, in slices)."""
+    await _in_slices(hd.settle_slices(job))
 
 
 async def _sweeper(hd: Healthd, period: float = 0.05) -> None:
@@ -377,14 +393,7 @@ async def _sweeper(hd: Healthd, period: float = 0.05) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            deadline = time.perf_counter() + _SLICE_SECONDS
-            while len(hd.queue) and hd.queue.has_budget():
-                key = hd.queue.oldest()
-                assert key is not None
-                hd.evaluate_rank(key)
-                if time.perf_counter() > deadline:
-                    await asyncio.sleep(0)
-                    deadline = time.perf_counter() + _SLICE_SECONDS
+            await _in_slices(hd.due_slices())
         except Exception:
             log.exception("rank evaluation sweep failed")
 
