@@ -19,7 +19,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from healthd.openapi import openapi_document
 from healthd.persistence import AlertDb
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule
+from healthd.rules.non_finite_values import nonfinite_parts
 from healthd.scheduler import EvaluationQueue
 from healthd.schema import AlertState, IngestResult, Rejection, StepReport
 from healthd.series import job_series
@@ -194,9 +194,8 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
 
 
 def _urgent(step: StepReport) -> bool:
-    """A step with a NaN/Inf: its rank is evaluated at once, whatever the budget."""
-    nf = step.nonfinite
-    return bool(nf.loss or nf.grads or nf.params) or (step.loss is not None and not math.isfinite(step.loss))
+    """A step with a NaN/Inf (as NonFiniteValues judges it): its rank is evaluated at once, whatever the budget."""
+    return any(nonfinite_parts(step))
 
 
 def tune_gc_for_serving() -> None:

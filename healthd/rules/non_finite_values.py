@@ -9,6 +9,14 @@ from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
 from healthd.schema import Severity, StepReport
 
 
+def nonfinite_parts(s: StepReport) -> tuple[bool, bool, bool]:
+    """Whether the step's loss, gradients and parameters hold a NaN/Inf (the client's counts, or a
+    non-finite loss or global gradient norm)."""
+    return (s.nonfinite.loss > 0 or (s.loss is not None and not math.isfinite(s.loss)),
+            s.nonfinite.grads > 0 or (s.grad_norm is not None and not math.isfinite(s.grad_norm)),
+            s.nonfinite.params > 0)
+
+
 class NonFiniteValuesConfig(RuleConfig):
     resolve_after_steps: int = 50
 
@@ -41,9 +49,7 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         for s in window.new:  # the first poisoned step among those that just arrived: the onset
-            loss_bad = s.nonfinite.loss > 0 or (s.loss is not None and not math.isfinite(s.loss))
-            grads_bad = s.nonfinite.grads > 0 or (s.grad_norm is not None and not math.isfinite(s.grad_norm))
-            params_bad = s.nonfinite.params > 0
+            loss_bad, grads_bad, params_bad = nonfinite_parts(s)
             if s.step_skipped and grads_bad and not (loss_bad or params_bad):
                 continue  # AMP skipped it: LossScaleCollapse watches those
             if loss_bad or grads_bad or params_bad:

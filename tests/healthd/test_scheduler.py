@@ -110,6 +110,16 @@ def test_a_nan_is_evaluated_at_once_whatever_the_budget() -> None:
     assert hd.queue.keys() == [("j", 0)]  # steps 7-9 wait for the budget
 
 
+def test_an_infinite_gradient_norm_is_evaluated_at_once_too() -> None:
+    hd = _healthd()
+    _starved(hd)
+    reports = [{"kind": "step", "job": "j", "rank": 0, "time": 1.0, "step": s, "loss": 1.0,
+                "grad_norm": math.inf if s == 3 else 1.0} for s in range(6)]
+    hd.ingest(json.dumps({"schema_version": 1, "reports": reports}, allow_nan=True).encode())
+    assert Seen.calls == [(0, [0, 1, 2, 3])]  # the rule's own test; no budget needed
+    assert hd.queue.keys() == [("j", 0)]
+
+
 def test_with_budget_a_request_is_evaluated_before_it_is_answered() -> None:
     hd = build(Settings(), rules=[Seen])  # defaults: a share of the core and a burst
     Seen.calls = []
