@@ -189,7 +189,7 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
     counters = Counters()
     queue = EvaluationQueue(settings.engine.rank_rules_cpu_share, settings.engine.rank_rules_burst_seconds)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HealthCollector(store, engine, counters, clock, queue))
+    registry.register(HealthCollector(store, engine, counters, queue, clock))
     return Healthd(settings, store, engine, counters, registry, clock, queue, alert_db)
 
 

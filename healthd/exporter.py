@@ -66,12 +66,12 @@ class HealthCollector(Collector):
     """Reads the store and engine on every scrape."""
 
     def __init__(self, store: Store, engine: Engine, counters: Counters,
-                 clock: Callable[[], float] = time.time, queue: EvaluationQueue | None = None) -> None:
+                 queue: EvaluationQueue, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.engine = engine
         self.counters = counters
         self.clock = clock
-        self.queue = queue if queue is not None else EvaluationQueue(1.0, 1.0)
+        self.queue = queue
 
     def collect(self) -> Iterator[Metric]:
         now = self.clock()
