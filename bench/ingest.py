@@ -65,11 +65,13 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
 
         app = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
     else:
-        from healthd.app import create_app, tune_gc_for_serving
+        from healthd.app import create_app
+        from healthd.gc_policy import ServingGC
         from healthd.settings import Settings
 
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
-                                                "engine": {"rank_rules_cpu_share": share}}))
+                                                "engine": {"rank_rules_cpu_share": share}}),
+                         gc_policy=ServingGC())  # as `healthd serve`
         if prefill:
             # Full windows, as in a long run: rules' cost grows with what they look at.
             from healthd.ingest import parse_batch
@@ -79,7 +81,6 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             for rank in range(ranks):
                 for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill).reports:
                     hd.store.apply(report, now)
-        tune_gc_for_serving()  # as `healthd serve` does
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="auto", http="auto")  # as `healthd serve`: uvloop + httptools
     server = uvicorn.Server(config)

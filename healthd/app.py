@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from healthd.alertmanager import AlertmanagerPusher
 from healthd.auth import BearerAuth
 from healthd.engine import AlertListener, Engine
 from healthd.exporter import Counters, HealthCollector
+from healthd.gc_policy import ServingGC
 from healthd.ingest import parse_batch
 from healthd.limits import admit
 from healthd.openapi import openapi_document
@@ -198,19 +198,6 @@ def _urgent(step: StepReport) -> bool:
     return any(nonfinite_parts(step))
 
 
-def tune_gc_for_serving() -> None:
-    """Process-wide GC settings for a long-lived healthd (``healthd serve`` calls it; importing does not).
-
-    healthd keeps ~10^6 small report objects in its windows (2,048 ranks x 512 steps). With CPython's
-    default thresholds (700, 10, 10), full collections walk all of them every few hundred thousand
-    allocations: pauses of 1-2 s measured here, which is the ingest p99. The objects are freed by
-    reference counting (reports hold no cycles), so rarer young collections lose nothing.
-    """
-    gc.collect()
-    gc.freeze()  # what start-up built (modules, app, rules) is never scanned again
-    gc.set_threshold(50_000, 20, 100)
-
-
 def _json(status: int, payload: object) -> Response:
     # NaN/Inf are data (a NaN loss is evidence): written as the JSON literals
     # NaN/Infinity, as the wire contract says, not refused.
@@ -219,8 +206,9 @@ def _json(status: int, payload: object) -> Response:
 
 def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] = ALL_RULES,
                listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
-               hd: Healthd | None = None) -> Starlette:
-    """Build the ASGI app. Nothing is global: two apps never share state."""
+               hd: Healthd | None = None, gc_policy: ServingGC | None = None) -> Starlette:
+    """Build the ASGI app. Nothing is global: two apps never share state, and the process's garbage
+    collector is left alone unless ``gc_policy`` is given (``healthd serve``)."""
     settings = settings or Settings()
     pusher = None
     if settings.alertmanager.url and hd is None:  # direct push to Alertmanager (healthd.alertmanager)
@@ -302,6 +290,9 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
         if pusher is not None:
             pusher.start()
         tasks = [asyncio.create_task(_ticker(hd)), asyncio.create_task(_sweeper(hd))]
+        if gc_policy is not None:
+            gc_policy.install()
+            tasks.append(asyncio.create_task(_gc_keeper(gc_policy)))
         try:
             yield
         finally:
@@ -395,6 +386,15 @@ async def _sweeper(hd: Healthd, period: float = 0.05) -> None:
             await _in_slices(hd.due_slices())
         except Exception:
             log.exception("rank evaluation sweep failed")
+
+
+async def _gc_keeper(policy: ServingGC) -> None:
+    while True:
+        await asyncio.sleep(policy.freeze_seconds)
+        try:
+            policy.tick()
+        except Exception:
+            log.exception("garbage collector policy failed")
 
 
 async def _ticker(hd: Healthd) -> None:

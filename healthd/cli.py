@@ -16,7 +16,8 @@ from healthd.settings import ConfigError, Settings
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from healthd.app import create_app, tune_gc_for_serving
+    from healthd.app import create_app
+    from healthd.gc_policy import ServingGC
 
     try:
         settings = Settings.from_yaml(args.config) if args.config else Settings()
@@ -28,11 +29,10 @@ def _serve(args: argparse.Namespace) -> int:
         if args.public_url:
             settings = settings.model_copy(update={"public_url": args.public_url})
         settings = _security_overrides(settings, args)
-        app = create_app(settings)
+        app = create_app(settings, gc_policy=ServingGC())
     except ConfigError as e:
         print(f"healthd: bad configuration: {e}", file=sys.stderr)
         return 2
-    tune_gc_for_serving()
     # SIGTERM/SIGINT: uvicorn stops accepting, finishes in-flight requests (up to 10 s), then
     # the app's lifespan shutdown flushes alert state to SQLite.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
