@@ -73,6 +73,16 @@ def test_unparseable_and_oversized_bodies(healthd_server: LiveHealthd) -> None:
     assert healthd_server.get("/v1/alerts", params={"state": "bogus"}).status_code == 400
 
 
+def test_a_chunked_body_is_read_whole_and_held_to_the_size_limit(healthd_server: LiveHealthd) -> None:
+    body = json.dumps({"schema_version": 1, "reports": [_step(i, job="chunked") for i in range(3)]}).encode()
+    r = healthd_server.post("/v1/reports", content=iter([body[:10], body[10:50], body[50:]]))  # no content-length
+    assert r.status_code == 200 and r.json() == {"accepted": 3, "rejected": []}
+    assert healthd_server.get("/v1/jobs/chunked").json()["last_step"] == 2
+    big = iter([b"x" * (1024 * 1024)] * 17)
+    r = healthd_server.post("/v1/reports", content=big)
+    assert r.status_code == 413 and "max_body_bytes" in r.text
+
+
 def test_per_rank_and_per_layer_series_and_expiry() -> None:
     from healthd.settings import Settings, StoreSettings
     from tests.live import live_healthd
