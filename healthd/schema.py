@@ -200,7 +200,7 @@ class StepReport:
     # waiting for slower ranks. step_seconds - comm_seconds is the rank's own work (StragglerRank).
     comm_seconds: float | None = Field(default=None, ge=0)
     update_ratio: float | None = None  # ||w_t - w_{t-1}|| / ||w_{t-1}|| over all params
-    nonfinite: NonFinite = _field(default_factory=NonFinite)
+    nonfinite: NonFinite = NonFinite()  # immutable: every clean step shares one
     layers: dict[LayerName, LayerStats] = Field(default_factory=dict)
     training: bool | None = None  # model.training when the optimizer stepped
     grads_stale_at_backward: bool | None = None  # grads non-zero when backward began
