@@ -80,18 +80,20 @@ class Healthd:
         accepted = 0
         every = self.settings.engine.max_steps_per_evaluation
         queue = self.queue
+        received = self.counters.received
         for pos, report in enumerate(parsed.reports):
             index = parsed.indices[pos] if parsed.indices is not None else pos
             admission = admit(self.store, limits, report, index)
-            if admission.cap is not None and admission.error is not None:
-                Counters.inc(self.counters.capped, admission.cap)
-                capped.append(Rejection(index=index, errors=[admission.error]))
-            report = admission.report
-            if report is None:
-                continue
+            if admission is not None:  # past a cap: refused, or trimmed of new layer names
+                if admission.cap is not None and admission.error is not None:
+                    Counters.inc(self.counters.capped, admission.cap)
+                    capped.append(Rejection(index=index, errors=[admission.error]))
+                report = admission.report
+                if report is None:
+                    continue
             accepted += 1
             self.store.apply(report, now)
-            Counters.inc(self.counters.received, report.kind)
+            received[report.kind] = received.get(report.kind, 0) + 1
             if isinstance(report, StepReport):
                 # A request carries a rank's queue: while the budget allows, the rank is evaluated every
                 # `every` of its steps (a condition that came and went inside the request is still seen

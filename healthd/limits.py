@@ -29,27 +29,28 @@ class Admission:
     error: FieldError | None = None
 
 
-def admit(store: Store, limits: LimitSettings, report: Any, index: int) -> Admission:
-    """Check one validated report against the caps, given what the store holds now."""
+def admit(store: Store, limits: LimitSettings, report: Any, index: int) -> Admission | None:
+    """Check one validated report against the caps, given what the store holds now. None: the report
+    is admitted as it is (the common case, answered without building an ``Admission``)."""
     job = store.jobs.get(report.job)
     if job is None:
         if len(store.jobs) >= limits.max_jobs:
             return _refuse("max_jobs", limits.max_jobs, ["reports", index, "job"],
                            f"job {report.job!r} refused: healthd already tracks {limits.max_jobs} jobs")
-        return Admission(report)
+        return None
     if report.rank not in job.ranks and len(job.ranks) >= limits.max_ranks_per_job:
         return _refuse("max_ranks_per_job", limits.max_ranks_per_job, ["reports", index, "rank"],
                        f"rank {report.rank} refused: job {report.job!r} already has "
                        f"{limits.max_ranks_per_job} ranks")
     if not isinstance(report, StepReport):
-        return Admission(report)
+        return None
     known = job.layer_names
     if report.layers.keys() <= known and report.activations.keys() <= known:
-        return Admission(report)  # the common case: no new layer names
+        return None  # the common case: no new layer names
     new = [n for n in dict.fromkeys([*report.layers, *report.activations]) if n not in known]
     room = limits.max_layers_per_job - len(known)
     if len(new) <= room:
-        return Admission(report)
+        return None
     dropped = set(new[max(room, 0):])
     trimmed = replace(report, layers={n: v for n, v in report.layers.items() if n not in dropped},
                       activations={n: v for n, v in report.activations.items() if n not in dropped})

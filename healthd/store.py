@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from healthd.noise_scale import NoiseScaleEstimator
@@ -111,6 +111,8 @@ LAST_VALUE_FIELDS = ("loss", "grad_norm", "grad_norm_local", "update_ratio", "ba
                      "loss_scale")
 _LAST_VALUE_AT = tuple((k, COLUMNS.index(k)) for k in LAST_VALUE_FIELDS)  # every one of them is a column
 _LR_AT = COLUMNS.index("lr")
+# Runs an iterator for its side effects, keeping nothing.
+_consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 
 
 @dataclass
@@ -118,6 +120,7 @@ class JobState:
     name: str
     ranks: dict[int, RankState] = field(default_factory=dict)
     attach: AttachReport | None = None  # rank 0's, or the first seen
+    meta: JobMeta = field(default_factory=JobMeta)  # of ``attach``, built when it changes (read every step)
     layers: dict[str, LayerStats] = field(default_factory=dict)  # latest per-layer stats
     layers_rank: int | None = None
     layer_names: set[str] = field(default_factory=set)  # every layer name seen (limits.max_layers_per_job)
@@ -127,10 +130,6 @@ class JobState:
     created: float = 0.0
     last_seen: float = 0.0
 
-    @property
-    def meta(self) -> JobMeta:
-        return JobMeta(self.attach)
-
 
 class Store:
     """All jobs. Single-threaded by design: the ASGI event loop owns it."""
@@ -139,6 +138,8 @@ class Store:
         self.settings = settings
         self.exporter_window_seconds = exporter_window_seconds
         self.jobs: dict[str, JobState] = {}
+        self._trim_at = settings.window_steps + settings.window_steps // 4  # columns' amortised trim
+        self._initial_steps = settings.initial_steps
 
     # ------------------------------------------------------------- writes
     def _job(self, name: str, now: float) -> JobState:
@@ -189,6 +190,7 @@ class Store:
             st.attach = report
             if job.attach is None or report.rank == 0:
                 job.attach = report
+                job.meta = JobMeta(report)
         elif isinstance(report, GpuReport):
             st.gpu.append(report)
             for xid in report.xid_events:
@@ -200,13 +202,12 @@ class Store:
         st.steps.append(s)
         values = column_values(s)
         lists = st.column_lists
-        for col, v in zip(lists, values, strict=True):
-            col.append(v)
-        window = self.settings.window_steps
-        if len(lists[0]) > window + window // 4:
+        _consume(map(list.append, lists, values))  # each column gets its value, in one C-level loop
+        if len(lists[0]) > self._trim_at:
+            window = self.settings.window_steps
             for col in lists:
                 del col[:-window]
-        if len(st.initial_steps) < self.settings.initial_steps:
+        if len(st.initial_steps) < self._initial_steps:
             st.initial_steps.append(s)
         st.last_step = s
         st.last_step_time = now
@@ -227,7 +228,7 @@ class Store:
         for key, at in _LAST_VALUE_AT:
             v = values[at]
             if v is not None:
-                last_values[key] = float(v)
+                last_values[key] = v
         lr = values[_LR_AT]
         if lr and math.isfinite(lr) and (st.lr_peak is None or lr > st.lr_peak):
             st.lr_peak = lr
