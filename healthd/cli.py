@@ -35,7 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     # SIGTERM/SIGINT: uvicorn stops accepting, finishes in-flight requests (up to 10 s), then
     # the app's lifespan shutdown flushes alert state to SQLite.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
                 timeout_graceful_shutdown=10, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     return 0
 
@@ -123,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=None)
     serve.add_argument("--config", default=None, help="YAML settings file (rules, limits, ...)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action="store_true",
+                       help="log every HTTP request (off by default: every rank posts several times a second; "
+                            "healthd_ingest_requests_total counts them)")
     serve.add_argument("--alertmanager-url", default=None,
                        help="push alerts to this Alertmanager (v2 API), e.g. http://alertmanager:9093")
     serve.add_argument("--public-url", default=None, help="healthd's URL as users reach it (links in alerts)")
