@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequenc
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -61,7 +62,8 @@ class Healthd:
     store: Store
     engine: Engine
     counters: Counters
-    registry: CollectorRegistry
+    registry: CollectorRegistry  # holds ``collector``: generate_latest(registry) is the whole exposition
+    collector: HealthCollector
     clock: Callable[[], float]
     queue: EvaluationQueue  # ranks waiting for their rules (healthd.scheduler)
     alert_db: AlertDb | None = None  # persistence.sqlite_path
@@ -192,8 +194,9 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
     counters = Counters()
     queue = EvaluationQueue(settings.engine.rank_rules_cpu_share, settings.engine.rank_rules_burst_seconds)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HealthCollector(store, engine, counters, queue, clock))
-    return Healthd(settings, store, engine, counters, registry, clock, queue, alert_db)
+    collector = HealthCollector(store, engine, counters, queue, clock)
+    registry.register(collector)
+    return Healthd(settings, store, engine, counters, registry, collector, clock, queue, alert_db)
 
 
 def _urgent(step: StepReport) -> bool:
@@ -312,7 +315,7 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
         return HTMLResponse(render_status_page(hd.store, hd.engine, hd.clock()))
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(hd.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await _exposition(hd), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(request: Request) -> Response:
         # Cheap at any size (unlike /metrics): what a probe or a load test can poll every second.
@@ -405,6 +408,31 @@ async def _in_slices(slices: Iterator[None]) -> None:
         if time.perf_counter() > deadline:
             await asyncio.sleep(0)
             deadline = time.perf_counter() + _SLICE_SECONDS
+
+
+class _Families:
+    """A registry of metric families already collected: ``generate_latest`` formats them."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+async def _exposition(hd: Healthd) -> bytes:
+    """``generate_latest(hd.registry)``, letting waiting requests in every ``_SLICE_SECONDS``: at
+    2,048 ranks the exposition is ~4 MiB, and rendered in one go it held the event loop (and so
+    every client's ingest) for most of a second per scrape. Families are formatted one at a time."""
+    out: list[bytes] = []
+    deadline = time.perf_counter() + _SLICE_SECONDS
+    for family in hd.collector.collect_in_slices():
+        if family is not None:
+            out.append(generate_latest(_Families([family])))  # type: ignore[arg-type]
+        if time.perf_counter() > deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + _SLICE_SECONDS
+    return b"".join(out)
 
 
 async def _settle(hd: Healthd, job: str | None = None) -> None:

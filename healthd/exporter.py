@@ -74,6 +74,12 @@ class HealthCollector(Collector):
         self.queue = queue
 
     def collect(self) -> Iterator[Metric]:
+        return (m for m in self.collect_in_slices() if m is not None)
+
+    def collect_in_slices(self) -> Iterator[Metric | None]:
+        """``collect`` with a ``None`` between every ``RANKS_PER_SLICE`` ranks: a point where the
+        caller may serve other work (``/metrics`` lets ingest in; thousands of ranks take a while). A
+        rank's samples are read together; ranks read in different slices are milliseconds apart."""
         now = self.clock()
         for name in self.store.expire(now):
             self.queue.drop_job(name)
@@ -83,7 +89,9 @@ class HealthCollector(Collector):
         yield from self._alerts()
         yield from self._self_metrics()
 
-    def _training(self, now: float) -> Iterator[Metric]:
+    RANKS_PER_SLICE = 128
+
+    def _training(self, now: float) -> Iterator[Metric | None]:
         last = {m.name: _gauge(m) for m in (C.STEP, C.LOSS, C.GRAD_NORM, C.GRAD_NORM_LOCAL, C.UPDATE_RATIO,
                                             C.BATCH_SIZE, C.STEP_SECONDS, C.LOSS_SCALE,
                                             C.LAST_REPORT_TIMESTAMP, C.EVAL_LOSS, C.EVAL_ACCURACY,
@@ -103,7 +111,9 @@ class HealthCollector(Collector):
                                   (C.GRADIENT_NOISE_SCALE, job.noise.noise_scale)):
                 if value is not None:
                     per_job[metric.name].add_metric([job.name], float(value))
-            for rank, st in job.ranks.items():
+            for i, (rank, st) in enumerate(list(job.ranks.items())):  # a copy: ranks may join between slices
+                if i and i % self.RANKS_PER_SLICE == 0:
+                    yield None
                 lv = [job.name, str(rank)]
                 last[C.LAST_REPORT_TIMESTAMP.name].add_metric(lv, st.last_seen)
                 s = st.last_step

@@ -103,3 +103,50 @@ def test_per_rank_and_per_layer_series_and_expiry() -> None:
         now[0] += 61
         m = scrape(live)
         assert C.STEP.name not in m and live.get("/v1/jobs").json()["jobs"] == []
+
+
+def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_exposition() -> None:
+    import asyncio
+    import time
+
+    from prometheus_client import generate_latest
+
+    from healthd.app import _exposition, build
+    from healthd.schema import StepReport
+    from healthd.settings import Settings
+
+    hd = build(Settings.from_mapping({"limits": {"max_ranks_per_job": 10_000}}))
+    for rank in range(600):  # several slices of HealthCollector.RANKS_PER_SLICE ranks
+        for i in range(3):
+            hd.store.apply(StepReport(job="big", rank=rank, time=1.0, step=i, loss=2.0 - i / 10, grad_norm=1.0,
+                                      lr=[1e-3], layers={}), now=time.time())
+    hd.collector.clock = lambda: 2.0  # a fixed clock: both expositions see the same window extremes
+
+    async def scrape_while_ingesting() -> tuple[bytes, int]:
+        ticks = 0
+        done = False
+
+        async def other_work() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_work())
+        await asyncio.sleep(0)
+        ticks = 0
+        text = await _exposition(hd)
+        done = True
+        await task
+        return text, ticks
+
+    import healthd.app as app_module
+    slice_seconds = app_module._SLICE_SECONDS
+    app_module._SLICE_SECONDS = 0.0  # yield at every pause point, whatever this machine's speed
+    try:
+        text, ticks = asyncio.run(scrape_while_ingesting())
+    finally:
+        app_module._SLICE_SECONDS = slice_seconds
+    assert ticks >= 600 // hd.collector.RANKS_PER_SLICE, "the event loop ran other work during the scrape"
+    assert text == generate_latest(hd.registry)
+    assert text.count(b'trainhealth_loss{job="big",rank="599"}') == 1
