@@ -13,7 +13,9 @@ job, steps counting up per rank (realistic values: loss, grad norm, lr, update r
 layers). Targets:
 
 - ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``;
-- ``bare``: a Starlette route that only reads the body and answers 200 (the ceiling).
+- ``bare``: a Starlette route that only reads the body and answers 200 (the ceiling);
+- ``validate`` (on request): healthd's endpoint with ingest cut down to ``validate_json`` of the batch,
+  no store, no rules: the ceiling pydantic validation leaves.
 
 Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM); for healthd
 also, from ``/healthz`` polled every second, how long steps waited for rank rules (median and max),
@@ -72,7 +74,15 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
                                                 "engine": {"rank_rules_cpu_share": share}}),
                          gc_policy=ServingGC())  # as `healthd serve`
-        if prefill:
+        if target == "validate":  # the endpoint and validate_json only: what the store and rules add is the rest
+            from healthd.ingest import parse_batch as parse
+            from healthd.schema import IngestResult
+
+            def validate_only(body: bytes) -> tuple[int, IngestResult]:
+                return 200, IngestResult(accepted=len(parse(body, 1_000).reports))
+
+            app.state.healthd.ingest = validate_only
+        elif prefill:
             # Full windows, as in a long run: rules' cost grows with what they look at.
             from healthd.ingest import parse_batch
             hd = app.state.healthd
