@@ -425,13 +425,14 @@ async def _exposition(hd: Healthd) -> bytes:
     2,048 ranks the exposition is ~4 MiB, and rendered in one go it held the event loop (and so
     every client's ingest) for most of a second per scrape. Families are formatted one at a time."""
     out: list[bytes] = []
-    deadline = time.perf_counter() + _SLICE_SECONDS
-    for family in hd.collector.collect_in_slices():
-        if family is not None:
-            out.append(generate_latest(_Families([family])))  # type: ignore[arg-type]
-        if time.perf_counter() > deadline:
-            await asyncio.sleep(0)
-            deadline = time.perf_counter() + _SLICE_SECONDS
+
+    def render() -> Iterator[None]:
+        for family in hd.collector.collect_in_slices():
+            if family is not None:
+                out.append(generate_latest(_Families([family])))  # type: ignore[arg-type]
+            yield None
+
+    await _in_slices(render())
     return b"".join(out)
 
 
