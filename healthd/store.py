@@ -139,7 +139,6 @@ class Store:
         self.exporter_window_seconds = exporter_window_seconds
         self.jobs: dict[str, JobState] = {}
         self._trim_at = settings.window_steps + settings.window_steps // 4  # columns' amortised trim
-        self._initial_steps = settings.initial_steps
 
     # ------------------------------------------------------------- writes
     def _job(self, name: str, now: float) -> JobState:
@@ -207,7 +206,7 @@ class Store:
             window = self.settings.window_steps
             for col in lists:
                 del col[:-window]
-        if len(st.initial_steps) < self._initial_steps:
+        if len(st.initial_steps) < self.settings.initial_steps:
             st.initial_steps.append(s)
         st.last_step = s
         st.last_step_time = now
