@@ -82,7 +82,6 @@ class Healthd:
         accepted = 0
         every = self.settings.engine.max_steps_per_evaluation
         queue = self.queue
-        received = self.counters.received
         for pos, report in enumerate(parsed.reports):
             index = parsed.indices[pos] if parsed.indices is not None else pos
             admission = admit(self.store, limits, report, index)
@@ -95,7 +94,7 @@ class Healthd:
                     continue
             accepted += 1
             self.store.apply(report, now)
-            received[report.kind] = received.get(report.kind, 0) + 1
+            Counters.inc(self.counters.received, report.kind)
             if isinstance(report, StepReport):
                 # A request carries a rank's queue: while the budget allows, the rank is evaluated every
                 # `every` of its steps (a condition that came and went inside the request is still seen
