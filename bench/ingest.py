@@ -14,8 +14,10 @@ layers). Targets:
 
 - ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``;
 - ``bare``: a Starlette route that only reads the body and answers 200 (the ceiling);
-- ``validate`` (on request): healthd's endpoint with ingest cut down to ``validate_json`` of the batch,
-  no store, no rules: the ceiling pydantic validation leaves.
+- ``validate`` (on request): healthd's endpoint with ingest cut down to pydantic's ``validate_json`` of
+  the batch, no store, no rules: the issue's "Starlette + validate_json" reference point;
+- ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.records``):
+  the ceiling parsing leaves.
 
 Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM); for healthd
 also, from ``/healthz`` polled every second, how long steps waited for rank rules (median and max),
@@ -74,12 +76,19 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
                                                 "engine": {"rank_rules_cpu_share": share}}),
                          gc_policy=ServingGC())  # as `healthd serve`
-        if target == "validate":  # the endpoint and validate_json only: what the store and rules add is the rest
-            from healthd.ingest import parse_batch as parse
-            from healthd.schema import IngestResult
+        if target in ("validate", "parse"):  # the endpoint and parsing only: what the store and rules add is the rest
+            from pydantic import TypeAdapter
+
+            from healthd.ingest import parse_batch
+            from healthd.records import NameCheck
+            from healthd.schema import IngestResult, ReportBatch
+
+            batch, names = TypeAdapter(ReportBatch), NameCheck()
 
             def validate_only(body: bytes) -> tuple[int, IngestResult]:
-                return 200, IngestResult(accepted=len(parse(body, 1_000).reports))
+                if target == "validate":  # the reference point: pydantic validate_json of the batch
+                    return 200, IngestResult(accepted=len(batch.validate_json(body).reports))
+                return 200, IngestResult(accepted=len(parse_batch(body, 1_000, names).reports))
 
             app.state.healthd.ingest = validate_only
         elif prefill:
@@ -89,7 +98,7 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             rng = random.Random(1)
             now = time.time()
             for rank in range(ranks):
-                for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill).reports:
+                for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill, hd.names).reports:
                     hd.store.apply(report, now)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             lifespan="on", loop="auto", http="auto")  # as `healthd serve`: uvloop + httptools

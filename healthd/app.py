@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -41,11 +41,12 @@ from healthd.ingest import parse_batch
 from healthd.limits import admit
 from healthd.openapi import openapi_document
 from healthd.persistence import AlertDb
+from healthd.records import NameCheck, StepRecord
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule
 from healthd.rules.non_finite_values import nonfinite_parts
 from healthd.scheduler import EvaluationQueue
-from healthd.schema import AlertState, IngestResult, Rejection, StepReport
+from healthd.schema import AlertState, IngestResult, Rejection
 from healthd.series import job_series
 from healthd.settings import Settings, build_rules
 from healthd.status_page import render_status_page
@@ -67,10 +68,11 @@ class Healthd:
     clock: Callable[[], float]
     queue: EvaluationQueue  # ranks waiting for their rules (healthd.scheduler)
     alert_db: AlertDb | None = None  # persistence.sqlite_path
+    names: NameCheck = field(default_factory=NameCheck)  # job and layer names known valid (ingest)
 
     def ingest(self, body: bytes) -> tuple[int, IngestResult]:
         """Validate and apply a report batch; returns (HTTP status, result)."""
-        parsed = parse_batch(body, self.settings.limits.max_reports_per_request)
+        parsed = parse_batch(body, self.settings.limits.max_reports_per_request, self.names)
         if parsed.body_error is not None:
             err = parsed.body_error.errors[0]
             status = {"json_invalid": 400, "too_many_reports": 413}.get(err.type, 422)
@@ -95,7 +97,7 @@ class Healthd:
             accepted += 1
             self.store.apply(report, now)
             Counters.inc(self.counters.received, report.kind)
-            if isinstance(report, StepReport):
+            if isinstance(report, StepRecord):
                 # A request carries a rank's queue: while the budget allows, the rank is evaluated every
                 # `every` of its steps (a condition that came and went inside the request is still seen
                 # while it held) and at the end of the request; a NaN/Inf is evaluated at once, always.
@@ -198,7 +200,7 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
     return Healthd(settings, store, engine, counters, registry, collector, clock, queue, alert_db)
 
 
-def _urgent(step: StepReport) -> bool:
+def _urgent(step: StepRecord) -> bool:
     """A step with a NaN/Inf (as NonFiniteValues judges it): its rank is evaluated at once, whatever the budget."""
     return any(nonfinite_parts(step))
 

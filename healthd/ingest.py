@@ -1,8 +1,11 @@
 """Parsing a report batch: keep every valid report, say exactly what is wrong with the rest.
 
-The fast path validates the whole body in one ``validate_json`` call. Only
-when that fails does it fall back to validating report by report, so one bad
-report costs its sender a 422 naming the field while its neighbours are kept.
+The fast path splits the body into its reports with msgspec and decodes each step report straight
+into the record the store keeps (``healthd.records``). A report that decoder declines (any other
+kind, an invalid report, a NaN literal) is validated by pydantic on its own, so one bad report
+costs its sender a 422 naming the field while its neighbours are kept. A body msgspec cannot split
+goes to pydantic whole: it is either valid only to pydantic (NaN/Inf literals) or wrong as a body.
+Step reports come out as ``StepRecord``s whichever path they took.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from healthd.schema import SCHEMA_VERSION, FieldError, Rejection, Report, ReportBatch
+from healthd.records import NameCheck, decode_step, split_batch, to_record
+from healthd.schema import SCHEMA_VERSION, FieldError, Rejection, Report, ReportBatch, StepReport
 
 _BATCH = TypeAdapter(ReportBatch)
 _REPORT: TypeAdapter[Any] = TypeAdapter(Report)
@@ -41,14 +45,47 @@ def _body_error(msg: str, type_: str, loc: list[str | int] | None = None) -> Par
     return Parsed(body_error=Rejection(index=-1, errors=[FieldError(loc=loc or [], msg=msg, type=type_)]))
 
 
-def parse_batch(body: bytes, max_reports: int) -> Parsed:
-    """Validate a ``ReportBatch`` body; never raises."""
+def _too_many(n: int, max_reports: int) -> Parsed:
+    return _body_error(f"too many reports in one request: {n} > limit {max_reports} "
+                       "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
+
+
+def _record(report: Any) -> Any:
+    return to_record(report) if isinstance(report, StepReport) else report
+
+
+def parse_batch(body: bytes, max_reports: int, names: NameCheck) -> Parsed:
+    """Validate a ``ReportBatch`` body; never raises. ``names``: the job and layer names already
+    known valid (``records.NameCheck``, one per server)."""
+    raws = split_batch(body)
+    if raws is None:
+        return _parse_with_pydantic(body, max_reports)
+    if len(raws) > max_reports:
+        return _too_many(len(raws), max_reports)
+    reports: list[Any] = []
+    indices: list[int] = []
+    rejected: list[Rejection] = []
+    for i, raw in enumerate(raws):
+        report: Any = decode_step(raw, names)
+        if report is None:
+            try:  # declined: pydantic decides, and says what is wrong
+                report = _record(_REPORT.validate_json(bytes(raw)))
+            except ValidationError as e:
+                errs = [FieldError(loc=["reports", i, *fe.loc], msg=fe.msg, type=fe.type) for fe in _errors(e)]
+                rejected.append(Rejection(index=i, errors=errs))
+                continue
+        reports.append(report)
+        indices.append(i)
+    return Parsed(reports=reports, indices=indices if rejected else None, rejected=rejected)
+
+
+def _parse_with_pydantic(body: bytes, max_reports: int) -> Parsed:
+    """``parse_batch`` for a body msgspec could not split."""
     try:
         batch = _BATCH.validate_json(body)
         if len(batch.reports) > max_reports:
-            return _body_error(f"too many reports in one request: {len(batch.reports)} > limit {max_reports} "
-                               "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
-        return Parsed(reports=list(batch.reports))
+            return _too_many(len(batch.reports), max_reports)
+        return Parsed(reports=[_record(r) for r in batch.reports])
     except ValidationError:
         pass
     try:
@@ -67,14 +104,13 @@ def parse_batch(body: bytes, max_reports: int) -> Parsed:
     if not isinstance(reports, list):
         return _body_error("reports must be a list", "list_type", ["reports"])
     if len(reports) > max_reports:
-        return _body_error(f"too many reports in one request: {len(reports)} > limit {max_reports} "
-                           "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
+        return _too_many(len(reports), max_reports)
     indices: list[int] = []
     out = Parsed(indices=indices)
     for i, raw in enumerate(reports):
         try:
             # Re-encode so the report is judged by exactly the JSON rules of the fast path.
-            out.reports.append(_REPORT.validate_json(json.dumps(raw)))
+            out.reports.append(_record(_REPORT.validate_json(json.dumps(raw))))
             indices.append(i)
         except ValidationError as e:
             errs = [FieldError(loc=["reports", i, *fe.loc], msg=fe.msg, type=fe.type) for fe in _errors(e)]

@@ -15,7 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from healthd.schema import FieldError, StepReport, replace
+import msgspec
+
+from healthd.records import StepRecord
+from healthd.schema import FieldError
 from healthd.settings import LimitSettings
 from healthd.store import Store
 
@@ -42,7 +45,7 @@ def admit(store: Store, limits: LimitSettings, report: Any, index: int) -> Admis
         return _refuse("max_ranks_per_job", limits.max_ranks_per_job, ["reports", index, "rank"],
                        f"rank {report.rank} refused: job {report.job!r} already has "
                        f"{limits.max_ranks_per_job} ranks")
-    if not isinstance(report, StepReport):
+    if not isinstance(report, StepRecord):
         return None
     known = job.layer_names
     if report.layers.keys() <= known and report.activations.keys() <= known:
@@ -52,7 +55,7 @@ def admit(store: Store, limits: LimitSettings, report: Any, index: int) -> Admis
     if len(new) <= room:
         return None
     dropped = set(new[max(room, 0):])
-    trimmed = replace(report, layers={n: v for n, v in report.layers.items() if n not in dropped},
+    trimmed = msgspec.structs.replace(report, layers={n: v for n, v in report.layers.items() if n not in dropped},
                       activations={n: v for n, v in report.activations.items() if n not in dropped})
     first = new[max(room, 0)]
     field = "layers" if first in report.layers else "activations"

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from healthd.schema import dump
+from healthd.records import dump
 
 if TYPE_CHECKING:
     from healthd.engine import Engine

@@ -15,9 +15,12 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from healthd.noise_scale import NoiseScaleEstimator
+from healthd.records import LayerRecord, StepRecord, to_record
 from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_values
-from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, LayerStats, StepReport, replace
+from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, StepReport
 from healthd.settings import StoreSettings
 
 
@@ -71,12 +74,12 @@ class WindowExtremes:
 @dataclass
 class RankState:
     rank: int
-    steps: deque[StepReport]
-    initial_steps: list[StepReport] = field(default_factory=list)
+    steps: deque[StepRecord]
+    initial_steps: list[StepRecord] = field(default_factory=list)
     evals: deque[EvalReport] = field(default_factory=deque)
     gpu: deque[GpuReport] = field(default_factory=deque)
     attach: AttachReport | None = None
-    last_step: StepReport | None = None
+    last_step: StepRecord | None = None
     last_step_time: float | None = None
     last_heartbeat: HeartbeatReport | None = None
     last_heartbeat_time: float | None = None
@@ -121,7 +124,7 @@ class JobState:
     ranks: dict[int, RankState] = field(default_factory=dict)
     attach: AttachReport | None = None  # rank 0's, or the first seen
     meta: JobMeta = field(default_factory=JobMeta)  # of ``attach``, built when it changes (read every step)
-    layers: dict[str, LayerStats] = field(default_factory=dict)  # latest per-layer stats
+    layers: dict[str, LayerRecord] = field(default_factory=dict)  # latest per-layer stats
     layers_rank: int | None = None
     layer_names: set[str] = field(default_factory=set)  # every layer name seen (limits.max_layers_per_job)
     # Distributed: examples per optimizer step over all ranks, and B_simple's smoothed parts.
@@ -169,14 +172,16 @@ class Store:
             )
         return st
 
-    def apply(self, report: StepReport | EvalReport | HeartbeatReport | AttachReport | GpuReport,
+    def apply(self, report: StepRecord | StepReport | EvalReport | HeartbeatReport | AttachReport | GpuReport,
               now: float) -> None:
-        """Fold one validated report into its job's state."""
+        """Fold one validated report into its job's state (a ``StepReport`` is kept as its record)."""
         job = self._job(report.job, now)
         st = self._rank(job, report.rank)
         st.last_seen = now
-        if isinstance(report, StepReport):
+        if isinstance(report, StepRecord):
             self._apply_step(job, st, report, now)
+        elif isinstance(report, StepReport):
+            self._apply_step(job, st, to_record(report), now)
         elif isinstance(report, EvalReport):
             st.evals.append(report)
         elif isinstance(report, HeartbeatReport):
@@ -195,7 +200,7 @@ class Store:
             for xid in report.xid_events:
                 st.gpu_xid_totals[xid] = st.gpu_xid_totals.get(xid, 0) + 1
 
-    def _apply_step(self, job: JobState, st: RankState, s: StepReport, now: float) -> None:
+    def _apply_step(self, job: JobState, st: RankState, s: StepRecord, now: float) -> None:
         # Runs for every step report: the column values are read once (column_values, at C speed) and
         # the windowed and last-value signals, all columns, are taken from them by position.
         st.steps.append(s)
@@ -241,14 +246,14 @@ class Store:
             for name, ls in s.layers.items():
                 old = job.layers.get(name)
                 # Fields measured every N steps only keep their last known value in between.
-                job.layers[name] = ls if old is None else replace(ls, **{
+                job.layers[name] = ls if old is None else msgspec.structs.replace(ls, **{
                     k: getattr(old, k) for k in ("grad_norm", "update_ratio", "param_norm")
                     if getattr(ls, k) is None})
         if s.batch_size is not None:
             self._apply_distributed(job, s, s.batch_size)
 
     @staticmethod
-    def _apply_distributed(job: JobState, s: StepReport, batch_size: int) -> None:
+    def _apply_distributed(job: JobState, s: StepRecord, batch_size: int) -> None:
         """Global batch size and the noise-scale estimate (healthd.noise_scale) from one rank's step."""
         meta = job.meta
         local = batch_size * meta.grad_accumulation_steps  # examples behind this rank's local gradient

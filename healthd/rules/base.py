@@ -26,7 +26,8 @@ from typing import ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, Severity, StepReport
+from healthd.records import StepRecord
+from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, Severity
 
 EvidenceValue = float | int | str | bool | None
 
@@ -95,7 +96,7 @@ COLUMNS: tuple[str, ...] = ("step", "loss", "grad_norm", "grad_norm_local", "upd
                             "comm_seconds", "batch_size", "loss_scale", "lr", "param_fingerprint")
 
 
-def column_value(step: StepReport, attr: str) -> float | None:
+def column_value(step: StepRecord, attr: str) -> float | None:
     """One step's value of a column (``COLUMNS``)."""
     if attr == "lr":
         return step.lr[0] if step.lr else None
@@ -106,7 +107,7 @@ _LR_AT = COLUMNS.index("lr")
 _OTHER_COLUMNS = operator.attrgetter(*(c for c in COLUMNS if c != "lr"))
 
 
-def column_values(step: StepReport) -> list[float | None]:
+def column_values(step: StepRecord) -> list[float | None]:
     """All of a step's column values, in ``COLUMNS`` order: ``column_value`` for each, at C speed
     (the store calls it for every step report)."""
     values: list[float | None] = list(_OTHER_COLUMNS(step))
@@ -114,7 +115,7 @@ def column_values(step: StepReport) -> list[float | None]:
     return values
 
 
-def _tail(steps: Sequence[StepReport], columns: Mapping[str, Sequence[float | None]], attr: str,
+def _tail(steps: Sequence[StepRecord], columns: Mapping[str, Sequence[float | None]], attr: str,
           n: int | None) -> list[float | None]:
     col = columns.get(attr)
     if col is None:  # a window built by hand (tests), or a field the store does not keep as a column
@@ -130,7 +131,7 @@ def _tail(steps: Sequence[StepReport], columns: Mapping[str, Sequence[float | No
 class _ColumnReader:
     """``column``/``values`` over a rank's ``steps`` and the store's ``columns`` (RankWindow, RankStatus)."""
 
-    steps: Sequence[StepReport]
+    steps: Sequence[StepRecord]
     columns: Mapping[str, Sequence[float | None]]
 
     def column(self, attr: str, n: int | None = None) -> list[float | None]:
@@ -149,9 +150,9 @@ class RankWindow(_ColumnReader):
     job: str
     rank: int
     meta: JobMeta
-    steps: Sequence[StepReport]
+    steps: Sequence[StepRecord]
     evals: Sequence[EvalReport] = ()
-    initial_steps: Sequence[StepReport] = ()  # the first steps the rank ever reported
+    initial_steps: Sequence[StepRecord] = ()  # the first steps the rank ever reported
     gpu: Sequence[GpuReport] = ()
     lr_peak: float | None = None  # highest learning rate (group 0) seen so far in the run
     global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
@@ -172,24 +173,24 @@ class RankWindow(_ColumnReader):
         return finite([v for st, v in zip(steps, col, strict=True) if st is not None and st >= first_step])
 
     @property
-    def latest(self) -> StepReport | None:
+    def latest(self) -> StepRecord | None:
         return self.steps[-1] if self.steps else None
 
     @property
-    def new(self) -> list[StepReport]:
+    def new(self) -> list[StepRecord]:
         """The steps this evaluation is about, oldest first (at least the latest, when there is one)."""
         return self.last(max(1, self.new_steps))
 
     @cached_property
-    def _step_list(self) -> list[StepReport]:
+    def _step_list(self) -> list[StepRecord]:
         # Rules ask for several tails of the same window: copy the deque once per evaluation.
         return list(self.steps)
 
-    def latest_where(self, keep: Callable[[StepReport], object], count: int, lookback: int) -> list[StepReport]:
+    def latest_where(self, keep: Callable[[StepRecord], object], count: int, lookback: int) -> list[StepRecord]:
         """The newest ``count`` steps for which ``keep`` is true among the last ``lookback`` steps,
         oldest first: ``[s for s in last(lookback) if keep(s)][-count:]``, scanning from the newest
         (sampled fields arrive every N steps: no need to walk the whole lookback every evaluation)."""
-        out: list[StepReport] = []
+        out: list[StepRecord] = []
         for s in itertools.islice(reversed(self._step_list), lookback):
             if keep(s):
                 out.append(s)
@@ -198,7 +199,7 @@ class RankWindow(_ColumnReader):
         out.reverse()
         return out
 
-    def last(self, n: int) -> list[StepReport]:
+    def last(self, n: int) -> list[StepRecord]:
         """The last ``n`` steps, oldest first (fewer if the window is shorter)."""
         steps = self._step_list
         return steps[max(0, len(steps) - n):]
@@ -209,7 +210,7 @@ class RankStatus(_ColumnReader):
     """One rank as a job-scoped rule sees it."""
 
     rank: int
-    steps: Sequence[StepReport]
+    steps: Sequence[StepRecord]
     last_step: int | None
     last_step_time: float | None  # server receive time of the last step report
     last_heartbeat: HeartbeatReport | None
@@ -272,12 +273,12 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def series(steps: Sequence[StepReport], attr: str) -> list[float | None]:
+def series(steps: Sequence[StepRecord], attr: str) -> list[float | None]:
     """One field of a run of steps, e.g. ``series(w.steps, "grad_norm")``."""
     return [getattr(s, attr) for s in steps]
 
 
-def numerically_sound(step: StepReport) -> bool:
+def numerically_sound(step: StepRecord) -> bool:
     """False when NaN/Inf already reached this step's loss or tensors: its other statistics
     (activations, ratios) describe the poisoning, which NonFiniteValues reports, not a new fault."""
     nf = step.nonfinite
@@ -287,7 +288,7 @@ def numerically_sound(step: StepReport) -> bool:
 
 
 def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: str, threshold: float,
-                           lookback_steps: int, samples: int) -> tuple[str, float, Sequence[StepReport]] | None:
+                           lookback_steps: int, samples: int) -> tuple[str, float, Sequence[StepRecord]] | None:
     """The activation layer of one of ``kinds`` whose ``attr`` (dead/saturated fraction) stayed above
     ``threshold`` in each of the latest ``samples`` sound samples: (layer, its lowest fraction, samples)."""
     sampled = window.latest_where(lambda s: s.activations and numerically_sound(s), samples, lookback_steps)
@@ -304,7 +305,7 @@ def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: 
     return None if worst is None else (worst[0], worst[1], sampled)
 
 
-def layer_values(step: StepReport, attr: str) -> dict[str, float]:
+def layer_values(step: StepRecord, attr: str) -> dict[str, float]:
     """A per-layer field of one step, finite values only (e.g. ``layer_values(s, "grad_norm")``)."""
     out = {}
     for name, ls in step.layers.items():

@@ -6,15 +6,16 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from healthd.records import StepRecord
 from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity, StepReport
+from healthd.schema import Severity
 
 
 class GradientsNotFlowingConfig(RuleConfig):
     window_steps: int = Field(default=3, ge=1, description="consecutive reported steps a layer must be gradless")
 
 
-def _gradless(s: StepReport) -> set[str]:
+def _gradless(s: StepRecord) -> set[str]:
     return {n for n, ls in s.layers.items() if ls.grad_missing or ls.grad_norm == 0.0}
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+from healthd.records import StepRecord
 from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
-from healthd.schema import Severity, StepReport
+from healthd.schema import Severity
 
 
-def nonfinite_parts(s: StepReport) -> tuple[bool, bool, bool]:
+def nonfinite_parts(s: StepRecord) -> tuple[bool, bool, bool]:
     """Whether the step's loss, gradients and parameters hold a NaN/Inf (the client's counts, or a
     non-finite loss or global gradient norm)."""
     return (s.nonfinite.loss > 0 or (s.loss is not None and not math.isfinite(s.loss)),
@@ -57,7 +58,7 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
         return None
 
     @staticmethod
-    def _finding(window: RankWindow, s: StepReport, loss_bad: bool, grads_bad: bool, params_bad: bool) -> Finding:
+    def _finding(window: RankWindow, s: StepRecord, loss_bad: bool, grads_bad: bool, params_bad: bool) -> Finding:
         where = [n for n, bad in (("loss", loss_bad), ("gradients", grads_bad), ("parameters", params_bad)) if bad]
         bad_layers = sorted(n for n, ls in s.layers.items()
                             if ls.grad_norm is not None and not math.isfinite(ls.grad_norm))

@@ -6,8 +6,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from healthd.records import LossInputRecord
 from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import LossInputCheck, Severity
+from healthd.schema import Severity
 
 _LOGIT_LOSSES = ("cross_entropy",)
 _LOG_PROB_LOSSES = ("nll_loss",)
@@ -18,7 +19,7 @@ class SoftmaxBeforeLossConfig(RuleConfig):
     lookback_steps: int = Field(default=50, ge=1, description="how far back the last inspected loss call may be")
 
 
-def _problem(c: LossInputCheck) -> tuple[str, Severity] | None:
+def _problem(c: LossInputRecord) -> tuple[str, Severity] | None:
     if c.fn in _LOGIT_LOSSES:
         if c.rows_sum_to_one:
             return "its input rows are probabilities (they sum to 1): softmax was applied before a loss that " \

@@ -7,8 +7,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from healthd.records import StepRecord
 from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, median
-from healthd.schema import Severity, StepReport
+from healthd.schema import Severity
 
 # Modules whose gradients are sparse by design (only looked-up rows get one):
 # their per-element RMS says nothing about vanishing.
@@ -84,7 +85,7 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
         return None
 
     @staticmethod
-    def _first_last_ratio(window: RankWindow, steps: list[StepReport]) -> tuple[float, str, str] | None:
+    def _first_last_ratio(window: RankWindow, steps: list[StepRecord]) -> tuple[float, str, str] | None:
         attach = window.meta.attach
         if attach is None or attach.model is None:
             return None

@@ -9,8 +9,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import pytest
 
+from healthd.records import StepRecord
 from healthd.rules.base import Finding, JobMeta, JobWindow, RankStatus, finite
 from healthd.rules.gradient_norm_mismatch import GradientNormMismatch, leave_one_out_medians
 from healthd.rules.loss_scale_collapse import LossScaleCollapse
@@ -18,7 +20,7 @@ from healthd.rules.rank_desync import RankDesync, _group, _latest_shared_fingerp
 from healthd.rules.rank_stalled import RankStalled
 from healthd.rules.straggler_rank import StragglerRank, work_seconds
 from healthd.rules.training_stalled import TrainingStalled
-from healthd.schema import HeartbeatReport, StepReport, replace
+from healthd.schema import HeartbeatReport, StepReport
 from healthd.settings import StoreSettings
 from healthd.store import Store
 from tests.healthd.factories import steps, window
@@ -28,7 +30,7 @@ NOW = 2000.0
 
 def rank(r: int, *, n: int = 10, last_step_time: float | None = NOW, heartbeat_time: float | None = NOW,
          closing: bool = False, **series: Sequence[Any] | Any) -> RankStatus:
-    st: list[StepReport] = [replace(s, rank=r) for s in steps(n, **series)] if n else []
+    st: list[StepRecord] = [msgspec.structs.replace(s, rank=r) for s in steps(n, **series)] if n else []
     hb = HeartbeatReport(job="j", rank=r, time=NOW, closing=closing) if heartbeat_time is not None else None
     return RankStatus(rank=r, steps=st, last_step=st[-1].step if st else None,
                       last_step_time=last_step_time if st else None, last_heartbeat=hb,
