@@ -84,7 +84,21 @@ class Healthd:
         accepted = 0
         every = self.settings.engine.max_steps_per_evaluation
         queue = self.queue
+        # Step reports are applied in runs of one rank's consecutive steps (a request carries a rank's
+        # queue). A run ends where the rank is due for evaluation: while the budget allows, every `every`
+        # of its steps (a condition that came and went inside the request is still seen while it held),
+        # and at once after a NaN/Inf, always. Ranks left waiting are evaluated at the end (evaluate_due).
+        # A report joins the run only when the caps would judge it the same with the run applied: same
+        # rank, and no layer name the job does not know yet (the run is applied before it is admitted).
+        run: list[StepRecord] = []
+        key: tuple[str, int] = ("", -1)
+        known: set[str] | frozenset[str] = _NO_NAMES
+        waiting = 0
         for pos, report in enumerate(parsed.reports):
+            if run and not (isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
+                            and report.layers.keys() <= known and report.activations.keys() <= known):
+                self._apply_run(run, key, now, urgent=False)
+                run = []
             index = parsed.indices[pos] if parsed.indices is not None else pos
             admission = admit(self.store, limits, report, index)
             if admission is not None:  # past a cap: refused, or trimmed of new layer names
@@ -95,15 +109,22 @@ class Healthd:
                 if report is None:
                     continue
             accepted += 1
-            self.store.apply(report, now)
-            Counters.inc(self.counters.received, report.kind)
-            if isinstance(report, StepRecord):
-                # A request carries a rank's queue: while the budget allows, the rank is evaluated every
-                # `every` of its steps (a condition that came and went inside the request is still seen
-                # while it held) and at the end of the request; a NaN/Inf is evaluated at once, always.
+            if not isinstance(report, StepRecord):
+                self.store.apply(report, now)
+                Counters.inc(self.counters.received, report.kind)
+                continue
+            if not run:
                 key = (report.job, report.rank)
-                if queue.add(key, now) >= every and queue.has_budget() or _urgent(report):
-                    self.evaluate_rank(key)
+                waiting = queue.waiting(key)
+                job = self.store.jobs.get(report.job)
+                known = job.layer_names if job is not None else _NO_NAMES
+            run.append(report)
+            urgent = _urgent(report)
+            if urgent or waiting + len(run) >= every and queue.has_budget():
+                self._apply_run(run, key, now, urgent=urgent, evaluate=True)
+                run, waiting = [], 0
+        if run:
+            self._apply_run(run, key, now, urgent=False)
         self.evaluate_due()
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
@@ -113,6 +134,15 @@ class Healthd:
             rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
             return 422, IngestResult(accepted=accepted, rejected=rejected)
         return 200, IngestResult(accepted=accepted)
+
+    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, *, urgent: bool,
+                   evaluate: bool = False) -> None:
+        """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
+        self.store.apply_steps(run, now)
+        Counters.inc(self.counters.received, "step", len(run))
+        self.queue.add(key, now, len(run))
+        if evaluate or urgent:
+            self.evaluate_rank(key)
 
     def evaluate_rank(self, key: tuple[str, int]) -> None:
         """Run the rank-scoped rules on one queued rank over its waiting steps, charging the budget."""
@@ -198,6 +228,9 @@ def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
     collector = HealthCollector(store, engine, counters, queue, clock)
     registry.register(collector)
     return Healthd(settings, store, engine, counters, registry, collector, clock, queue, alert_db)
+
+
+_NO_NAMES: frozenset[str] = frozenset()
 
 
 def _urgent(step: StepRecord) -> bool:

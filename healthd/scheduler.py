@@ -44,14 +44,19 @@ class EvaluationQueue:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def add(self, key: RankKey, now: float) -> int:
-        """Count one new step of ``key``; returns how many of its steps now wait."""
+    def add(self, key: RankKey, now: float, steps: int = 1) -> int:
+        """Count ``steps`` new steps of ``key``; returns how many of its steps now wait."""
         entry = self._pending.get(key)
         if entry is None:
-            self._pending[key] = [1, now]
-            return 1
-        entry[0] += 1
+            self._pending[key] = [steps, now]
+            return steps
+        entry[0] += steps
         return int(entry[0])
+
+    def waiting(self, key: RankKey) -> int:
+        """How many of ``key``'s steps wait (0 if it is not queued)."""
+        entry = self._pending.get(key)
+        return int(entry[0]) if entry is not None else 0
 
     def take(self, key: RankKey) -> int:
         """Remove ``key`` from the queue; returns its waiting steps (0 if it was not queued)."""

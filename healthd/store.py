@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
 from healthd.noise_scale import NoiseScaleEstimator
-from healthd.records import LayerRecord, StepRecord, to_record
+from healthd.records import CLEAN, LayerRecord, StepRecord, to_record
 from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_values
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, StepReport
 from healthd.settings import StoreSettings
@@ -42,16 +42,21 @@ class WindowExtremes:
     def push(self, t: float, v: float | None) -> None:
         if v is None or not math.isfinite(v):
             return  # non-finite values are counted by trainhealth_nonfinite_total
+        self.push_range(t, v, v)
+
+    def push_range(self, t: float, hi: float, lo: float) -> None:
+        """``push`` of values received at one time ``t``, the largest ``hi`` and the smallest ``lo``
+        (both finite)."""
         i = t // self._width
         b = self._buckets
         if b and b[-1][0] == i:
             last = b[-1]
-            if v > last[1]:
-                last[1] = v
-            elif v < last[2]:
-                last[2] = v
+            if hi > last[1]:
+                last[1] = hi
+            if lo < last[2]:
+                last[2] = lo
             return
-        b.append([i, v, v])
+        b.append([i, hi, lo])
         while b[0][0] < i - 33:  # bounded even if nobody reads
             b.popleft()
 
@@ -175,14 +180,16 @@ class Store:
     def apply(self, report: StepRecord | StepReport | EvalReport | HeartbeatReport | AttachReport | GpuReport,
               now: float) -> None:
         """Fold one validated report into its job's state (a ``StepReport`` is kept as its record)."""
+        if isinstance(report, StepRecord):
+            self.apply_steps([report], now)
+            return
+        if isinstance(report, StepReport):
+            self.apply_steps([to_record(report)], now)
+            return
         job = self._job(report.job, now)
         st = self._rank(job, report.rank)
         st.last_seen = now
-        if isinstance(report, StepRecord):
-            self._apply_step(job, st, report, now)
-        elif isinstance(report, StepReport):
-            self._apply_step(job, st, to_record(report), now)
-        elif isinstance(report, EvalReport):
+        if isinstance(report, EvalReport):
             st.evals.append(report)
         elif isinstance(report, HeartbeatReport):
             # A retried request can land after a newer one: never let an older
@@ -200,57 +207,73 @@ class Store:
             for xid in report.xid_events:
                 st.gpu_xid_totals[xid] = st.gpu_xid_totals.get(xid, 0) + 1
 
-    def _apply_step(self, job: JobState, st: RankState, s: StepRecord, now: float) -> None:
-        # Runs for every step report: the column values are read once (column_values, at C speed) and
-        # the windowed and last-value signals, all columns, are taken from them by position.
-        st.steps.append(s)
-        values = column_values(s)
+    def apply_steps(self, steps: Sequence[StepRecord], now: float) -> None:
+        """Fold consecutive step reports of one rank (same job and rank, in order) into its state, as
+        ``apply`` of each would. A request carries one rank's queue, so the rank's state is looked up
+        once per request and each column is extended once (per-step work is what ingest scales with)."""
+        first = steps[0]
+        job = self._job(first.job, now)
+        st = self._rank(job, first.rank)
+        st.last_seen = now
+        st.steps.extend(steps)
+        by_column = list(zip(*map(column_values, steps), strict=True))  # a tuple of the steps' values per column
         lists = st.column_lists
-        _consume(map(list.append, lists, values))  # each column gets its value, in one C-level loop
+        _consume(map(list.extend, lists, by_column))
         if len(lists[0]) > self._trim_at:
             window = self.settings.window_steps
             for col in lists:
                 del col[:-window]
-        if len(st.initial_steps) < self.settings.initial_steps:
-            st.initial_steps.append(s)
-        st.last_step = s
+        room = self.settings.initial_steps - len(st.initial_steps)
+        if room > 0:
+            st.initial_steps.extend(steps[:room])
+        last = steps[-1]
+        st.last_step = last
         st.last_step_time = now
-        st.steps_total += 1
-        nf = s.nonfinite
-        if nf.loss or nf.grads or nf.params:
-            totals = st.nonfinite_totals
-            totals["loss"] += nf.loss
-            totals["grads"] += nf.grads
-            totals["params"] += nf.params
+        st.steps_total += len(steps)
+        for s in steps:
+            nf = s.nonfinite
+            if nf is not CLEAN and (nf.loss or nf.grads or nf.params):
+                totals = st.nonfinite_totals
+                totals["loss"] += nf.loss
+                totals["grads"] += nf.grads
+                totals["params"] += nf.params
         sums, counts, last_values = st.signal_sums, st.signal_counts, st.last_values
         for key, at, extremes in st.windowed:
-            v = values[at]
-            if v is not None and math.isfinite(v):
-                extremes.push(now, v)
-                sums[key] += v
-                counts[key] += 1
+            finite = [v for v in by_column[at] if v is not None and math.isfinite(v)]
+            if finite:
+                extremes.push_range(now, max(finite), min(finite))
+                sums[key] = sum(finite, sums[key])  # left to right, as adding them one by one
+                counts[key] += len(finite)
         for key, at in _LAST_VALUE_AT:
-            v = values[at]
-            if v is not None:
-                last_values[key] = v
-        lr = values[_LR_AT]
-        if lr and math.isfinite(lr) and (st.lr_peak is None or lr > st.lr_peak):
-            st.lr_peak = lr
-        if s.layers or s.activations:
-            job.layer_names.update(s.layers)
-            job.layer_names.update(s.activations)
-        if s.layers and (job.layers_rank is None or s.rank <= job.layers_rank):
-            if job.layers_rank != s.rank:
-                job.layers = {}
-            job.layers_rank = s.rank
-            for name, ls in s.layers.items():
-                old = job.layers.get(name)
-                # Fields measured every N steps only keep their last known value in between.
-                job.layers[name] = ls if old is None else msgspec.structs.replace(ls, **{
-                    k: getattr(old, k) for k in ("grad_norm", "update_ratio", "param_norm")
-                    if getattr(ls, k) is None})
-        if s.batch_size is not None:
-            self._apply_distributed(job, s, s.batch_size)
+            for v in reversed(by_column[at]):
+                if v is not None:
+                    last_values[key] = v
+                    break
+        for lr in by_column[_LR_AT]:
+            if lr and math.isfinite(lr) and (st.lr_peak is None or lr > st.lr_peak):
+                st.lr_peak = lr
+        layers_here = job.layers_rank is None or first.rank <= job.layers_rank
+        for s in steps:
+            if s.layers or s.activations:
+                job.layer_names.update(s.layers)
+                job.layer_names.update(s.activations)
+                if s.layers and layers_here:
+                    self._keep_layers(job, s)
+            if s.batch_size is not None:
+                self._apply_distributed(job, s, s.batch_size)
+
+    @staticmethod
+    def _keep_layers(job: JobState, s: StepRecord) -> None:
+        """The job's latest per-layer stats, from its lowest-numbered rank that reports them."""
+        if job.layers_rank != s.rank:
+            job.layers = {}
+        job.layers_rank = s.rank
+        for name, ls in s.layers.items():
+            old = job.layers.get(name)
+            # Fields measured every N steps only keep their last known value in between.
+            job.layers[name] = ls if old is None else msgspec.structs.replace(ls, **{
+                k: getattr(old, k) for k in ("grad_norm", "update_ratio", "param_norm")
+                if getattr(ls, k) is None})
 
     @staticmethod
     def _apply_distributed(job: JobState, s: StepRecord, batch_size: int) -> None:

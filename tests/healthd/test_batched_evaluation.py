@@ -117,3 +117,39 @@ def test_a_rule_over_a_sampled_field_runs_when_it_arrives_or_while_its_alert_is_
         send(i)
     assert hd.engine.alerts("j")[0].state is AlertState.RESOLVED
     assert SampledInputs.calls == [0, 5, 6, 7, 8, 9, 10, 11]  # resolved at 11: skipped again at 12
+
+
+def test_a_request_is_admitted_and_stored_as_its_reports_sent_one_per_request() -> None:
+    """Ingest applies a rank's consecutive steps as one run: the caps and the store must come out as if
+    each report had come alone, whatever mix of jobs, ranks, new layer names and other kinds."""
+    import random
+
+    from tests.healthd.test_store import _state
+
+    rng = random.Random(3)
+    reports: list[dict[str, object]] = []
+    for i in range(400):
+        job, rank = rng.choice(["a", "a", "a", "b", "c"]), rng.choice([0, 0, 0, 1, 2])
+        if rng.random() < 0.1:
+            reports.append({"kind": "heartbeat", "job": job, "rank": rank, "time": 1.0, "step": i})
+            continue
+        layers = {f"l{rng.randrange(6)}": {"grad_norm": 1.0} for _ in range(rng.choice([0, 1, 2]))}
+        reports.append({"kind": "step", "job": job, "rank": rank, "time": 1.0, "step": i, "layers": layers,
+                        "loss": float("nan") if rng.random() < 0.05 else rng.uniform(0, 3), "batch_size": 8})
+    settings = Settings.from_mapping({"limits": {"max_jobs": 2, "max_ranks_per_job": 2, "max_layers_per_job": 3}})
+    together, alone = build(settings), build(settings)
+    together.clock = alone.clock = lambda: 5.0
+    rejected_alone = []
+    for i in range(0, len(reports), 40):  # requests of 40, made of runs of one rank's steps
+        chunk = reports[i:i + 40]
+        chunk.sort(key=lambda r: (r["job"], r["rank"]))  # type: ignore[no-any-return]
+        status, result = together.ingest(json.dumps({"reports": chunk}).encode())
+        got = [(e.index, e.errors[0].type, e.errors[0].loc[2:]) for e in result.rejected]
+        expected = []
+        for k, report in enumerate(chunk):
+            _, one = alone.ingest(json.dumps({"reports": [report]}).encode())
+            expected += [(k, e.errors[0].type, e.errors[0].loc[2:]) for e in one.rejected]
+        assert got == expected
+        rejected_alone += expected
+    assert any(t == "cardinality_cap" for _, t, _ in rejected_alone)  # the caps were reached
+    assert _state(together.store) == _state(alone.store)

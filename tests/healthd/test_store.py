@@ -86,3 +86,54 @@ def test_column_values_is_column_value_for_every_column() -> None:
                          step_seconds=0.2, comm_seconds=0.1, loss_scale=1024.0, param_fingerprint=7.0,
                          grad_norm_local=1.4, update_ratio=1e-3)):
         assert column_values(s) == [column_value(s, c) for c in COLUMNS]
+
+
+def _state(store: Store) -> str:
+    """Everything the store holds, as text (a NaN equals itself in a repr)."""
+    out = []
+    for job in store:
+        out.append(repr((job.name, sorted(job.layer_names), job.layers, job.layers_rank, job.global_batch_size,
+                         [getattr(job.noise, k) for k in job.noise.__slots__])))
+        for r, st in sorted(job.ranks.items()):
+            # Columns are trimmed back to window_steps in chunks: only that much is always there.
+            columns = {k: col[-store.settings.window_steps:] for k, col in st.columns.items()}
+            out.append(repr((r, list(st.steps), st.initial_steps, columns, st.signal_sums, st.signal_counts,
+                             {k: list(e._buckets) for k, e in st.extremes.items()}, st.last_values, st.lr_peak,
+                             st.nonfinite_totals, st.steps_total, st.last_step, st.last_step_time)))
+    return "\n".join(out)
+
+
+def test_a_run_of_steps_is_folded_as_its_steps_one_at_a_time() -> None:
+    import random
+
+    from healthd.records import to_record
+    from healthd.schema import LayerStats, NonFinite
+
+    rng = random.Random(7)
+    odd = [None, math.nan, math.inf, -math.inf, 0.0]
+
+    def value() -> float | None:
+        return rng.choice(odd) if rng.random() < 0.2 else rng.uniform(-2, 5)
+
+    steps = [to_record(StepReport(
+        job="j", rank=rng.choice([0, 0, 1]), time=float(i), step=i, loss=value(), grad_norm=value(),
+        grad_norm_local=value(), grad_norm_allreduced=rng.uniform(0, 2), update_ratio=value(),
+        step_seconds=rng.choice([None, 0.1, 0.2]), batch_size=rng.choice([None, 8, 16]),
+        lr=rng.choice([[], [rng.uniform(0, 1e-2)], [math.nan]]),
+        nonfinite=NonFinite(loss=rng.choice([0, 0, 1]), grads=rng.choice([0, 2])),
+        layers={f"l{k}": LayerStats(grad_norm=value(), update_ratio=rng.choice([None, 1e-3]))
+                for k in range(rng.choice([0, 2, 3]))}))
+        for i in range(300)]
+    settings = StoreSettings(window_steps=32, detail_steps=16, initial_steps=5)
+    one, runs = Store(settings), Store(settings)
+    for i, s in enumerate(steps):
+        one.apply(s, 100.0 + i // 7)  # several steps share a receive time, as a request's do
+    i = 0
+    while i < len(steps):  # runs of one rank's consecutive steps, 1 to 12 long, as ingest makes them
+        n = 1
+        while n < rng.randint(1, 12) and i + n < len(steps) and steps[i + n].rank == steps[i].rank \
+                and (i + n) // 7 == i // 7:
+            n += 1
+        runs.apply_steps(steps[i:i + n], 100.0 + i // 7)
+        i += n
+    assert _state(runs) == _state(one)
