@@ -70,6 +70,8 @@ class Healthd:
     alert_db: AlertDb | None = None  # persistence.sqlite_path
     names: NameCheck = field(default_factory=NameCheck)  # job and layer names known valid (ingest)
 
+    TICK_RANKS_PER_SLICE = 256  # ~1-2 ms of per-rank work between the ticker's pauses
+
     def ingest(self, body: bytes) -> tuple[int, IngestResult]:
         """Validate and apply a report batch; returns (HTTP status, result)."""
         parsed = parse_batch(body, self.settings.limits.max_reports_per_request, self.names)
@@ -186,9 +188,10 @@ class Healthd:
             pass
 
     def tick_slices(self) -> Iterator[None]:
-        """``tick`` in slices: it pauses after expiring jobs, after building each job's window and
-        after each job-scoped rule on it. The server's ticker lets the event loop serve requests at
-        each pause: a whole tick of a job of thousands of ranks takes tens of milliseconds.
+        """``tick`` in slices: it pauses after expiring jobs, every ``TICK_RANKS_PER_SLICE`` ranks while
+        building each job's window and computing a rule's per-rank summaries (``Rule.rank_summary``),
+        and after each job-scoped rule. The server's ticker lets the event loop serve requests at each
+        pause: a whole tick of a job of thousands of ranks takes tens of milliseconds.
 
         Rules that run after a pause see the window built before it: the ranks' step and GPU series
         are the store's own (they may have grown), their last-step times and ``now`` are as built.
@@ -200,10 +203,13 @@ class Healthd:
         if not rules:
             return
         yield
+        per_slice = self.TICK_RANKS_PER_SLICE
         for job in self.store:
-            window = self.store.job_window(job.name, self.clock())
+            window = yield from self.store.job_window_slices(job.name, self.clock(), per_slice)
             yield
             for rule in rules:
+                if rule.summarized:
+                    yield from self.engine.summarize_slices(rule, window, per_slice)
                 self.engine.on_tick_rule(rule, window)
                 yield
 

@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +71,9 @@ class AlertListener(Protocol):
 class _JobAlerts:
     active: dict[tuple[str, int | None], Alert] = field(default_factory=dict)
     history: deque[Alert] = field(default_factory=deque)
+
+
+_DONE = object()
 
 
 class Engine:
@@ -134,6 +137,17 @@ class Engine:
             self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
+
+    def summarize_slices(self, rule: Rule, window: JobWindow, ranks_per_slice: int) -> Iterator[None]:
+        """``window.summarize_slices`` for a job rule about to run, its time counted as the rule's."""
+        slices = window.summarize_slices(rule, ranks_per_slice)
+        while True:
+            t0 = time.perf_counter()
+            done = next(slices, _DONE) is _DONE
+            self.evaluation_seconds_sum += time.perf_counter() - t0
+            if done:
+                return
+            yield
 
     def on_tick_rule(self, rule: Rule, window: JobWindow) -> None:
         """Run one job-scoped rule (of ``job_rules``) on a job's window: ``on_tick`` a rule at a time,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -313,9 +313,22 @@ class Store:
         )
 
     def job_window(self, job_name: str, now: float) -> JobWindow:
+        slices = self.job_window_slices(job_name, now, ranks_per_slice=len(self.jobs[job_name].ranks) + 1)
+        try:
+            while True:
+                next(slices)
+        except StopIteration as built:
+            return built.value  # type: ignore[no-any-return]
+
+    def job_window_slices(self, job_name: str, now: float, ranks_per_slice: int) -> Generator[None, None, JobWindow]:
+        """``job_window``, pausing (yielding) every ``ranks_per_slice`` ranks; returns the window. Each
+        rank is as it is when its slice is built."""
         job = self.jobs[job_name]
-        ranks = {
-            r: RankStatus(
+        ranks: dict[int, RankStatus] = {}
+        for i, (r, st) in enumerate(list(job.ranks.items())):
+            if i and i % ranks_per_slice == 0:
+                yield
+            ranks[r] = RankStatus(
                 rank=r,
                 steps=st.steps,
                 last_step=st.last_step.step if st.last_step else None,
@@ -326,8 +339,6 @@ class Store:
                 closed=st.closed,
                 columns=st.columns,
             )
-            for r, st in job.ranks.items()
-        }
         return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks,
                          global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale)
 

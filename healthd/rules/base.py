@@ -19,10 +19,10 @@ import itertools
 import math
 import operator
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -230,6 +230,29 @@ class JobWindow:
     ranks: Mapping[int, RankStatus] = field(default_factory=dict)
     global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
     noise_scale: float | None = None  # gradient noise scale B_simple (examples), DDP only
+    # Rule name -> rank -> Rule.rank_summary, computed once per window (summaries, summarize_slices).
+    _summaries: dict[str, dict[int, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def summaries(self, rule: Rule[Any]) -> dict[int, Any]:
+        """``rule.rank_summary`` of every rank of the job (computed here unless the caller already
+        computed them a slice at a time with ``summarize_slices``)."""
+        got = self._summaries.get(rule.name)
+        if got is None:
+            for _ in self.summarize_slices(rule, max(1, len(self.ranks))):
+                pass
+            got = self._summaries[rule.name]
+        return got
+
+    def summarize_slices(self, rule: Rule[Any], ranks_per_slice: int) -> Iterator[None]:
+        """Compute ``summaries(rule)``, pausing every ``ranks_per_slice`` ranks: at thousands of ranks a
+        job rule's per-rank work is the longest thing the server's ticker does at once."""
+        out: dict[int, Any] = {}
+        summary = rule.rank_summary
+        for i, (rank, st) in enumerate(self.ranks.items()):
+            if i and i % ranks_per_slice == 0:
+                yield
+            out[rank] = summary(st)
+        self._summaries[rule.name] = out
 
 
 W = TypeVar("W", RankWindow, JobWindow)
@@ -253,6 +276,14 @@ class Rule(Generic[C]):
         self.config: C = config if config is not None else self.Config()  # type: ignore[assignment]
 
     def evaluate(self, window: RankWindow | JobWindow) -> Finding | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # A job rule whose work is mostly per rank puts that part here (a pure function of one rank) and
+    # reads the results with ``window.summaries(self)``: the server then computes them in slices of
+    # ranks, serving requests in between, instead of in one long evaluation.
+    summarized: ClassVar[bool] = False
+
+    def rank_summary(self, st: RankStatus) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
 

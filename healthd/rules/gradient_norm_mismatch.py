@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope, fmt, median
 from healthd.schema import Severity
 
 
@@ -70,17 +70,22 @@ class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
         "on another."
     )
 
+    summarized: ClassVar[bool] = True
+
+    def rank_summary(self, st: RankStatus) -> tuple[float, int | None] | None:
+        """The rank's median local gradient norm over its last steps and its last step; None: not judged."""
+        if st.closed:
+            return None
+        norms = st.values("grad_norm_local", self.config.window_steps)
+        return (median(norms), st.last_step) if len(norms) >= self.config.min_steps else None
+
     def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
         cfg = self.config
         medians: dict[int, float] = {}
         steps: dict[int, int | None] = {}
-        for rank, st in window.ranks.items():
-            if st.closed:
-                continue
-            norms = st.values("grad_norm_local", cfg.window_steps)
-            if len(norms) >= cfg.min_steps:
-                medians[rank] = median(norms)
-                steps[rank] = st.last_step
+        for rank, summary in window.summaries(self).items():
+            if summary is not None:
+                medians[rank], steps[rank] = summary
         if len(medians) < 2:
             return []
         others_medians = dict(zip(medians, leave_one_out_medians(list(medians.values())), strict=True))

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope, finite, fmt, median
+from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope, finite, fmt, median
 from healthd.schema import Severity
 
 
@@ -75,18 +75,23 @@ class StragglerRank(Rule[StragglerRankConfig]):
         "node if it is degraded; every other rank waits for this one at each all-reduce."
     )
 
+    summarized: ClassVar[bool] = True
+
+    def rank_summary(self, st: RankStatus) -> tuple[float, int | None] | None:
+        """The rank's median work time over its last steps and its last step; None: not judged."""
+        if st.closed:
+            return None
+        n = self.config.window_steps
+        times = _work_times(st.column("step_seconds", n), st.column("comm_seconds", n))
+        return (median(times), st.last_step) if len(times) >= self.config.min_steps else None
+
     def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
         cfg = self.config
         medians: dict[int, float] = {}
         last_step: dict[int, int | None] = {}
-        n = cfg.window_steps
-        for rank, st in window.ranks.items():
-            if st.closed:
-                continue
-            times = _work_times(st.column("step_seconds", n), st.column("comm_seconds", n))
-            if len(times) >= cfg.min_steps:
-                medians[rank] = median(times)
-                last_step[rank] = st.last_step
+        for rank, summary in window.summaries(self).items():
+            if summary is not None:
+                medians[rank], last_step[rank] = summary
         if len(medians) < 2:
             return []
         fastest_rank = min(medians, key=lambda r: medians[r])

@@ -79,3 +79,28 @@ def test_ticker_lets_other_tasks_run_between_rules() -> None:
 
     asyncio.run(main())
     assert "other" in log[log.index("First") + 1:log.index("Second")]
+
+
+def test_a_job_of_many_ranks_is_ticked_in_slices_of_ranks_with_the_findings_of_a_whole_tick() -> None:
+    """At thousands of ranks, building the job's window and a rule's per-rank work (Rule.rank_summary)
+    pause every TICK_RANKS_PER_SLICE ranks; what the rules find is what one unsliced pass finds."""
+    from healthd.rules.gradient_norm_mismatch import GradientNormMismatch
+    from healthd.rules.straggler_rank import StragglerRank
+
+    now = [1000.0]
+    ranks = 600
+    sliced, whole = (_healthd(now, rules=[StragglerRank, GradientNormMismatch]) for _ in range(2))
+    for hd in (sliced, whole):
+        for rank in range(ranks):
+            for i in range(20):  # rank 7 is slow, rank 11's local gradient is 50x the others'
+                hd.store.apply(step(i, rank=rank, step_seconds=0.5 if rank == 7 else 0.1,
+                                    grad_norm_local=50.0 if rank == 11 else 1.0), now[0])
+    per = sliced.TICK_RANKS_PER_SLICE
+    assert ranks > 2 * per
+    pauses = sum(1 for _ in sliced.tick_slices())
+    window_pauses = summary_pauses = (ranks - 1) // per  # per job window, per summarized rule
+    assert pauses == 1 + window_pauses + 1 + 2 * (summary_pauses + 1)
+    whole.engine.on_tick(whole.store.job_window("j", now[0]))
+    found = [(a.rule, a.rank, a.evidence) for a in sliced.engine.alerts("j")]
+    assert found == [(a.rule, a.rank, a.evidence) for a in whole.engine.alerts("j")]
+    assert {(rule, rank) for rule, rank, _ in found} == {("StragglerRank", 7), ("GradientNormMismatch", 11)}
