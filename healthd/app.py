@@ -91,35 +91,37 @@ class Healthd:
         # of its steps (a condition that came and went inside the request is still seen while it held),
         # and at once after a NaN/Inf, always. Ranks left waiting are evaluated at the end (evaluate_due).
         # A report joins the run only when the caps would judge it the same with the run applied: same
-        # rank, and no layer name the job does not know yet (the run is applied before it is admitted).
+        # job and rank, and no layer name the job does not know yet. Such a report is admitted as it is
+        # (as the run's first was); any other ends the run, which is applied before it is admitted.
         run: list[StepRecord] = []
         key: tuple[str, int] = ("", -1)
         known: set[str] | frozenset[str] = _NO_NAMES
         waiting = 0
         for pos, report in enumerate(parsed.reports):
-            if run and not (isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
-                            and report.layers.keys() <= known and report.activations.keys() <= known):
-                self._apply_run(run, key, now, urgent=False)
-                run = []
-            index = parsed.indices[pos] if parsed.indices is not None else pos
-            admission = admit(self.store, limits, report, index)
-            if admission is not None:  # past a cap: refused, or trimmed of new layer names
-                if admission.cap is not None and admission.error is not None:
-                    Counters.inc(self.counters.capped, admission.cap)
-                    capped.append(Rejection(index=index, errors=[admission.error]))
-                report = admission.report
-                if report is None:
+            if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
+                    and report.layers.keys() <= known and report.activations.keys() <= known):
+                if run:
+                    self._apply_run(run, key, now, urgent=False)
+                    run = []
+                index = parsed.indices[pos] if parsed.indices is not None else pos
+                admission = admit(self.store, limits, report, index)
+                if admission is not None:  # past a cap: refused, or trimmed of new layer names
+                    if admission.cap is not None and admission.error is not None:
+                        Counters.inc(self.counters.capped, admission.cap)
+                        capped.append(Rejection(index=index, errors=[admission.error]))
+                    report = admission.report
+                    if report is None:
+                        continue
+                if not isinstance(report, StepRecord):
+                    accepted += 1
+                    self.store.apply(report, now)
+                    Counters.inc(self.counters.received, report.kind)
                     continue
-            accepted += 1
-            if not isinstance(report, StepRecord):
-                self.store.apply(report, now)
-                Counters.inc(self.counters.received, report.kind)
-                continue
-            if not run:
                 key = (report.job, report.rank)
                 waiting = queue.waiting(key)
                 job = self.store.jobs.get(report.job)
                 known = job.layer_names if job is not None else _NO_NAMES
+            accepted += 1
             run.append(report)
             urgent = _urgent(report)
             if urgent or waiting + len(run) >= every and queue.has_budget():
