@@ -94,10 +94,10 @@ _T = TypeVar("_T")
 @dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(Field, _field))
 def _record(cls: type[_T]) -> type[_T]:
     """The wire rules of ``_Model`` (strict, unknown fields rejected, NaN/Inf as JSON literals) on a
-    frozen slotted dataclass instead of a BaseModel: what healthd keeps of every step, thousands of
-    ranks times hundreds of steps. An instance is one object (no ``__dict__``, no fields-set set):
-    ~4x less memory and half the objects the garbage collector walks. ``replace`` and ``dump`` stand
-    in for ``model_copy`` and ``model_dump``."""
+    frozen slotted dataclass instead of a BaseModel: a step report and its parts, thousands of ranks
+    times hundreds of steps. An instance is one object (no ``__dict__``, no fields-set set). The
+    server keeps these as ``healthd.records.StepRecord`` (msgspec structs, decoded without building
+    these); ``replace`` and ``dump`` stand in for ``model_copy`` and ``model_dump``."""
     return _pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants"),
                                frozen=True, slots=True, kw_only=True)(cls)  # type: ignore[return-value]
 
