@@ -4,8 +4,8 @@
 error messages). Validating every step report with it costs more than everything else ingest does
 with the report, and the ``StepReport`` dataclass it builds cannot be made cheaper: building one
 without validation from Python code costs about as much as validating it. So the server decodes step
-reports with msgspec straight into ``StepRecord`` (C code: a quarter of pydantic's time, and the
-result is not tracked by the garbage collector), and keeps those.
+reports with msgspec straight into ``StepRecord`` (C code: 2.2 µs per report in-process where
+pydantic takes 5.7, and the result is not tracked by the garbage collector), and keeps those.
 
 The contract stays pydantic's: the decoder here may be *stricter* (decline what pydantic would
 accept: a NaN literal, a number out of double range, any report that is not a step), never laxer.
