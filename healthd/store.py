@@ -39,14 +39,9 @@ class WindowExtremes:
         self._width = window_seconds / 32
         self._buckets: deque[list[float]] = deque()  # [bucket index, max, min], oldest first
 
-    def push(self, t: float, v: float | None) -> None:
-        if v is None or not math.isfinite(v):
-            return  # non-finite values are counted by trainhealth_nonfinite_total
-        self.push_range(t, v, v)
-
     def push_range(self, t: float, hi: float, lo: float) -> None:
-        """``push`` of values received at one time ``t``, the largest ``hi`` and the smallest ``lo``
-        (both finite)."""
+        """Values received at time ``t``: the largest ``hi`` and the smallest ``lo``, both finite (the
+        store leaves NaN/Inf out: they are counted by trainhealth_nonfinite_total)."""
         i = t // self._width
         b = self._buckets
         if b and b[-1][0] == i:

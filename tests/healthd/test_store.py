@@ -63,7 +63,7 @@ def test_window_extremes_match_brute_force_within_one_bucket() -> None:
     for _ in range(3000):
         t += rng.expovariate(20.0)
         v = rng.gauss(0, 1) * (50 if rng.random() < 0.01 else 1)
-        w.push(t, v)
+        w.push_range(t, v, v)
         pushed.append((t, v))
         if rng.random() < 0.05:
             now = max(now, t + rng.random() * 5)  # reads come in time order (scrapes)
@@ -72,9 +72,11 @@ def test_window_extremes_match_brute_force_within_one_bucket() -> None:
             loose = [v for ts, v in pushed if ts >= now - 60.0 - 60.0 / 32]  # the far edge is bucket-aligned
             assert hi is not None and lo is not None
             assert max(exact) <= hi <= max(loose) and min(loose) <= lo <= min(exact)
-    w.push(t, math.inf)
-    w.push(t, None)
-    assert w.max(t + 61.0 + 60.0 / 32) is None  # everything aged out; non-finite values never counted
+    assert w.max(t + 61.0 + 60.0 / 32) is None  # everything aged out
+    store = Store(StoreSettings())
+    store.apply(StepReport(job="j", time=1.0, step=1, loss=math.inf, grad_norm=None, update_ratio=math.nan), t)
+    extremes = store.jobs["j"].ranks[0].extremes
+    assert [extremes[k].max(t) for k in ("loss", "grad_norm", "update_ratio")] == [None] * 3  # never counted
 
 
 def test_column_values_is_column_value_for_every_column() -> None:
