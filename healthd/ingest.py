@@ -50,6 +50,12 @@ def _too_many(n: int, max_reports: int) -> Parsed:
                        "(limits.max_reports_per_request)", "too_many_reports", ["reports"])
 
 
+def _rejection(index: int, e: ValidationError) -> Rejection:
+    """Report ``index`` of the body refused, each error located from the body's root."""
+    return Rejection(index=index, errors=[FieldError(loc=["reports", index, *fe.loc], msg=fe.msg, type=fe.type)
+                                          for fe in _errors(e)])
+
+
 def _record(report: Any) -> Any:
     return to_record(report) if isinstance(report, StepReport) else report
 
@@ -71,8 +77,7 @@ def parse_batch(body: bytes, max_reports: int, names: NameCheck) -> Parsed:
             try:  # declined: pydantic decides, and says what is wrong
                 report = _record(_REPORT.validate_json(bytes(raw)))
             except ValidationError as e:
-                errs = [FieldError(loc=["reports", i, *fe.loc], msg=fe.msg, type=fe.type) for fe in _errors(e)]
-                rejected.append(Rejection(index=i, errors=errs))
+                rejected.append(_rejection(i, e))
                 continue
         reports.append(report)
         indices.append(i)
@@ -113,6 +118,5 @@ def _parse_with_pydantic(body: bytes, max_reports: int) -> Parsed:
             out.reports.append(_record(_REPORT.validate_json(json.dumps(raw))))
             indices.append(i)
         except ValidationError as e:
-            errs = [FieldError(loc=["reports", i, *fe.loc], msg=fe.msg, type=fe.type) for fe in _errors(e)]
-            out.rejected.append(Rejection(index=i, errors=errs))
+            out.rejected.append(_rejection(i, e))
     return out
