@@ -141,12 +141,11 @@ class Engine:
     def summarize_slices(self, rule: Rule, window: JobWindow, ranks_per_slice: int) -> Iterator[None]:
         """``window.summarize_slices`` for a job rule about to run, its time counted as the rule's."""
         slices = window.summarize_slices(rule, ranks_per_slice)
-        while True:
+        done = False
+        while not done:  # a pause after every slice, the last one too: the rule itself comes next
             t0 = time.perf_counter()
             done = next(slices, _DONE) is _DONE
             self.evaluation_seconds_sum += time.perf_counter() - t0
-            if done:
-                return
             yield
 
     def on_tick_rule(self, rule: Rule, window: JobWindow) -> None:

@@ -39,7 +39,8 @@ def test_tick_slices_pause_after_expiry_each_window_and_each_rule() -> None:
     hd = _healthd(now)
     for job in ("a", "b", "c"):
         hd.store.apply(step(1, job=job, loss=1.0), now[0])
-    assert sum(1 for _ in hd.tick_slices()) == 1 + 3 * (1 + len(hd.engine.job_rules))
+    rules = hd.engine.job_rules  # a summarized rule pauses once more: after its per-rank summaries
+    assert sum(1 for _ in hd.tick_slices()) == 1 + 3 * (1 + len(rules) + sum(r.summarized for r in rules))
     now[0] += hd.settings.store.job_ttl_seconds + 1
     assert sum(1 for _ in hd.tick_slices()) == 1  # every job expired: nothing left to evaluate
     assert not hd.store.jobs
@@ -98,7 +99,8 @@ def test_a_job_of_many_ranks_is_ticked_in_slices_of_ranks_with_the_findings_of_a
     per = sliced.TICK_RANKS_PER_SLICE
     assert ranks > 2 * per
     pauses = sum(1 for _ in sliced.tick_slices())
-    window_pauses = summary_pauses = (ranks - 1) // per  # per job window, per summarized rule
+    window_pauses = (ranks - 1) // per  # inside the job window; then one after it
+    summary_pauses = window_pauses + 1  # after every slice of a rule's summaries; then one after the rule
     assert pauses == 1 + window_pauses + 1 + 2 * (summary_pauses + 1)
     whole.engine.on_tick(whole.store.job_window("j", now[0]))
     found = [(a.rule, a.rank, a.evidence) for a in sliced.engine.alerts("j")]
