@@ -6,13 +6,13 @@ import bisect
 import heapq
 import itertools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from operator import is_not
 from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope
 from healthd.schema import Severity
 
 
@@ -68,8 +68,8 @@ def _group(values: dict[int, float], rtol: float, atol: float) -> list[list[int]
     return groups
 
 
-# How far back from its newest report a rank's fingerprint is first looked for, before the whole
-# window: the client fingerprints every 50 steps by default.
+# How far back from its newest report a rank's fingerprint is first looked for, before asking whether
+# the rank sent any: the client fingerprints every 50 steps by default.
 _RECENT_REPORTS = 128
 
 
@@ -80,36 +80,9 @@ def _fingerprinted(fps: Sequence[float | None], start: int = 0, stop: int | None
     return itertools.compress(itertools.count(start), present)
 
 
-# A rank's step and fingerprint columns (copies) and the position from their end of its newest
-# fingerprinted report, and that report's step.
-_Fingerprints = tuple[list[float | None], list[float | None], int, int]
-
-
-def _rank_fingerprints(st: RankStatus) -> _Fingerprints | None:
-    """What ``_latest_shared_fingerprints`` needs of one rank; None when the rank is closed or sent no
-    fingerprint. The columns are copied: the ticker pauses between ranks while they grow."""
-    if st.closed:
-        return None
-    fps = st.columns.get("param_fingerprint")
-    steps = st.columns.get("step")
-    if fps is None or steps is None:  # a RankStatus built by hand (tests): read the step reports
-        fps, steps = st.column("param_fingerprint"), st.column("step")
-    if fps.count(None) == len(fps):  # a count at C speed (~0.4 us over a full window) before any search
-        return None  # no fingerprint from this rank
-    pos = next(_fingerprinted(fps, 0, _RECENT_REPORTS), None)
-    if pos is None:
-        pos = next(_fingerprinted(fps, _RECENT_REPORTS))
-    step = steps[-1 - pos]
-    if step is None:  # pragma: no cover - the store fills every step's number
-        return None
-    return list(steps), list(fps), pos, int(step)
-
-
-def _latest_shared_fingerprints(window: JobWindow, ranks: Mapping[int, _Fingerprints | None] | None = None,
-                                ) -> tuple[int, dict[int, float]] | None:
+def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float]] | None:
     """The latest step that at least two live ranks fingerprinted, and each such rank's fingerprint
     there (of a step reported twice, the newest report), by rank; None when there is no such step.
-    ``ranks``: ``_rank_fingerprints`` of each rank, if already computed.
 
     A descending merge of the ranks' fingerprinted steps: a rank's steps arrive in increasing order
     (its client sends its queue oldest first, and retries a batch before it sends the next), so its
@@ -119,15 +92,31 @@ def _latest_shared_fingerprints(window: JobWindow, ranks: Mapping[int, _Fingerpr
     back), a rank's fingerprints from before it at steps it has not reached again are left out:
     the ranks are compared as they are now, not as they were before the restart.
     """
-    if ranks is None:
-        ranks = {rank: _rank_fingerprints(st) for rank, st in window.ranks.items()}
     columns: dict[int, tuple[Sequence[float | None], Sequence[float | None]]] = {}
     heads: list[tuple[float, int, int]] = []  # (-step, rank, position from the end)
-    for rank, found in ranks.items():
-        if found is None:
+    # Whether the rank before sent fingerprints. If so, this one is looked at from its newest report
+    # back; if not, it is first asked whether it sent any (a count, cheaper than a search that finds
+    # nothing): both ways find the same, the first is faster in jobs that send fingerprints.
+    recent_first = True
+    for rank, st in window.ranks.items():
+        if st.closed:
             continue
-        columns[rank] = found[:2]
-        heads.append((-found[3], rank, found[2]))  # ranks are unique: tuples never compare beyond them
+        fps = st.columns.get("param_fingerprint")
+        steps = st.columns.get("step")
+        if fps is None or steps is None:  # a RankStatus built by hand (tests): read the step reports
+            fps, steps = st.column("param_fingerprint"), st.column("step")
+        pos = next(_fingerprinted(fps, 0, _RECENT_REPORTS), None) if recent_first else None
+        if pos is None:
+            if fps.count(None) == len(fps):
+                recent_first = False
+                continue  # no fingerprint from this rank
+            pos = next(_fingerprinted(fps, _RECENT_REPORTS if recent_first else 0))
+            recent_first = True
+        step = steps[-1 - pos]
+        if step is None:  # pragma: no cover - the store fills every step's number
+            continue
+        columns[rank] = (steps, fps)
+        heads.append((-step, rank, pos))  # ranks are unique: tuples never compare beyond them
     heapq.heapify(heads)
     while len(heads) >= 2:
         top = heads[0][0]
@@ -181,14 +170,9 @@ class RankDesync(Rule[RankDesyncConfig]):
         "in DDP; compare state_dicts of two ranks at the reported step."
     )
 
-    summarized: ClassVar[bool] = True
-
-    def rank_summary(self, st: RankStatus) -> _Fingerprints | None:
-        return _rank_fingerprints(st)
-
     def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
         cfg = self.config
-        shared = _latest_shared_fingerprints(window, window.summaries(self))
+        shared = _latest_shared_fingerprints(window)
         if shared is None:
             return []
         step, values = shared
