@@ -97,6 +97,8 @@ def _parse_with_pydantic(body: bytes, max_reports: int) -> Parsed:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         return _body_error(f"body is not valid JSON: {e}", "json_invalid")
+    except RecursionError:
+        return _body_error("body is not valid JSON for healthd: nested too deeply", "json_invalid")
     if not isinstance(data, dict):
         return _body_error("body must be a JSON object {\"schema_version\": 1, \"reports\": [...]}", "model_type")
     extra = sorted(set(data) - {"schema_version", "reports"})

@@ -167,7 +167,8 @@ class NameCheck:
 
 _BATCH_DECODER = msgspec.json.Decoder(_Batch)
 _STEP_DECODER = msgspec.json.Decoder(StepRecord | _NotAStep)
-DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+# RecursionError: JSON nested deeper than the interpreter's recursion limit (pydantic then answers).
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
 def split_batch(body: bytes) -> list[msgspec.Raw] | None:
