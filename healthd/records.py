@@ -167,8 +167,10 @@ class NameCheck:
 
 _BATCH_DECODER = msgspec.json.Decoder(_Batch)
 _STEP_DECODER = msgspec.json.Decoder(StepRecord | _NotAStep)
-# RecursionError: JSON nested deeper than the interpreter's recursion limit (pydantic then answers).
-DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+# What msgspec raises on input it cannot take, all of it declined (pydantic then answers): its own errors,
+# ValueError (a string that is not UTF-8 is a UnicodeDecodeError) and RecursionError (JSON nested
+# deeper than the interpreter's recursion limit).
+DECODE_ERRORS = (msgspec.DecodeError, ValueError, RecursionError)
 
 
 def split_batch(body: bytes) -> list[msgspec.Raw] | None:

@@ -111,6 +111,7 @@ def test_malformed_bodies_are_4xx_naming_the_field() -> None:
             _batch(_step(0, job="bad job name!")): (422, ["reports", 0, "step", "job"]),
             _batch(_step(0, rank=-1)): (422, ["reports", 0, "step", "rank"]),
             _batch({"kind": "nope", "job": "j", "time": 1.0}): (422, ["reports", 0]),
+            _batch(_step(0, job="JOB")).replace(b"JOB", b"j\xff"): (422, ["reports", 0]),  # not UTF-8
             # Nested past every parser's recursion limit, as a body and inside a report's field.
             b'{"reports": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}": (400, []),
             _batch(_step(0, layers="X")).replace(b'"X"', b'{"a": ' * 5_000 + b"1" + b"}" * 5_000): (400, []),

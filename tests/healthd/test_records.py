@@ -231,3 +231,26 @@ def test_names_are_checked_on_every_report_and_only_valid_ones_are_remembered() 
     for i in range(5):  # past capacity the remembered names are forgotten, never wrongly kept
         assert names.step_ok(StepRecord(job=f"job-{i}", time=1.0, step=1))
     assert len(names._jobs) <= 2
+
+
+def test_parse_batch_never_raises_on_mangled_bytes() -> None:
+    """Bytes flipped, dropped and inserted into a valid body (invalid UTF-8, stray brackets, broken
+    numbers): every outcome is an answer, never an exception (which the server would turn into a 500)."""
+    import random
+
+    base = json.dumps({"schema_version": 1, "reports": [
+        {"kind": "step", "job": "j", "time": 1.0, "step": 3, "loss": 0.5, "lr": [0.1],
+         "layers": {"a.b": {"grad_norm": 1.0}}}, {"kind": "heartbeat", "job": "j", "time": 2.0}]}).encode()
+    rng = random.Random(0)
+    names = NameCheck()
+    for _ in range(20_000):
+        body = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            i, op = rng.randrange(len(body)), rng.random()
+            if op < 0.4:
+                body[i] = rng.randrange(256)
+            elif op < 0.7:
+                del body[i]
+            else:
+                body.insert(i, rng.choice(b'{}[]",:0123456789.eE+-tfnulNaIy\\\xff\xc3'))
+        parse_batch(bytes(body), 100, names)
