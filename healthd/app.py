@@ -22,8 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -35,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from healthd.alertmanager import AlertmanagerPusher
 from healthd.auth import BearerAuth
 from healthd.engine import AlertListener, Engine
-from healthd.exporter import Counters, HealthCollector
+from healthd.exporter import Counters, HealthCollector, exposition_text
 from healthd.gc_policy import ServingGC
 from healthd.ingest import parse_batch
 from healthd.limits import admit
@@ -452,26 +451,18 @@ async def _in_slices(slices: Iterator[None]) -> None:
             deadline = time.perf_counter() + _SLICE_SECONDS
 
 
-class _Families:
-    """A registry of metric families already collected: ``generate_latest`` formats them."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> list[Metric]:
-        return self.families
-
-
 async def _exposition(hd: Healthd) -> bytes:
     """``generate_latest(hd.registry)``, letting waiting requests in every ``_SLICE_SECONDS``: at
     2,048 ranks the exposition is ~4 MiB, and rendered in one go it held the event loop (and so
-    every client's ingest) for most of a second per scrape. Families are formatted one at a time."""
+    every client's ingest) for most of a second per scrape. Families are formatted one at a time
+    (``exposition_text``), sharing the text of label sets they repeat."""
     out: list[bytes] = []
+    labels_text: dict[tuple[tuple[str, str], ...], str] = {}
 
     def render() -> Iterator[None]:
         for family in hd.collector.collect_in_slices():
             if family is not None:
-                out.append(generate_latest(_Families([family])))  # type: ignore[arg-type]
+                out.append(exposition_text(family, labels_text))
             yield None
 
     await _in_slices(render())

@@ -13,9 +13,11 @@ and the step itself as a gauge. Per layer: the latest statistics from one rank.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,6 +25,7 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from healthd import catalog as C
 from healthd.engine import Engine
@@ -196,3 +199,65 @@ class HealthCollector(Collector):
         delay = _gauge(C.RANK_EVALUATION_DELAY_SECONDS)
         delay.add_metric([], 0.0 if since is None else max(0.0, self.clock() - since))
         yield delay
+
+
+# ----------------------------------------------------------------- text exposition
+
+_LEGACY_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LEGACY_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_TYPE_NAMES = {"counter": "counter", "gauge": "gauge", "summary": "summary", "histogram": "histogram"}
+
+
+class _One:
+    """One collected family, as a collector ``generate_latest`` can format."""
+
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> list[Metric]:
+        return [self.family]
+
+
+def exposition_text(family: Metric, labels_text: dict[tuple[tuple[str, str], ...], str] | None = None) -> bytes:
+    """``generate_latest`` of one family, byte for byte, written directly for the families healthd
+    makes (legacy names, no timestamps, exemplars or OpenMetrics-only samples): at 2,048 ranks a scrape
+    is ~60k samples and prometheus_client's general formatter spends ~5 us on each. Anything else goes
+    to ``generate_latest`` itself. ``labels_text``: label sets already written, shared by the families
+    of one scrape (most of them label every rank with the same job and rank)."""
+    name, mtype = family.name, _TYPE_NAMES.get(family.type)
+    if mtype is None or not _LEGACY_METRIC_NAME.fullmatch(name):
+        return generate_latest(_One(family))  # type: ignore[arg-type]
+    special = (name + "_created", name + "_gsum", name + "_gcount")
+    sample_names: set[str] = set()
+    label_names: set[str] = set()
+    for s in family.samples:
+        if s.timestamp is not None or s.exemplar is not None:
+            return generate_latest(_One(family))  # type: ignore[arg-type]
+        if s.name not in sample_names:
+            if s.name in special or not _LEGACY_METRIC_NAME.fullmatch(s.name):
+                return generate_latest(_One(family))  # type: ignore[arg-type]
+            sample_names.add(s.name)
+        label_names.update(s.labels)
+    if not all(_LEGACY_LABEL_NAME.fullmatch(k) for k in label_names):
+        return generate_latest(_One(family))  # type: ignore[arg-type]
+    known = {} if labels_text is None else labels_text
+    shown = name + "_total" if mtype == "counter" else name
+    doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+    out = [f"# HELP {shown} {doc}\n# TYPE {shown} {mtype}\n"]
+    for s in family.samples:
+        if s.labels:
+            key = tuple(s.labels.items())
+            text = known.get(key)
+            if text is None:
+                text = known[key] = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(key)) + "}"
+            out.append(f"{s.name}{text} {floatToGoString(s.value)}\n")
+        else:
+            out.append(f"{s.name} {floatToGoString(s.value)}\n")
+    return "".join(out).encode()
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format writes it (backslash, newline and double quote escaped)."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+    return value
