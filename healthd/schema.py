@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import field as _field
-from dataclasses import replace as _replace
-from functools import cache
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
 from typing_extensions import dataclass_transform
 
@@ -97,28 +95,9 @@ def _record(cls: type[_T]) -> type[_T]:
     frozen slotted dataclass instead of a BaseModel: a step report and its parts, thousands of ranks
     times hundreds of steps. An instance is one object (no ``__dict__``, no fields-set set). The
     server keeps these as ``healthd.records.StepRecord`` (msgspec structs, decoded without building
-    these); ``replace`` and ``dump`` stand in for ``model_copy`` and ``model_dump``."""
+    these)."""
     return _pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants"),
                                frozen=True, slots=True, kw_only=True)(cls)  # type: ignore[return-value]
-
-
-def replace(record: _T, **changes: Any) -> _T:
-    """A copy of a report with some fields changed (validated again)."""
-    if isinstance(record, BaseModel):
-        return record.model_copy(update=changes)  # type: ignore[return-value]
-    return _replace(record, **changes)  # type: ignore[type-var]
-
-
-@cache
-def _adapter(cls: type) -> TypeAdapter[Any]:
-    return TypeAdapter(cls)
-
-
-def dump(record: object) -> dict[str, Any]:
-    """A report as JSON-ready data (``model_dump(mode="json")`` for models and records alike)."""
-    if isinstance(record, BaseModel):
-        return record.model_dump(mode="json")
-    return _adapter(type(record)).dump_python(record, mode="json")  # type: ignore[arg-type,no-any-return]
 
 
 class _ReportBase(_Model):

@@ -14,7 +14,7 @@ from healthd.rules.gpu_memory_near_limit import GPUMemoryNearLimit
 from healthd.rules.gpu_throttling import GPUThrottling
 from healthd.rules.low_gpu_utilization import LowGPUUtilization
 from healthd.rules.small_batch_underutilization import SmallBatchUnderutilization
-from healthd.schema import GpuReport, Severity, replace
+from healthd.schema import GpuReport, Severity
 from tests.healthd.factories import steps
 
 GIB = 2**30
@@ -189,7 +189,7 @@ def test_imbalance_ignores_closed_stale_and_single_ranks() -> None:
     busy, idle = series(12, 0), series(12, 1, utilization_gpu_ratio=0.1)
     assert GPUImbalance().evaluate(job_window({0: busy, 1: idle}, closed=(1,))) is None
     assert GPUImbalance().evaluate(job_window({0: busy})) is None
-    stale = [replace(s, time=1.0) for s in idle]
+    stale = [s.model_copy(update={"time": 1.0}) for s in idle]
     assert GPUImbalance().evaluate(job_window({0: busy, 1: stale})) is None
 
 
