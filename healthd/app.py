@@ -100,7 +100,7 @@ class Healthd:
             if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
                     and report.layers.keys() <= known and report.activations.keys() <= known):
                 if run:
-                    self._apply_run(run, key, now, urgent=False)
+                    self._apply_run(run, key, now)
                     run = []
                 index = parsed.indices[pos] if parsed.indices is not None else pos
                 admission = admit(self.store, limits, report, index)
@@ -122,12 +122,11 @@ class Healthd:
                 known = job.layer_names if job is not None else _NO_NAMES
             accepted += 1
             run.append(report)
-            urgent = _urgent(report)
-            if urgent or waiting + len(run) >= every and queue.has_budget():
-                self._apply_run(run, key, now, urgent=urgent, evaluate=True)
+            if _urgent(report) or waiting + len(run) >= every and queue.has_budget():
+                self._apply_run(run, key, now, evaluate=True)
                 run, waiting = [], 0
         if run:
-            self._apply_run(run, key, now, urgent=False)
+            self._apply_run(run, key, now)
         self.evaluate_due()
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
@@ -138,13 +137,12 @@ class Healthd:
             return 422, IngestResult(accepted=accepted, rejected=rejected)
         return 200, IngestResult(accepted=accepted)
 
-    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, *, urgent: bool,
-                   evaluate: bool = False) -> None:
+    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, evaluate: bool = False) -> None:
         """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
         self.store.apply_steps(run, now)
         Counters.inc(self.counters.received, "step", len(run))
         self.queue.add(key, now, len(run))
-        if evaluate or urgent:
+        if evaluate:
             self.evaluate_rank(key)
 
     def evaluate_rank(self, key: tuple[str, int]) -> None:
