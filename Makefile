@@ -22,6 +22,10 @@ system-deps:
 	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager; \
 	fi
+	@# openssl makes the TLS test's self-signed certificate (tests/integration/test_tls.py).
+	@if ! command -v openssl >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends openssl; \
+	fi
 	@# Headless Chromium for the status-page / report rendering tests (tests/integration/test_pages_in_browser.py).
 	@if ! command -v chromium >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core; \

@@ -100,8 +100,11 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             for rank in range(ranks):
                 for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill, hd.names).reports:
                     hd.store.apply(report, now)
+    from healthd.serving import GatheringHttpToolsProtocol
+
+    # As `healthd serve`: uvloop, httptools, one socket write per response (every target alike).
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            lifespan="on", loop="auto", http="auto")  # as `healthd serve`: uvloop + httptools
+                            lifespan="on", loop="auto", http=GatheringHttpToolsProtocol)
     server = uvicorn.Server(config)
 
     async def main() -> None:

@@ -18,6 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from healthd.app import create_app
     from healthd.gc_policy import ServingGC
+    from healthd.serving import GatheringHttpToolsProtocol
 
     try:
         settings = Settings.from_yaml(args.config) if args.config else Settings()
@@ -36,7 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
     # SIGTERM/SIGINT: uvicorn stops accepting, finishes in-flight requests (up to 10 s), then
     # the app's lifespan shutdown flushes alert state to SQLite.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
-                timeout_graceful_shutdown=10, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                timeout_graceful_shutdown=10, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                http=GatheringHttpToolsProtocol)  # one socket write per response (healthd.serving)
     return 0
 
 

@@ -14,6 +14,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from healthd.app import Healthd, create_app
+from healthd.serving import GatheringHttpToolsProtocol
 from healthd.settings import Settings
 
 
@@ -44,7 +45,8 @@ def serve_in_thread(settings: Settings | None = None, *, start_timeout_seconds: 
     port = free_port()
     settings = (settings or Settings()).model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings, **create_kw)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                           http=GatheringHttpToolsProtocol))  # as `healthd serve`
     thread = threading.Thread(target=server.run, name="healthd-embedded", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -18,11 +19,17 @@ class HealthdProcess:
     """``healthd serve --db DB`` on 127.0.0.1:PORT; the port and database survive restarts."""
 
     def __init__(self, workdir: Path, *, db: Path | None = None, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (key, certificate) PEM files: serve HTTPS with them (``--ssl-keyfile/--ssl-certfile``);
+        ``verify`` is then an SSL context that trusts that certificate, for httpx."""
         self.workdir = workdir
         self.db = db or workdir / "healthd.sqlite"
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.verify: ssl.SSLContext | bool = True
+        if tls:
+            extra_args = (*extra_args, "--ssl-keyfile", str(tls[0]), "--ssl-certfile", str(tls[1]))
+            self.verify = ssl.create_default_context(cafile=str(tls[1]))
         self.extra_args = extra_args
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -43,7 +50,7 @@ class HealthdProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"healthd exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code in (200, 401):
+                if httpx.get(self.url + "/healthz", timeout=1, verify=self.verify).status_code in (200, 401):
                     return
             except httpx.HTTPError:
                 pass
