@@ -1,7 +1,8 @@
 """Parsing a report batch: keep every valid report, say exactly what is wrong with the rest.
 
-The fast path splits the body into its reports with msgspec and decodes each step report straight
-into the record the store keeps (``healthd.records``). A report that decoder declines (any other
+The fast path decodes a body of step reports with msgspec in one go, straight into the records the
+store keeps (``healthd.records``). Any other body is split into its reports, and each step report
+decoded on its own the same way. A report that decoder declines (any other
 kind, an invalid report, a NaN literal) is validated by pydantic on its own, so one bad report
 costs its sender a 422 naming the field while its neighbours are kept. A body msgspec cannot split
 goes to pydantic whole: it is either valid only to pydantic (NaN/Inf literals) or wrong as a body.
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from healthd.records import NameCheck, decode_step, split_batch, to_record
+from healthd.records import NameCheck, decode_step, decode_steps, split_batch, to_record
 from healthd.schema import SCHEMA_VERSION, FieldError, Rejection, Report, ReportBatch, StepReport
 
 _BATCH = TypeAdapter(ReportBatch)
@@ -63,6 +64,9 @@ def _record(report: Any) -> Any:
 def parse_batch(body: bytes, max_reports: int, names: NameCheck) -> Parsed:
     """Validate a ``ReportBatch`` body; never raises. ``names``: the job and layer names already
     known valid (``records.NameCheck``, one per server)."""
+    steps = decode_steps(body, names)
+    if steps is not None:
+        return _too_many(len(steps), max_reports) if len(steps) > max_reports else Parsed(reports=steps)
     raws = split_batch(body)
     if raws is None:
         return _parse_with_pydantic(body, max_reports)

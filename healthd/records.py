@@ -120,6 +120,13 @@ class _Batch(Struct, forbid_unknown_fields=True, kw_only=True):
     reports: list[msgspec.Raw]
 
 
+class _StepBatch(Struct, forbid_unknown_fields=True, kw_only=True):
+    """``_Batch`` whose reports are all steps: each decoded as ``decode_step`` decodes one."""
+
+    schema_version: Literal[1] = 1
+    reports: list[StepRecord | _NotAStep]
+
+
 def _name_rule(name_type: Any) -> tuple[re.Pattern[str], int, int]:
     c = name_type.__metadata__[0]  # the StringConstraints of healthd.schema's JobName, LayerName
     return re.compile(c.pattern), c.min_length, c.max_length
@@ -166,6 +173,7 @@ class NameCheck:
 
 
 _BATCH_DECODER = msgspec.json.Decoder(_Batch)
+_STEP_BATCH_DECODER = msgspec.json.Decoder(_StepBatch)
 _STEP_DECODER = msgspec.json.Decoder(StepRecord | _NotAStep)
 # What msgspec raises on input it cannot take, all of it declined (pydantic then answers): its own errors,
 # ValueError (a string that is not UTF-8 is a UnicodeDecodeError) and RecursionError (JSON nested
@@ -180,6 +188,21 @@ def split_batch(body: bytes) -> list[msgspec.Raw] | None:
         return _BATCH_DECODER.decode(body).reports
     except DECODE_ERRORS:
         return None
+
+
+def decode_steps(body: bytes, names: NameCheck) -> list[StepRecord] | None:
+    """Every report of a ``ReportBatch`` body as a record, in one decode, when this decoder takes
+    every one of them (what ``decode_step`` of each would give); None when it declines the body or
+    any report in it (``split_batch`` and ``decode_step`` then sort them out one by one). The common
+    body, a rank's queue of step reports, costs one call instead of one per report."""
+    try:
+        reports = _STEP_BATCH_DECODER.decode(body).reports
+    except DECODE_ERRORS:
+        return None
+    for r in reports:
+        if not (isinstance(r, StepRecord) and names.step_ok(r)):
+            return None
+    return reports  # type: ignore[return-value]
 
 
 def decode_step(raw: msgspec.Raw | bytes, names: NameCheck) -> StepRecord | None:

@@ -23,6 +23,7 @@ from healthd.records import (
     NonFiniteRecord,
     StepRecord,
     decode_step,
+    decode_steps,
     dump,
     to_record,
 )
@@ -218,6 +219,26 @@ def test_bodies_the_decoder_declines_still_parse() -> None:
     mixed = parse_batch(json.dumps({"reports": [step, {"kind": "heartbeat", "job": "j", "time": 2.0}]}).encode(),
                         10, NameCheck())
     assert [r.kind for r in mixed.reports] == ["step", "heartbeat"]
+
+
+def test_a_body_of_steps_is_decoded_in_one_go_as_report_by_report_or_declined_whole() -> None:
+    steps = [{"kind": "step", "job": "j", "time": 1.0, "step": i, "loss": 0.5, "lr": [0.1],
+              "layers": {"a.b": {"grad_norm": 1.0}}} for i in range(3)]
+
+    def body(*reports: Any) -> bytes:
+        return json.dumps({"schema_version": 1, "reports": list(reports)}).encode()
+
+    names = NameCheck()
+    whole = decode_steps(body(*steps), names)
+    assert whole is not None and whole == [decode_step(json.dumps(s).encode(), names) for s in steps]
+    # Anything the one-report decoder would decline declines the whole body (split and sorted out one by one).
+    for odd in ({"kind": "heartbeat", "job": "j", "time": 2.0}, {**steps[0], "loss": math.nan},
+                {**steps[0], "job": "bad name"}, {**steps[0], "layers": {"a b": {}}}, {**steps[0], "typo": 1}):
+        assert decode_steps(body(steps[0], odd, steps[1]), names) is None, odd
+    assert decode_steps(body(*steps)[:-1], names) is None  # not JSON
+    assert decode_steps(b'{"schema_version": 2, "reports": []}', names) is None
+    too_many = parse_batch(body(*steps), 2, names)
+    assert too_many.body_error is not None and too_many.body_error.errors[0].type == "too_many_reports"
 
 
 def test_names_are_checked_on_every_report_and_only_valid_ones_are_remembered() -> None:
