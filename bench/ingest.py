@@ -19,7 +19,9 @@ layers). Targets:
 - ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.records``):
   the ceiling parsing leaves.
 
-Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM); for healthd
+Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM), the share of
+the server core's time the hypervisor gave to other tenants meanwhile (``server_cpu_steal_pct``, from
+/proc/stat: on a shared VM the same code moves by tens of percent with it); for healthd
 also, from ``/healthz`` polled every second, how long steps waited for rank rules (median and max),
 how many ranks waited, and rank evaluations per second (engine.rank_rules_cpu_share bounds their CPU);
 and the duration and size of a ``/metrics`` scrape taken every ``--scrape-seconds`` (15) during the
@@ -224,6 +226,22 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def _cpu_times(cpu: int = 0) -> tuple[int, int]:
+    """(steal, total) jiffies of one CPU from /proc/stat: on a shared VM the hypervisor takes time from
+    the server's core for other tenants (steal), which no code change moves; reported next to each result."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                fields = [int(x) for x in line.split()[1:]]
+                return fields[7], sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return 0, 0
+
+
+def _steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else float("nan")
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -244,10 +262,13 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
         if args.soak_seconds:
             return _soak(proc.pid or 0, port, args)
         samples: list[dict[str, float]] | None = [] if target == "healthd" else None
+        cpu0 = _cpu_times()
         rate, lat, failed = _load(port, args, args.seconds, 10_000, samples)
+        steal = _steal_pct(cpu0, _cpu_times())
         st = _proc_status(proc.pid or 0)
         out = {"reports_per_second": rate, "p50_ms": statistics.median(lat) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3,
-               "peak_rss_mib": st["VmHWM"] / 2**20, "failed_requests": failed, "requests": len(lat)}
+               "peak_rss_mib": st["VmHWM"] / 2**20, "failed_requests": failed, "requests": len(lat),
+               "server_cpu_steal_pct": steal}
         if samples and len(samples) > 1:  # how long steps waited for rank rules; how often ranks were evaluated
             delays = [x["rank_evaluation_delay_seconds"] for x in samples]
             out["eval_delay_median_s"] = statistics.median(delays)
@@ -271,13 +292,15 @@ def _soak(pid: int, port: int, args: argparse.Namespace) -> dict[str, float]:
     t_end = time.monotonic() + args.soak_seconds
     step0 = 10_000
     while time.monotonic() < t_end:
+        cpu0 = _cpu_times()
         rate, lat, failed = _load(port, args, min(30.0, t_end - time.monotonic()), step0)
+        steal = _steal_pct(cpu0, _cpu_times())
         step0 += args.steps_per_cycle * 1000
         st = _proc_status(pid)
         samples.append(st)
         print(f"  soak t={args.soak_seconds - (t_end - time.monotonic()):6.0f}s  {rate:8.0f} reports/s  "
-              f"p99 {_pct(lat, 0.99) * 1e3:6.1f} ms  RSS {st['VmRSS'] / 2**20:7.1f} MiB  fds {st['fds']}",
-              flush=True)
+              f"p99 {_pct(lat, 0.99) * 1e3:6.1f} ms  RSS {st['VmRSS'] / 2**20:7.1f} MiB  fds {st['fds']}  "
+              f"steal {steal:4.1f}%", flush=True)
     return {"rss_first_mib": samples[0]["VmRSS"] / 2**20, "rss_last_mib": samples[-1]["VmRSS"] / 2**20,
             "fds_first": samples[0]["fds"], "fds_last": samples[-1]["fds"]}
 
