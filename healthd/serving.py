@@ -4,8 +4,8 @@ uvicorn's httptools protocol writes a response's status line and headers when th
 ``http.response.start`` and its body when the app sends ``http.response.body``: two ``send()``
 system calls, two packets, and on the receiving side two wake-ups, for every ingest response of a
 few dozen bytes. At ingest rates (thousands of small requests per second on one core) that second
-write is a measurable share of the server's time (``bench/ingest.py``: 35.5-36.6k → 39.7-42.6k
-reports/s, p99 20-21 → 15-16 ms, in back-to-back runs).
+write is a measurable share of the server's time (``bench/ingest.py``, back-to-back runs: 10-20%
+more reports/s and a lower p99; the README's Benchmarks section has the numbers).
 
 ``GatheringHttpToolsProtocol`` is uvicorn's protocol with its transport wrapped in a
 ``GatheringTransport``: writes made during one turn of the event loop are kept and handed to the
