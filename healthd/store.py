@@ -234,7 +234,15 @@ class Store:
                 totals["params"] += nf.params
         sums, counts, last_values = st.signal_sums, st.signal_counts, st.last_values
         for key, at, extremes in st.windowed:
-            finite = [v for v in by_column[at] if v is not None and math.isfinite(v)]
+            values = by_column[at]
+            if None not in values:
+                total = sum(values, sums[key])
+                if math.isfinite(total):  # every value is there and finite: the common case, no filtering
+                    extremes.push_range(now, max(values), min(values))
+                    sums[key] = total
+                    counts[key] += len(values)
+                    continue
+            finite = [v for v in values if v is not None and math.isfinite(v)]
             if finite:
                 extremes.push_range(now, max(finite), min(finite))
                 sums[key] = sum(finite, sums[key])  # left to right, as adding them one by one

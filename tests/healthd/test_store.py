@@ -139,3 +139,9 @@ def test_a_run_of_steps_is_folded_as_its_steps_one_at_a_time() -> None:
         runs.apply_steps(steps[i:i + n], 100.0 + i // 7)
         i += n
     assert _state(runs) == _state(one)
+    # And the windowed sums, counts and extremes are those of the finite values, computed here on their own.
+    for rank, st in runs.jobs["j"].ranks.items():
+        for key in ("loss", "grad_norm", "update_ratio", "step_seconds"):
+            finite = [v for s in steps if s.rank == rank and (v := getattr(s, key)) is not None and math.isfinite(v)]
+            assert st.signal_counts[key] == len(finite) and st.signal_sums[key] == sum(finite, 0.0), key
+            assert (st.extremes[key].max(142.0), st.extremes[key].min(142.0)) == (max(finite), min(finite)), key
