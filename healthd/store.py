@@ -14,6 +14,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -234,19 +235,18 @@ class Store:
                 totals["params"] += nf.params
         sums, counts, last_values = st.signal_sums, st.signal_counts, st.last_values
         for key, at, extremes in st.windowed:
-            values = by_column[at]
-            if None not in values:
-                total = sum(values, sums[key])
-                if math.isfinite(total):  # every value is there and finite: the common case, no filtering
-                    extremes.push_range(now, max(values), min(values))
-                    sums[key] = total
-                    counts[key] += len(values)
+            values: Sequence[Any] = by_column[at]  # floats, and None where a step did not measure it
+            # Left to right from the running sum, as adding them one by one. Every value there and finite
+            # is the common case: then the values themselves are summed and bounded, with no filtered copy.
+            total = sum(values, sums[key]) if None not in values else math.nan
+            if not math.isfinite(total):
+                values = [v for v in values if v is not None and math.isfinite(v)]
+                if not values:
                     continue
-            finite = [v for v in values if v is not None and math.isfinite(v)]
-            if finite:
-                extremes.push_range(now, max(finite), min(finite))
-                sums[key] = sum(finite, sums[key])  # left to right, as adding them one by one
-                counts[key] += len(finite)
+                total = sum(values, sums[key])
+            extremes.push_range(now, max(values), min(values))
+            sums[key] = total
+            counts[key] += len(values)
         for key, at in _LAST_VALUE_AT:
             for v in reversed(by_column[at]):
                 if v is not None:
