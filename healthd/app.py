@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from healthd.alertmanager import AlertmanagerPusher
-from healthd.auth import BearerAuth
+from healthd.auth import BearerAuth, authorized, expected_authorization
 from healthd.engine import AlertListener, Engine
 from healthd.exporter import Counters, HealthCollector, exposition_text
 from healthd.gc_policy import ServingGC
@@ -245,15 +245,19 @@ def _urgent(step: StepRecord) -> bool:
 
 class ReportsEndpoint:
     """``POST /v1/reports`` as a plain ASGI app: the hot path (every rank's every flush), so it skips
-    Starlette's Request and Response objects; the 200 answer for ``n`` reports is encoded once."""
+    Starlette's Request and Response objects; the 200 answer for ``n`` reports is encoded once.
+    Under ``healthd.serving``'s protocol most requests skip ASGI too: ``direct`` and ``answer``."""
+
+    path = b"/v1/reports"  # what ``direct`` serves (healthd.serving.DirectPost)
 
     def __init__(self, hd: Healthd) -> None:
         self.hd = hd
         self.max_body = hd.settings.limits.max_body_bytes
+        self.expected_authorization = expected_authorization(hd.settings.auth)
         self._accepted: dict[int, bytes] = {}  # n -> the 200 body; n <= limits.max_reports_per_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hd, limit = self.hd, self.max_body
+        limit = self.max_body
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > limit:
@@ -274,15 +278,34 @@ class ReportsEndpoint:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        status, result = hd.ingest(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        status, body = self.answer(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        await self._answer(send, status, body)
+
+    def answer(self, body: bytes) -> tuple[int, bytes]:
+        """Ingest a request's whole body; returns the HTTP status and the JSON answer. Also what
+        ``healthd.serving`` calls for a request it answers without an ASGI task (``direct``)."""
+        hd = self.hd
+        status, result = hd.ingest(body)
         Counters.inc(hd.counters.requests, str(status))
         if status == 200:
-            body = self._accepted.get(result.accepted)
-            if body is None:
-                body = self._accepted[result.accepted] = result.model_dump_json().encode()
-        else:
-            body = result.model_dump_json().encode()
-        await self._answer(send, status, body)
+            answer = self._accepted.get(result.accepted)
+            if answer is None:
+                answer = self._accepted[result.accepted] = result.model_dump_json().encode()
+            return status, answer
+        return status, result.model_dump_json().encode()
+
+    def direct(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether a ``POST /v1/reports`` with these headers (names lower-case) may be answered by
+        ``answer`` directly (``healthd.serving.DirectPost``): its body announces a length within
+        limits.max_body_bytes and it carries the bearer token if one is required. Any other request
+        goes through the app, which answers 413 or 401 (and counts them) as always."""
+        length = None
+        for name, value in headers:
+            if name == b"content-length":
+                length = value
+                break
+        return (length is not None and length.isdigit() and int(length) <= self.max_body
+                and authorized(headers, self.expected_authorization))
 
     def _too_large(self) -> bytes:
         Counters.inc(self.hd.counters.rejected, "body_too_large")
@@ -428,6 +451,7 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] 
         lifespan=lifespan,
     )
     app.state.healthd = hd
+    app.state.direct_post = reports  # healthd.serving answers POST /v1/reports without an ASGI task
     app.state.alertmanager = pusher
     return app
 

@@ -19,13 +19,31 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from healthd.settings import AuthSettings
 
 
+def expected_authorization(settings: AuthSettings) -> bytes | None:
+    """The ``Authorization`` header value every protected request must carry; None: no token set."""
+    secret = settings.token.get_secret_value() if settings.token is not None else None
+    return f"Bearer {secret}".encode() if secret else None
+
+
+def given_authorization(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A request's ``Authorization`` header (names lower-case, as ASGI has them); b"" when absent."""
+    for name, value in headers:
+        if name == b"authorization":
+            return value
+    return b""
+
+
+def authorized(headers: list[tuple[bytes, bytes]], expected: bytes | None) -> bool:
+    """Whether a request with these headers may pass (constant-time comparison)."""
+    return expected is None or hmac.compare_digest(given_authorization(headers), expected)
+
+
 class BearerAuth:
     """Refuse requests without the configured bearer token."""
 
     def __init__(self, app: ASGIApp, settings: AuthSettings, on_refused: Callable[[], None] = lambda: None) -> None:
         self.app = app
-        secret = settings.token.get_secret_value() if settings.token is not None else None
-        self._expected = f"Bearer {secret}".encode() if secret else None
+        self._expected = expected_authorization(settings)
         self._open = {"/openapi.json"}
         if not settings.protect_metrics:
             self._open.add("/metrics")
@@ -37,11 +55,7 @@ class BearerAuth:
         if self._expected is None or scope["type"] != "http" or scope["path"] in self._open:
             await self.app(scope, receive, send)
             return
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                given = value
-                break
+        given = given_authorization(scope["headers"])
         if hmac.compare_digest(given, self._expected):
             await self.app(scope, receive, send)
             return

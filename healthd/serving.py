@@ -1,4 +1,5 @@
-"""How healthd runs under uvicorn: one socket write per response instead of two.
+"""How healthd runs under uvicorn: one socket write per response instead of two, and report
+batches answered without an ASGI task (``GatheringHttpToolsProtocol``'s docstring says when).
 
 uvicorn's httptools protocol writes a response's status line and headers when the app sends
 ``http.response.start`` and its body when the app sends ``http.response.body``: two ``send()``
@@ -18,9 +19,12 @@ transport's own buffer. ``healthd serve``, ``healthd.embedded`` and the ingest b
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Protocol
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.utils import get_client_addr
+from uvicorn.server import ServerState
 
 
 class GatheringTransport(asyncio.Transport):
@@ -98,8 +102,96 @@ class GatheringTransport(asyncio.Transport):
         return self._transport.can_write_eof()
 
 
+class DirectPost(Protocol):
+    """A POST endpoint the protocol answers itself, in the parser's callback, when ``direct`` says
+    the request's headers allow it: found as ``app.state.direct_post`` (healthd.app's
+    ``ReportsEndpoint``)."""
+
+    path: bytes  # the request target it serves, exactly
+
+    def direct(self, headers: list[tuple[bytes, bytes]]) -> bool: ...
+
+    def answer(self, body: bytes) -> tuple[int, bytes]:
+        """The request's whole body -> HTTP status and JSON answer."""
+        ...
+
+
 class GatheringHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, writing through a ``GatheringTransport`` (pass it as ``http=``)."""
+    """uvicorn's httptools protocol, writing through a ``GatheringTransport`` (pass it as ``http=``),
+    and answering the app's ``DirectPost`` requests without an ASGI task.
+
+    The hot path of ingest is a small POST answered by synchronous code: under ASGI each one costs a
+    Task, an Event, a request-response cycle, the middleware stack and four message dicts. A request
+    to ``DirectPost.path`` whose headers ``direct`` accepts is answered when its body is complete,
+    in ``on_message_complete``, with the response uvicorn would have written (its default headers
+    included); keep-alive, the keep-alive timer and pipelining are uvicorn's as after any response.
+    The access log gets the line uvicorn would write. Everything else goes the ASGI way: another path,
+    a query string or another method, ``Expect: 100-continue``, a body without a length or over the
+    limit, a missing or wrong bearer token (the app answers 413 or 401 and counts them), a request
+    pipelined behind one still in the app, a root_path or a concurrency limit (uvicorn applies them there).
+    """
+
+    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
+                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        state = getattr(config.app, "state", None)
+        direct: DirectPost | None = getattr(state, "direct_post", None)
+        plain = not self.root_path and self.limit_concurrency is None
+        self._direct = direct if plain else None
+        self._direct_body: list[bytes] | None = None  # a direct request's body so far
+        self._direct_keep_alive = True
+        self._direct_version = "1.1"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(GatheringTransport(transport, self.loop))
+
+    def on_headers_complete(self) -> None:
+        d = self._direct
+        if (d is not None and self.url == d.path and self.parser.get_method() == b"POST"
+                and not self.expect_100_continue and not self.parser.should_upgrade()
+                and (self.cycle is None or self.cycle.response_complete) and d.direct(self.headers)):
+            self._direct_body = []
+            self._direct_version = self.parser.get_http_version()
+            self._direct_keep_alive = self._direct_version != "1.0" and self.parser.should_keep_alive()
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._direct_body is not None:
+            self._direct_body.append(body)
+        else:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        chunks = self._direct_body
+        if chunks is None:
+            super().on_message_complete()
+            return
+        self._direct_body = None
+        assert self._direct is not None
+        try:
+            status, body = self._direct.answer(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            content_type = b"application/json"
+        except Exception:  # as uvicorn would for an app that raised: logged, a 500, the connection kept
+            self.logger.exception("Exception in ASGI application\n")
+            status, body, content_type = 500, b"Internal Server Error", b"text/plain; charset=utf-8"
+        if self.access_log:
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope), "POST",
+                                    self._direct.path.decode(), self._direct_version, status)
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content += (name, b": ", value, b"\r\n")
+        content += (b"content-type: ", content_type, b"\r\ncontent-length: ", b"%d" % len(body), b"\r\n")
+        if not self._direct_keep_alive:
+            content.append(b"connection: close\r\n")
+        content += (b"\r\n", body)
+        self.transport.write(b"".join(content))
+        if not self._direct_keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+    def shutdown(self) -> None:
+        if self._direct_body is not None:  # a direct request's body is still arriving: answer it, then close
+            self._direct_keep_alive = False
+            return
+        super().shutdown()
