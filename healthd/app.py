@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from healthd.ingest import parse_batch
 from healthd.limits import admit
 from healthd.openapi import openapi_document
 from healthd.persistence import AlertDb
-from healthd.records import NameCheck, StepRecord
+from healthd.records import CLEAN, NameCheck, StepRecord
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule
 from healthd.rules.non_finite_values import nonfinite_parts
@@ -68,6 +69,8 @@ class Healthd:
     queue: EvaluationQueue  # ranks waiting for their rules (healthd.scheduler)
     alert_db: AlertDb | None = None  # persistence.sqlite_path
     names: NameCheck = field(default_factory=NameCheck)  # job and layer names known valid (ingest)
+    # IngestResult(accepted=n) for n <= limits.max_reports_per_request
+    _all_accepted: dict[int, IngestResult] = field(default_factory=dict)
 
     TICK_RANKS_PER_SLICE = 256  # ~1-2 ms of per-rank work between the ticker's pauses
 
@@ -96,6 +99,7 @@ class Healthd:
         key: tuple[str, int] = ("", -1)
         known: set[str] | frozenset[str] = _NO_NAMES
         waiting = 0
+        budget: bool | None = None  # queue.has_budget(), asked once until an evaluation spends some
         for pos, report in enumerate(parsed.reports):
             if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
                     and report.layers.keys() <= known and report.activations.keys() <= known):
@@ -122,9 +126,10 @@ class Healthd:
                 known = job.layer_names if job is not None else _NO_NAMES
             accepted += 1
             run.append(report)
-            if _urgent(report) or waiting + len(run) >= every and queue.has_budget():
+            if _urgent(report) or waiting + len(run) >= every and (
+                    budget if budget is not None else (budget := queue.has_budget())):
                 self._apply_run(run, key, now, evaluate=True)
-                run, waiting = [], 0
+                run, waiting, budget = [], 0, None
         if run:
             self._apply_run(run, key, now)
         self.evaluate_due()
@@ -135,7 +140,10 @@ class Healthd:
         if parsed.rejected or capped:
             rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
             return 422, IngestResult(accepted=accepted, rejected=rejected)
-        return 200, IngestResult(accepted=accepted)
+        result = self._all_accepted.get(accepted)
+        if result is None:  # frozen, so one per count serves every request
+            result = self._all_accepted[accepted] = IngestResult(accepted=accepted)
+        return 200, result
 
     def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, evaluate: bool = False) -> None:
         """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
@@ -240,6 +248,9 @@ _NO_NAMES: frozenset[str] = frozenset()
 
 def _urgent(step: StepRecord) -> bool:
     """A step with a NaN/Inf (as NonFiniteValues judges it): its rank is evaluated at once, whatever the budget."""
+    if step.nonfinite is CLEAN and (step.loss is None or math.isfinite(step.loss)) and (
+            step.grad_norm is None or math.isfinite(step.grad_norm)):
+        return False  # the common case, decided without building nonfinite_parts' tuple
     return any(nonfinite_parts(step))
 
 

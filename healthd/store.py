@@ -20,7 +20,7 @@ import msgspec
 
 from healthd.noise_scale import NoiseScaleEstimator
 from healthd.records import CLEAN, LayerRecord, StepRecord, to_record
-from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, column_values
+from healthd.rules.base import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, columns_of
 from healthd.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, StepReport
 from healthd.settings import StoreSettings
 
@@ -212,7 +212,7 @@ class Store:
         st = self._rank(job, first.rank)
         st.last_seen = now
         st.steps.extend(steps)
-        by_column = list(zip(*map(column_values, steps), strict=True))  # a tuple of the steps' values per column
+        by_column = columns_of(steps)  # the steps' values, a sequence per column
         lists = st.column_lists
         _consume(map(list.extend, lists, by_column))
         if len(lists[0]) > self._trim_at:

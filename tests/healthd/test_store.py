@@ -79,15 +79,17 @@ def test_window_extremes_match_brute_force_within_one_bucket() -> None:
     assert [extremes[k].max(t) for k in ("loss", "grad_norm", "update_ratio")] == [None] * 3  # never counted
 
 
-def test_column_values_is_column_value_for_every_column() -> None:
-    from healthd.rules.base import COLUMNS, column_value, column_values
+def test_columns_of_is_column_value_of_every_step_for_every_column() -> None:
+    from healthd.rules.base import COLUMNS, column_value, columns_of
     from healthd.schema import StepReport
 
-    for s in (StepReport(job="j", time=1.0, step=3),
-              StepReport(job="j", time=1.0, step=4, loss=2.0, lr=[0.1, 0.2], grad_norm=1.5, batch_size=8,
-                         step_seconds=0.2, comm_seconds=0.1, loss_scale=1024.0, param_fingerprint=7.0,
-                         grad_norm_local=1.4, update_ratio=1e-3)):
-        assert column_values(s) == [column_value(s, c) for c in COLUMNS]
+    steps = [StepReport(job="j", time=1.0, step=3),
+             StepReport(job="j", time=1.0, step=4, loss=2.0, lr=[0.1, 0.2], grad_norm=1.5, batch_size=8,
+                        step_seconds=0.2, comm_seconds=0.1, loss_scale=1024.0, param_fingerprint=7.0,
+                        grad_norm_local=1.4, update_ratio=1e-3),
+             StepReport(job="j", time=2.0, step=5, lr=[0.3], loss=1.0)]
+    for run in (steps, steps[:1], []):
+        assert [list(c) for c in columns_of(run)] == [[column_value(s, c) for s in run] for c in COLUMNS]
 
 
 def _state(store: Store) -> str:
