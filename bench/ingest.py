@@ -13,7 +13,10 @@ job, steps counting up per rank (realistic values: loss, grad norm, lr, update r
 layers). Targets:
 
 - ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``;
-- ``bare``: a Starlette route that only reads the body and answers 200 (the ceiling);
+- ``bare``: a Starlette route that only reads the body and answers 200 (the issue's ceiling: the
+  body read through ASGI);
+- ``direct``: the same answered by the protocol without an ASGI task, as healthd's ingest is served
+  (``healthd.serving``): the ceiling of the path healthd's reports take;
 - ``validate`` (on request): healthd's endpoint with ingest cut down to pydantic's ``validate_json`` of
   the batch, no store, no rules: the issue's "Starlette + validate_json" reference point;
 - ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.records``):
@@ -64,12 +67,23 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
     from starlette.responses import Response
     from starlette.routing import Route
 
-    if target == "bare":
+    if target in ("bare", "direct"):
         async def read_only(request: Request) -> Response:
             await request.body()
             return Response(b'{"accepted":0,"rejected":[]}', media_type="application/json")
 
         app = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
+        if target == "direct":  # the body answered by the protocol, as healthd's ingest is (healthd.serving)
+            class ReadOnly:
+                path = b"/v1/reports"
+
+                def direct(self, headers: list[tuple[bytes, bytes]]) -> bool:
+                    return True
+
+                def answer(self, body: bytes) -> tuple[int, bytes]:
+                    return 200, b'{"accepted":0,"rejected":[]}'
+
+            app.state.direct_post = ReadOnly()
     else:
         from healthd.app import create_app
         from healthd.gc_policy import ServingGC
@@ -321,7 +335,7 @@ def main() -> None:
                    help="steps put in every rank's window before the run (store.window_steps: full windows)")
     p.add_argument("--steps-per-cycle", type=int, default=3, help="distinct steps per rank in the body pool")
     p.add_argument("--soak-seconds", type=float, default=0.0, help="soak the healthd target instead")
-    p.add_argument("--targets", default="bare,healthd")
+    p.add_argument("--targets", default="bare,direct,healthd")
     p.add_argument("--rank-rules-cpu-share", type=float, default=0.25, help="engine.rank_rules_cpu_share")
     args = p.parse_args()
     print(f"{args.ranks} ranks, {args.reports_per_request} reports/request from {args.ranks_per_request} rank(s), "
@@ -332,9 +346,10 @@ def main() -> None:
     for target in ([] if args.soak_seconds else args.targets.split(",")) or ["healthd"]:
         results[target] = r = bench(target, args)
         print(f"{target:8s} " + "  ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
-    if "bare" in results and "healthd" in results:
-        ratio = results["healthd"]["reports_per_second"] / results["bare"]["reports_per_second"]
-        print(f"healthd / bare = {ratio:.2f}")
+    for ceiling in ("bare", "direct"):
+        if ceiling in results and "healthd" in results:
+            ratio = results["healthd"]["reports_per_second"] / results[ceiling]["reports_per_second"]
+            print(f"healthd / {ceiling} = {ratio:.2f}")
 
 
 if __name__ == "__main__":
