@@ -254,6 +254,14 @@ def _urgent(step: StepRecord) -> bool:
     return any(nonfinite_parts(step))
 
 
+def _announced_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A request's ``Content-Length`` (header names lower-case); None when absent or not a number."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
 class ReportsEndpoint:
     """``POST /v1/reports`` as a plain ASGI app: the hot path (every rank's every flush), so it skips
     Starlette's Request and Response objects; the 200 answer for ``n`` reports is encoded once.
@@ -269,12 +277,10 @@ class ReportsEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.max_body
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > limit:
-                    await self._answer(send, 413, self._too_large())
-                    return
-                break
+        announced = _announced_length(scope["headers"])
+        if announced is not None and announced > limit:
+            await self._answer(send, 413, self._too_large())
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -310,13 +316,8 @@ class ReportsEndpoint:
         ``answer`` directly (``healthd.serving.DirectPost``): its body announces a length within
         limits.max_body_bytes and it carries the bearer token if one is required. Any other request
         goes through the app, which answers 413 or 401 (and counts them) as always."""
-        length = None
-        for name, value in headers:
-            if name == b"content-length":
-                length = value
-                break
-        return (length is not None and length.isdigit() and int(length) <= self.max_body
-                and authorized(headers, self.expected_authorization))
+        announced = _announced_length(headers)
+        return announced is not None and announced <= self.max_body and authorized(headers, self.expected_authorization)
 
     def _too_large(self) -> bytes:
         Counters.inc(self.hd.counters.rejected, "body_too_large")
