@@ -129,6 +129,8 @@ class GatheringHttpToolsProtocol(HttpToolsProtocol):
     a query string or another method, ``Expect: 100-continue``, a body without a length or over the
     limit, a missing or wrong bearer token (the app answers 413 or 401 and counts them), a request
     pipelined behind one still in the app, a root_path or a concurrency limit (uvicorn applies them there).
+    A direct request passes none of the app's ASGI middleware: ``direct`` does what healthd's own does
+    for it (authentication); middleware added to the app later would not see these requests.
     """
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
