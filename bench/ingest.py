@@ -16,10 +16,10 @@ layers). Targets:
 - ``bare``: a Starlette route that only reads the body and answers 200 (the issue's ceiling: the
   body read through ASGI);
 - ``direct``: the same answered by the protocol without an ASGI task, as healthd's ingest is served
-  (``healthd.serving``): the ceiling of the path healthd's reports take;
+  (``healthd.server.serving``): the ceiling of the path healthd's reports take;
 - ``validate`` (on request): healthd's endpoint with ingest cut down to pydantic's ``validate_json`` of
   the batch, no store, no rules: the issue's "Starlette + validate_json" reference point;
-- ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.records``):
+- ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.wire.records``):
   the ceiling parsing leaves.
 
 Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM), the share of
@@ -73,7 +73,7 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             return Response(b'{"accepted":0,"rejected":[]}', media_type="application/json")
 
         app = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
-        if target == "direct":  # the body answered by the protocol, as healthd's ingest is (healthd.serving)
+        if target == "direct":  # the body answered by the protocol, as healthd's ingest is (healthd.server.serving)
             class ReadOnly:
                 path = b"/v1/reports"
 
@@ -85,8 +85,8 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
 
             app.state.direct_post = ReadOnly()
     else:
-        from healthd.app import create_app
-        from healthd.gc_policy import ServingGC
+        from healthd.server.app import create_app
+        from healthd.server.gc_policy import ServingGC
         from healthd.settings import Settings
 
         app = create_app(Settings.from_mapping({"limits": {"max_ranks_per_job": 100_000},
@@ -95,9 +95,9 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
         if target in ("validate", "parse"):  # the endpoint and parsing only: what the store and rules add is the rest
             from pydantic import TypeAdapter
 
-            from healthd.ingest import parse_batch
-            from healthd.records import NameCheck
-            from healthd.schema import IngestResult, ReportBatch
+            from healthd.wire.parse import parse_batch
+            from healthd.wire.records import NameCheck
+            from healthd.wire.schema import IngestResult, ReportBatch
 
             batch, names = TypeAdapter(ReportBatch), NameCheck()
 
@@ -109,14 +109,14 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             app.state.healthd.ingest = validate_only
         elif prefill:
             # Full windows, as in a long run: rules' cost grows with what they look at.
-            from healthd.ingest import parse_batch
+            from healthd.wire.parse import parse_batch
             hd = app.state.healthd
             rng = random.Random(1)
             now = time.time()
             for rank in range(ranks):
                 for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill, hd.names).reports:
                     hd.store.apply(report, now)
-    from healthd.serving import GatheringHttpToolsProtocol
+    from healthd.server.serving import GatheringHttpToolsProtocol
 
     # As `healthd serve`: uvloop, httptools, one socket write per response (every target alike).
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Must match healthd.schema.LayerName.
+# Must match healthd.wire.schema.LayerName.
 _LAYER_NAME_MAX_CHARS = 128
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_.:\-\[\]]")
 ROOT = "root"

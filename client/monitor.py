@@ -45,7 +45,7 @@ from healthd_client.transport import HttpTransport, Sender, Transport
 logger = logging.getLogger("healthd_client")
 
 CLIENT_VERSION = "0.1.0"
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.schema.JobName
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
 _MAX_EVAL_METRICS = 32
 _MAX_METRIC_NAME_CHARS = 64
 

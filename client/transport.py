@@ -32,12 +32,14 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from healthd.schema import SCHEMA_VERSION
 from healthd_client.config import MonitorConfig
 
 logger = logging.getLogger("healthd_client")
 
 REPORTS_PATH = "/v1/reports"
+# The wire contract's version this client writes (healthd.wire.schema.SCHEMA_VERSION on the server;
+# tests/client/test_transport.py holds them equal). The client imports nothing from the server.
+SCHEMA_VERSION = 1
 
 HeartbeatFactory = Callable[[bool], dict[str, Any]]
 

@@ -1,4 +1,4 @@
-"""healthd's Grafana dashboards as code (grafana-foundation-sdk 11.6), named through healthd.catalog.
+"""healthd's Grafana dashboards as code (grafana-foundation-sdk 11.6), named through healthd.exposition.catalog.
 
 Three dashboards, each with the variables datasource, job and rank:
 
@@ -28,7 +28,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 JOB_SEL = 'job=~"$job"'

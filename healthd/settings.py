@@ -7,14 +7,12 @@ file fails at start with a ``ConfigError`` naming the field at fault.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-
-from healthd.rules.base import Rule
 
 
 class ConfigError(ValueError):
@@ -39,7 +37,7 @@ class StoreSettings(_Section):
     alert_history_per_job: int = Field(default=1000, ge=1, description="resolved alerts kept per job")
     noise_scale_ema_alpha: float = Field(
         default=0.05, gt=0, le=1,
-        description="weight of each rank-step in the EMAs of tr(Sigma) and |G|^2 (healthd.noise_scale)",
+        description="weight of each rank-step in the EMAs of tr(Sigma) and |G|^2 (healthd.state.noise_scale)",
     )
 
 
@@ -64,7 +62,7 @@ class EngineSettings(_Section):
         "goes inside one request is still seen")
     rank_rules_cpu_share: float = Field(
         default=0.25, gt=0, le=1, description="fraction of one core rank-scoped rules may use under load "
-        "(healthd.scheduler): a rank whose evaluation does not fit waits, and its next evaluation covers every "
+        "(healthd.engine.scheduler): a rank whose evaluation does not fit waits, and its next evaluation covers every "
         "step it reported meanwhile; 1 evaluates every request's ranks before answering it, whatever the cost")
     rank_rules_burst_seconds: float = Field(
         default=0.5, gt=0, description="CPU seconds rank-scoped rules may spend at once before the share applies "
@@ -96,7 +94,7 @@ class PersistenceSettings(_Section):
 
 
 class AlertmanagerSettings(_Section):
-    """Direct push to Alertmanager's v2 API (healthd.alertmanager). Unset url: no push."""
+    """Direct push to Alertmanager's v2 API (healthd.alerting.alertmanager). Unset url: no push."""
 
     url: str | None = Field(default=None, description="Alertmanager base URL, e.g. http://alertmanager:9093")
     resend_seconds: float = Field(
@@ -124,7 +122,7 @@ class Settings(_Section):
         try:
             return cls.model_validate(dict(data))
         except ValidationError as e:
-            raise ConfigError(_describe(e)) from None
+            raise ConfigError(describe_error(e)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Settings:
@@ -137,24 +135,7 @@ class Settings(_Section):
         return cls.from_mapping(data)
 
 
-def build_rules(rule_classes: Iterable[type[Rule]], configs: Mapping[str, Mapping[str, Any]]) -> list[Rule]:
-    """Instantiate the enabled rules, validating each rule's config section."""
-    classes = {cls.name: cls for cls in rule_classes}
-    unknown = sorted(set(configs) - set(classes))
-    if unknown:
-        raise ConfigError(f"rules.{unknown[0]}: unknown rule; known rules: {', '.join(sorted(classes))}")
-    rules: list[Rule] = []
-    for name, cls in classes.items():
-        try:
-            cfg = cls.Config.model_validate(dict(configs.get(name, {})))
-        except ValidationError as e:
-            raise ConfigError(_describe(e, prefix=f"rules.{name}")) from None
-        if cfg.enabled:
-            rules.append(cls(cfg))
-    return rules
-
-
-def _describe(e: ValidationError, prefix: str = "") -> str:
+def describe_error(e: ValidationError, prefix: str = "") -> str:
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")

@@ -1,4 +1,4 @@
-"""A real healthd (uvicorn) on 127.0.0.1 and a free port, for tests: healthd.embedded plus HTTP helpers."""
+"""A real healthd (uvicorn) on 127.0.0.1 and a free port, for tests: healthd.server.embedded plus HTTP helpers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from healthd.embedded import Embedded, free_port, serve_in_thread
+from healthd.server.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
 
 __all__ = ["LiveHealthd", "free_port", "live_healthd"]

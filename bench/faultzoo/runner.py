@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from healthd.app import Healthd, build
-from healthd.engine import Alert
-from healthd.schema import AlertState, Severity
+from healthd.engine.alerts import Alert
+from healthd.server.pipeline import Healthd, build
 from healthd.settings import Settings
+from healthd.wire.schema import AlertState, Severity
 
 
 class InProcessTransport:

@@ -11,7 +11,7 @@ wrapper adds, on the device and without a host sync,
 then hands the bucket to the real hook. It also times the span from the first
 bucket handed over to the last one reduced (``comm_seconds``: mostly waiting
 for slower ranks; StragglerRank subtracts it from the step time). healthd turns
-the two norms into the gradient noise scale (``healthd.noise_scale``).
+the two norms into the gradient noise scale (``healthd.state.noise_scale``).
 
 Composing with your own comm hook: DDP accepts exactly one hook. The wrapper
 calls an inner hook (by default ``allreduce_hook`` on the model's process

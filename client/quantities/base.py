@@ -34,7 +34,7 @@ Rules for a quantity (they are what keeps the step free of host syncs):
   (0 = never, for attach-only quantities). Hooks of your own (forward hooks,
   comm hooks) are yours to register in ``on_attach`` and remove in ``close``.
 - ``write(report, values)`` edits the StepReport dict in place (plain
-  JSON-able values; field names from ``healthd.schema.StepReport``). Use
+  JSON-able values; field names from ``healthd.wire.schema.StepReport``). Use
   ``layer_stats(report, name)`` and ``nonfinite(report)`` for the nested parts.
 - An exception in any method disables this quantity with one warning; training
   goes on (``attach(strict=True)`` re-raises instead, for tests).

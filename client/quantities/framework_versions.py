@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from healthd_client.quantities.base import Quantity, QuantityContext
 
-_MAX_CHARS = 256  # healthd.schema.ShortText
+_MAX_CHARS = 256  # healthd.wire.schema.ShortText
 
 
 class FrameworkVersions(Quantity):

@@ -4,7 +4,7 @@ What lives here: ``GpuMonitor`` (a ``Quantity`` that never touches the step:
 ``every_steps=0``), the CUDA-index -> NVML-handle mapping (``resolve_device``),
 one sample of a device (``read_sample``) and the XID event watcher. What does
 not: rules about the samples (``healthd.rules.gpu_*``), their exposition
-(``healthd.exporter_gpu``).
+(``healthd.exposition.gpu``).
 
 Design notes:
 - The NVML module is injected (``nvml_loader``; default ``import pynvml``, from

@@ -4,7 +4,12 @@
 classes it runs (``create_app`` passes these by default).
 """
 
-from healthd.rules.base import Finding, JobWindow, RankWindow, Rule, RuleConfig, Scope
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
 from healthd.rules.batch_norm_small_batch import BatchNormSmallBatch
 from healthd.rules.dead_activations import DeadActivations
 from healthd.rules.dropout_before_batch_norm import DropoutBeforeBatchNorm
@@ -41,6 +46,8 @@ from healthd.rules.straggler_rank import StragglerRank
 from healthd.rules.training_stalled import TrainingStalled
 from healthd.rules.vanishing_gradients import VanishingGradients
 from healthd.rules.weights_not_updating import WeightsNotUpdating
+from healthd.settings import ConfigError, describe_error
+from healthd.state.windows import JobWindow, RankWindow
 
 ALL_RULES: tuple[type[Rule], ...] = (
     NonFiniteValues,
@@ -84,4 +91,21 @@ ALL_RULES: tuple[type[Rule], ...] = (
     GPUImbalance,
 )
 
-__all__ = ["ALL_RULES", "Finding", "JobWindow", "RankWindow", "Rule", "RuleConfig", "Scope"]
+__all__ = ["ALL_RULES", "Finding", "JobWindow", "RankWindow", "Rule", "RuleConfig", "Scope", "build_rules"]
+
+
+def build_rules(rule_classes: Iterable[type[Rule]], configs: Mapping[str, Mapping[str, Any]]) -> list[Rule]:
+    """Instantiate the enabled rules, validating each rule's config section."""
+    classes = {cls.name: cls for cls in rule_classes}
+    unknown = sorted(set(configs) - set(classes))
+    if unknown:
+        raise ConfigError(f"rules.{unknown[0]}: unknown rule; known rules: {', '.join(sorted(classes))}")
+    rules: list[Rule] = []
+    for name, cls in classes.items():
+        try:
+            cfg = cls.Config.model_validate(dict(configs.get(name, {})))
+        except ValidationError as e:
+            raise ConfigError(describe_error(e, prefix=f"rules.{name}")) from None
+        if cfg.enabled:
+            rules.append(cls(cfg))
+    return rules

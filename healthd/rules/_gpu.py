@@ -10,8 +10,8 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from healthd.rules.base import RankWindow
-from healthd.schema import GpuReport
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import GpuReport
 
 
 def last_samples(samples: Sequence[GpuReport], n: int) -> list[GpuReport]:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 
 class DropoutBeforeBatchNorm(Rule[RuleConfig]):

@@ -7,8 +7,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, step_of
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 # XIDs NVML reports as critical that are usually the application's own fault (illegal memory access,
 # a kernel killed by the user, a page fault in user code): not a reason to page the hardware on-call.

@@ -12,8 +12,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import memory_ratio
-from healthd.rules.base import Finding, JobWindow, Rule, RuleConfig, Scope
-from healthd.schema import GpuReport, Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import JobWindow
+from healthd.wire.schema import GpuReport, Severity
 
 
 class GPUImbalanceConfig(RuleConfig):

@@ -8,8 +8,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, gib, last_samples, step_of
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import GpuReport, Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import GpuReport, Severity
 
 
 class GPUMemoryLeakConfig(RuleConfig):

@@ -7,8 +7,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, gib, last_samples, step_of
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 
 class GPUMemoryNearLimitConfig(RuleConfig):

@@ -8,8 +8,9 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, step_of
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 # NVML clock event reasons (names as healthd_client sends them) that mean "slowed down by heat or power".
 # sw_power_cap is left out by default: a GPU at full load sits at its power cap by design.

@@ -6,8 +6,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, median
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 
 class InputNotNormalizedConfig(RuleConfig):

@@ -6,8 +6,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, median
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, median
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 
 class LargeBatchGeneralizationConfig(RuleConfig):
@@ -38,7 +39,7 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
     (``enabled: false``) if that is the intent.
 
     Noise-scale branch (DDP jobs, evaluated on rank 0 only): healthd measures
-    the simple gradient noise scale B_simple (``healthd.noise_scale``,
+    the simple gradient noise scale B_simple (``healthd.state.noise_scale``,
     McCandlish et al. 2018), which approximates the critical batch size.
     A global batch above ``noise_scale_warn_ratio`` (10) x B_simple is in the
     regime of diminishing returns (each doubling of the batch buys almost no

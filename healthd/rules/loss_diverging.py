@@ -7,8 +7,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.state.windows import RankWindow, finite
+from healthd.wire.schema import Severity
 
 
 class LossDivergingConfig(RuleConfig):

@@ -6,7 +6,8 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median, series
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.state.windows import RankWindow, finite
 
 
 class LossOscillatingConfig(RuleConfig):

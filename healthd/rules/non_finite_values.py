@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from healthd.records import StepRecord
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.state.windows import RankWindow
+from healthd.wire.records import StepRecord
+from healthd.wire.schema import Severity
 
 
 def nonfinite_parts(s: StepRecord) -> tuple[bool, bool, bool]:

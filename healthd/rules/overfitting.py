@@ -6,8 +6,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, finite, fmt, median
-from healthd.schema import EvalReport, Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.state.windows import RankWindow, finite
+from healthd.wire.schema import EvalReport, Severity
 
 
 class OverfittingConfig(RuleConfig):

@@ -6,8 +6,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope, fmt
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.state.windows import JobWindow, RankStatus
+from healthd.wire.schema import Severity
 
 
 class StallConfig(RuleConfig):

@@ -7,9 +7,10 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, step_of
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
 from healthd.rules.low_gpu_utilization import peak_memory_ratio, utilization_p95
-from healthd.schema import Severity
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import Severity
 
 
 class SmallBatchUnderutilizationConfig(RuleConfig):

@@ -6,9 +6,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.records import LossInputRecord
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.records import LossInputRecord
+from healthd.wire.schema import Severity
 
 _LOGIT_LOSSES = ("cross_entropy",)
 _LOG_PROB_LOSSES = ("nll_loss",)

@@ -9,8 +9,9 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, JobWindow, RankStatus, Rule, RuleConfig, Scope, finite, fmt, median
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.state.windows import JobWindow, RankStatus, finite
+from healthd.wire.schema import Severity
 
 
 class StragglerRankConfig(RuleConfig):

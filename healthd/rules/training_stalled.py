@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from healthd.rules.base import Finding, JobWindow, Rule, Scope, fmt
+from healthd.rules.base import Finding, Rule, Scope, fmt
 from healthd.rules.rank_stalled import StallConfig, heartbeat_alive, stalled_for
-from healthd.schema import Severity
+from healthd.state.windows import JobWindow
+from healthd.wire.schema import Severity
 
 
 class TrainingStalled(Rule[StallConfig]):

@@ -7,9 +7,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.records import StepRecord
-from healthd.rules.base import Finding, RankWindow, Rule, RuleConfig, Scope, fmt, median
-from healthd.schema import Severity
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.state.windows import RankWindow
+from healthd.wire.records import StepRecord
+from healthd.wire.schema import Severity
 
 # Modules whose gradients are sparse by design (only looked-up rows get one):
 # their per-element RMS says nothing about vanishing.

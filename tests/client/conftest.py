@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import healthd_client
-from healthd.schema import ReportBatch
+from healthd.wire.schema import ReportBatch
 from healthd_client import MonitorConfig
 
 BATCH = pydantic.TypeAdapter(ReportBatch)

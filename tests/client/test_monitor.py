@@ -108,7 +108,7 @@ def test_eval_metric_names_are_made_label_safe(make_monitor, transport):
     (report,) = transport.of_kind("eval")
     # What healthd's schema accepts (EvalReport.metrics): a space would cost the whole report a 422.
     assert report["metrics"] == {"val_acc": 0.5, "f1/macro": 0.25, "x" * 64: 1.0}
-    from healthd.schema import EvalReport
+    from healthd.wire.schema import EvalReport
     EvalReport.model_validate({**report, "job": "j", "time": 1.0})
 
 

@@ -204,7 +204,7 @@ def test_http_transport_posts_to_the_reports_path():
 
 
 def test_http_transport_connection_refused_is_retried(senders):
-    from healthd.embedded import free_port  # a port nobody listens on
+    from healthd.server.embedded import free_port  # a port nobody listens on
 
     transport = HttpTransport(f"http://127.0.0.1:{free_port()}", 1.0)
     sender = senders(transport)
@@ -263,3 +263,10 @@ def test_forked_child_exits_cleanly_through_atexit(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "child 0 sent 1" in done.stdout
+
+
+def test_the_client_writes_the_schema_version_the_server_reads() -> None:
+    from healthd.wire.schema import SCHEMA_VERSION as server_version
+    from healthd_client.transport import SCHEMA_VERSION as client_version
+
+    assert client_version == server_version

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 from healthd_dashboards import dashboards, expressions, render
 
 JSON_DIR = Path(__file__).resolve().parents[2] / "dashboards" / "json"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from healthd.deploy import CATCH_ALL, prometheus_rule_files
 from healthd.rules import ALL_RULES
+from healthd.tools.deploy import CATCH_ALL, prometheus_rule_files
 from tests.integration.servers import require_binary
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from healthd.records import StepRecord, to_record
-from healthd.rules.base import JobMeta, RankWindow
-from healthd.schema import AttachReport, LayerStats, StepReport
+from healthd.state.windows import JobMeta, RankWindow
+from healthd.wire.records import StepRecord, to_record
+from healthd.wire.schema import AttachReport, LayerStats, StepReport
 
 
 def step(i: int, job: str = "j", rank: int = 0, **kw: Any) -> StepRecord:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from healthd.rules import ALL_RULES
-from healthd.settings import ConfigError, Settings, build_rules
+from healthd.rules import ALL_RULES, build_rules
+from healthd.settings import ConfigError, Settings
 
 
 def test_yaml_config_and_rule_thresholds(tmp_path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from healthd.embedded import free_port
+from healthd.server.embedded import free_port
 
 
 class HealthdProcess:
@@ -41,7 +41,7 @@ class HealthdProcess:
 
     def start(self, timeout_seconds: float = 30.0) -> None:
         self.starts += 1
-        cmd = [sys.executable, "-m", "healthd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [sys.executable, "-m", "healthd.tools.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--db", str(self.db), "--log-level", "warning", *self.extra_args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import httpx
 import yaml
 
-from healthd.embedded import free_port
+from healthd.server.embedded import free_port
 
 PROMETHEUS = "prometheus"
 ALERTMANAGER = "prometheus-alertmanager"  # Debian's name for the alertmanager binary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from healthd.embedded import free_port
+from healthd.server.embedded import free_port
 from healthd.settings import Settings
 from tests.integration.servers import Alertmanager, alertmanager, wait_until
 from tests.live import live_healthd

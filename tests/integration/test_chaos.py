@@ -16,7 +16,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import healthd_client
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 from healthd_client import MonitorConfig
 from tests.integration.healthd_process import HealthdProcess
 

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import healthd_client
-from healthd import catalog as C
-from healthd.app import create_app
-from healthd.embedded import free_port
+from healthd.exposition import catalog as C
+from healthd.server.app import create_app
+from healthd.server.embedded import free_port
 from healthd.settings import Settings
 from healthd_client.config import MonitorConfig
 from healthd_client.quantities.base import Quantity

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import healthd_client
-from healthd.demo import run_demo
+from healthd.tools.demo import run_demo
 from tests.live import LiveHealthd, live_healthd
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Mapping
 
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 from healthd_client import MonitorConfig
 from healthd_client.transport import HttpTransport
 from tests.integration.servers import prometheus, wait_until

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from healthd.cli import main
+from healthd.tools.cli import main
 from tests.healthd.run_data import JOB, post_run
 from tests.live import live_healthd
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from healthd.embedded import Embedded, serve_in_thread
+from healthd.server.embedded import Embedded, serve_in_thread
 from healthd.settings import Settings
 from tests.integration import ray_train_job
 

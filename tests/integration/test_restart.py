@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 from tests.integration.healthd_process import HealthdProcess
 
 pytestmark = pytest.mark.integration

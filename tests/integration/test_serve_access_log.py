@@ -1,5 +1,5 @@
 """``healthd serve --access-log``: every request gets uvicorn's access line, the report batches the
-protocol answers itself (healthd.serving) as much as those the app answers."""
+protocol answers itself (healthd.server.serving) as much as those the app answers."""
 
 from __future__ import annotations
 

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from healthd import catalog as C
-from healthd.embedded import Embedded, free_port, serve_in_thread
+from healthd.exposition import catalog as C
+from healthd.server.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
 
 pytestmark = pytest.mark.integration

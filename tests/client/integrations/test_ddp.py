@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from healthd.embedded import free_port
+from healthd.server.embedded import free_port
 from healthd_client.integrations.ddp import register_comm_hook
 from tests.client.conftest import RecordingTransport, step_reports
 

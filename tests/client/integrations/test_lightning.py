@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 from healthd_client import MonitorConfig
 from healthd_client.integrations.lightning import HealthdCallback
 from tests.live import live_healthd

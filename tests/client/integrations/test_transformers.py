@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-from healthd import catalog as C
+from healthd.exposition import catalog as C
 from healthd_client import MonitorConfig
 from healthd_client.integrations.transformers import HealthdCallback
 from tests.live import live_healthd

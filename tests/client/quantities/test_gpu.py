@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from healthd.schema import GpuReport
+from healthd.wire.schema import GpuReport
 from healthd_client.quantities.gpu import GpuMonitor, read_sample, resolve_device
 from tests.client.conftest import Net, RecordingTransport, train_steps, validate
 from tests.fake_nvml import FakeCuda, FakeDevice, FakeNvml, props

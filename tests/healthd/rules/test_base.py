@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from healthd.rules.base import finite
-from healthd.schema import StepReport
+from healthd.state.windows import finite
+from healthd.wire.schema import StepReport
 from tests.healthd.factories import steps, window
 
 

@@ -22,7 +22,7 @@ from healthd.rules.missing_zero_grad import MissingZeroGrad
 from healthd.rules.overfitting import Overfitting
 from healthd.rules.saturated_activations import SaturatedActivations
 from healthd.rules.softmax_before_loss import SoftmaxBeforeLoss
-from healthd.schema import (
+from healthd.wire.schema import (
     ActivationStats,
     AttachReport,
     EvalReport,

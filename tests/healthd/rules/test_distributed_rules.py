@@ -12,17 +12,18 @@ from typing import Any
 import msgspec
 import pytest
 
-from healthd.records import StepRecord
-from healthd.rules.base import Finding, JobMeta, JobWindow, RankStatus, finite
+from healthd.rules.base import Finding
 from healthd.rules.gradient_norm_mismatch import GradientNormMismatch, leave_one_out_medians
 from healthd.rules.loss_scale_collapse import LossScaleCollapse
 from healthd.rules.rank_desync import RankDesync, _group, _latest_shared_fingerprints
 from healthd.rules.rank_stalled import RankStalled
 from healthd.rules.straggler_rank import StragglerRank, work_seconds
 from healthd.rules.training_stalled import TrainingStalled
-from healthd.schema import HeartbeatReport, StepReport
 from healthd.settings import StoreSettings
-from healthd.store import Store
+from healthd.state.store import Store
+from healthd.state.windows import JobMeta, JobWindow, RankStatus, finite
+from healthd.wire.records import StepRecord
+from healthd.wire.schema import HeartbeatReport, StepReport
 from tests.healthd.factories import steps, window
 
 NOW = 2000.0

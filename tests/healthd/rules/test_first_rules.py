@@ -13,7 +13,7 @@ from healthd.rules.loss_diverging import LossDiverging
 from healthd.rules.non_finite_values import NonFiniteValues
 from healthd.rules.vanishing_gradients import VanishingGradients
 from healthd.rules.weights_not_updating import WeightsNotUpdating
-from healthd.schema import AttachReport, LayerInfo, ModelSummary, NonFinite, Severity
+from healthd.wire.schema import AttachReport, LayerInfo, ModelSummary, NonFinite, Severity
 from tests.healthd.factories import step, steps, window
 
 NAN, INF = math.nan, math.inf
@@ -154,7 +154,7 @@ def test_loss_plateau_is_not_blamed_for_a_diverged_run() -> None:
 
 def test_activation_rules_ignore_steps_poisoned_by_nan() -> None:
     from healthd.rules.dead_activations import DeadActivations
-    from healthd.schema import ActivationStats
+    from healthd.wire.schema import ActivationStats
 
     dead = {"act": ActivationStats(kind="relu", dead_fraction=1.0)}
     poisoned = [step(i, loss=NAN, nonfinite=NonFinite(loss=1), activations=dead) for i in range(5)]

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 
-from healthd.rules.base import JobMeta, JobWindow, RankStatus, RankWindow
 from healthd.rules.gpu_hardware_errors import GPUHardwareErrors
 from healthd.rules.gpu_imbalance import GPUImbalance
 from healthd.rules.gpu_memory_leak import GPUMemoryLeak
@@ -14,7 +13,8 @@ from healthd.rules.gpu_memory_near_limit import GPUMemoryNearLimit
 from healthd.rules.gpu_throttling import GPUThrottling
 from healthd.rules.low_gpu_utilization import LowGPUUtilization
 from healthd.rules.small_batch_underutilization import SmallBatchUnderutilization
-from healthd.schema import GpuReport, Severity
+from healthd.state.windows import JobMeta, JobWindow, RankStatus, RankWindow
+from healthd.wire.schema import GpuReport, Severity
 from tests.healthd.factories import steps
 
 GIB = 2**30

@@ -1,0 +1,291 @@
+"""The rules engine: runs rules over windows and owns alert state.
+
+An alert is keyed by (job, rule, rank). Its lifecycle follows Prometheus'
+alerting rules: a finding makes it *pending*; findings over ``for_steps``
+steps in a row make it *firing*; ``resolve_after_steps`` steps in a row
+without a finding (the cool-down) make it *resolved*, so a noisy signal does
+not flap. A pending alert whose condition clears is dropped, never notified.
+Job-scoped rules count engine ticks instead of steps.
+
+Listeners (Alertmanager push, persistence) hear every pending->firing and
+firing->resolved transition. Rank-scoped rules run when their rank has
+reported steps (``Healthd`` calls ``on_step`` when ``healthd.engine.scheduler``'s
+budget allows, every ``engine.max_steps_per_evaluation`` steps of a request
+and at its end; at once for a step with a NaN/Inf); job-scoped rules run on
+``tick``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from healthd.rules.base import EvidenceValue, Finding, Rule, Scope
+from healthd.state.windows import JobWindow, RankWindow
+from healthd.wire.schema import AlertOut, AlertState, Severity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Alert:
+    """Mutable alert record, owned by the engine."""
+
+    id: str
+    rule: str
+    severity: Severity
+    state: AlertState
+    job: str
+    rank: int | None
+    layer: str | None
+    step: int | None
+    last_step: int | None
+    summary: str
+    evidence: dict[str, EvidenceValue]
+    advice: str
+    started_at: float
+    updated_at: float
+    fired_at: float | None = None
+    resolved_at: float | None = None
+    hits: int = 0
+    misses: int = 0
+
+    def out(self) -> AlertOut:
+        return AlertOut(
+            id=self.id, rule=self.rule, severity=self.severity, state=self.state, job=self.job, rank=self.rank,
+            layer=self.layer, step=self.step, last_step=self.last_step, summary=self.summary,
+            evidence=dict(self.evidence), advice=self.advice, started_at=self.started_at,
+            updated_at=self.updated_at, resolved_at=self.resolved_at,
+        )
+
+
+class AlertListener(Protocol):
+    def on_transition(self, alert: Alert, previous: AlertState) -> None: ...
+
+
+@dataclass
+class _JobAlerts:
+    active: dict[tuple[str, int | None], Alert] = field(default_factory=dict)
+    history: deque[Alert] = field(default_factory=deque)
+
+
+_DONE = object()
+
+
+class Engine:
+    """Evaluates rules and keeps alert state per job (jobs are independent)."""
+
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        *,
+        history_per_job: int = 1000,
+        listeners: Iterable[AlertListener] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rank_rules = [r for r in rules if r.scope is Scope.RANK]
+        self._gated_fields = sorted({f for r in self.rank_rules for f in r.reads})
+        self.job_rules = [r for r in rules if r.scope is Scope.JOB]
+        self.history_per_job = history_per_job
+        self.listeners = list(listeners)
+        self.clock = clock
+        self._jobs: dict[str, _JobAlerts] = {}
+        self.evaluation_seconds_sum = 0.0
+        self.evaluation_count = 0
+        self.rule_errors_total = 0
+        self.transitions_total: dict[str, int] = {s.value: 0 for s in AlertState}
+
+    # ------------------------------------------------------------- evaluation
+    def on_step(self, window: RankWindow) -> None:
+        """Run the rank-scoped rules on a rank's window after it reported ``window.new_steps`` steps.
+
+        One evaluation may cover several new steps (a request carries a rank's queue). For
+        ``resolve_after_steps`` an evaluation without a finding counts the steps it covers. For
+        ``for_steps`` a finding counts them too, except the first of a run, which counts one: a
+        condition is known to have held over the interval only when the previous evaluation saw it.
+        """
+        t0 = time.perf_counter()
+        now = self.clock()
+        weight = max(1, window.new_steps)
+        book = self._jobs.get(window.job)
+        new = window.new if self._gated_fields else []
+        arrived = {f for f in self._gated_fields for s in new if getattr(s, f) not in _ABSENT}
+        for rule in self.rank_rules:
+            key = (rule.name, window.rank)
+            if rule.reads and arrived.isdisjoint(rule.reads) and (book is None or key not in book.active):
+                continue  # none of what it reads arrived: its answer stands (Rule.reads)
+            finding = _first(self._evaluate(rule, window))
+            if finding is None and (book is None or key not in book.active):
+                continue  # the common case: nothing seen, nothing to resolve
+            self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key],
+                         weight=weight)
+            book = self._jobs.get(window.job)
+        self.evaluation_seconds_sum += time.perf_counter() - t0
+        self.evaluation_count += 1
+
+    def on_tick(self, window: JobWindow) -> None:
+        """Run the job-scoped rules on a job's window (called periodically)."""
+        t0 = time.perf_counter()
+        for rule in self.job_rules:
+            findings = _all(self._evaluate(rule, window))
+            book = self._jobs.get(window.job)
+            keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
+            self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
+        self.evaluation_seconds_sum += time.perf_counter() - t0
+        self.evaluation_count += 1
+
+    def summarize_slices(self, rule: Rule, window: JobWindow, ranks_per_slice: int) -> Iterator[None]:
+        """``window.summarize_slices`` for a job rule about to run, its time counted as the rule's."""
+        slices = window.summarize_slices(rule, ranks_per_slice)
+        done = False
+        while not done:  # a pause after every slice, the last one too: the rule itself comes next
+            t0 = time.perf_counter()
+            done = next(slices, _DONE) is _DONE
+            self.evaluation_seconds_sum += time.perf_counter() - t0
+            yield
+
+    def on_tick_rule(self, rule: Rule, window: JobWindow) -> None:
+        """Run one job-scoped rule (of ``job_rules``) on a job's window: ``on_tick`` a rule at a time,
+        for a caller that lets other work run in between (the server's ticker serves ingest there).
+        As in ``on_tick``, the window counts as one evaluation, once its last rule has run."""
+        t0 = time.perf_counter()
+        findings = _all(self._evaluate(rule, window))
+        book = self._jobs.get(window.job)
+        keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
+        self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
+        self.evaluation_seconds_sum += time.perf_counter() - t0
+        if rule is self.job_rules[-1]:
+            self.evaluation_count += 1
+
+    def _evaluate(self, rule: Rule, window: RankWindow | JobWindow) -> Finding | Sequence[Finding] | None:
+        try:
+            return rule.evaluate(window)
+        except Exception:  # a buggy rule must not take ingest down
+            self.rule_errors_total += 1
+            log.exception("rule %s failed on job %s", rule.name, window.job)
+            return None
+
+    def _update(self, job: str, rule: Rule, findings: list[tuple[int | None, Finding]], now: float,
+                scope_keys: list[tuple[str, int | None]], weight: int = 1) -> None:
+        book = self._jobs.setdefault(job, _JobAlerts())
+        cfg = rule.config
+        seen: set[tuple[str, int | None]] = set()
+        for rank, f in findings:
+            rank = f.rank if f.rank is not None else rank
+            key = (rule.name, rank)
+            seen.add(key)
+            severity = f.severity or cfg.severity or rule.severity
+            alert = book.active.get(key)
+            if alert is None:
+                alert = Alert(
+                    id=uuid.uuid4().hex[:16], rule=rule.name, severity=severity, state=AlertState.PENDING,
+                    job=job, rank=rank, layer=f.layer, step=f.step, last_step=f.step, summary=f.summary,
+                    evidence=dict(f.evidence), advice=rule.advice, started_at=now, updated_at=now,
+                )
+                book.active[key] = alert
+            else:
+                escalated = severity.level > alert.severity.level
+                if escalated:
+                    alert.severity = severity  # escalate only: the label Alertmanager routes on stays stable
+                if alert.state is AlertState.PENDING or escalated:
+                    # Once firing, the evidence is what made it fire (the on-call wants the onset, not
+                    # step 10,000 of the same NaN); only an escalation brings new evidence.
+                    alert.summary, alert.evidence = f.summary, dict(f.evidence)
+                    alert.layer = f.layer or alert.layer
+                alert.last_step = f.step if f.step is not None else alert.last_step
+                alert.updated_at = now
+            alert.hits += weight if alert.hits else 1
+            alert.misses = 0
+            if alert.state is AlertState.PENDING and alert.hits >= cfg.for_steps:
+                alert.state = AlertState.FIRING
+                alert.fired_at = now
+                self._notify(alert, AlertState.PENDING)
+        for key in scope_keys:
+            if key in seen:
+                continue
+            alert = book.active.get(key)
+            if alert is None:
+                continue
+            if alert.state is AlertState.PENDING:
+                del book.active[key]
+                continue
+            alert.misses += weight
+            if alert.misses >= cfg.resolve_after_steps:
+                alert.state = AlertState.RESOLVED
+                alert.resolved_at = alert.updated_at = now
+                del book.active[key]
+                book.history.append(alert)
+                while len(book.history) > self.history_per_job:
+                    book.history.popleft()
+                self._notify(alert, AlertState.FIRING)
+
+    def _notify(self, alert: Alert, previous: AlertState) -> None:
+        self.transitions_total[alert.state.value] += 1
+        for listener in self.listeners:
+            try:
+                listener.on_transition(alert, previous)
+            except Exception:
+                log.exception("alert listener %r failed", listener)
+
+    # ------------------------------------------------------------- reads
+    def alerts(self, job: str | None = None, *, include_resolved: bool = True,
+               include_pending: bool = True) -> list[Alert]:
+        books = [self._jobs[job]] if job is not None and job in self._jobs else (
+            [] if job is not None else list(self._jobs.values()))
+        out: list[Alert] = []
+        for book in books:
+            out.extend(a for a in book.active.values() if include_pending or a.state is AlertState.FIRING)
+            if include_resolved:
+                out.extend(book.history)
+        out.sort(key=lambda a: a.started_at)
+        return out
+
+    def firing(self) -> list[Alert]:
+        return [a for book in self._jobs.values() for a in book.active.values() if a.state is AlertState.FIRING]
+
+    def restore(self, alerts: Iterable[Alert]) -> None:
+        """Load alert state (e.g. from persistence) without notifying."""
+        for a in alerts:
+            book = self._jobs.setdefault(a.job, _JobAlerts())
+            if a.state is AlertState.RESOLVED:
+                book.history.append(a)
+            else:
+                book.active[(a.rule, a.rank)] = a
+
+    def forget(self, job: str) -> None:
+        """Drop a job that went silent past its TTL. Its firing alerts are resolved first, so
+        listeners hear it: Alertmanager gets their endsAt instead of re-sends forever."""
+        book = self._jobs.pop(job, None)
+        if book is None:
+            return
+        now = self.clock()
+        for alert in book.active.values():
+            if alert.state is not AlertState.FIRING:
+                continue
+            alert.state = AlertState.RESOLVED
+            alert.resolved_at = alert.updated_at = now
+            alert.evidence = {**alert.evidence, "resolved_because": "job expired (silent past store.job_ttl_seconds)"}
+            self._notify(alert, AlertState.FIRING)
+
+
+# A sampled field that carries no data: None, or an empty dict or list (``training=False`` is data).
+_ABSENT: tuple[object, ...] = (None, {}, [])
+
+
+def _all(result: Finding | Sequence[Finding] | None) -> list[Finding]:
+    """A rule's answer as a list (job-scoped rules may return one finding per rank)."""
+    if result is None:
+        return []
+    if isinstance(result, Finding):
+        return [result]
+    return [f for f in result if isinstance(f, Finding)]
+
+
+def _first(result: Finding | Sequence[Finding] | None) -> Finding | None:
+    found = _all(result)
+    return found[0] if found else None

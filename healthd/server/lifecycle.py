@@ -1,0 +1,98 @@
+"""The server's time-driven work, with one start and one stop (``Lifecycle``).
+
+Evaluation ticks (job-scoped rules and the expiry of silent jobs), sweeps of ranks waiting for
+their rules, the garbage-collector policy and the Alertmanager pusher's thread start with the app
+and stop with it. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
+expire, push or write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+from healthd.alerting.alertmanager import AlertmanagerPusher
+from healthd.server.gc_policy import ServingGC
+from healthd.server.pipeline import Healthd
+
+log = logging.getLogger(__name__)
+
+_SLICE_SECONDS = 0.002  # how long the evaluation loops below run before letting requests in
+
+
+async def in_slices(slices: Iterator[None]) -> None:
+    """Run ``slices`` (Healthd.settle_slices, due_slices) on the event loop, letting waiting requests
+    in every ``_SLICE_SECONDS``: under load thousands of ranks may be queued."""
+    deadline = time.perf_counter() + _SLICE_SECONDS
+    for _ in slices:
+        if time.perf_counter() > deadline:
+            await asyncio.sleep(0)
+            deadline = time.perf_counter() + _SLICE_SECONDS
+
+
+
+class Lifecycle:
+    """The background loops of one app: ``start`` in the ASGI lifespan's startup, ``stop`` at its shutdown."""
+
+    def __init__(self, hd: Healthd, *, pusher: AlertmanagerPusher | None = None,
+                 gc_policy: ServingGC | None = None) -> None:
+        self.hd = hd
+        self.pusher = pusher
+        self.gc_policy = gc_policy
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        if self.pusher is not None:
+            self.pusher.start()
+        self._tasks = [asyncio.create_task(_ticker(self.hd)), asyncio.create_task(_sweeper(self.hd))]
+        if self.gc_policy is not None:
+            self.gc_policy.install()
+            self._tasks.append(asyncio.create_task(_gc_keeper(self.gc_policy)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        hd = self.hd
+        hd.settle()  # graceful shutdown: what was accepted is evaluated (and persisted below)
+        if self.pusher is not None:
+            await asyncio.to_thread(self.pusher.stop)
+        if hd.alert_db is not None:  # graceful shutdown (SIGTERM): in-flight requests are done by now
+            hd.alert_db.flush(hd.engine.firing())
+
+
+async def _sweeper(hd: Healthd, period: float = 0.05) -> None:
+    """Evaluates waiting ranks while no request brings budget to them (the load stopped, or a rank
+    went quiet), oldest first, within the budget."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await in_slices(hd.due_slices())
+        except Exception:
+            log.exception("rank evaluation sweep failed")
+
+
+async def _gc_keeper(policy: ServingGC) -> None:
+    while True:
+        await asyncio.sleep(policy.freeze_seconds)
+        try:
+            policy.tick()
+        except Exception:
+            log.exception("garbage collector policy failed")
+
+
+async def _ticker(hd: Healthd) -> None:
+    period = hd.settings.engine.tick_seconds
+    while True:
+        await asyncio.sleep(period)
+        try:
+            for _ in hd.tick_slices():
+                await asyncio.sleep(0)  # requests waiting on the event loop go first
+        except Exception:
+            log.exception("tick failed")

@@ -1,0 +1,233 @@
+"""One report batch's way through the server: decode -> admit -> store -> schedule -> evaluate.
+
+``Healthd`` holds one instance's state (store, engine, evaluation queue, counters) and runs that
+path for a request body (``ingest``), in this order and through each layer once:
+``healthd.wire.parse`` decodes, ``healthd.server.limits`` admits against the caps,
+``healthd.state.store`` keeps, ``healthd.engine.scheduler`` queues the rank for its rules within the
+CPU budget, ``healthd.engine.alerts`` evaluates and keeps alert state. Time-driven work (ticks,
+sweeps, expiry) is driven from ``healthd.server.lifecycle``; HTTP from ``healthd.server.app``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from healthd.engine.alerts import AlertListener, Engine
+from healthd.engine.persistence import AlertDb
+from healthd.engine.scheduler import EvaluationQueue
+from healthd.exposition.collector import Counters, HealthCollector
+from healthd.rules import ALL_RULES, build_rules
+from healthd.rules.base import Rule
+from healthd.rules.non_finite_values import nonfinite_parts
+from healthd.server.limits import admit
+from healthd.settings import Settings
+from healthd.state.store import Store
+from healthd.wire.parse import parse_batch
+from healthd.wire.records import CLEAN, NameCheck, StepRecord
+from healthd.wire.schema import IngestResult, Rejection
+
+
+@dataclass
+class Healthd:
+    """Everything one healthd instance holds; reachable as ``app.state.healthd``."""
+
+    settings: Settings
+    store: Store
+    engine: Engine
+    counters: Counters
+    registry: CollectorRegistry  # holds ``collector``: generate_latest(registry) is the whole exposition
+    collector: HealthCollector
+    clock: Callable[[], float]
+    queue: EvaluationQueue  # ranks waiting for their rules (healthd.engine.scheduler)
+    alert_db: AlertDb | None = None  # persistence.sqlite_path
+    names: NameCheck = field(default_factory=NameCheck)  # job and layer names known valid (ingest)
+    # IngestResult(accepted=n) for n <= limits.max_reports_per_request
+    _all_accepted: dict[int, IngestResult] = field(default_factory=dict)
+
+    TICK_RANKS_PER_SLICE = 256  # ~1-2 ms of per-rank work between the ticker's pauses
+
+    def ingest(self, body: bytes) -> tuple[int, IngestResult]:
+        """Validate and apply a report batch; returns (HTTP status, result)."""
+        parsed = parse_batch(body, self.settings.limits.max_reports_per_request, self.names)
+        if parsed.body_error is not None:
+            err = parsed.body_error.errors[0]
+            status = {"json_invalid": 400, "too_many_reports": 413}.get(err.type, 422)
+            Counters.inc(self.counters.rejected, err.type)
+            return status, IngestResult(accepted=0, rejected=[parsed.body_error])
+        now = self.clock()
+        limits = self.settings.limits
+        capped: list[Rejection] = []
+        accepted = 0
+        every = self.settings.engine.max_steps_per_evaluation
+        queue = self.queue
+        # Step reports are applied in runs of one rank's consecutive steps (a request carries a rank's
+        # queue). A run ends where the rank is due for evaluation: while the budget allows, every `every`
+        # of its steps (a condition that came and went inside the request is still seen while it held),
+        # and at once after a NaN/Inf, always. Ranks left waiting are evaluated at the end (evaluate_due).
+        # A report joins the run only when the caps would judge it the same with the run applied: same
+        # job and rank, and no layer name the job does not know yet. Such a report is admitted as it is
+        # (as the run's first was); any other ends the run, which is applied before it is admitted.
+        run: list[StepRecord] = []
+        key: tuple[str, int] = ("", -1)
+        known: set[str] | frozenset[str] = _NO_NAMES
+        waiting = 0
+        budget: bool | None = None  # queue.has_budget(), asked once until an evaluation spends some
+        for pos, report in enumerate(parsed.reports):
+            if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
+                    and report.layers.keys() <= known and report.activations.keys() <= known):
+                if run:
+                    self._apply_run(run, key, now)
+                    run = []
+                index = parsed.indices[pos] if parsed.indices is not None else pos
+                admission = admit(self.store, limits, report, index)
+                if admission is not None:  # past a cap: refused, or trimmed of new layer names
+                    if admission.cap is not None and admission.error is not None:
+                        Counters.inc(self.counters.capped, admission.cap)
+                        capped.append(Rejection(index=index, errors=[admission.error]))
+                    report = admission.report
+                    if report is None:
+                        continue
+                if not isinstance(report, StepRecord):
+                    accepted += 1
+                    self.store.apply(report, now)
+                    Counters.inc(self.counters.received, report.kind)
+                    continue
+                key = (report.job, report.rank)
+                waiting = queue.waiting(key)
+                job = self.store.jobs.get(report.job)
+                known = job.layer_names if job is not None else _NO_NAMES
+            accepted += 1
+            run.append(report)
+            if _urgent(report) or waiting + len(run) >= every and (
+                    budget if budget is not None else (budget := queue.has_budget())):
+                self._apply_run(run, key, now, evaluate=True)
+                run, waiting, budget = [], 0, None
+        if run:
+            self._apply_run(run, key, now)
+        self.evaluate_due()
+        if parsed.rejected:
+            Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
+        if capped:
+            Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted)
+        if parsed.rejected or capped:
+            rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
+            return 422, IngestResult(accepted=accepted, rejected=rejected)
+        result = self._all_accepted.get(accepted)
+        if result is None:  # frozen, so one per count serves every request
+            result = self._all_accepted[accepted] = IngestResult(accepted=accepted)
+        return 200, result
+
+    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, evaluate: bool = False) -> None:
+        """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
+        self.store.apply_steps(run, now)
+        Counters.inc(self.counters.received, "step", len(run))
+        self.queue.add(key, now, len(run))
+        if evaluate:
+            self.evaluate_rank(key)
+
+    def evaluate_rank(self, key: tuple[str, int]) -> None:
+        """Run the rank-scoped rules on one queued rank over its waiting steps, charging the budget."""
+        n = self.queue.take(key)
+        job = self.store.jobs.get(key[0])
+        if not n or job is None or key[1] not in job.ranks:
+            return
+        t0 = time.perf_counter()
+        self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=n))
+        self.queue.charge(time.perf_counter() - t0)
+
+    def evaluate_due(self) -> None:
+        """Evaluate queued ranks, oldest first, while the budget (engine.rank_rules_cpu_share) allows."""
+        for _ in self.due_slices():
+            pass
+
+    def due_slices(self) -> Iterator[None]:
+        """``evaluate_due`` a rank at a time (the server's sweeper serves requests in between)."""
+        queue = self.queue
+        while len(queue) and queue.has_budget():
+            key = queue.oldest()
+            assert key is not None
+            self.evaluate_rank(key)
+            yield
+
+    def settle(self, job: str | None = None) -> None:
+        """Evaluate every queued rank (of ``job`` if given) now, budget or not: what a read answers
+        (alerts, a job's state) then covers every step accepted before it."""
+        for _ in self.settle_slices(job):
+            pass
+
+    def settle_slices(self, job: str | None = None) -> Iterator[None]:
+        """``settle`` a rank at a time; a rank evaluated meanwhile is no longer queued (a no-op)."""
+        for key in self.queue.keys(job):
+            self.evaluate_rank(key)
+            yield
+
+    def tick(self) -> None:
+        """Run job-scoped rules and expire silent jobs, all at once (tests, the demo)."""
+        for _ in self.tick_slices():
+            pass
+
+    def tick_slices(self) -> Iterator[None]:
+        """``tick`` in slices: it pauses after expiring jobs, every ``TICK_RANKS_PER_SLICE`` ranks while
+        building each job's window and computing a rule's per-rank summaries (``Rule.rank_summary``),
+        and after each job-scoped rule. The server's ticker lets the event loop serve requests at each
+        pause: a whole tick of a job of thousands of ranks takes tens of milliseconds.
+
+        Rules that run after a pause see the window built before it: the ranks' step and GPU series
+        are the store's own (they may have grown), their last-step times and ``now`` are as built.
+        """
+        for name in self.store.expire(self.clock()):
+            self.queue.drop_job(name)
+            self.engine.forget(name)
+        rules = self.engine.job_rules
+        if not rules:
+            return
+        yield
+        per_slice = self.TICK_RANKS_PER_SLICE
+        for job in self.store:
+            window = yield from self.store.job_window_slices(job.name, self.clock(), per_slice)
+            yield
+            for rule in rules:
+                if rule.summarized:
+                    yield from self.engine.summarize_slices(rule, window, per_slice)
+                self.engine.on_tick_rule(rule, window)
+                yield
+
+
+def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
+          listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time) -> Healthd:
+    """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo)."""
+    store = Store(settings.store, settings.exporter.window_seconds)
+    listeners = list(listeners)
+    alert_db = None
+    if settings.persistence.sqlite_path:
+        alert_db = AlertDb(settings.persistence.sqlite_path, history_per_job=settings.store.alert_history_per_job)
+        listeners.append(alert_db)
+    engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
+                    listeners=listeners, clock=clock)
+    if alert_db is not None:
+        # Restored without notifying: a firing alert stays firing and is not paged again.
+        engine.restore(alert_db.load(now=clock(), stale_after_seconds=settings.store.job_ttl_seconds))
+    counters = Counters()
+    queue = EvaluationQueue(settings.engine.rank_rules_cpu_share, settings.engine.rank_rules_burst_seconds)
+    registry = CollectorRegistry(auto_describe=False)
+    collector = HealthCollector(store, engine, counters, queue, clock)
+    registry.register(collector)
+    return Healthd(settings, store, engine, counters, registry, collector, clock, queue, alert_db)
+
+
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+
+def _urgent(step: StepRecord) -> bool:
+    """A step with a NaN/Inf (as NonFiniteValues judges it): its rank is evaluated at once, whatever the budget."""
+    if step.nonfinite is CLEAN and (step.loss is None or math.isfinite(step.loss)) and (
+            step.grad_norm is None or math.isfinite(step.grad_norm)):
+        return False  # the common case, decided without building nonfinite_parts' tuple
+    return any(nonfinite_parts(step))
+

@@ -1,0 +1,110 @@
+"""The engine's alert lifecycle: pending -> firing -> resolved, for_steps, cool-down, listeners."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from healthd.engine.alerts import Alert, Engine
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import AlertState, Severity
+from tests.healthd.factories import steps, window
+
+
+class LossAbove(Rule[RuleConfig]):
+    """Test rule: fires while the last loss is above 1."""
+
+    name: ClassVar[str] = "LossAbove"
+    scope: ClassVar[Scope] = Scope.RANK
+    advice: ClassVar[str] = "lower it"
+
+    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+        s = w.latest
+        if s is None or s.loss is None or s.loss <= 1:
+            return None
+        sev = Severity.CRITICAL if s.loss > 10 else None
+        return Finding(summary=f"loss {s.loss}", evidence={"loss": s.loss}, step=s.step, rank=w.rank, severity=sev)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, AlertState, AlertState]] = []
+
+    def on_transition(self, alert: Alert, previous: AlertState) -> None:
+        self.events.append((alert.rule, previous, alert.state))
+
+
+def run(engine: Engine, losses: list[float]) -> None:
+    hist = steps(len(losses), loss=losses)
+    for i in range(len(hist)):
+        engine.on_step(window(hist[: i + 1]))
+
+
+def test_lifecycle_with_for_steps_and_cooldown() -> None:
+    rec = Recorder()
+    eng = Engine([LossAbove(RuleConfig(for_steps=3, resolve_after_steps=2))], listeners=[rec])
+    run(eng, [0.5, 2, 2])
+    (a,) = eng.alerts("j")
+    assert a.state is AlertState.PENDING and rec.events == []
+    run(eng, [0.5, 2, 2, 2])
+    (a,) = eng.alerts("j", include_resolved=False)
+    assert a.state is AlertState.FIRING and a.step == 1 and a.last_step == 3
+    assert rec.events == [("LossAbove", AlertState.PENDING, AlertState.FIRING)]
+
+
+def test_pending_that_clears_is_dropped_and_noisy_signal_does_not_flap() -> None:
+    rec = Recorder()
+    eng = Engine([LossAbove(RuleConfig(for_steps=2, resolve_after_steps=3))], listeners=[rec])
+    run(eng, [2, 0.5])
+    assert eng.alerts("j") == []
+    # firing, then one quiet step, then firing again: still the same alert, no resolve.
+    run(eng, [2, 2, 0.5, 2, 0.5, 0.5, 2])
+    alerts = eng.alerts("j")
+    assert len(alerts) == 1 and alerts[0].state is AlertState.FIRING
+    run(eng, [2, 2, 0.5, 0.5, 0.5])
+    (a,) = eng.alerts("j")
+    assert a.state is AlertState.RESOLVED and a.resolved_at is not None
+    assert [e[2] for e in rec.events if e[0] == "LossAbove"][-1] is AlertState.RESOLVED
+
+
+def test_severity_escalates_only_and_jobs_are_independent() -> None:
+    eng = Engine([LossAbove()])
+    run(eng, [2, 20, 2])
+    (a,) = eng.alerts("j")
+    assert a.severity is Severity.CRITICAL
+    other = steps(1, loss=[5.0])
+    eng.on_step(RankWindow(job="other", rank=3, meta=window([]).meta, steps=other))
+    assert [x.rank for x in eng.alerts("other")] == [3]
+    eng.forget("other")
+    assert eng.alerts("other") == [] and len(eng.alerts("j")) == 1
+
+
+def test_buggy_rule_is_contained() -> None:
+    class Broken(LossAbove):
+        name: ClassVar[str] = "Broken"
+
+        def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+            raise RuntimeError("bug")
+
+    eng = Engine([Broken(), LossAbove()])
+    run(eng, [2])
+    assert eng.rule_errors_total == 1 and [a.rule for a in eng.alerts("j")] == ["LossAbove"]
+
+
+def test_firing_alert_keeps_the_evidence_that_fired_it_unless_it_escalates() -> None:
+    eng = Engine([LossAbove(RuleConfig(for_steps=2))])
+    run(eng, [2, 3, 4, 5])
+    (a,) = eng.alerts("j")
+    assert a.evidence == {"loss": 3} and a.last_step == 3  # fired at the 2nd finding; last_step still moves
+    run(eng, [2, 3, 4, 50])
+    (a,) = eng.alerts("j")
+    assert a.severity is Severity.CRITICAL and a.evidence == {"loss": 50}
+
+
+def test_forgetting_an_expired_job_resolves_its_firing_alerts_for_the_listeners() -> None:
+    rec = Recorder()
+    eng = Engine([LossAbove()], listeners=[rec])
+    run(eng, [2])
+    eng.forget("j")
+    assert rec.events[-1] == ("LossAbove", AlertState.FIRING, AlertState.RESOLVED)
+    assert eng.alerts("j") == []
