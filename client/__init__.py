@@ -64,7 +64,7 @@ def attach(
     one warning. Invalid arguments raise ``ValueError``. Attaching to an
     optimizer that already has an open monitor warns and returns that monitor.
     """
-    from healthd_client.monitor import attach as _attach
+    from healthd_client.attachment import attach as _attach
 
     return _attach(
         model,

@@ -1,10 +1,10 @@
-"""attach() and the Monitor: hooks on the optimizer, quantity scheduling, reports.
+"""The Monitor: hooks on the optimizer, quantity scheduling, reports.
 
-What lives here: resolving attach()'s arguments (env defaults, validation), the
+What lives here: the
 optimizer step pre/post hooks, the step record life cycle, turning finished
 records into StepReport dicts, EvalReport / AttachReport / HeartbeatReport
 dicts. What does not: the measurements (``quantities/``), the device->host copy
-(``packing``), sending (``transport``).
+(``packing``), sending (``transport``), resolving attach()'s arguments (``attachment``).
 
 Failure policy: an exception in a quantity disables that quantity with one
 warning; an exception in the monitor's own machinery stops measuring (heartbeats
@@ -24,7 +24,6 @@ import logging
 import operator
 import os
 import platform
-import re
 import time
 import warnings
 import weakref
@@ -35,36 +34,26 @@ from typing import Any
 import torch
 
 from healthd_client.config import MonitorConfig
-from healthd_client.identity import Identity, detect_identity, git_commit, label_safe
+from healthd_client.identity import Identity, git_commit, label_safe
 from healthd_client.layers import build_layer_plan
 from healthd_client.packing import PackedRecord
-from healthd_client.quantities import default_quantities
 from healthd_client.quantities.base import Quantity, QuantityContext, StepRecord
-from healthd_client.transport import HttpTransport, Sender, Transport
+from healthd_client.transport import Sender, Transport
 
 logger = logging.getLogger("healthd_client")
 
 CLIENT_VERSION = "0.1.0"
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
 _MAX_EVAL_METRICS = 32
 _MAX_METRIC_NAME_CHARS = 64
 
 # Which optimizer already has a monitor: attach() on the same optimizer must not
 # double the hooks. Weak keys, so a dropped optimizer does not stay alive here.
-_attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, Monitor] = weakref.WeakKeyDictionary()
+attached: weakref.WeakKeyDictionary[torch.optim.Optimizer, Monitor] = weakref.WeakKeyDictionary()
 
 
-def _warn(message: str) -> None:
+def warn_user(message: str) -> None:
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _optional_count(name: str, value: Any, minimum: int = 0) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _host_float(value: Any) -> float:
@@ -218,8 +207,8 @@ class Monitor:
         deadline = time.monotonic() + timeout
         for handle in self._handles:
             handle.remove()
-        if _attached.get(self._optimizer) is self:
-            del _attached[self._optimizer]
+        if attached.get(self._optimizer) is self:
+            del attached[self._optimizer]
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
         if self._forked:
@@ -252,7 +241,7 @@ class Monitor:
             return count
         if not self._bad_batch_size_warned:
             self._bad_batch_size_warned = True
-            _warn(f"healthd: batch_size must be an int >= 0, got {value!r}; not reported")
+            warn_user(f"healthd: batch_size must be an int >= 0, got {value!r}; not reported")
         return None
 
     # ------------------------------------------------------------------ hooks
@@ -388,7 +377,7 @@ class Monitor:
         if self._strict:
             raise exc
         self._disabled[id(q)] = q.name
-        _warn(f"healthd: quantity {q.name!r} failed in {where} and is disabled for this run: {exc!r}")
+        warn_user(f"healthd: quantity {q.name!r} failed in {where} and is disabled for this run: {exc!r}")
         with contextlib.suppress(Exception):
             q.close()
 
@@ -402,9 +391,9 @@ class Monitor:
             if disable:
                 self._active = False
                 self._open = None
-                _warn(f"healthd: monitor failed in {where}; it stops measuring (heartbeats go on): {exc!r}")
+                warn_user(f"healthd: monitor failed in {where}; it stops measuring (heartbeats go on): {exc!r}")
             else:
-                _warn(f"healthd: {where} failed and was not reported: {exc!r}")
+                warn_user(f"healthd: {where} failed and was not reported: {exc!r}")
 
 
 def _monitor_after_fork(ref: weakref.ref[Monitor]) -> None:
@@ -415,69 +404,3 @@ def _monitor_after_fork(ref: weakref.ref[Monitor]) -> None:
         monitor._active = False
         monitor._pending = deque()
         monitor._open = None
-
-
-def attach(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    job: str | None = None,
-    server: str | None = None,
-    *,
-    token: str | None = None,
-    dataset_size: int | None = None,
-    num_classes: int | None = None,
-    grad_accumulation_steps: int = 1,
-    rank: int | None = None,
-    world_size: int | None = None,
-    config: MonitorConfig | None = None,
-    transport: Transport | None = None,
-    extra_quantities: Sequence[Quantity] = (),
-    strict: bool = False,
-) -> Monitor:
-    """See ``healthd_client.attach``."""
-    config = MonitorConfig() if config is None else config
-    if not isinstance(config, MonitorConfig):
-        raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
-    existing = _attached.get(optimizer)
-    if existing is not None and not existing.closed:
-        _warn(
-            "healthd: this optimizer already has a monitor attached; returning it "
-            "(the arguments of this second attach() are ignored; close() it first to re-attach)"
-        )
-        return existing
-    job = job if job is not None else os.environ.get("HEALTHD_JOB")
-    if not job or len(job) > 128 or not _JOB_NAME.match(job):
-        raise ValueError(
-            f"job must be 1-128 chars of [A-Za-z0-9_.:/@+-] starting with a letter or digit "
-            f"(argument or HEALTHD_JOB), got {job!r}"
-        )
-    hints = {
-        "dataset_size": _optional_count("dataset_size", dataset_size),
-        "num_classes": _optional_count("num_classes", num_classes),
-        "grad_accumulation_steps": _optional_count("grad_accumulation_steps", grad_accumulation_steps, 1),
-    }
-    identity = detect_identity(rank, world_size)
-    if transport is None:
-        server = server if server is not None else os.environ.get("HEALTHD_SERVER")
-        if not server:
-            raise ValueError("server must be given (argument or HEALTHD_SERVER), e.g. http://127.0.0.1:8000")
-        transport = HttpTransport(server, config.request_timeout_seconds)
-    if token is None:
-        token = os.environ.get("HEALTHD_TOKEN") or None
-    monitor = Monitor(
-        model,
-        optimizer,
-        job=job,
-        identity=identity,
-        transport=transport,
-        token=token,
-        config=config,
-        hints={k: v for k, v in hints.items() if v is not None},
-        # An extra quantity replaces the built-in one of the same name (e.g. a GpuMonitor with a test NVML).
-        quantities=[*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
-                    *extra_quantities],
-        strict=strict,
-    )
-    _attached[optimizer] = monitor
-    return monitor
-

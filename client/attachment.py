@@ -1,0 +1,99 @@
+"""``attach()``: resolves its arguments (environment defaults, validation) and builds a ``Monitor``.
+
+Attaching twice to the same optimizer returns the monitor already attached (with a warning) rather
+than replacing it: two monitors would double the hooks, and replacing would silently drop the first
+one's unsent records (``healthd_client.monitor.attached`` is the registry).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from healthd_client.config import MonitorConfig
+from healthd_client.identity import detect_identity
+from healthd_client.monitor import Monitor, attached, warn_user
+from healthd_client.quantities import default_quantities
+from healthd_client.quantities.base import Quantity
+from healthd_client.transport import HttpTransport, Transport
+
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
+
+
+def _optional_count(name: str, value: Any, minimum: int = 0) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+
+def attach(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    job: str | None = None,
+    server: str | None = None,
+    *,
+    token: str | None = None,
+    dataset_size: int | None = None,
+    num_classes: int | None = None,
+    grad_accumulation_steps: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
+    config: MonitorConfig | None = None,
+    transport: Transport | None = None,
+    extra_quantities: Sequence[Quantity] = (),
+    strict: bool = False,
+) -> Monitor:
+    """See ``healthd_client.attach``."""
+    config = MonitorConfig() if config is None else config
+    if not isinstance(config, MonitorConfig):
+        raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
+    existing = attached.get(optimizer)
+    if existing is not None and not existing.closed:
+        warn_user(
+            "healthd: this optimizer already has a monitor attached; returning it "
+            "(the arguments of this second attach() are ignored; close() it first to re-attach)"
+        )
+        return existing
+    job = job if job is not None else os.environ.get("HEALTHD_JOB")
+    if not job or len(job) > 128 or not _JOB_NAME.match(job):
+        raise ValueError(
+            f"job must be 1-128 chars of [A-Za-z0-9_.:/@+-] starting with a letter or digit "
+            f"(argument or HEALTHD_JOB), got {job!r}"
+        )
+    hints = {
+        "dataset_size": _optional_count("dataset_size", dataset_size),
+        "num_classes": _optional_count("num_classes", num_classes),
+        "grad_accumulation_steps": _optional_count("grad_accumulation_steps", grad_accumulation_steps, 1),
+    }
+    identity = detect_identity(rank, world_size)
+    if transport is None:
+        server = server if server is not None else os.environ.get("HEALTHD_SERVER")
+        if not server:
+            raise ValueError("server must be given (argument or HEALTHD_SERVER), e.g. http://127.0.0.1:8000")
+        transport = HttpTransport(server, config.request_timeout_seconds)
+    if token is None:
+        token = os.environ.get("HEALTHD_TOKEN") or None
+    monitor = Monitor(
+        model,
+        optimizer,
+        job=job,
+        identity=identity,
+        transport=transport,
+        token=token,
+        config=config,
+        hints={k: v for k, v in hints.items() if v is not None},
+        # An extra quantity replaces the built-in one of the same name (e.g. a GpuMonitor with a test NVML).
+        quantities=[*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
+                    *extra_quantities],
+        strict=strict,
+    )
+    attached[optimizer] = monitor
+    return monitor
+
