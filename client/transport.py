@@ -125,6 +125,7 @@ class Sender:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
+        self._last_send_failed = False  # the sender thread's latest attempt failed (close() gives up sooner)
         self._closed = False
         self._forked = False
         self._deadline = float("inf")
@@ -272,6 +273,7 @@ class Sender:
                 return
             delivered = self._send_batch()
             last_send = time.monotonic()
+            self._last_send_failed = not delivered
             if delivered:
                 failures = 0
                 continue
@@ -293,7 +295,18 @@ class Sender:
                     return
             if self._send_batch():
                 failures = 0
+                self._last_send_failed = False
                 continue
+            if self._last_send_failed:
+                # Two sends in a row failed (healthd is down or unreachable): waiting out the close
+                # timeout would only hold up the training process's exit. What is left is dropped
+                # and counted (the closing heartbeat cannot carry the count: it is among them).
+                with self._lock:
+                    self.dropped_total += sum(_counts(r) for _, r in self._items)
+                    self._items.clear()
+                    self._wake.notify_all()
+                return
+            self._last_send_failed = True
             failures += 1
             time.sleep(min(self._backoff(failures), max(0.0, self._deadline - time.monotonic())))
 

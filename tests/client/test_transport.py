@@ -175,6 +175,25 @@ def test_heartbeats_are_sent_without_steps_and_carry_counters(senders):
         validate(body)
 
 
+def test_close_gives_up_at_once_when_healthd_is_down_and_counts_what_it_drops(senders):
+    attempts = []
+
+    def refused(body):
+        attempts.append(len(json.loads(body)["reports"]))
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    sender = senders(RecordingTransport(refused), close_timeout_seconds=3600.0)
+    for i in range(5):
+        sender.enqueue(report(i))
+    wait_until(lambda: sender.failed_attempts_total >= 1)  # healthd is down, and the sender knows it
+    before = len(attempts)
+    sender.close()  # with a one-hour close timeout: it must not wait it out
+    # One more try of what is queued (the closing heartbeat included), then everything is counted as dropped:
+    # retrying with backoff until the deadline would keep a finished training process alive for an hour.
+    assert len(attempts) - before == 1
+    assert sender.pending() == 0 and sender.dropped_total == 5
+
+
 def test_closing_heartbeat_is_sent_on_close(senders):
     transport = RecordingTransport()
     sender = senders(transport, heartbeat=lambda closing: {**report(0), "closing": closing})
