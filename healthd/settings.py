@@ -31,8 +31,8 @@ class StoreSettings(_Section):
                     "window keep their scalars only, so memory does not grow with layers x window_steps",
     )
     initial_steps: int = Field(default=20, ge=1, description="first steps of a rank kept for the whole run")
-    evals_kept: int = Field(default=256, ge=1)
-    gpu_samples_kept: int = Field(default=256, ge=1)
+    evals_kept: int = Field(default=256, ge=1, description="latest monitor.eval() reports kept per rank")
+    gpu_samples_kept: int = Field(default=256, ge=1, description="latest GPU samples kept per rank")
     job_ttl_seconds: float = Field(default=3600.0, gt=0, description="forget jobs silent for this long")
     alert_history_per_job: int = Field(default=1000, ge=1, description="resolved alerts kept per job")
     noise_scale_ema_alpha: float = Field(
@@ -70,8 +70,8 @@ class EngineSettings(_Section):
 
 
 class LimitSettings(_Section):
-    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
-    max_reports_per_request: int = Field(default=10_000, ge=1)
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_reports_per_request: int = Field(default=10_000, ge=1, description="larger report batches get 413")
     # Cardinality caps: each bounds the series /metrics exposes. A report past a cap is
     # rejected (422 naming the cap); the job's other reports are still accepted.
     max_jobs: int = Field(default=1_000, ge=1, description="jobs tracked at once")
@@ -105,8 +105,8 @@ class AlertmanagerSettings(_Section):
 
 
 class Settings(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(default=9184, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
+    port: int = Field(default=9184, ge=0, le=65535, description="port to listen on")
     public_url: str | None = Field(default=None, description="base URL for links in alerts")
     store: StoreSettings = StoreSettings()
     exporter: ExporterSettings = ExporterSettings()

@@ -54,7 +54,7 @@ class RuleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="false: the rule is not run at all")
     for_steps: int = Field(
         default=1, ge=1, description="steps in a row with a finding before firing (job rules: ticks)"
     )

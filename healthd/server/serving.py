@@ -6,7 +6,7 @@ uvicorn's httptools protocol writes a response's status line and headers when th
 system calls, two packets, and on the receiving side two wake-ups, for every ingest response of a
 few dozen bytes. At ingest rates (thousands of small requests per second on one core) that second
 write is a measurable share of the server's time (``bench/ingest.py``, back-to-back runs: 10-20%
-more reports/s and a lower p99; the README's Benchmarks section has the numbers).
+more reports/s and a lower p99).
 
 ``GatheringHttpToolsProtocol`` is uvicorn's protocol with its transport wrapped in a
 ``GatheringTransport``: writes made during one turn of the event loop are kept and handed to the

@@ -1,4 +1,4 @@
-"""``healthd`` command line: serve, demo (and, as they land, dashboards/report)."""
+"""``healthd`` command line: serve, demo, report, and the generators (deploy, docs, dashboards)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,19 @@ def _deploy_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _docs_export(args: argparse.Namespace) -> int:
+    from healthd.tools.docs import CHECK_HINT, export, stale
+
+    if args.check:
+        out_of_date = stale(args.dir)
+        for path in out_of_date:
+            print(f"{path} is stale: {CHECK_HINT}", file=sys.stderr)
+        return 1 if out_of_date else 0
+    for path in export(args.dir):
+        print(path)
+    return 0
+
+
 def _dashboards_export(args: argparse.Namespace) -> int:
     try:
         from healthd_dashboards import export
@@ -157,6 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     dexp.add_argument("dir", nargs="?", default="deploy")
     dexp.add_argument("--healthd-url", default="http://healthd:9184", help="healthd's URL for links in alerts")
     dexp.set_defaults(func=_deploy_export)
+
+    docs = sub.add_parser("docs", help="reference pages generated from the code (rules, metrics, configuration)")
+    docs_sub = docs.add_subparsers(dest="docs_command", required=True)
+    docs_exp = docs_sub.add_parser("export", help="write rules.md, metrics.md and configuration.md into DIR")
+    docs_exp.add_argument("dir", nargs="?", default="docs")
+    docs_exp.add_argument("--check", action="store_true",
+                          help="write nothing; exit 1 naming the files that differ from the code")
+    docs_exp.set_defaults(func=_docs_export)
 
     dash = sub.add_parser("dashboards", help="Grafana dashboards (needs the 'dashboards' extra)")
     dash_sub = dash.add_subparsers(dest="dashboards_command", required=True)

@@ -14,7 +14,7 @@
 - ``k8s/prometheusrule.yaml``: the same groups as a Prometheus Operator
   ``PrometheusRule``.
 
-The generated files are committed; ``tests/healthd/test_deploy.py`` fails when
+The generated files are committed; ``tests/deploy/test_prometheus_rules.py`` fails when
 they differ from what this module generates (rules are added often).
 """
 

@@ -5,7 +5,7 @@ CUDA PyTorch and ``pip install -e '.[test]'`` (nvidia-ml-py)::
 
     pytest -m gpu -s tests/integration/test_gpu_real.py
 
-``HEALTHD_BENCH_OUT=path.json`` keeps the benchmark's numbers (for the README).
+``HEALTHD_BENCH_OUT=path.json`` keeps the benchmark's numbers (for docs/benchmarks.md).
 """
 
 from __future__ import annotations
