@@ -24,7 +24,7 @@ _SLICE_SECONDS = 0.002  # how long the evaluation loops below run before letting
 
 
 async def in_slices(slices: Iterator[None]) -> None:
-    """Run ``slices`` (Healthd.settle_slices, due_slices) on the event loop, letting waiting requests
+    """Run ``slices`` (Healthd.due_slices, the exposition) on the event loop, letting waiting requests
     in every ``_SLICE_SECONDS``: under load thousands of ranks may be queued."""
     deadline = time.perf_counter() + _SLICE_SECONDS
     for _ in slices:

@@ -155,16 +155,11 @@ class Healthd:
             yield
 
     def settle(self, job: str | None = None) -> None:
-        """Evaluate every queued rank (of ``job`` if given) now, budget or not: what a read answers
-        (alerts, a job's state) then covers every step accepted before it."""
-        for _ in self.settle_slices(job):
-            pass
-
-    def settle_slices(self, job: str | None = None) -> Iterator[None]:
-        """``settle`` a rank at a time; a rank evaluated meanwhile is no longer queued (a no-op)."""
+        """Evaluate every queued rank (of ``job`` if given) now, budget or not: for a graceful shutdown
+        (what was accepted is evaluated before the alerts are persisted), tests and tools that then
+        read alert state. Reads never call it: a GET answers from the state as it is."""
         for key in self.queue.keys(job):
             self.evaluate_rank(key)
-            yield
 
     def tick(self) -> None:
         """Run job-scoped rules and expire silent jobs, all at once (tests, the demo)."""
