@@ -2,7 +2,8 @@
 
 Evaluation ticks (job-scoped rules and the expiry of silent jobs), sweeps of ranks waiting for
 their rules, the garbage-collector policy and the Alertmanager pusher's thread start with the app
-and stop with it. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
+and stop with it; at the stop the alert database's writer thread (``healthd.engine.persistence``)
+commits what is queued. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
 expire, push or write.
 """
 
@@ -64,7 +65,8 @@ class Lifecycle:
         if self.pusher is not None:
             await asyncio.to_thread(self.pusher.stop)
         if hd.alert_db is not None:  # graceful shutdown (SIGTERM): in-flight requests are done by now
-            hd.alert_db.flush(hd.engine.firing())
+            hd.alert_db.save(hd.engine.firing())  # encoded here, on the loop that owns the alerts
+            await asyncio.to_thread(hd.alert_db.flush)  # waits for the writer thread and the disk
 
 
 async def _sweeper(hd: Healthd, period: float = 0.05) -> None:

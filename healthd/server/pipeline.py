@@ -194,13 +194,15 @@ class Healthd:
 
 
 def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
-          listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time) -> Healthd:
-    """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo)."""
+          listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
+          alert_db: AlertDb | None = None) -> Healthd:
+    """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo).
+    ``alert_db`` stands in for the database at persistence.sqlite_path (tests: a slow disk)."""
     store = Store(settings.store, settings.exporter.window_seconds)
     listeners = list(listeners)
-    alert_db = None
-    if settings.persistence.sqlite_path:
+    if alert_db is None and settings.persistence.sqlite_path:
         alert_db = AlertDb(settings.persistence.sqlite_path, history_per_job=settings.store.alert_history_per_job)
+    if alert_db is not None:
         listeners.append(alert_db)
     engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
                     listeners=listeners, clock=clock)
