@@ -2,7 +2,8 @@
 
 Evaluation ticks (job-scoped rules and the expiry of silent jobs), sweeps of ranks waiting for
 their rules, the garbage-collector policy and the Alertmanager pusher's thread start with the app
-and stop with it. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
+and stop with it; at the stop the alert database's writer thread (``healthd.engine.persistence``)
+commits what is queued. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
 expire, push or write.
 """
 
@@ -24,7 +25,7 @@ _SLICE_SECONDS = 0.002  # how long the evaluation loops below run before letting
 
 
 async def in_slices(slices: Iterator[None]) -> None:
-    """Run ``slices`` (Healthd.settle_slices, due_slices) on the event loop, letting waiting requests
+    """Run ``slices`` (Healthd.due_slices, the exposition) on the event loop, letting waiting requests
     in every ``_SLICE_SECONDS``: under load thousands of ranks may be queued."""
     deadline = time.perf_counter() + _SLICE_SECONDS
     for _ in slices:
@@ -64,7 +65,8 @@ class Lifecycle:
         if self.pusher is not None:
             await asyncio.to_thread(self.pusher.stop)
         if hd.alert_db is not None:  # graceful shutdown (SIGTERM): in-flight requests are done by now
-            hd.alert_db.flush(hd.engine.firing())
+            hd.alert_db.save(hd.engine.firing())  # encoded here, on the loop that owns the alerts
+            await asyncio.to_thread(hd.alert_db.flush)  # waits for the writer thread and the disk
 
 
 async def _sweeper(hd: Healthd, period: float = 0.05) -> None:

@@ -155,16 +155,11 @@ class Healthd:
             yield
 
     def settle(self, job: str | None = None) -> None:
-        """Evaluate every queued rank (of ``job`` if given) now, budget or not: what a read answers
-        (alerts, a job's state) then covers every step accepted before it."""
-        for _ in self.settle_slices(job):
-            pass
-
-    def settle_slices(self, job: str | None = None) -> Iterator[None]:
-        """``settle`` a rank at a time; a rank evaluated meanwhile is no longer queued (a no-op)."""
+        """Evaluate every queued rank (of ``job`` if given) now, budget or not: for a graceful shutdown
+        (what was accepted is evaluated before the alerts are persisted), tests and tools that then
+        read alert state. Reads never call it: a GET answers from the state as it is."""
         for key in self.queue.keys(job):
             self.evaluate_rank(key)
-            yield
 
     def tick(self) -> None:
         """Run job-scoped rules and expire silent jobs, all at once (tests, the demo)."""
@@ -199,13 +194,15 @@ class Healthd:
 
 
 def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
-          listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time) -> Healthd:
-    """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo)."""
+          listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
+          alert_db: AlertDb | None = None) -> Healthd:
+    """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo).
+    ``alert_db`` stands in for the database at persistence.sqlite_path (tests: a slow disk)."""
     store = Store(settings.store, settings.exporter.window_seconds)
     listeners = list(listeners)
-    alert_db = None
-    if settings.persistence.sqlite_path:
+    if alert_db is None and settings.persistence.sqlite_path:
         alert_db = AlertDb(settings.persistence.sqlite_path, history_per_job=settings.store.alert_history_per_job)
+    if alert_db is not None:
         listeners.append(alert_db)
     engine = Engine(build_rules(rules, settings.rules), history_per_job=settings.store.alert_history_per_job,
                     listeners=listeners, clock=clock)

@@ -1,6 +1,10 @@
 """The read side of the API: alerts, jobs, series, the status page, ``/metrics``, health, OpenAPI.
 
-Each handler answers from the store and the engine; the write side is ``healthd.server.reports``.
+Each handler answers from the store and the engine as they are, and changes neither: a GET runs no
+rule, expires nothing, pushes nothing and writes nothing (STYLE.md, "Reads never mutate"). Steps a
+rank reported but whose rules have not run yet (``engine.rank_rules_cpu_share``'s queue) are
+evaluated by ingest and by the lifecycle's sweeper (``healthd.server.lifecycle``), not by a read;
+``/healthz`` says how many ranks wait and for how long. The write side is ``healthd.server.reports``.
 """
 
 from __future__ import annotations
@@ -31,27 +35,26 @@ def _json(status: int, payload: object) -> Response:
 
 
 def read_routes(hd: Healthd) -> list[Route]:
-    """The GET routes of one instance."""
+    """The GET routes of one instance. The handlers are ``async`` though most await nothing: so they
+    run on the event loop, which owns the store and the engine (a plain function would be run in a
+    thread pool, reading them while ingest changes them)."""
     async def get_alerts(request: Request) -> Response:
         job = request.query_params.get("job")
         state = request.query_params.get("state")
         if state is not None and state not in {s.value for s in AlertState}:
             return _json(400, {"error": f"state must be one of {[s.value for s in AlertState]}"})
-        await _settle(hd, job)
         alerts = [a.out() for a in hd.engine.alerts(job)]
         if state:
             alerts = [a for a in alerts if a.state.value == state]
         return _json(200, {"alerts": [a.model_dump(mode="json") for a in alerts]})
 
     async def get_jobs(request: Request) -> Response:
-        await _settle(hd)
         return _json(200, {"jobs": [_job_summary(hd, j.name) for j in hd.store]})
 
     async def get_job(request: Request) -> Response:
         name = request.path_params["job"]
         if name not in hd.store.jobs:
             return _json(404, {"error": f"no job named {name!r}"})
-        await _settle(hd, name)
         job = hd.store.jobs[name]
         out = _job_summary(hd, name)
         out["attach"] = job.attach.model_dump(mode="json") if job.attach else None
@@ -59,14 +62,12 @@ def read_routes(hd: Healthd) -> list[Route]:
 
     async def get_series(request: Request) -> Response:
         name = request.path_params["job"]
-        await _settle(hd, name)
         series = job_series(hd.store, hd.engine, name)
         if series is None:
             return _json(404, {"error": f"no job named {name!r}"})
         return _json(200, series)
 
     async def status_page(request: Request) -> Response:
-        await _settle(hd)
         return HTMLResponse(render_status_page(hd.store, hd.engine, hd.clock()))
 
     async def metrics(request: Request) -> Response:
@@ -139,9 +140,4 @@ async def _exposition(hd: Healthd) -> bytes:
 
     await in_slices(render())
     return b"".join(out)
-
-
-async def _settle(hd: Healthd, job: str | None = None) -> None:
-    """A read answers for every step accepted before it (``Healthd.settle``, in slices)."""
-    await in_slices(hd.settle_slices(job))
 

@@ -65,11 +65,13 @@ def _alerts_after_flush(server: LiveHealthd, job: str, steps: int) -> list[dict]
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         info = server.get(f"/v1/jobs/{job}")
-        if info.status_code == 200 and info.json()["last_step"] == steps - 1:
+        # A read answers from the state as it is: wait until no rank's steps wait for their rules too.
+        if (info.status_code == 200 and info.json()["last_step"] == steps - 1
+                and server.get("/healthz").json()["rank_evaluations_pending"] == 0):
             break
         time.sleep(0.1)
     else:
-        raise AssertionError(f"healthd never saw the last step of {job}")
+        raise AssertionError(f"healthd never saw and evaluated the last step of {job}")
     alerts = server.get("/v1/alerts", params={"job": job}).json()["alerts"]
     return [a for a in alerts if a["state"] != "pending"]
 

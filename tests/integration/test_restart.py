@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +41,19 @@ def _transitions(hd: HealthdProcess) -> dict[str, float]:
             if s.name == C.ALERT_TRANSITIONS_TOTAL.name}
 
 
+def _wait_committed(hd: HealthdProcess, expected: dict[str, str]) -> None:
+    """Until the database holds ``expected`` (job -> state): alert writes are committed by healthd's
+    writer thread shortly after the request that caused them, and kill -9 loses what is not yet."""
+    deadline = time.monotonic() + 15
+    while True:
+        with contextlib.closing(sqlite3.connect(hd.db)) as db:
+            rows = dict(db.execute("SELECT job, state FROM alerts").fetchall())
+        if rows == expected:
+            return
+        assert time.monotonic() < deadline, f"alert database holds {rows}, not {expected}"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def hd(tmp_path: Path) -> Iterator[HealthdProcess]:
     proc = HealthdProcess(tmp_path)
@@ -56,6 +71,7 @@ def test_kill9_keeps_firing_alerts_and_history_without_renotifying(hd: HealthdPr
     before = {(a["job"], a["rule"]): a for a in _alerts(hd)}
     assert before[("a", "NonFiniteValues")]["state"] == "resolved"
     assert before[("b", "NonFiniteValues")]["state"] == "firing"
+    _wait_committed(hd, {"a": "resolved", "b": "firing"})
 
     hd.kill9()
     hd.start()

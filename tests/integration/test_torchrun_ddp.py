@@ -92,12 +92,22 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def after_ticks(hd: Embedded, ticks: int) -> None:
+    """Wait until no rank's steps wait for their rules and the ticker has then run the job rules over
+    every job ``ticks`` more times: what a test needs before asserting that nothing fired."""
+    wait_for(lambda: len(hd.hd.queue) == 0, 30, "rank evaluations to catch up")
+    # A tick counts one evaluation per job (Engine.on_tick_rule); with the queue empty and the
+    # training processes gone, nothing else evaluates.
+    target = hd.hd.engine.evaluation_count + ticks * len(hd.hd.store.jobs)
+    wait_for(lambda: hd.hd.engine.evaluation_count >= target, 30, f"{ticks} engine ticks")
+
+
 def test_healthy_job(healthd: Embedded, tmp_path: Path) -> None:
     job = "ddp-healthy"
     proc = launch(healthd, job, tmp_path, DDP_STEPS=300, DDP_WORK_SECONDS=0.01)
     assert proc.wait(timeout=180) == 0, (tmp_path / f"{job}.log").read_text()[-3000:]
     wait_for(lambda: all(st.closed for st in healthd.hd.store.jobs[job].ranks.values()), 10, "closing heartbeats")
-    time.sleep(1.0)  # a few engine ticks after the end
+    after_ticks(healthd, 4)  # every step evaluated, then job rules run over the ended job a few times
 
     assert alerts(healthd, job) == []
     state = healthd.hd.store.jobs[job]
