@@ -86,7 +86,7 @@ def run_demo(fault: str = "lr-too-high", steps: int = 300, live: bool = True, *,
                 if step % 10 == 9 or step == steps - 1:
                     _show(server.url, job, step, float(loss.detach()), seen, tty, out)
                 time.sleep(step_sleep_seconds)
-        time.sleep(1.0)  # the client flushed on close; let the last batch be evaluated
+        _wait_until_evaluated(server.url)  # the client flushed on close; its last batch may still wait
         if tty:
             out("")
         alerts = _alerts(server.url, job)
@@ -176,3 +176,12 @@ def _summary(spec: Fault, alerts: list[dict[str, Any]], out: Callable[[str], Non
 
 def _fmt(v: object) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _wait_until_evaluated(url: str, timeout_seconds: float = 10.0) -> None:
+    """Wait until healthd has evaluated every accepted step (``/healthz``), at most ``timeout_seconds``."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/healthz", timeout=5).json().get("rank_evaluations_pending", 0) == 0:
+            return
+        time.sleep(0.05)
