@@ -6,20 +6,20 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, median
+from healthd.rules.base import Finding, Rule, WindowedConfig, WindowSteps, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class BatchNormSmallBatchConfig(RuleConfig):
-    window_steps: int = Field(default=5, ge=1, description="steps whose median batch size is judged")
+class BatchNormSmallBatchConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=5, description="steps whose median batch size is judged")
     warn_batch_size: int = Field(default=8, ge=2, description="per-device batch below which it warns")
     critical_batch_size: int = Field(default=2, ge=1, description="per-device batch below which it is critical")
     info_batch_size: int = Field(default=16, ge=2, description="per-device batch below which, under DDP "
                                  "without SyncBatchNorm, it informs")
 
 
-class BatchNormSmallBatch(Rule[BatchNormSmallBatchConfig]):
+class BatchNormSmallBatch(Rule[RankWindow, BatchNormSmallBatchConfig]):
     """The model has batch norm and the per-device batch is tiny.
 
     Why: batch norm normalises with the batch's own mean and variance; with a
@@ -36,14 +36,13 @@ class BatchNormSmallBatch(Rule[BatchNormSmallBatchConfig]):
 
     name: ClassVar[str] = "BatchNormSmallBatch"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = BatchNormSmallBatchConfig
     advice: ClassVar[str] = (
         "Raise the per-device batch size (gradient accumulation does not help batch norm), convert with "
         "torch.nn.SyncBatchNorm.convert_sync_batchnorm under DDP, or use GroupNorm/LayerNorm instead."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         attach = window.meta.attach
         if attach is None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class DropoutBeforeBatchNorm(Rule[RuleConfig]):
+class DropoutBeforeBatchNorm(Rule[RankWindow, RuleConfig]):
     """The model has a dropout layer directly followed by a batch-norm layer.
 
     Why: dropout changes the variance of its output between training and
@@ -24,13 +24,13 @@ class DropoutBeforeBatchNorm(Rule[RuleConfig]):
 
     name: ClassVar[str] = "DropoutBeforeBatchNorm"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
+    Config = RuleConfig  # no thresholds: the structure is the finding
     advice: ClassVar[str] = (
         "Move dropout after the last batch-norm layer (e.g. only before the classifier head), or drop one of "
         "the two; Li et al. 2019 suggest dropout after all BN layers or a variance-stable dropout."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         attach = window.meta.attach
         s = window.latest
         if attach is None or s is None:

@@ -6,16 +6,16 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Hints, Rule, WindowedConfig, WindowSteps
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class EvalModeDuringTrainingConfig(RuleConfig):
-    window_steps: int = Field(default=2, ge=1, description="consecutive steps in eval mode before it counts")
+class EvalModeDuringTrainingConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=2, description="consecutive steps in eval mode before it counts")
 
 
-class EvalModeDuringTraining(Rule[EvalModeDuringTrainingConfig]):
+class EvalModeDuringTraining(Rule[RankWindow, EvalModeDuringTrainingConfig]):
     """``model.training`` was False when the optimizer stepped, ``window_steps`` steps in a row.
 
     Why: after a validation pass that called ``model.eval()`` and no
@@ -29,15 +29,14 @@ class EvalModeDuringTraining(Rule[EvalModeDuringTrainingConfig]):
 
     name: ClassVar[str] = "EvalModeDuringTraining"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("training",)
+    hints: ClassVar[Hints] = Hints(reads=("training",))
     Config = EvalModeDuringTrainingConfig
     advice: ClassVar[str] = (
         "Call model.train() before the training loop resumes after evaluation (model.eval() is sticky). "
         "Dropout and batch norm behave differently in the two modes."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         steps = window.latest_where(lambda s: s.training is not None, cfg.window_steps, 2 * cfg.window_steps)
         if len(steps) < cfg.window_steps or any(s.training for s in steps):

@@ -7,24 +7,33 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    LookbackSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+    series,
+)
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
 
-class LearningRateTooHighConfig(RuleConfig):
+class LearningRateTooHighConfig(WindowedConfig):
     window_steps: int = Field(default=10, ge=3, description="steps whose median update ratio is judged")
     warn_update_ratio: float = Field(default=0.1, gt=0, description="median ||dw||/||w|| that warns")
     info_update_ratio: float = Field(default=0.02, gt=0, description="median ||dw||/||w|| worth an info")
     lr_jump_factor: float = Field(default=2.0, gt=1, description="LR increase within the window that counts")
     loss_jump_factor: float = Field(default=2.0, gt=1, description="loss increase after the LR jump that counts")
-    for_steps: int = 3
-    lookback_steps: int = Field(default=100, ge=1, description="steps searched for sampled update ratios "
+    for_steps: ForSteps = 3
+    lookback_steps: LookbackSteps = Field(default=100, description="steps searched for sampled update ratios "
                                 "(the client measures them every heavy_every_steps)")
     min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed before judging")
 
 
-class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
+class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
     """Each update moves the weights by a large fraction of their size, or the loss blew up right after an LR increase.
 
     Why: too high a learning rate makes training oscillate or diverge, or
@@ -41,14 +50,13 @@ class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
 
     name: ClassVar[str] = "LearningRateTooHigh"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LearningRateTooHighConfig
     advice: ClassVar[str] = (
         "Lower the learning rate (try 3-10x lower), add warm-up, or clip gradients. The update-to-weight "
         "ratio should be around 1e-3 (CS231n); Adam at ~1e-3 to 3e-4 is a good default."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         steps = window.last(cfg.window_steps)
         s = steps[-1] if steps else None

@@ -6,21 +6,29 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+    series,
+)
 from healthd.state.windows import RankWindow, finite
 
 
-class LossOscillatingConfig(RuleConfig):
+class LossOscillatingConfig(WindowedConfig):
     window_steps: int = Field(default=20, ge=6, description="steps whose swings are judged")
     warmup_steps: int = Field(default=5, ge=0, description="first steps never judged")
     swing_ratio: float = Field(default=0.5, gt=0, description="median |step-to-step change| / median loss that counts")
     min_level_fraction: float = Field(
         default=0.25, ge=0, description="only judged while the loss is above this fraction of its initial level"
     )
-    for_steps: int = 3
+    for_steps: ForSteps = 3
 
 
-class LossOscillating(Rule[LossOscillatingConfig]):
+class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     """Step-to-step loss changes are as large as the loss itself, and the window made no net progress.
 
     Why: a loss that jumps by a large fraction of itself every step, without
@@ -36,14 +44,13 @@ class LossOscillating(Rule[LossOscillatingConfig]):
     """
 
     name: ClassVar[str] = "LossOscillating"
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LossOscillatingConfig
     advice: ClassVar[str] = (
         "Lower the learning rate (3-10x) or the momentum, clip gradients, check that zero_grad() runs every "
         "step, and look for corrupted or shuffled-label batches (log the loss per batch/shard)."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
         if len(losses) < cfg.window_steps or min(losses) < 0:

@@ -7,12 +7,20 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+    series,
+)
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
 
-class LossPlateauConfig(RuleConfig):
+class LossPlateauConfig(WindowedConfig):
     window_steps: int = Field(default=30, ge=10, description="steps over which progress is judged")
     edge_steps: int = Field(default=10, ge=2, description="losses per median at each end of the window")
     noise_multiple: float = Field(default=1.0, gt=0, description="progress below this many standard errors counts")
@@ -21,10 +29,10 @@ class LossPlateauConfig(RuleConfig):
     stuck_fraction: float = Field(
         default=0.8, gt=0, description="warn only while the loss is above this fraction of its initial level"
     )
-    for_steps: int = 3
+    for_steps: ForSteps = 3
 
 
-class LossPlateau(Rule[LossPlateauConfig]):
+class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     """Over ``window_steps`` the loss fell by less than its own noise; a warning when it never left its start.
 
     Why: a flat loss means nothing is being learned: learning rate too low,
@@ -41,7 +49,6 @@ class LossPlateau(Rule[LossPlateauConfig]):
 
     name: ClassVar[str] = "LossPlateau"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LossPlateauConfig
     advice: ClassVar[str] = (
         "Check the learning rate (range test), that gradients reach every layer, the regularisation strength "
@@ -49,7 +56,7 @@ class LossPlateau(Rule[LossPlateauConfig]):
         "or the model is broken). If the run has converged, stop it or decay the learning rate."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         losses = window.values("loss", cfg.window_steps)
         if len(losses) < cfg.window_steps:

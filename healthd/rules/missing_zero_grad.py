@@ -6,16 +6,16 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Hints, Rule, WindowedConfig, WindowSteps
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class MissingZeroGradConfig(RuleConfig):
-    window_steps: int = Field(default=3, ge=1, description="consecutive measured steps with stale gradients")
+class MissingZeroGradConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=3, description="consecutive measured steps with stale gradients")
 
 
-class MissingZeroGrad(Rule[MissingZeroGradConfig]):
+class MissingZeroGrad(Rule[RankWindow, MissingZeroGradConfig]):
     """Gradients left over from the previous optimizer step were still there when the next backward began.
 
     Why: without ``optimizer.zero_grad()`` every backward adds to the old
@@ -33,15 +33,14 @@ class MissingZeroGrad(Rule[MissingZeroGradConfig]):
 
     name: ClassVar[str] = "MissingZeroGrad"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("grads_stale_at_backward",)
+    hints: ClassVar[Hints] = Hints(reads=("grads_stale_at_backward",))
     Config = MissingZeroGradConfig
     advice: ClassVar[str] = (
         "Call optimizer.zero_grad(set_to_none=True) once per optimizer step (before backward, or right after "
         "optimizer.step()). For gradient accumulation, zero after the optimizer step, never between micro-batches."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         recent = window.latest_where(lambda s: s.grads_stale_at_backward is not None, cfg.window_steps,
                                      4 * cfg.window_steps)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig, fmt
 from healthd.state.windows import RankWindow
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
@@ -20,10 +20,10 @@ def nonfinite_parts(s: StepRecord) -> tuple[bool, bool, bool]:
 
 
 class NonFiniteValuesConfig(RuleConfig):
-    resolve_after_steps: int = 50
+    resolve_after_steps: ResolveAfterSteps = 50
 
 
-class NonFiniteValues(Rule[NonFiniteValuesConfig]):
+class NonFiniteValues(Rule[RankWindow, NonFiniteValuesConfig]):
     """NaN or Inf appeared in the loss, the gradients or the parameters.
 
     Why: one NaN poisons every parameter it touches through the optimizer; a run
@@ -41,7 +41,6 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
 
     name: ClassVar[str] = "NonFiniteValues"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.RANK
     Config = NonFiniteValuesConfig
     advice: ClassVar[str] = (
         "Lower the learning rate, add gradient clipping, and look for exp/log/div on unguarded values "
@@ -49,7 +48,7 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
         "or switch to bf16. Restart from the last checkpoint before the step shown."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         for s in window.new:  # the first poisoned step among those that just arrived: the onset
             loss_bad, grads_bad, params_bad = nonfinite_parts(s)
             if s.step_skipped and grads_bad and not (loss_bad or params_bad):

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, Rule, RuleConfig, fmt, median
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import EvalReport, Severity
 
@@ -19,7 +19,7 @@ class OverfittingConfig(RuleConfig):
                              "its training loss")
 
 
-class Overfitting(Rule[OverfittingConfig]):
+class Overfitting(Rule[RankWindow, OverfittingConfig]):
     """Validation loss rose above its best while the training loss kept falling, and the gap exceeds ``gap_ratio``.
 
     Why: the model is memorising the training set instead of generalising
@@ -36,7 +36,6 @@ class Overfitting(Rule[OverfittingConfig]):
 
     name: ClassVar[str] = "Overfitting"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = OverfittingConfig
     advice: ClassVar[str] = (
         "Stop early (keep the checkpoint with the best validation loss), add regularisation (weight decay, "
@@ -49,7 +48,7 @@ class Overfitting(Rule[OverfittingConfig]):
         losses = finite(upto[-self.config.train_steps:])
         return median(losses) if losses else None
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         evals = [e for e in window.evals if e.loss is not None]
         if len(evals) < cfg.min_evals:
