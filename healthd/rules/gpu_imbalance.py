@@ -7,7 +7,7 @@ import math
 import operator
 import statistics
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import Field
 
@@ -36,11 +36,12 @@ _total = operator.attrgetter("memory_total_bytes")
 
 def _present(values: list[float | None]) -> list[float]:
     """The values that are not None."""
+    numbers = cast(list[float], values)  # proved below: fsum raises TypeError on a None
     try:
-        math.fsum(values)  # type: ignore[arg-type]
+        math.fsum(numbers)
     except TypeError:  # a None ("None in values" compares every float with None: slower)
         return [v for v in values if v is not None]
-    return values  # type: ignore[return-value]
+    return numbers
 
 
 def _memory_ratios(samples: Sequence[GpuReport]) -> list[float]:

@@ -8,7 +8,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from operator import is_not
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import Field
 
@@ -127,7 +127,7 @@ def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float
             at_top[rank] = pos
         if len(at_top) >= 2:
             values = {r: columns[r][1][-1 - pos] for r, pos in sorted(at_top.items())}
-            return int(-top), values  # type: ignore[return-value]  # fingerprinted: not None
+            return int(-top), cast(dict[int, float], values)  # fingerprinted positions: never None
         # One rank alone at this step (it is ahead of the others): go on with its older fingerprints.
         ((rank, pos),) = at_top.items()
         steps, fps = columns[rank]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import Field
 
@@ -50,7 +50,8 @@ def _work_times(step_seconds: list[float | None], comm_seconds: list[float | Non
     if not comm_seconds or (comm_seconds[0] is None and comm_seconds.count(None) == len(comm_seconds)):
         return finite(step_seconds)  # no DDP comm hook: the work is the step time
     try:
-        work = list(map(operator.sub, step_seconds, comm_seconds))  # type: ignore[arg-type]
+        # A None raises TypeError (handled below): past this line both are all numbers.
+        work = list(map(operator.sub, cast(list[float], step_seconds), cast(list[float], comm_seconds)))
     except TypeError:  # a None among them ("x in list" compares every float with None: slower)
         return finite([work_seconds(s, c) for s, c in zip(step_seconds, comm_seconds, strict=True)])
     if math.isfinite(sum(work)) and min(work) > 0:  # all finite and positive: max(0.0, w) is w

@@ -15,7 +15,7 @@ import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport
@@ -64,7 +64,8 @@ def column_value(step: StepRecord, attr: str) -> float | None:
     """One step's value of a column (``COLUMNS``)."""
     if attr == "lr":
         return step.lr[0] if step.lr else None
-    return getattr(step, attr)  # type: ignore[no-any-return]
+    value: float | None = getattr(step, attr)
+    return value
 
 
 _LR_AT = COLUMNS.index("lr")
@@ -226,8 +227,11 @@ class JobWindow:
 def finite(values: Sequence[float | None]) -> list[float]:
     """The finite, present values of a series."""
     try:
-        if math.isfinite(sum(values)):  # type: ignore[arg-type]
-            return list(values)  # type: ignore[arg-type]  # the common case, at C speed: nothing to drop
+        # The common case, at C speed: nothing to drop. A None makes sum() raise TypeError, so when it
+        # returns, every value is a number (the cast says what the check proved).
+        numbers = cast(Sequence[float], values)
+        if math.isfinite(sum(numbers)):
+            return list(numbers)
     except TypeError:
         pass  # a None in the series
     return [v for v in values if v is not None and math.isfinite(v)]
