@@ -57,14 +57,14 @@ ALL_RULES: tuple[type[Rule[Any, Any]], ...] = (
     LearningRateTooLow,
     WeightsNotUpdating,
     LossDiverging,
-    # distributed jobs (issue 4)
+    # distributed jobs
     LossScaleCollapse,
     StragglerRank,
     RankStalled,
     TrainingStalled,
     RankDesync,
     GradientNormMismatch,
-    # the whole checklist (issue 3)
+    # the debugging checklists
     GradientsNotFlowing,
     MissingZeroGrad,
     EvalModeDuringTraining,
@@ -81,7 +81,7 @@ ALL_RULES: tuple[type[Rule[Any, Any]], ...] = (
     Overfitting,
     LargeBatchGeneralization,
     LearningRateNotScaled,
-    # GPUs (issue 5)
+    # GPUs
     GPUHardwareErrors,
     GPUMemoryNearLimit,
     GPUMemoryLeak,

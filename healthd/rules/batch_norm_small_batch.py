@@ -27,7 +27,8 @@ class BatchNormSmallBatch(Rule[RankWindow, BatchNormSmallBatchConfig]):
     statistics do not match inference. Under DDP each rank normalises over its
     own slice unless SyncBatchNorm is used.
     Source: Wu & He 2018 ("Group Normalization": BN's error rises sharply below
-    8 examples per GPU, moderately below 16); seed 004's batch-norm notes.
+    8 examples per GPU, moderately below 16); J. Tobin, "Troubleshooting Deep
+    Neural Networks" (Full Stack Deep Learning, 2019) on batch-norm pitfalls.
     Signal: the client's static check at attach (batch-norm layers, SyncBatchNorm)
     and the reported batch size. Thresholds: median of the last ``window_steps``
     batch sizes < 8 warns, < 2 is critical; with world_size > 1 and no

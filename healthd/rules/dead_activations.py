@@ -33,8 +33,10 @@ class DeadActivations(Rule[RankWindow, DeadActivationsConfig]):
     and never recovers ("dying ReLU"), typically after a too-large update or a
     bad bias initialisation; the network silently loses capacity.
     Source: SageMaker Debugger's dead-ReLU defaults (a unit is dead when active
-    < 1% of the time; the layer is flagged above 50% dead units), CS231n
-    ("dead ReLUs", seed 001). The client's sampled forward hook counts, per unit
+    < 1% of the time; the layer is flagged above 50% dead units), Stanford
+    CS231n notes "Neural Networks Part 1: Setting up the Architecture" (dying
+    ReLUs); C. Shao, "Checklist for debugging neural networks" (Towards Data
+    Science, 2019). The client's sampled forward hook counts, per unit
     (feature or channel), the share of the batch where the output is > 0.
     Thresholds: > 0.5 of a layer's units dead in each of the latest ``samples``
     (2) samples (one sample at the very start of a run); > 0.9 is critical.

@@ -17,7 +17,8 @@ class DropoutBeforeBatchNorm(Rule[RankWindow, RuleConfig]):
     training-time variance and applies them at inference, where dropout is off:
     the "variance shift" that makes the combination perform worse than either.
     Source: Li et al. 2019, "Understanding the Disharmony between Dropout and
-    Batch Normalization by Variance Shift" (seed 004's batch-norm/dropout notes).
+    Batch Normalization by Variance Shift" (CVPR 2019), as cited in C. Shao,
+    "Checklist for debugging neural networks" (Towards Data Science, 2019).
     Signal: the client's static check at attach (consecutive children of a
     container, in registration order). No threshold: the structure is the finding.
     """

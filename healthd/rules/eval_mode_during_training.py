@@ -22,7 +22,9 @@ class EvalModeDuringTraining(Rule[RankWindow, EvalModeDuringTrainingConfig]):
     ``model.train()``, dropout is off and batch norm uses (and stops updating) its
     running statistics: the model trains as a different network, usually worse,
     with no error.
-    Source: "forgetting to toggle train/eval mode" (seeds 000, 003). Threshold:
+    Source: "forgot to toggle train/eval mode for the net", A. Karpathy's list of
+    common neural net mistakes as quoted in J. Tobin, "Troubleshooting Deep
+    Neural Networks" (Full Stack Deep Learning, 2019). Threshold:
     ``window_steps`` (2) consecutive steps, so an optimizer step taken inside an
     evaluation on purpose (rare) needs to repeat before it warns.
     """

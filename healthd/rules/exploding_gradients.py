@@ -35,8 +35,10 @@ class ExplodingGradients(Rule[RankWindow, ExplodingGradientsConfig]):
     jumps or turns NaN a few steps later. Relative to the run's own recent level,
     so it needs no per-model absolute threshold.
 
-    Source: "Vanishing or exploding gradients" (seed 000/001); gradient clipping
-    advice (seed 000). Thresholds: ``spike_factor`` 10x the median of the last
+    Source: "vanishing or exploding gradients" and gradient clipping in C. Shao,
+    "Checklist for debugging neural networks" (Towards Data Science, 2019);
+    Goodfellow, Bengio & Courville, "Deep Learning" (MIT Press, 2016), 10.11.1
+    "Clipping Gradients". Thresholds: ``spike_factor`` 10x the median of the last
     ``window_steps`` (warning), ``critical_factor`` 100x (critical).
     """
 

@@ -34,8 +34,7 @@ class GPUHardwareErrors(Rule[RankWindow, GPUHardwareErrorsConfig]):
     restart. Critical: page someone to drain the node and reset or replace the GPU.
 
     Source: NVIDIA's XID catalogue and GPU memory error management (row remapping) docs;
-    dcgm-exporter's DCGM_FI_DEV_XID_ERRORS, DCGM_FI_DEV_ECC_DBE_VOL_TOTAL, DCGM_FI_DEV_ROW_REMAP_FAILURE;
-    issue 5.
+    dcgm-exporter's DCGM_FI_DEV_XID_ERRORS, DCGM_FI_DEV_ECC_DBE_VOL_TOTAL, DCGM_FI_DEV_ROW_REMAP_FAILURE.
     """
 
     name: ClassVar[str] = "GPUHardwareErrors"

@@ -66,7 +66,8 @@ class GPUImbalance(Rule[JobWindow, GPUImbalanceConfig]):
     each all-reduce. Job-scoped: evaluated on the engine's tick. MIG slices (no utilisation) are
     compared on memory only.
 
-    Source: issue 5 (GPUImbalance); Horovod/DDP straggler guidance. Thresholds: spreads 0.25,
+    Source: NVIDIA nvidia-resiliency-ext (straggler detection); PyTorch's DDP notes (every rank waits for
+    the slowest at each all-reduce). Thresholds: spreads 0.25,
     ``min_samples`` 6 per rank, ``for_steps`` 3 ticks.
     """
 

@@ -26,8 +26,9 @@ class GPUMemoryNearLimit(Rule[RankWindow, GPUMemoryNearLimitConfig]):
     someone act. Peak is the larger of NVML's used memory over the last ``window_samples`` samples and
     torch's ``max_memory_allocated`` (the allocator's high-water mark, which NVML's periodic view misses).
 
-    Source: issue 5 (GPU monitoring); seed checklists on OOM. Threshold: ``peak_ratio`` 0.95 of
-    ``memory_total_bytes`` (the MIG slice's on MIG).
+    Source: PyTorch's CUDA memory management notes (``torch.cuda.max_memory_allocated``); J. Tobin,
+    "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019) on out-of-memory.
+    Threshold: ``peak_ratio`` 0.95 of ``memory_total_bytes`` (the MIG slice's on MIG).
     """
 
     name: ClassVar[str] = "GPUMemoryNearLimit"

@@ -35,8 +35,8 @@ class GPUThrottling(Rule[RankWindow, GPUThrottlingConfig]):
     rack), hardware slowdown and power brake at the power supply or the board: facility problems the
     training code cannot fix.
 
-    Source: NVML ``nvmlDeviceGetCurrentClocksEventReasons``; dcgm-exporter's DCGM_FI_DEV_CLOCK_THROTTLE_REASONS;
-    issue 5. Thresholds: ``min_fraction`` 0.5 of ``window_samples`` 12; ``reasons`` hw_slowdown,
+    Source: NVML ``nvmlDeviceGetCurrentClocksEventReasons``; dcgm-exporter's DCGM_FI_DEV_CLOCK_THROTTLE_REASONS.
+    Thresholds: ``min_fraction`` 0.5 of ``window_samples`` 12; ``reasons`` hw_slowdown,
     hw_thermal_slowdown, sw_thermal_slowdown, hw_power_brake_slowdown.
     """
 

@@ -28,7 +28,8 @@ class GradientsNotFlowing(Rule[RankWindow, GradientsNotFlowingConfig]):
     those weights never train, yet the loss still falls through the other layers,
     so nothing looks broken.
     Source: "check that gradients flow to every layer" / "frozen layers, .detach()"
-    (seeds 000, 001). Thresholds: ``grad_missing`` or a gradient norm of exactly 0
+    (C. Shao, "Checklist for debugging neural networks", Towards Data Science,
+    2019: "check intermediate outputs and connections"). Thresholds: ``grad_missing`` or a gradient norm of exactly 0
     for ``window_steps`` (3) consecutive steps; at least one other layer must have
     a non-zero gradient (when none has, the optimizer holds parameters the loss
     never reaches: WeightsNotUpdating's finding).

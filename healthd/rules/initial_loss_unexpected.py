@@ -26,8 +26,9 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     ln(C) means a badly scaled output layer or initialisation (overconfident
     wrong guesses), far below means the labels leak into the input or the loss
     is not what you think.
-    Source: Karpathy's recipe, "verify loss @ init: -log(1/n_classes)" (seed 000)
-    and CS231n ("look for correct loss at chance performance", seed 001).
+    Source: A. Karpathy, "A Recipe for Training Neural Networks" (2019): "verify
+    loss @ init", -log(1/n_classes); Stanford CS231n notes "Neural Networks Part
+    3: Learning and Evaluation": "look for correct loss at chance performance".
     Only for cross-entropy-style losses: C comes from ``num_classes=`` or from the
     second dim of the inspected cross_entropy/nll_loss input. Thresholds:
     ratio > ``warn_factor`` (2x) or < 1/2 warns; beyond ``info_factor`` (1.5x)

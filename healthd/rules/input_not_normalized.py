@@ -27,8 +27,10 @@ class InputNotNormalized(Rule[RankWindow, InputNotNormalizedConfig]):
     make the loss surface badly conditioned: the first layer's gradients are
     scaled by the input, the learning rate that suits one feature blows up
     another, and training is slow or unstable.
-    Source: "normalize the inputs" (CS231n, seed 001; "data normalization",
-    seed 004). Statistics come from a sampled forward pre-hook on the root module
+    Source: Stanford CS231n notes "Neural Networks Part 2: Setting up the Data
+    and the Loss" (mean subtraction, normalization); J. Tobin, "Troubleshooting
+    Deep Neural Networks" (Full Stack Deep Learning, 2019): "normalize scale of
+    input data". Statistics come from a sampled forward pre-hook on the root module
     over all elements of the batch; integer inputs (token ids) are not judged.
     Thresholds (median of the latest ``samples``): |mean| > ``warn_abs_mean`` (2)
     or std > ``warn_std`` (4) or < 1/4 warns; > 1 / > 2 / < 1/2 informs (inputs

@@ -39,8 +39,10 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
     Why: too high a learning rate makes training oscillate or diverge, or
     settle in a poor region; it is the most common hyperparameter mistake.
 
-    Source: CS231n's rule of thumb that ||dw||/||w|| should be around 1e-3
-    (seed 001: "the magnitude of the updates to the parameters should be ~1e-3").
+    Source: the rule of thumb that ||dw||/||w|| should be around 1e-3, Stanford
+    CS231n notes "Neural Networks Part 3: Learning and Evaluation" (ratio of
+    weights:updates), also in C. Shao, "Checklist for debugging neural networks"
+    (Towards Data Science, 2019).
     Adam's early updates are about lr per element, so healthy small models sit
     near 1e-2; the thresholds are set above that: ``warn_update_ratio`` 0.1
     (100x CS231n) warns, ``info_update_ratio`` 0.02 informs. The median over

@@ -41,8 +41,10 @@ class LearningRateTooLow(Rule[RankWindow, LearningRateTooLowConfig]):
     Why: a learning rate orders of magnitude too low wastes the run: the loss
     creeps down and the job "converges" to a poor result days later.
 
-    Source: CS231n's ||dw||/||w|| ~ 1e-3 (seed 001); "if gradient values are
-    zero, the learning rate might be too small" (seed 000). Threshold:
+    Source: ||dw||/||w|| ~ 1e-3, Stanford CS231n notes "Neural Networks Part 3:
+    Learning and Evaluation"; "if your gradient values are zero, it could mean
+    that the learning rate might be too small", C. Shao, "Checklist for
+    debugging neural networks" (Towards Data Science, 2019). Threshold:
     ``min_update_ratio`` 1e-5 (100x below the rule of thumb), median over
     ``window_steps``. Warm-up and decay phases are skipped: the rule judges only
     while the LR is steady (max/min over the window < ``steady_lr_factor``) and

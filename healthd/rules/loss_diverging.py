@@ -37,8 +37,10 @@ class LossDiverging(Rule[RankWindow, LossDivergingConfig]):
     Why: a diverging loss means the optimisation is unstable (learning rate too
     high, bad data, a broken loss); left alone it ends in NaN or a wasted run.
 
-    Source: "error explodes" / "error goes up" in the debugging checklists
-    (seeds 001, 003). Thresholds: the median of the last ``smooth_steps``
+    Source: "error explodes" / "error goes up" in J. Tobin, "Troubleshooting
+    Deep Neural Networks" (Full Stack Deep Learning, 2019); the loss-curve shapes
+    of Stanford CS231n notes "Neural Networks Part 3: Learning and Evaluation".
+    Thresholds: the median of the last ``smooth_steps``
     losses exceeds the best such median by more than ``rise_factor`` x |best|
     AND by more than ``progress_fraction`` of the progress made since the start
     of the window (both must hold, so late-training noise on a tiny loss does

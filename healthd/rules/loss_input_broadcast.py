@@ -21,7 +21,9 @@ class LossInputBroadcast(Rule[RankWindow, LossInputBroadcastConfig]):
     Why: (N, 1) - (N,) broadcasts to (N, N): the loss compares every prediction
     with every target, its minimum is the target's mean, and the model learns
     to predict a constant. PyTorch only warns once, easily lost in a log.
-    Source: "check tensor shapes, silent broadcasting" (seeds 003, 004). The
+    Source: "incorrect shapes for your tensors ... accidental broadcasting", J.
+    Tobin, "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning,
+    2019). The
     client compares the shapes of sampled loss calls. Threshold: any inspected
     call where the shapes differ and broadcast.
     """

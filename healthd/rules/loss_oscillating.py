@@ -35,8 +35,9 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     trending down, is not learning: the step size overshoots the valley (learning
     rate too high, momentum too high, accumulating gradients) or the batches are
     inconsistent (corrupted or mislabeled shards).
-    Source: "loss oscillating / not decreasing" (seeds 001, 003: LR too high,
-    corrupted data). Thresholds (over the last ``window_steps`` (20)): median
+    Source: "error oscillates: learning rate too high, corrupted data", J. Tobin,
+    "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019).
+    Thresholds (over the last ``window_steps`` (20)): median
     |L_t - L_{t-1}| > ``swing_ratio`` (0.5) x median L; the median of the last 5
     losses is not lower than the first 5's by more than one median swing; and
     the loss is still above ``min_level_fraction`` (1/4) of its initial level,

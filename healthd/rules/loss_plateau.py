@@ -39,7 +39,10 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     gradients not reaching the weights, too much regularisation, or labels that
     carry no signal (corrupted/shuffled). A plateau late in training is usually
     convergence, so that case is only an ``info``.
-    Source: "loss not decreasing / plateau" (seeds 001, 003, 004). Thresholds:
+    Source: "error plateaus: learning rate too low, gradients not flowing
+    through the whole model, too much regularization, incorrect input to loss,
+    data or label error", J. Tobin, "Troubleshooting Deep Neural Networks" (Full
+    Stack Deep Learning, 2019). Thresholds:
     median of the first ``edge_steps`` (10) losses of the window minus the
     median of the last 10 is below ``noise_multiple`` (1) x the standard error
     of that difference (from the window's median |step-to-step change|); warning

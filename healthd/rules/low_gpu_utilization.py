@@ -46,7 +46,7 @@ class LowGPUUtilization(Rule[RankWindow, LowGPUUtilizationConfig]):
     SmallBatchUnderutilization fires instead of this rule. MIG slices report no utilisation and are
     never judged.
 
-    Source: SageMaker Debugger's LowGPUUtilization (p95 below 70%); issue 5. Thresholds:
+    Source: SageMaker Debugger's LowGPUUtilization (p95 below 70%). Thresholds:
     ``p95_below_ratio`` 0.70, ``window_samples`` 24, ``min_samples`` 12, ``for_steps`` 10.
     """
 

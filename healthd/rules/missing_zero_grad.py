@@ -22,7 +22,10 @@ class MissingZeroGrad(Rule[RankWindow, MissingZeroGradConfig]):
     gradients, so the update is a running sum of all past gradients: the
     effective learning rate grows step after step and training oscillates or
     diverges while the code looks right.
-    Source: "forgot to zero the gradients" (seeds 000, 003). The client checks,
+    Source: "forgot to .zero_grad() (in pytorch) before .backward()", A.
+    Karpathy's list of common neural net mistakes as quoted in J. Tobin,
+    "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019).
+    The client checks,
     at the first backward after each optimizer step (a gradient hook fires before
     accumulation), whether a gradient is already present and non-zero; that is
     exactly the case intended accumulation never produces, since it zeroes after

@@ -30,9 +30,10 @@ class NonFiniteValues(Rule[RankWindow, NonFiniteValuesConfig]):
     that keeps stepping after it burns GPU hours for nothing. Fires at the step
     it appears (``for_steps=1``).
 
-    Source: "Numerical instability - inf/NaN, often stems from using an exp, log
-    or div operation" (DNN troubleshooting, seed 004); "outputs were all NaN by the
-    second iteration" (seed 003).
+    Source: "numerical instability - inf/NaN", often from an exp, log or div
+    operation, J. Tobin, "Troubleshooting Deep Neural Networks" (Full Stack Deep
+    Learning, 2019); Goodfellow, Bengio & Courville, "Deep Learning" (MIT Press,
+    2016), 4.1 "Overflow and Underflow".
 
     A step that mixed precision skipped (``step_skipped``) with non-finite
     gradients only is the GradScaler doing its job, not a finding; repeated skips

@@ -25,8 +25,9 @@ class Overfitting(Rule[RankWindow, OverfittingConfig]):
     Why: the model is memorising the training set instead of generalising
     (variance dominates the bias-variance trade-off); every further step makes
     the deployed model worse.
-    Source: seed 004 (bias-variance, "training error low, validation error
-    high: more data, regularisation, early stopping"); SageMaker Debugger's
+    Source: the bias-variance decomposition in J. Tobin, "Troubleshooting Deep
+    Neural Networks" (Full Stack Deep Learning, 2019) ("add data or regularize
+    if overfit"); SageMaker Debugger's
     Overfit ((val - train)/train > 0.1). That ratio alone flags most healthy runs
     (val loss is nearly always above train loss), so the warning also needs the
     validation loss to have risen ``rise_fraction`` (10%) above its best in the

@@ -31,8 +31,10 @@ class SaturatedActivations(Rule[RankWindow, SaturatedActivationsConfig]):
     Why: in the flat region the derivative is ~0 (sigmoid' < 0.02, tanh' < 0.04),
     so gradients through the layer vanish and it stops learning; usually too
     large initial weights or unnormalised inputs.
-    Source: CS231n on sigmoid saturation (seed 001); Glorot & Bengio 2010
-    (saturation of deep sigmoid nets). The client's sampled forward hook marks
+    Source: Stanford CS231n notes "Neural Networks Part 1: Setting up the
+    Architecture" (sigmoids saturate and kill gradients); Glorot & Bengio,
+    "Understanding the difficulty of training deep feedforward neural networks"
+    (AISTATS 2010). The client's sampled forward hook marks
     an element flat when sigmoid output is < 0.02 or > 0.98, or |tanh| > 0.98,
     and a unit saturated when it is flat for >= 90% of the batch. Threshold:
     > 0.5 of a layer's units saturated in each of the latest ``samples`` (2).

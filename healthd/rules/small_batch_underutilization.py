@@ -31,8 +31,8 @@ class SmallBatchUnderutilization(Rule[RankWindow, SmallBatchUnderutilizationConf
     with warm-up) uses the hardware it pays for. Takes precedence over LowGPUUtilization, which stays
     quiet in this case.
 
-    Source: SageMaker Debugger's BatchSize rule (low CPU/GPU utilisation p95 with low memory);
-    issue 5. Thresholds: ``p95_below_ratio`` 0.70, ``low_memory_ratio`` 0.5, ``for_steps`` 10.
+    Source: SageMaker Debugger's BatchSize rule (low CPU/GPU utilisation p95 with low memory).
+    Thresholds: ``p95_below_ratio`` 0.70, ``low_memory_ratio`` 0.5, ``for_steps`` 10.
     """
 
     name: ClassVar[str] = "SmallBatchUnderutilization"

@@ -48,8 +48,10 @@ class SoftmaxBeforeLoss(Rule[RankWindow, SoftmaxBeforeLossConfig]):
     computes a squashed loss whose gradients are tiny and badly scaled, so the
     model learns slowly or not at all, with no error. ``nll_loss`` on raw
     probabilities or logits is simply a different (wrong) objective.
-    Source: "softmax before CrossEntropyLoss", "softmax over the wrong dimension"
-    (seeds 000, 003). The client inspects the inputs of sampled loss calls
+    Source: "passed softmaxed outputs to a loss that expects raw logits", A.
+    Karpathy's list of common neural net mistakes, and "softmax taken over wrong
+    dimension", both in J. Tobin, "Troubleshooting Deep Neural Networks" (Full
+    Stack Deep Learning, 2019). The client inspects the inputs of sampled loss calls
     (loss modules and the functional API through a TorchFunctionMode).
     Thresholds: cross_entropy input rows summing to 1 (|sum - 1| < 1e-3) or all
     values >= 0 (a batch of real logits is never all non-negative); nll_loss

@@ -37,7 +37,8 @@ class WeightsNotUpdating(Rule[RankWindow, WeightsNotUpdatingConfig]):
     The loss may still move (other layers learn), so nothing looks broken.
 
     Source: "Weight updates not being applied" and "incorrect expression for
-    gradient updates" (seed 000/001). Fires when, for ``window_steps``
+    gradient updates", C. Shao, "Checklist for debugging neural networks"
+    (Towards Data Science, 2019). Fires when, for ``window_steps``
     consecutive steps, a layer's gradient norm is > 0 and its update ratio is at
     most ``zero_update_ratio``. Steps skipped by mixed precision do not count.
     """
