@@ -51,7 +51,7 @@ class BatchNormSmallBatch(Rule[RankWindow, BatchNormSmallBatchConfig]):
         bns = [f for f in attach.static_findings if f.check in ("batchnorm", "sync_batchnorm")]
         if not bns:
             return None
-        sizes = [s.batch_size for s in window.last(cfg.window_steps) if s.batch_size is not None]
+        sizes = window.present("batch_size", min(cfg.window_steps, len(window.steps)))  # the kept whole steps
         if len(sizes) < min(cfg.window_steps, 3):
             return None
         batch = median([float(b) for b in sizes])

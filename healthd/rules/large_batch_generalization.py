@@ -61,7 +61,7 @@ class LargeBatchGeneralization(Rule[RankWindow, LargeBatchGeneralizationConfig])
         n = window.meta.dataset_size
         if not n:
             return self._noise_scale(window)
-        sizes = [float(s.batch_size) for s in window.last(cfg.window_steps) if s.batch_size]
+        sizes = [float(b) for b in window.present("batch_size", min(cfg.window_steps, len(window.steps))) if b]
         if not sizes:
             return None
         ws = window.meta.world_size

@@ -15,7 +15,6 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
-    series,
 )
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
@@ -100,16 +99,16 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
 
     def _loss_after_lr_jump(self, window: RankWindow) -> tuple[float, float, float, float] | None:
         cfg = self.config
-        steps = window.last(2 * cfg.window_steps)
-        if len(steps) < 4:
+        n = min(2 * cfg.window_steps, len(window.steps))  # the kept whole steps, as before the columns
+        lrs, losses = window.column("lr", n), window.column("loss", n)
+        if len(lrs) < 4:
             return None
-        lrs = [s.lr[0] if s.lr else None for s in steps]
-        for i in range(1, len(steps)):
+        for i in range(1, len(lrs)):
             a, b = lrs[i - 1], lrs[i]
             if a is None or b is None or a <= 0 or b / a < cfg.lr_jump_factor:
                 continue
-            before = finite(series(steps[max(0, i - 5):i], "loss"))
-            after = finite(series(steps[i:], "loss"))
+            before = finite(losses[max(0, i - 5):i])
+            after = finite(losses[i:])
             if len(before) < 2 or len(after) < 3:
                 return None
             lb, la = median(before), median(after[-3:])

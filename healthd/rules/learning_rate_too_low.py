@@ -14,9 +14,8 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
-    series,
 )
-from healthd.state.windows import RankWindow, finite
+from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
@@ -85,7 +84,7 @@ class LearningRateTooLow(Rule[RankWindow, LearningRateTooLowConfig]):
         norms = window.values("grad_norm", cfg.window_steps)
         if not norms or median(norms) <= 0:
             return None
-        initial = finite(series(window.initial_steps, "loss"))
+        initial = window.initial_values("loss")
         recent = window.values("loss", 10)
         if initial and recent and median(recent) > cfg.diverged_loss_factor * abs(median(initial)):
             return None

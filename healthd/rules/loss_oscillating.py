@@ -13,9 +13,8 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
-    series,
 )
-from healthd.state.windows import RankWindow, finite
+from healthd.state.windows import RankWindow
 
 
 class LossOscillatingConfig(WindowedConfig):
@@ -63,7 +62,7 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
         progress = median(losses[:5]) - median(losses[-5:])
         if progress > swing:
             return None
-        initial = finite(series(window.initial_steps[:5], "loss"))
+        initial = window.initial_values("loss", 5)
         if initial and level < cfg.min_level_fraction * median(initial):
             return None
         s = window.steps[-1]

@@ -14,9 +14,8 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
-    series,
 )
-from healthd.state.windows import RankWindow, finite
+from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
@@ -73,7 +72,7 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
         progress = head - tail
         if progress >= cfg.noise_multiple * stderr and progress > 1e-12 * abs(head):
             return None
-        initial = finite(series(window.initial_steps[:k], "loss"))
+        initial = window.initial_values("loss", k)
         start = median(initial) if initial else head
         if start > 0 and tail > cfg.diverged_loss_factor * start:
             return None  # flat far above where it started: a blown-up run, LossDiverging's finding

@@ -57,7 +57,7 @@ class LossScaleCollapse(Rule[RankWindow, LossScaleCollapseConfig]):
                 break
             run += 1
         fraction = sum(skipped) / len(skipped) if skipped else 0.0
-        scales = [s.loss_scale for s in steps if s.loss_scale is not None]
+        scales = window.present("loss_scale", len(steps))
         latest = scales[-1] if scales else None
         falling = len(scales) >= 2 and scales[-1] < max(scales)
         reasons = []
