@@ -125,7 +125,7 @@ def install(ddp: torch.nn.parallel.DistributedDataParallel) -> _HookWrapper:
 
     wrapper = _HookWrapper(allreduce_hook, ddp.process_group)
 
-    def healthd_comm_hook(state, bucket):  # type: ignore[no-untyped-def]
+    def healthd_comm_hook(state, bucket):
         # No annotations on purpose: DDP checks them and only accepts the exact GradBucket/Future types.
         return wrapper(state, bucket)
 
@@ -141,6 +141,7 @@ def install(ddp: torch.nn.parallel.DistributedDataParallel) -> _HookWrapper:
                            "register the equivalent Python hook (torch.distributed.algorithms.ddp_comm_hooks) "
                            "with model.register_comm_hook instead")
 
+    # Replacing a method on this one DDP instance: torch's stubs declare methods, which mypy forbids assigning.
     ddp.register_comm_hook = register_comm_hook  # type: ignore[method-assign]
     ddp._register_builtin_comm_hook = refuse_builtin  # type: ignore[method-assign]
     return wrapper

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sized
 from typing import Any
 
 import lightning.pytorch as pl
@@ -128,10 +129,12 @@ class HealthdCallback(pl.Callback):
 
     @staticmethod
     def _dataset_size(trainer: pl.Trainer) -> int | None:
-        loader = trainer.train_dataloader
+        dataset = getattr(trainer.train_dataloader, "dataset", None)  # a DataLoader, or a combined/None loader
+        if not isinstance(dataset, Sized):
+            return None
         try:
-            return int(len(loader.dataset))  # type: ignore[union-attr, arg-type]
-        except Exception:
+            return len(dataset)
+        except Exception:  # an iterable-style dataset whose __len__ raises
             return None
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -42,7 +42,7 @@ def default_quantities(config: MonitorConfig) -> list[Quantity]:
         GradNorm(every_steps=config.grad_norm_every_steps),
         UpdateRatio(every_steps=config.heavy_every_steps, sample_per_tensor=config.update_sample_per_tensor),
         NonFiniteParams(every_steps=config.heavy_every_steps),
-        # the checklist (issue 3): sampled on the heavy schedule, plus two cheap always-on checks
+        # the debugging checklists: sampled on the heavy schedule, plus two cheap always-on checks
         StaticChecks(),
         StaleGrads(),
         Activations(sample_every_steps=config.inspect_every_steps, first_steps=config.inspect_first_steps),

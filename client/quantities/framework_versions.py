@@ -2,7 +2,8 @@
 
 Attach-only (``every_steps=0``): framework integrations pass it through
 ``attach(extra_quantities=[...])`` so the job's setup records e.g.
-``lightning 2.6.6`` next to torch's version ("track your work", seed 001/003).
+``lightning 2.6.6`` next to torch's version ("tracking your work", C. Shao,
+"Checklist for debugging neural networks", Towards Data Science, 2019).
 """
 
 from __future__ import annotations

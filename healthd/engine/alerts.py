@@ -23,13 +23,15 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
-from healthd.rules.base import EvidenceValue, Finding, Rule, Scope
+from healthd.rules.base import EvidenceValue, Finding, JobRule, RankRule, Rule, is_job_rule, is_rank_rule
 from healthd.state.windows import JobWindow, RankWindow
 from healthd.wire.schema import AlertOut, AlertState, Severity
 
 log = logging.getLogger(__name__)
+
+_W = TypeVar("_W", RankWindow, JobWindow)
 
 
 @dataclass
@@ -82,15 +84,16 @@ class Engine:
 
     def __init__(
         self,
-        rules: Sequence[Rule],
+        rules: Sequence[Rule[Any, Any]],
         *,
         history_per_job: int = 1000,
         listeners: Iterable[AlertListener] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.rank_rules = [r for r in rules if r.scope is Scope.RANK]
-        self._gated_fields = sorted({f for r in self.rank_rules for f in r.reads})
-        self.job_rules = [r for r in rules if r.scope is Scope.JOB]
+        # Dispatch by scope, which each rule derives from the window type it declares (Rule[W, C]).
+        self.rank_rules: list[RankRule] = [r for r in rules if is_rank_rule(r)]
+        self._gated_fields = sorted({f for r in self.rank_rules for f in r.hints.reads})
+        self.job_rules: list[JobRule] = [r for r in rules if is_job_rule(r)]
         self.history_per_job = history_per_job
         self.listeners = list(listeners)
         self.clock = clock
@@ -117,8 +120,9 @@ class Engine:
         arrived = {f for f in self._gated_fields for s in new if getattr(s, f) not in _ABSENT}
         for rule in self.rank_rules:
             key = (rule.name, window.rank)
-            if rule.reads and arrived.isdisjoint(rule.reads) and (book is None or key not in book.active):
-                continue  # none of what it reads arrived: its answer stands (Rule.reads)
+            reads = rule.hints.reads
+            if reads and arrived.isdisjoint(reads) and (book is None or key not in book.active):
+                continue  # none of what it reads arrived: its answer stands (Hints.reads)
             finding = _first(self._evaluate(rule, window))
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
@@ -139,7 +143,7 @@ class Engine:
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
 
-    def summarize_slices(self, rule: Rule, window: JobWindow, ranks_per_slice: int) -> Iterator[None]:
+    def summarize_slices(self, rule: JobRule, window: JobWindow, ranks_per_slice: int) -> Iterator[None]:
         """``window.summarize_slices`` for a job rule about to run, its time counted as the rule's."""
         slices = window.summarize_slices(rule, ranks_per_slice)
         done = False
@@ -149,7 +153,7 @@ class Engine:
             self.evaluation_seconds_sum += time.perf_counter() - t0
             yield
 
-    def on_tick_rule(self, rule: Rule, window: JobWindow) -> None:
+    def on_tick_rule(self, rule: JobRule, window: JobWindow) -> None:
         """Run one job-scoped rule (of ``job_rules``) on a job's window: ``on_tick`` a rule at a time,
         for a caller that lets other work run in between (the server's ticker serves ingest there).
         As in ``on_tick``, the window counts as one evaluation, once its last rule has run."""
@@ -162,7 +166,7 @@ class Engine:
         if rule is self.job_rules[-1]:
             self.evaluation_count += 1
 
-    def _evaluate(self, rule: Rule, window: RankWindow | JobWindow) -> Finding | Sequence[Finding] | None:
+    def _evaluate(self, rule: Rule[_W, Any], window: _W) -> Finding | Sequence[Finding] | None:
         try:
             return rule.evaluate(window)
         except Exception:  # a buggy rule must not take ingest down
@@ -170,7 +174,7 @@ class Engine:
             log.exception("rule %s failed on job %s", rule.name, window.job)
             return None
 
-    def _update(self, job: str, rule: Rule, findings: list[tuple[int | None, Finding]], now: float,
+    def _update(self, job: str, rule: Rule[Any, Any], findings: list[tuple[int | None, Finding]], now: float,
                 scope_keys: list[tuple[str, int | None]], weight: int = 1) -> None:
         book = self._jobs.setdefault(job, _JobAlerts())
         cfg = rule.config

@@ -147,7 +147,7 @@ LAYER_UPDATE_RATIO = _g("layer_update_ratio", "Per-layer update-to-weight ratio 
                         unit="ratio")
 LAYER_PARAM_NORM = _g("layer_param_norm", "Per-layer parameter L2 norm at the last step.", JOB_LAYER)
 
-# ----------------------------------------------------------------- GPU (client's NVML sampler, issue 5)
+# ----------------------------------------------------------------- GPU (client's NVML sampler)
 # Labels: CUDA index as the job sees it (``gpu``), the physical GPU's NVML UUID and MIG GPU instance
 # named as dcgm-exporter names them (``UUID``, ``GPU_I_ID``; empty outside MIG) so Grafana joins
 # healthd's series with DCGM's on UUID, and the host. Bounded: one device per rank.

@@ -208,7 +208,7 @@ _LEGACY_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _TYPE_NAMES = {"counter": "counter", "gauge": "gauge", "summary": "summary", "histogram": "histogram"}
 
 
-class _One:
+class _One(Collector):
     """One collected family, as a collector ``generate_latest`` can format."""
 
     def __init__(self, family: Metric) -> None:
@@ -226,20 +226,20 @@ def exposition_text(family: Metric, labels_text: dict[tuple[tuple[str, str], ...
     of one scrape (most of them label every rank with the same job and rank)."""
     name, mtype = family.name, _TYPE_NAMES.get(family.type)
     if mtype is None or not _LEGACY_METRIC_NAME.fullmatch(name):
-        return generate_latest(_One(family))  # type: ignore[arg-type]
+        return generate_latest(_One(family))
     special = (name + "_created", name + "_gsum", name + "_gcount")
     sample_names: set[str] = set()
     label_names: set[str] = set()
     for s in family.samples:
         if s.timestamp is not None or s.exemplar is not None:
-            return generate_latest(_One(family))  # type: ignore[arg-type]
+            return generate_latest(_One(family))
         if s.name not in sample_names:
             if s.name in special or not _LEGACY_METRIC_NAME.fullmatch(s.name):
-                return generate_latest(_One(family))  # type: ignore[arg-type]
+                return generate_latest(_One(family))
             sample_names.add(s.name)
         label_names.update(s.labels)
     if not all(_LEGACY_LABEL_NAME.fullmatch(k) for k in label_names):
-        return generate_latest(_One(family))  # type: ignore[arg-type]
+        return generate_latest(_One(family))
     known = {} if labels_text is None else labels_text
     shown = name + "_total" if mtype == "counter" else name
     doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")

@@ -49,7 +49,7 @@ from healthd.rules.weights_not_updating import WeightsNotUpdating
 from healthd.settings import ConfigError, describe_error
 from healthd.state.windows import JobWindow, RankWindow
 
-ALL_RULES: tuple[type[Rule], ...] = (
+ALL_RULES: tuple[type[Rule[Any, Any]], ...] = (
     NonFiniteValues,
     ExplodingGradients,
     VanishingGradients,
@@ -57,14 +57,14 @@ ALL_RULES: tuple[type[Rule], ...] = (
     LearningRateTooLow,
     WeightsNotUpdating,
     LossDiverging,
-    # distributed jobs (issue 4)
+    # distributed jobs
     LossScaleCollapse,
     StragglerRank,
     RankStalled,
     TrainingStalled,
     RankDesync,
     GradientNormMismatch,
-    # the whole checklist (issue 3)
+    # the debugging checklists
     GradientsNotFlowing,
     MissingZeroGrad,
     EvalModeDuringTraining,
@@ -81,7 +81,7 @@ ALL_RULES: tuple[type[Rule], ...] = (
     Overfitting,
     LargeBatchGeneralization,
     LearningRateNotScaled,
-    # GPUs (issue 5)
+    # GPUs
     GPUHardwareErrors,
     GPUMemoryNearLimit,
     GPUMemoryLeak,
@@ -94,13 +94,14 @@ ALL_RULES: tuple[type[Rule], ...] = (
 __all__ = ["ALL_RULES", "Finding", "JobWindow", "RankWindow", "Rule", "RuleConfig", "Scope", "build_rules"]
 
 
-def build_rules(rule_classes: Iterable[type[Rule]], configs: Mapping[str, Mapping[str, Any]]) -> list[Rule]:
+def build_rules(rule_classes: Iterable[type[Rule[Any, Any]]],
+                configs: Mapping[str, Mapping[str, Any]]) -> list[Rule[Any, Any]]:
     """Instantiate the enabled rules, validating each rule's config section."""
     classes = {cls.name: cls for cls in rule_classes}
     unknown = sorted(set(configs) - set(classes))
     if unknown:
         raise ConfigError(f"rules.{unknown[0]}: unknown rule; known rules: {', '.join(sorted(classes))}")
-    rules: list[Rule] = []
+    rules: list[Rule[Any, Any]] = []
     for name, cls in classes.items():
         try:
             cfg = cls.Config.model_validate(dict(configs.get(name, {})))

@@ -5,11 +5,24 @@ A rule reads a window (``RankWindow`` for rules about one rank's series,
 ``Finding`` or ``None``. It does no I/O, raises nothing as a signal and mutates
 nothing. Alert state (pending -> firing -> resolved) lives in the engine only.
 
-To add a rule: subclass ``Rule``, give it a ``Config`` (a ``RuleConfig``
-subclass with typed, unit-named thresholds), a docstring that says what it
-detects, why it matters, its source and its thresholds, an ``advice`` string
-(shown in the alert), and list it in ``healthd.rules.ALL_RULES``. A rank rule that only
-looks at fields the client samples every N steps (activations, inputs) names them in ``reads``.
+To add a rule, subclass ``Rule[W, C]`` with the window it reads and its config, e.g.
+``class ExplodingGradients(Rule[RankWindow, ExplodingGradientsConfig])``:
+
+- ``W`` is ``RankWindow`` or ``JobWindow``; it sets the rule's ``scope`` (when the
+  engine runs it), so ``evaluate(self, window: RankWindow)`` is typed as what it reads.
+- ``C`` is a ``RuleConfig`` subclass with typed, unit-named thresholds, named in
+  ``Config``. Fields every rule shares (``for_steps``, ``resolve_after_steps``; the
+  ``window_steps`` of ``WindowedConfig``; the ``lookback_steps`` of ``SampledConfig``)
+  are declared once here with their validation; a subclass changes only their default
+  (``for_steps: ForSteps = 3``) or tightens the bound (``window_steps: int = Field(default=50,
+  ge=5)``). A re-declaration with a looser bound is refused when the class is made.
+- The docstring says what it detects, why it matters, its public source (title and
+  author) and its thresholds; ``advice`` is shown in the alert. List it in
+  ``healthd.rules.ALL_RULES``.
+
+Performance hints live apart from the detection logic, in ``hints`` (``Hints``): they tell
+the engine when it may skip or split work, never what the rule finds. A rule with no hints
+is evaluated every time, whole.
 """
 
 from __future__ import annotations
@@ -19,9 +32,11 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeGuard, TypeVar, get_args, get_origin
 
+import annotated_types
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 from healthd.state.windows import JobWindow, RankStatus, RankWindow
 from healthd.wire.records import StepRecord
@@ -37,6 +52,9 @@ class Scope(str, enum.Enum):
     JOB = "job"  # all ranks and the clock; evaluated on the engine's tick
 
 
+_SCOPE_OF_WINDOW: dict[type, Scope] = {RankWindow: Scope.RANK, JobWindow: Scope.JOB}
+
+
 @dataclass(frozen=True)
 class Finding:
     """What a rule saw. The engine turns findings into alerts."""
@@ -49,51 +67,151 @@ class Finding:
     severity: Severity | None = None  # None: the rule's default severity
 
 
+# ----------------------------------------------------------------- configs
+
+# The shared fields' types carry their validation, so a subclass that changes a default
+# (``for_steps: ForSteps = 3``) keeps it; a plain ``for_steps: int = 3`` would drop the bound
+# (pydantic replaces the whole field), which ``RuleConfig`` refuses when the subclass is made. A
+# tighter bound is declared on a plain type (``int = Field(default=50, ge=5)``): on the alias,
+# pydantic would keep the alias' ge=1 and drop the field's.
+ForSteps = Annotated[int, Field(ge=1, description="steps in a row with a finding before firing (job rules: ticks)")]
+ResolveAfterSteps = Annotated[int, Field(
+    ge=1, description="steps in a row without a finding before resolving (cool-down; job rules: ticks)")]
+WindowSteps = Annotated[int, Field(ge=1, description="last steps the rule judges")]
+LookbackSteps = Annotated[int, Field(
+    ge=1, description="steps searched for sampled values (the client measures them every heavy_every_steps)")]
+
+
+def _lower_bound(field: FieldInfo) -> float | None:
+    """The lower bound pydantic enforces on a field: its last ``ge``/``gt`` (a later one of the same
+    kind replaces an earlier one, so ``Annotated[int, Field(ge=1)] = Field(ge=5)`` validates ge=1)."""
+    bound: float | None = None
+    for m in field.metadata:
+        if isinstance(m, annotated_types.Ge | annotated_types.Gt):
+            value: Any = m.ge if isinstance(m, annotated_types.Ge) else m.gt  # SupportsGe/SupportsGt: a number here
+            bound = float(value)
+    return bound
+
+
 class RuleConfig(BaseModel):
     """Settings every rule has. Subclasses add thresholds with units in their names."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = Field(default=True, description="false: the rule is not run at all")
-    for_steps: int = Field(
-        default=1, ge=1, description="steps in a row with a finding before firing (job rules: ticks)"
-    )
-    resolve_after_steps: int = Field(
-        default=20, ge=1, description="steps in a row without a finding before resolving (cool-down; job rules: ticks)"
-    )
+    for_steps: ForSteps = 1
+    resolve_after_steps: ResolveAfterSteps = 20
     severity: Severity | None = Field(default=None, description="override the rule's default severity")
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass that re-declares an inherited field with a looser lower bound."""
+        super().__pydantic_init_subclass__(**kwargs)
+        for base in cls.__mro__[1:]:
+            if not (isinstance(base, type) and issubclass(base, RuleConfig)):
+                continue
+            for name, inherited in base.model_fields.items():
+                mine, floor = cls.model_fields.get(name), _lower_bound(inherited)
+                if mine is None or floor is None:
+                    continue
+                bound = _lower_bound(mine)
+                if bound is None or bound < floor:
+                    raise TypeError(f"{cls.__name__}.{name} drops {base.__name__}'s validation "
+                                    f"{inherited.metadata}: declare it with the same type (e.g. ForSteps)")
 
-W = TypeVar("W", RankWindow, JobWindow)
+
+class WindowedConfig(RuleConfig):
+    """A rule that judges the last ``window_steps`` steps of a rank (or of each rank)."""
+
+    window_steps: WindowSteps = 50
+
+
+class SampledConfig(RuleConfig):
+    """A rule over sampled fields: it searches the last ``lookback_steps`` steps for samples."""
+
+    lookback_steps: LookbackSteps = 100
+
+
+# ----------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Hints:
+    """How the engine may save work on a rule; never part of what the rule finds.
+
+    ``reads``: for a rank rule over sampled fields only, the StepReport fields whose arrival can
+    change its answer. The engine skips the rule for an evaluation whose new steps carry none of
+    them (no hit, no miss), unless the rule has an alert open on that rank. Empty: evaluated
+    every time.
+
+    ``summarized``: a job rule whose work is mostly per rank puts that part in ``rank_summary``
+    (a pure function of one rank) and reads the results with ``window.summaries(self)``: the
+    server then computes them in slices of ranks, serving requests in between, instead of in
+    one long evaluation.
+    """
+
+    reads: tuple[str, ...] = ()
+    summarized: bool = False
+
+
+W = TypeVar("W", bound=RankWindow | JobWindow)
 C = TypeVar("C", bound=RuleConfig)
 
 
-class Rule(Generic[C]):
-    """Base of all rules. Subclasses set the class variables and ``evaluate``."""
+class Rule(Generic[W, C]):
+    """Base of all rules: ``Rule[window type, config type]``. Subclasses set the class variables,
+    ``Config`` and ``evaluate``."""
 
     name: ClassVar[str]  # the Alertmanager alertname; fixed, users route on it
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
+    scope: ClassVar[Scope] = Scope.RANK  # derived from W when the subclass is made
     advice: ClassVar[str] = ""
-    Config: ClassVar[type[RuleConfig]] = RuleConfig
-    # Rank rules over sampled fields only: the StepReport fields whose arrival can change the answer.
-    # The engine skips the rule for an evaluation whose new steps carry none of them (no hit, no
-    # miss), unless the rule has an alert open on that rank. Empty: evaluated every time.
-    reads: ClassVar[tuple[str, ...]] = ()
+    hints: ClassVar[Hints] = Hints()
+    # The config class (a class attribute in every subclass; not a ClassVar only because a ClassVar
+    # cannot name the type variable C).
+    Config: type[C]
 
     def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.Config()  # type: ignore[assignment]
+        self.config: C = config if config is not None else self.Config()
 
-    def evaluate(self, window: RankWindow | JobWindow) -> Finding | None:  # pragma: no cover - abstract
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Derive ``scope`` from the window type the subclass declares, and check its hints."""
+        super().__init_subclass__(**kwargs)
+        for base in getattr(cls, "__orig_bases__", ()):
+            if get_origin(base) is Rule:
+                window = get_args(base)[0]
+                scope = _SCOPE_OF_WINDOW.get(window)
+                if scope is None:
+                    raise TypeError(f"{cls.__name__}: Rule's window is RankWindow or JobWindow, not {window!r}")
+                if "scope" in cls.__dict__ and cls.__dict__["scope"] is not scope:
+                    raise TypeError(f"{cls.__name__}: scope {cls.__dict__['scope']} contradicts its window {window}")
+                cls.scope = scope
+        if cls.hints.summarized and (cls.scope is not Scope.JOB or cls.rank_summary is Rule.rank_summary):
+            raise TypeError(f"{cls.__name__}: Hints(summarized=True) needs a job rule with a rank_summary")
+        if cls.hints.reads and cls.scope is not Scope.RANK:
+            raise TypeError(f"{cls.__name__}: Hints(reads=...) applies to rank rules only")
+
+    def evaluate(self, window: W) -> Finding | Sequence[Finding] | None:  # pragma: no cover - abstract
+        """What the rule sees in ``window``: a finding, none, or (job rules) one per rank."""
         raise NotImplementedError
-
-    # A job rule whose work is mostly per rank puts that part here (a pure function of one rank) and
-    # reads the results with ``window.summaries(self)``: the server then computes them in slices of
-    # ranks, serving requests in between, instead of in one long evaluation.
-    summarized: ClassVar[bool] = False
 
     def rank_summary(self, st: RankStatus) -> Any:  # pragma: no cover - abstract
+        """One rank's part of a summarized job rule (``Hints.summarized``)."""
         raise NotImplementedError
+
+
+RankRule = Rule[RankWindow, Any]
+JobRule = Rule[JobWindow, Any]
+
+
+def is_rank_rule(rule: Rule[Any, Any]) -> TypeGuard[RankRule]:
+    """Whether the engine runs ``rule`` on a rank's window (its ``scope``, derived from its window type)."""
+    return rule.scope is Scope.RANK
+
+
+def is_job_rule(rule: Rule[Any, Any]) -> TypeGuard[JobRule]:
+    """Whether the engine runs ``rule`` on a job's window on its tick."""
+    return rule.scope is Scope.JOB
 
 
 # ----------------------------------------------------------------- small helpers for rules

@@ -6,20 +6,20 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, median
+from healthd.rules.base import Finding, Rule, WindowedConfig, WindowSteps, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class BatchNormSmallBatchConfig(RuleConfig):
-    window_steps: int = Field(default=5, ge=1, description="steps whose median batch size is judged")
+class BatchNormSmallBatchConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=5, description="steps whose median batch size is judged")
     warn_batch_size: int = Field(default=8, ge=2, description="per-device batch below which it warns")
     critical_batch_size: int = Field(default=2, ge=1, description="per-device batch below which it is critical")
     info_batch_size: int = Field(default=16, ge=2, description="per-device batch below which, under DDP "
                                  "without SyncBatchNorm, it informs")
 
 
-class BatchNormSmallBatch(Rule[BatchNormSmallBatchConfig]):
+class BatchNormSmallBatch(Rule[RankWindow, BatchNormSmallBatchConfig]):
     """The model has batch norm and the per-device batch is tiny.
 
     Why: batch norm normalises with the batch's own mean and variance; with a
@@ -27,7 +27,8 @@ class BatchNormSmallBatch(Rule[BatchNormSmallBatchConfig]):
     statistics do not match inference. Under DDP each rank normalises over its
     own slice unless SyncBatchNorm is used.
     Source: Wu & He 2018 ("Group Normalization": BN's error rises sharply below
-    8 examples per GPU, moderately below 16); seed 004's batch-norm notes.
+    8 examples per GPU, moderately below 16); J. Tobin, "Troubleshooting Deep
+    Neural Networks" (Full Stack Deep Learning, 2019) on batch-norm pitfalls.
     Signal: the client's static check at attach (batch-norm layers, SyncBatchNorm)
     and the reported batch size. Thresholds: median of the last ``window_steps``
     batch sizes < 8 warns, < 2 is critical; with world_size > 1 and no
@@ -36,14 +37,13 @@ class BatchNormSmallBatch(Rule[BatchNormSmallBatchConfig]):
 
     name: ClassVar[str] = "BatchNormSmallBatch"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = BatchNormSmallBatchConfig
     advice: ClassVar[str] = (
         "Raise the per-device batch size (gradient accumulation does not help batch norm), convert with "
         "torch.nn.SyncBatchNorm.convert_sync_batchnorm under DDP, or use GroupNorm/LayerNorm instead."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         attach = window.meta.attach
         if attach is None:
@@ -51,7 +51,7 @@ class BatchNormSmallBatch(Rule[BatchNormSmallBatchConfig]):
         bns = [f for f in attach.static_findings if f.check in ("batchnorm", "sync_batchnorm")]
         if not bns:
             return None
-        sizes = [s.batch_size for s in window.last(cfg.window_steps) if s.batch_size is not None]
+        sizes = window.present("batch_size", min(cfg.window_steps, len(window.steps)))  # the kept whole steps
         if len(sizes) < min(cfg.window_steps, 3):
             return None
         batch = median([float(b) for b in sizes])

@@ -6,38 +6,39 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Hints, Rule, WindowedConfig, WindowSteps
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class EvalModeDuringTrainingConfig(RuleConfig):
-    window_steps: int = Field(default=2, ge=1, description="consecutive steps in eval mode before it counts")
+class EvalModeDuringTrainingConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=2, description="consecutive steps in eval mode before it counts")
 
 
-class EvalModeDuringTraining(Rule[EvalModeDuringTrainingConfig]):
+class EvalModeDuringTraining(Rule[RankWindow, EvalModeDuringTrainingConfig]):
     """``model.training`` was False when the optimizer stepped, ``window_steps`` steps in a row.
 
     Why: after a validation pass that called ``model.eval()`` and no
     ``model.train()``, dropout is off and batch norm uses (and stops updating) its
     running statistics: the model trains as a different network, usually worse,
     with no error.
-    Source: "forgetting to toggle train/eval mode" (seeds 000, 003). Threshold:
+    Source: "forgot to toggle train/eval mode for the net", A. Karpathy's list of
+    common neural net mistakes as quoted in J. Tobin, "Troubleshooting Deep
+    Neural Networks" (Full Stack Deep Learning, 2019). Threshold:
     ``window_steps`` (2) consecutive steps, so an optimizer step taken inside an
     evaluation on purpose (rare) needs to repeat before it warns.
     """
 
     name: ClassVar[str] = "EvalModeDuringTraining"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("training",)
+    hints: ClassVar[Hints] = Hints(reads=("training",))
     Config = EvalModeDuringTrainingConfig
     advice: ClassVar[str] = (
         "Call model.train() before the training loop resumes after evaluation (model.eval() is sticky). "
         "Dropout and batch norm behave differently in the two modes."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         steps = window.latest_where(lambda s: s.training is not None, cfg.window_steps, 2 * cfg.window_steps)
         if len(steps) < cfg.window_steps or any(s.training for s in steps):

@@ -7,34 +7,43 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, layer_values, median
+from healthd.rules.base import (
+    Finding,
+    ResolveAfterSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    layer_values,
+    median,
+)
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
 
-class ExplodingGradientsConfig(RuleConfig):
+class ExplodingGradientsConfig(WindowedConfig):
     window_steps: int = Field(default=50, ge=5, description="trailing steps that set the baseline")
     min_history_steps: int = Field(default=10, ge=3, description="steps needed before judging")
     spike_factor: float = Field(default=10.0, gt=1, description="grad norm / trailing median that counts as a spike")
     critical_factor: float = Field(default=100.0, gt=1, description="factor at which the alert is critical")
-    resolve_after_steps: int = 20
+    resolve_after_steps: ResolveAfterSteps = 20
 
 
-class ExplodingGradients(Rule[ExplodingGradientsConfig]):
+class ExplodingGradients(Rule[RankWindow, ExplodingGradientsConfig]):
     """The global gradient norm is many times its trailing median.
 
     Why: exploding gradients throw the weights far from where they were; the loss
     jumps or turns NaN a few steps later. Relative to the run's own recent level,
     so it needs no per-model absolute threshold.
 
-    Source: "Vanishing or exploding gradients" (seed 000/001); gradient clipping
-    advice (seed 000). Thresholds: ``spike_factor`` 10x the median of the last
+    Source: "vanishing or exploding gradients" and gradient clipping in C. Shao,
+    "Checklist for debugging neural networks" (Towards Data Science, 2019);
+    Goodfellow, Bengio & Courville, "Deep Learning" (MIT Press, 2016), 10.11.1
+    "Clipping Gradients". Thresholds: ``spike_factor`` 10x the median of the last
     ``window_steps`` (warning), ``critical_factor`` 100x (critical).
     """
 
     name: ClassVar[str] = "ExplodingGradients"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = ExplodingGradientsConfig
     advice: ClassVar[str] = (
         "Clip gradients by norm (torch.nn.utils.clip_grad_norm_), lower the learning rate or add warm-up, "
@@ -42,7 +51,7 @@ class ExplodingGradients(Rule[ExplodingGradientsConfig]):
         "initialisation (Xavier/He) keep gradient scales stable."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         # The largest gradient norm among the steps that just arrived, judged against the steps before it.
         new = window.new

@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, step_of
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
@@ -21,10 +21,10 @@ class GPUHardwareErrorsConfig(RuleConfig):
                                 description="GPU samples an XID event stays visible in (x gpu_sample_seconds)")
     ignored_xids: tuple[int, ...] = Field(default=APPLICATION_XIDS,
                                           description="XIDs that are application errors, not hardware")
-    resolve_after_steps: int = 50
+    resolve_after_steps: ResolveAfterSteps = 50
 
 
-class GPUHardwareErrors(Rule[GPUHardwareErrorsConfig]):
+class GPUHardwareErrors(Rule[RankWindow, GPUHardwareErrorsConfig]):
     """The rank's GPU reported a hardware fault: an XID critical event (other than the application-level
     ``ignored_xids`` 13, 31, 43, 45) in the last ``window_samples`` samples, a non-zero count of
     uncorrected ECC errors (volatile: since the last driver load or GPU reset), or a row-remapping
@@ -34,13 +34,11 @@ class GPUHardwareErrors(Rule[GPUHardwareErrorsConfig]):
     restart. Critical: page someone to drain the node and reset or replace the GPU.
 
     Source: NVIDIA's XID catalogue and GPU memory error management (row remapping) docs;
-    dcgm-exporter's DCGM_FI_DEV_XID_ERRORS, DCGM_FI_DEV_ECC_DBE_VOL_TOTAL, DCGM_FI_DEV_ROW_REMAP_FAILURE;
-    issue 5.
+    dcgm-exporter's DCGM_FI_DEV_XID_ERRORS, DCGM_FI_DEV_ECC_DBE_VOL_TOTAL, DCGM_FI_DEV_ROW_REMAP_FAILURE.
     """
 
     name: ClassVar[str] = "GPUHardwareErrors"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.RANK
     Config = GPUHardwareErrorsConfig
     advice: ClassVar[str] = (
         "Drain the node and restart the job elsewhere from its last checkpoint. Check `nvidia-smi -q -d "
@@ -48,7 +46,7 @@ class GPUHardwareErrors(Rule[GPUHardwareErrorsConfig]):
         "remap failure or repeated uncorrected errors mean an RMA."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         samples = last_samples(window.gpu, cfg.window_samples)
         if not samples:

@@ -7,12 +7,12 @@ import math
 import operator
 import statistics
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import Field
 
 from healthd.rules._gpu import memory_ratio
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ForSteps, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import JobWindow
 from healthd.wire.schema import GpuReport, Severity
 
@@ -25,8 +25,8 @@ class GPUImbalanceConfig(RuleConfig):
     memory_spread: float = Field(default=0.25, gt=0, le=1,
                                  description="max - min of the ranks' mean memory fraction that warns (0..1)")
     stale_seconds: float = Field(default=120.0, gt=0, description="ranks without a sample for this long are left out")
-    for_steps: int = 3
-    resolve_after_steps: int = 10
+    for_steps: ForSteps = 3
+    resolve_after_steps: ResolveAfterSteps = 10
 
 
 _utilization = operator.attrgetter("utilization_gpu_ratio")
@@ -36,11 +36,12 @@ _total = operator.attrgetter("memory_total_bytes")
 
 def _present(values: list[float | None]) -> list[float]:
     """The values that are not None."""
+    numbers = cast(list[float], values)  # proved below: fsum raises TypeError on a None
     try:
-        math.fsum(values)  # type: ignore[arg-type]
+        math.fsum(numbers)
     except TypeError:  # a None ("None in values" compares every float with None: slower)
         return [v for v in values if v is not None]
-    return values  # type: ignore[return-value]
+    return numbers
 
 
 def _memory_ratios(samples: Sequence[GpuReport]) -> list[float]:
@@ -54,7 +55,7 @@ def _memory_ratios(samples: Sequence[GpuReport]) -> list[float]:
     return [r for r in map(memory_ratio, samples) if r is not None]
 
 
-class GPUImbalance(Rule[GPUImbalanceConfig]):
+class GPUImbalance(Rule[JobWindow, GPUImbalanceConfig]):
     """Across the job's live ranks, mean GPU utilisation (or mean memory fraction) over each rank's last
     ``window_samples`` samples spreads by more than ``utilization_spread`` (25 points) or
     ``memory_spread`` (25 points of the device).
@@ -65,13 +66,13 @@ class GPUImbalance(Rule[GPUImbalanceConfig]):
     each all-reduce. Job-scoped: evaluated on the engine's tick. MIG slices (no utilisation) are
     compared on memory only.
 
-    Source: issue 5 (GPUImbalance); Horovod/DDP straggler guidance. Thresholds: spreads 0.25,
+    Source: NVIDIA nvidia-resiliency-ext (straggler detection); PyTorch's DDP notes (every rank waits for
+    the slowest at each all-reduce). Thresholds: spreads 0.25,
     ``min_samples`` 6 per rank, ``for_steps`` 3 ticks.
     """
 
     name: ClassVar[str] = "GPUImbalance"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.JOB
     Config = GPUImbalanceConfig
     advice: ClassVar[str] = (
         "Compare the ranks named in the alert: balance the data shards (DistributedSampler, drop_last), bucket "
@@ -79,7 +80,7 @@ class GPUImbalance(Rule[GPUImbalanceConfig]):
         "ranks, and check the odd rank's GPU for throttling."
     )
 
-    def evaluate(self, window: JobWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: JobWindow) -> Finding | None:
         cfg = self.config
         util: dict[int, float] = {}
         mem: dict[int, float] = {}

@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, gib, last_samples, step_of
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import GpuReport, Severity
 
@@ -19,7 +19,7 @@ class GPUMemoryLeakConfig(RuleConfig):
     increase_points: float = Field(
         default=5.0, gt=0, le=100, description="rise of the moving average, in percentage points of the device"
     )
-    resolve_after_steps: int = 100
+    resolve_after_steps: ResolveAfterSteps = 100
 
 
 def _allocated_percent(s: GpuReport) -> float | None:
@@ -29,7 +29,7 @@ def _allocated_percent(s: GpuReport) -> float | None:
     return None if used is None else 100.0 * used / s.memory_total_bytes
 
 
-class GPUMemoryLeak(Rule[GPUMemoryLeakConfig]):
+class GPUMemoryLeak(Rule[RankWindow, GPUMemoryLeakConfig]):
     """Allocated GPU memory rises steadily: the mean of every chunk of the window is above the previous
     chunk's, and the last chunk's mean is more than ``increase_points`` (5) percentage points of the
     device above the first chunk's.
@@ -45,7 +45,6 @@ class GPUMemoryLeak(Rule[GPUMemoryLeakConfig]):
 
     name: ClassVar[str] = "GPUMemoryLeak"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = GPUMemoryLeakConfig
     advice: ClassVar[str] = (
         "Look for tensors kept across steps: accumulate `loss.item()` (or `loss.detach()`), not `loss`; "
@@ -53,7 +52,7 @@ class GPUMemoryLeak(Rule[GPUMemoryLeakConfig]):
         "input shape. torch.cuda.memory_snapshot() shows what holds the memory."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         samples = last_samples(window.gpu, cfg.window_samples)
         values = [v for v in map(_allocated_percent, samples) if v is not None]

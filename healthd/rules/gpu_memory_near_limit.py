@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, gib, last_samples, step_of
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
@@ -15,10 +15,10 @@ from healthd.wire.schema import Severity
 class GPUMemoryNearLimitConfig(RuleConfig):
     window_samples: int = Field(default=12, ge=1, description="GPU samples looked at (x gpu_sample_seconds)")
     peak_ratio: float = Field(default=0.95, gt=0, le=1, description="peak used / device total that warns")
-    resolve_after_steps: int = 200
+    resolve_after_steps: ResolveAfterSteps = 200
 
 
-class GPUMemoryNearLimit(Rule[GPUMemoryNearLimitConfig]):
+class GPUMemoryNearLimit(Rule[RankWindow, GPUMemoryNearLimitConfig]):
     """Peak memory on the rank's GPU is above ``peak_ratio`` (95%) of the device: the next bigger batch,
     longer sequence or fragmentation spike is a CUDA out-of-memory error.
 
@@ -26,13 +26,13 @@ class GPUMemoryNearLimit(Rule[GPUMemoryNearLimitConfig]):
     someone act. Peak is the larger of NVML's used memory over the last ``window_samples`` samples and
     torch's ``max_memory_allocated`` (the allocator's high-water mark, which NVML's periodic view misses).
 
-    Source: issue 5 (GPU monitoring); seed checklists on OOM. Threshold: ``peak_ratio`` 0.95 of
-    ``memory_total_bytes`` (the MIG slice's on MIG).
+    Source: PyTorch's CUDA memory management notes (``torch.cuda.max_memory_allocated``); J. Tobin,
+    "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019) on out-of-memory.
+    Threshold: ``peak_ratio`` 0.95 of ``memory_total_bytes`` (the MIG slice's on MIG).
     """
 
     name: ClassVar[str] = "GPUMemoryNearLimit"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = GPUMemoryNearLimitConfig
     advice: ClassVar[str] = (
         "Lower the per-rank batch size (keep the global batch with gradient accumulation), enable activation "
@@ -40,7 +40,7 @@ class GPUMemoryNearLimit(Rule[GPUMemoryNearLimitConfig]):
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to cut fragmentation."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         samples = [s for s in last_samples(window.gpu, self.config.window_samples) if s.memory_total_bytes]
         if not samples:
             return None

@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, step_of
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
@@ -23,10 +23,10 @@ class GPUThrottlingConfig(RuleConfig):
                                 description="fraction of those samples with a reason active that warns")
     reasons: tuple[str, ...] = Field(default=DEFAULT_REASONS, min_length=1,
                                      description="clock event reasons that count (add sw_power_cap to include it)")
-    resolve_after_steps: int = 50
+    resolve_after_steps: ResolveAfterSteps = 50
 
 
-class GPUThrottling(Rule[GPUThrottlingConfig]):
+class GPUThrottling(Rule[RankWindow, GPUThrottlingConfig]):
     """In at least ``min_fraction`` (half) of the last ``window_samples`` samples, NVML reports a thermal
     or power slowdown among the GPU's current clock event reasons.
 
@@ -35,14 +35,13 @@ class GPUThrottling(Rule[GPUThrottlingConfig]):
     rack), hardware slowdown and power brake at the power supply or the board: facility problems the
     training code cannot fix.
 
-    Source: NVML ``nvmlDeviceGetCurrentClocksEventReasons``; dcgm-exporter's DCGM_FI_DEV_CLOCK_THROTTLE_REASONS;
-    issue 5. Thresholds: ``min_fraction`` 0.5 of ``window_samples`` 12; ``reasons`` hw_slowdown,
+    Source: NVML ``nvmlDeviceGetCurrentClocksEventReasons``; dcgm-exporter's DCGM_FI_DEV_CLOCK_THROTTLE_REASONS.
+    Thresholds: ``min_fraction`` 0.5 of ``window_samples`` 12; ``reasons`` hw_slowdown,
     hw_thermal_slowdown, sw_thermal_slowdown, hw_power_brake_slowdown.
     """
 
     name: ClassVar[str] = "GPUThrottling"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = GPUThrottlingConfig
     advice: ClassVar[str] = (
         "Check the node's cooling and power (nvidia-smi -q -d PERFORMANCE,TEMPERATURE,POWER): temperatures, "
@@ -50,7 +49,7 @@ class GPUThrottling(Rule[GPUThrottlingConfig]):
         "the job off the node if it persists."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         samples = last_samples(window.gpu, cfg.window_samples)
         if not samples:

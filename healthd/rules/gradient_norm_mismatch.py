@@ -7,17 +7,26 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Hints,
+    Rule,
+    WindowedConfig,
+    WindowSteps,
+    fmt,
+    median,
+)
 from healthd.state.windows import JobWindow, RankStatus
 from healthd.wire.schema import Severity
 
 
-class GradientNormMismatchConfig(RuleConfig):
-    window_steps: int = Field(default=20, ge=1, description="last steps of each rank whose median is compared")
+class GradientNormMismatchConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=20, description="last steps of each rank whose median is compared")
     min_steps: int = Field(default=5, ge=1, description="steps a rank needs in the window to be judged")
     max_ratio: float = Field(default=10.0, gt=1, description="a rank's median local norm over the others' median "
                                                              "(or its inverse) above this is a finding")
-    for_steps: int = Field(default=3, ge=1, description="consecutive engine ticks with the finding before firing")
+    for_steps: ForSteps = Field(default=3, description="consecutive engine ticks with the finding before firing")
 
 
 def leave_one_out_medians(values: Sequence[float]) -> list[float]:
@@ -45,7 +54,7 @@ def leave_one_out_medians(values: Sequence[float]) -> list[float]:
     return out
 
 
-class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
+class GradientNormMismatch(Rule[JobWindow, GradientNormMismatchConfig]):
     """A rank's local (pre-all-reduce) gradient norm is ``max_ratio`` times above or below the other ranks'.
 
     Why: in data parallelism every rank computes gradients of the same model
@@ -63,7 +72,6 @@ class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
 
     name: ClassVar[str] = "GradientNormMismatch"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.JOB
     Config = GradientNormMismatchConfig
     advice: ClassVar[str] = (
         "Check the data this rank reads: its shard of the sampler (DistributedSampler with the right rank), "
@@ -71,7 +79,7 @@ class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
         "on another."
     )
 
-    summarized: ClassVar[bool] = True
+    hints: ClassVar[Hints] = Hints(summarized=True)
 
     def rank_summary(self, st: RankStatus) -> tuple[float, int | None] | None:
         """The rank's median local gradient norm over its last steps and its last step; None: not judged."""
@@ -80,7 +88,7 @@ class GradientNormMismatch(Rule[GradientNormMismatchConfig]):
         norms = st.values("grad_norm_local", self.config.window_steps)
         return (median(norms), st.last_step) if len(norms) >= self.config.min_steps else None
 
-    def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
+    def evaluate(self, window: JobWindow) -> list[Finding]:
         cfg = self.config
         medians: dict[int, float] = {}
         steps: dict[int, int | None] = {}

@@ -6,21 +6,21 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Rule, WindowedConfig, WindowSteps
 from healthd.state.windows import RankWindow
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
 
 
-class GradientsNotFlowingConfig(RuleConfig):
-    window_steps: int = Field(default=3, ge=1, description="consecutive reported steps a layer must be gradless")
+class GradientsNotFlowingConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=3, description="consecutive reported steps a layer must be gradless")
 
 
 def _gradless(s: StepRecord) -> set[str]:
     return {n for n, ls in s.layers.items() if ls.grad_missing or ls.grad_norm == 0.0}
 
 
-class GradientsNotFlowing(Rule[GradientsNotFlowingConfig]):
+class GradientsNotFlowing(Rule[RankWindow, GradientsNotFlowingConfig]):
     """Layers whose gradient is None or exactly zero for ``window_steps`` consecutive steps while others learn.
 
     Why: a ``.detach()`` (or ``.data``/``.numpy()`` round trip) cuts the graph, a
@@ -28,7 +28,8 @@ class GradientsNotFlowing(Rule[GradientsNotFlowingConfig]):
     those weights never train, yet the loss still falls through the other layers,
     so nothing looks broken.
     Source: "check that gradients flow to every layer" / "frozen layers, .detach()"
-    (seeds 000, 001). Thresholds: ``grad_missing`` or a gradient norm of exactly 0
+    (C. Shao, "Checklist for debugging neural networks", Towards Data Science,
+    2019: "check intermediate outputs and connections"). Thresholds: ``grad_missing`` or a gradient norm of exactly 0
     for ``window_steps`` (3) consecutive steps; at least one other layer must have
     a non-zero gradient (when none has, the optimizer holds parameters the loss
     never reaches: WeightsNotUpdating's finding).
@@ -36,7 +37,6 @@ class GradientsNotFlowing(Rule[GradientsNotFlowingConfig]):
 
     name: ClassVar[str] = "GradientsNotFlowing"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = GradientsNotFlowingConfig
     advice: ClassVar[str] = (
         "Look for .detach(), .data, .item()/.numpy() round trips or torch.no_grad() in forward between the "
@@ -44,7 +44,7 @@ class GradientsNotFlowing(Rule[GradientsNotFlowingConfig]):
         "branch is actually used in the forward pass. If it is frozen on purpose, leave it out of the optimizer."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         steps = [s for s in window.last(cfg.window_steps) if s.layers]
         if len(steps) < cfg.window_steps:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import Finding, Rule, RuleConfig, fmt, median, series
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
@@ -19,15 +19,16 @@ class InitialLossUnexpectedConfig(RuleConfig):
     report_until_step: int = Field(default=200, ge=1, description="stop reporting (resolve) after this step")
 
 
-class InitialLossUnexpected(Rule[InitialLossUnexpectedConfig]):
+class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     """The median of the first ``first_steps`` losses is far from ln(C), the loss of a uniform guess over C classes.
 
     Why: at initialisation a classifier should be unsure; a first loss far above
     ln(C) means a badly scaled output layer or initialisation (overconfident
     wrong guesses), far below means the labels leak into the input or the loss
     is not what you think.
-    Source: Karpathy's recipe, "verify loss @ init: -log(1/n_classes)" (seed 000)
-    and CS231n ("look for correct loss at chance performance", seed 001).
+    Source: A. Karpathy, "A Recipe for Training Neural Networks" (2019): "verify
+    loss @ init", -log(1/n_classes); Stanford CS231n notes "Neural Networks Part
+    3: Learning and Evaluation": "look for correct loss at chance performance".
     Only for cross-entropy-style losses: C comes from ``num_classes=`` or from the
     second dim of the inspected cross_entropy/nll_loss input. Thresholds:
     ratio > ``warn_factor`` (2x) or < 1/2 warns; beyond ``info_factor`` (1.5x)
@@ -36,7 +37,6 @@ class InitialLossUnexpected(Rule[InitialLossUnexpectedConfig]):
 
     name: ClassVar[str] = "InitialLossUnexpected"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = InitialLossUnexpectedConfig
     advice: ClassVar[str] = (
         "Check the output layer's initialisation (small weights, zero or prior-matching bias), that no "
@@ -53,7 +53,7 @@ class InitialLossUnexpected(Rule[InitialLossUnexpectedConfig]):
                     return c.input_shape[1]
         return None
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         s = window.latest
         if s is None or window.new[0].step > cfg.report_until_step:

@@ -6,13 +6,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, Hints, LookbackSteps, Rule, SampledConfig, fmt, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class InputNotNormalizedConfig(RuleConfig):
-    lookback_steps: int = Field(default=100, ge=1, description="steps searched for sampled input statistics")
+class InputNotNormalizedConfig(SampledConfig):
+    lookback_steps: LookbackSteps = Field(default=100, description="steps searched for sampled input statistics")
     samples: int = Field(default=3, ge=1, description="latest samples whose median is judged")
     warn_abs_mean: float = Field(default=2.0, gt=0, description="|mean| (in input units) that warns")
     warn_std: float = Field(default=4.0, gt=1, description="std above which it warns (or below 1/this)")
@@ -20,15 +20,17 @@ class InputNotNormalizedConfig(RuleConfig):
     info_std: float = Field(default=2.0, gt=1, description="std above which (or below 1/this) it informs")
 
 
-class InputNotNormalized(Rule[InputNotNormalizedConfig]):
+class InputNotNormalized(Rule[RankWindow, InputNotNormalizedConfig]):
     """The first floating-point input of the model has a mean far from 0 or a scale far from 1.
 
     Why: unnormalised inputs (raw pixels 0..255, features in different units)
     make the loss surface badly conditioned: the first layer's gradients are
     scaled by the input, the learning rate that suits one feature blows up
     another, and training is slow or unstable.
-    Source: "normalize the inputs" (CS231n, seed 001; "data normalization",
-    seed 004). Statistics come from a sampled forward pre-hook on the root module
+    Source: Stanford CS231n notes "Neural Networks Part 2: Setting up the Data
+    and the Loss" (mean subtraction, normalization); J. Tobin, "Troubleshooting
+    Deep Neural Networks" (Full Stack Deep Learning, 2019): "normalize scale of
+    input data". Statistics come from a sampled forward pre-hook on the root module
     over all elements of the batch; integer inputs (token ids) are not judged.
     Thresholds (median of the latest ``samples``): |mean| > ``warn_abs_mean`` (2)
     or std > ``warn_std`` (4) or < 1/4 warns; > 1 / > 2 / < 1/2 informs (inputs
@@ -37,15 +39,14 @@ class InputNotNormalized(Rule[InputNotNormalizedConfig]):
 
     name: ClassVar[str] = "InputNotNormalized"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("inputs",)
+    hints: ClassVar[Hints] = Hints(reads=("inputs",))
     Config = InputNotNormalizedConfig
     advice: ClassVar[str] = (
         "Standardise inputs (subtract the training set's mean, divide by its std, per feature/channel; "
         "torchvision.transforms.Normalize for images), computed on the training split only."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         sampled = window.latest_where(lambda s: s.inputs is not None, cfg.samples, cfg.lookback_steps)
         if not sampled:

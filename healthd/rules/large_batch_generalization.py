@@ -6,13 +6,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, median
+from healthd.rules.base import Finding, Rule, WindowedConfig, WindowSteps, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class LargeBatchGeneralizationConfig(RuleConfig):
-    window_steps: int = Field(default=5, ge=1, description="steps whose median batch size is judged")
+class LargeBatchGeneralizationConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=5, description="steps whose median batch size is judged")
     warn_fraction: float = Field(default=0.1, gt=0, le=1, description="global batch / data set size that warns")
     info_fraction: float = Field(default=0.05, gt=0, le=1, description="global batch / data set size worth an info")
     noise_scale_warmup_steps: int = Field(
@@ -24,7 +24,7 @@ class LargeBatchGeneralizationConfig(RuleConfig):
         default=0.1, gt=0, lt=1, description="global batch / B_simple below this informs (room for parallelism)")
 
 
-class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
+class LargeBatchGeneralization(Rule[RankWindow, LargeBatchGeneralizationConfig]):
     """Each step's global batch (per-rank batch x world size) is a large fraction of the training set.
 
     Why: large-batch training converges to sharp minima that generalise worse
@@ -50,19 +50,18 @@ class LargeBatchGeneralization(Rule[LargeBatchGeneralizationConfig]):
 
     name: ClassVar[str] = "LargeBatchGeneralization"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LargeBatchGeneralizationConfig
     advice: ClassVar[str] = (
         "Use a smaller batch (or more data); if you need the large batch for throughput, scale the learning "
         "rate with warm-up (Goyal et al. 2017), use LARS/LAMB, and watch the validation gap."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         n = window.meta.dataset_size
         if not n:
             return self._noise_scale(window)
-        sizes = [float(s.batch_size) for s in window.last(cfg.window_steps) if s.batch_size]
+        sizes = [float(b) for b in window.present("batch_size", min(cfg.window_steps, len(window.steps))) if b]
         if not sizes:
             return None
         ws = window.meta.world_size

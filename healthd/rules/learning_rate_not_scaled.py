@@ -7,12 +7,12 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, Rule, WindowedConfig, fmt, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class LearningRateNotScaledConfig(RuleConfig):
+class LearningRateNotScaledConfig(WindowedConfig):
     window_steps: int = Field(default=100, ge=4, description="steps searched for a batch-size change")
     persist_steps: int = Field(default=3, ge=1, description="steps the new batch size must persist "
                                "(a short last batch of an epoch is not a change)")
@@ -20,7 +20,7 @@ class LearningRateNotScaledConfig(RuleConfig):
     tolerance_factor: float = Field(default=1.5, gt=1, description="slack around the sqrt..linear scaling band")
 
 
-class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
+class LearningRateNotScaled(Rule[RankWindow, LearningRateNotScaledConfig]):
     """The global batch changed by ``batch_change_factor`` or more and stayed, but the learning rate did not scale.
 
     Why: the gradient's noise and magnitude per update depend on the batch; after
@@ -36,14 +36,13 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
 
     name: ClassVar[str] = "LearningRateNotScaled"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LearningRateNotScaledConfig
     advice: ClassVar[str] = (
         "Scale the learning rate with the global batch: linearly for SGD (Goyal et al. 2017, with a few epochs "
         "of warm-up), by sqrt(k) for Adam-style optimizers; or keep the global batch fixed when adding workers."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         sizes = [b for b in window.column("batch_size", cfg.window_steps) if b]
         if not sizes or min(sizes) == max(sizes):

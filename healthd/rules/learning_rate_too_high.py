@@ -7,31 +7,41 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    LookbackSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+)
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
 
-class LearningRateTooHighConfig(RuleConfig):
+class LearningRateTooHighConfig(WindowedConfig):
     window_steps: int = Field(default=10, ge=3, description="steps whose median update ratio is judged")
     warn_update_ratio: float = Field(default=0.1, gt=0, description="median ||dw||/||w|| that warns")
     info_update_ratio: float = Field(default=0.02, gt=0, description="median ||dw||/||w|| worth an info")
     lr_jump_factor: float = Field(default=2.0, gt=1, description="LR increase within the window that counts")
     loss_jump_factor: float = Field(default=2.0, gt=1, description="loss increase after the LR jump that counts")
-    for_steps: int = 3
-    lookback_steps: int = Field(default=100, ge=1, description="steps searched for sampled update ratios "
+    for_steps: ForSteps = 3
+    lookback_steps: LookbackSteps = Field(default=100, description="steps searched for sampled update ratios "
                                 "(the client measures them every heavy_every_steps)")
     min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed before judging")
 
 
-class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
+class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
     """Each update moves the weights by a large fraction of their size, or the loss blew up right after an LR increase.
 
     Why: too high a learning rate makes training oscillate or diverge, or
     settle in a poor region; it is the most common hyperparameter mistake.
 
-    Source: CS231n's rule of thumb that ||dw||/||w|| should be around 1e-3
-    (seed 001: "the magnitude of the updates to the parameters should be ~1e-3").
+    Source: the rule of thumb that ||dw||/||w|| should be around 1e-3, Stanford
+    CS231n notes "Neural Networks Part 3: Learning and Evaluation" (ratio of
+    weights:updates), also in C. Shao, "Checklist for debugging neural networks"
+    (Towards Data Science, 2019).
     Adam's early updates are about lr per element, so healthy small models sit
     near 1e-2; the thresholds are set above that: ``warn_update_ratio`` 0.1
     (100x CS231n) warns, ``info_update_ratio`` 0.02 informs. The median over
@@ -41,14 +51,13 @@ class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
 
     name: ClassVar[str] = "LearningRateTooHigh"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LearningRateTooHighConfig
     advice: ClassVar[str] = (
         "Lower the learning rate (try 3-10x lower), add warm-up, or clip gradients. The update-to-weight "
         "ratio should be around 1e-3 (CS231n); Adam at ~1e-3 to 3e-4 is a good default."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         steps = window.last(cfg.window_steps)
         s = steps[-1] if steps else None
@@ -90,16 +99,16 @@ class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
 
     def _loss_after_lr_jump(self, window: RankWindow) -> tuple[float, float, float, float] | None:
         cfg = self.config
-        steps = window.last(2 * cfg.window_steps)
-        if len(steps) < 4:
+        n = min(2 * cfg.window_steps, len(window.steps))  # the kept whole steps, as before the columns
+        lrs, losses = window.column("lr", n), window.column("loss", n)
+        if len(lrs) < 4:
             return None
-        lrs = [s.lr[0] if s.lr else None for s in steps]
-        for i in range(1, len(steps)):
+        for i in range(1, len(lrs)):
             a, b = lrs[i - 1], lrs[i]
             if a is None or b is None or a <= 0 or b / a < cfg.lr_jump_factor:
                 continue
-            before = finite(series(steps[max(0, i - 5):i], "loss"))
-            after = finite(series(steps[i:], "loss"))
+            before = finite(losses[max(0, i - 5):i])
+            after = finite(losses[i:])
             if len(before) < 2 or len(after) < 3:
                 return None
             lb, la = median(before), median(after[-3:])

@@ -6,12 +6,20 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
-from healthd.state.windows import RankWindow, finite
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Hints,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+)
+from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class LearningRateTooLowConfig(RuleConfig):
+class LearningRateTooLowConfig(WindowedConfig):
     window_steps: int = Field(default=50, ge=5, description="steps whose median update ratio is judged")
     min_update_ratio: float = Field(default=1e-5, gt=0, description="median ||dw||/||w|| below which it warns")
     steady_lr_factor: float = Field(
@@ -20,20 +28,22 @@ class LearningRateTooLowConfig(RuleConfig):
     peak_fraction: float = Field(
         default=0.5, gt=0, le=1, description="skip when the LR has decayed below this fraction of its peak"
     )
-    for_steps: int = 10
+    for_steps: ForSteps = 10
     min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed in the window")
     diverged_loss_factor: float = Field(
         default=2.0, gt=1, description="skip when the recent loss is this many times the initial loss (diverged)")
 
 
-class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
+class LearningRateTooLow(Rule[RankWindow, LearningRateTooLowConfig]):
     """Gradients are present but each update is a tiny fraction of the weights.
 
     Why: a learning rate orders of magnitude too low wastes the run: the loss
     creeps down and the job "converges" to a poor result days later.
 
-    Source: CS231n's ||dw||/||w|| ~ 1e-3 (seed 001); "if gradient values are
-    zero, the learning rate might be too small" (seed 000). Threshold:
+    Source: ||dw||/||w|| ~ 1e-3, Stanford CS231n notes "Neural Networks Part 3:
+    Learning and Evaluation"; "if your gradient values are zero, it could mean
+    that the learning rate might be too small", C. Shao, "Checklist for
+    debugging neural networks" (Towards Data Science, 2019). Threshold:
     ``min_update_ratio`` 1e-5 (100x below the rule of thumb), median over
     ``window_steps``. Warm-up and decay phases are skipped: the rule judges only
     while the LR is steady (max/min over the window < ``steady_lr_factor``) and
@@ -46,15 +56,14 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
 
     name: ClassVar[str] = "LearningRateTooLow"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("update_ratio",)
+    hints: ClassVar[Hints] = Hints(reads=("update_ratio",))
     Config = LearningRateTooLowConfig
     advice: ClassVar[str] = (
         "Raise the learning rate (try 3-10x), or run a learning-rate range test. The update-to-weight ratio "
         "should be around 1e-3 (CS231n). Also check that gradients reach every layer."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         # Every test below must pass; the one that fails in a healthy run (the ratio) goes first.
         ratios = window.values("update_ratio", cfg.window_steps)
@@ -75,7 +84,7 @@ class LearningRateTooLow(Rule[LearningRateTooLowConfig]):
         norms = window.values("grad_norm", cfg.window_steps)
         if not norms or median(norms) <= 0:
             return None
-        initial = finite(series(window.initial_steps, "loss"))
+        initial = window.initial_values("loss")
         recent = window.values("loss", 10)
         if initial and recent and median(recent) > cfg.diverged_loss_factor * abs(median(initial)):
             return None

@@ -7,12 +7,20 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+    series,
+)
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
 
-class LossDivergingConfig(RuleConfig):
+class LossDivergingConfig(WindowedConfig):
     window_steps: int = Field(default=200, ge=10, description="steps over which the best loss is taken")
     smooth_steps: int = Field(default=5, ge=1, description="losses per median (denoises minibatch loss)")
     warmup_steps: int = Field(default=5, ge=0, description="first steps never judged")
@@ -20,17 +28,19 @@ class LossDivergingConfig(RuleConfig):
     progress_fraction: float = Field(
         default=0.5, gt=0, description="rise, as a fraction of the progress made from the start, that counts"
     )
-    for_steps: int = 3
+    for_steps: ForSteps = 3
 
 
-class LossDiverging(Rule[LossDivergingConfig]):
+class LossDiverging(Rule[RankWindow, LossDivergingConfig]):
     """The smoothed loss has risen far above the best it reached in the window.
 
     Why: a diverging loss means the optimisation is unstable (learning rate too
     high, bad data, a broken loss); left alone it ends in NaN or a wasted run.
 
-    Source: "error explodes" / "error goes up" in the debugging checklists
-    (seeds 001, 003). Thresholds: the median of the last ``smooth_steps``
+    Source: "error explodes" / "error goes up" in J. Tobin, "Troubleshooting
+    Deep Neural Networks" (Full Stack Deep Learning, 2019); the loss-curve shapes
+    of Stanford CS231n notes "Neural Networks Part 3: Learning and Evaluation".
+    Thresholds: the median of the last ``smooth_steps``
     losses exceeds the best such median by more than ``rise_factor`` x |best|
     AND by more than ``progress_fraction`` of the progress made since the start
     of the window (both must hold, so late-training noise on a tiny loss does
@@ -39,14 +49,13 @@ class LossDiverging(Rule[LossDivergingConfig]):
 
     name: ClassVar[str] = "LossDiverging"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LossDivergingConfig
     advice: ClassVar[str] = (
         "Lower the learning rate, add gradient clipping and warm-up, and check the data pipeline for a "
         "corrupted shard. Verify the loss's sign and that the optimizer minimises it."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
         k = cfg.smooth_steps

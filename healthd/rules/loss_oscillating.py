@@ -6,29 +6,37 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
-from healthd.state.windows import RankWindow, finite
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+)
+from healthd.state.windows import RankWindow
 
 
-class LossOscillatingConfig(RuleConfig):
+class LossOscillatingConfig(WindowedConfig):
     window_steps: int = Field(default=20, ge=6, description="steps whose swings are judged")
     warmup_steps: int = Field(default=5, ge=0, description="first steps never judged")
     swing_ratio: float = Field(default=0.5, gt=0, description="median |step-to-step change| / median loss that counts")
     min_level_fraction: float = Field(
         default=0.25, ge=0, description="only judged while the loss is above this fraction of its initial level"
     )
-    for_steps: int = 3
+    for_steps: ForSteps = 3
 
 
-class LossOscillating(Rule[LossOscillatingConfig]):
+class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     """Step-to-step loss changes are as large as the loss itself, and the window made no net progress.
 
     Why: a loss that jumps by a large fraction of itself every step, without
     trending down, is not learning: the step size overshoots the valley (learning
     rate too high, momentum too high, accumulating gradients) or the batches are
     inconsistent (corrupted or mislabeled shards).
-    Source: "loss oscillating / not decreasing" (seeds 001, 003: LR too high,
-    corrupted data). Thresholds (over the last ``window_steps`` (20)): median
+    Source: "error oscillates: learning rate too high, corrupted data", J. Tobin,
+    "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019).
+    Thresholds (over the last ``window_steps`` (20)): median
     |L_t - L_{t-1}| > ``swing_ratio`` (0.5) x median L; the median of the last 5
     losses is not lower than the first 5's by more than one median swing; and
     the loss is still above ``min_level_fraction`` (1/4) of its initial level,
@@ -36,14 +44,13 @@ class LossOscillating(Rule[LossOscillatingConfig]):
     """
 
     name: ClassVar[str] = "LossOscillating"
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LossOscillatingConfig
     advice: ClassVar[str] = (
         "Lower the learning rate (3-10x) or the momentum, clip gradients, check that zero_grad() runs every "
         "step, and look for corrupted or shuffled-label batches (log the loss per batch/shard)."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
         if len(losses) < cfg.window_steps or min(losses) < 0:
@@ -55,7 +62,7 @@ class LossOscillating(Rule[LossOscillatingConfig]):
         progress = median(losses[:5]) - median(losses[-5:])
         if progress > swing:
             return None
-        initial = finite(series(window.initial_steps[:5], "loss"))
+        initial = window.initial_values("loss", 5)
         if initial and level < cfg.min_level_fraction * median(initial):
             return None
         s = window.steps[-1]

@@ -7,12 +7,19 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
-from healthd.state.windows import RankWindow, finite
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+)
+from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class LossPlateauConfig(RuleConfig):
+class LossPlateauConfig(WindowedConfig):
     window_steps: int = Field(default=30, ge=10, description="steps over which progress is judged")
     edge_steps: int = Field(default=10, ge=2, description="losses per median at each end of the window")
     noise_multiple: float = Field(default=1.0, gt=0, description="progress below this many standard errors counts")
@@ -21,17 +28,20 @@ class LossPlateauConfig(RuleConfig):
     stuck_fraction: float = Field(
         default=0.8, gt=0, description="warn only while the loss is above this fraction of its initial level"
     )
-    for_steps: int = 3
+    for_steps: ForSteps = 3
 
 
-class LossPlateau(Rule[LossPlateauConfig]):
+class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     """Over ``window_steps`` the loss fell by less than its own noise; a warning when it never left its start.
 
     Why: a flat loss means nothing is being learned: learning rate too low,
     gradients not reaching the weights, too much regularisation, or labels that
     carry no signal (corrupted/shuffled). A plateau late in training is usually
     convergence, so that case is only an ``info``.
-    Source: "loss not decreasing / plateau" (seeds 001, 003, 004). Thresholds:
+    Source: "error plateaus: learning rate too low, gradients not flowing
+    through the whole model, too much regularization, incorrect input to loss,
+    data or label error", J. Tobin, "Troubleshooting Deep Neural Networks" (Full
+    Stack Deep Learning, 2019). Thresholds:
     median of the first ``edge_steps`` (10) losses of the window minus the
     median of the last 10 is below ``noise_multiple`` (1) x the standard error
     of that difference (from the window's median |step-to-step change|); warning
@@ -41,7 +51,6 @@ class LossPlateau(Rule[LossPlateauConfig]):
 
     name: ClassVar[str] = "LossPlateau"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LossPlateauConfig
     advice: ClassVar[str] = (
         "Check the learning rate (range test), that gradients reach every layer, the regularisation strength "
@@ -49,7 +58,7 @@ class LossPlateau(Rule[LossPlateauConfig]):
         "or the model is broken). If the run has converged, stop it or decay the learning rate."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         losses = window.values("loss", cfg.window_steps)
         if len(losses) < cfg.window_steps:
@@ -63,7 +72,7 @@ class LossPlateau(Rule[LossPlateauConfig]):
         progress = head - tail
         if progress >= cfg.noise_multiple * stderr and progress > 1e-12 * abs(head):
             return None
-        initial = finite(series(window.initial_steps[:k], "loss"))
+        initial = window.initial_values("loss", k)
         start = median(initial) if initial else head
         if start > 0 and tail > cfg.diverged_loss_factor * start:
             return None  # flat far above where it started: a blown-up run, LossDiverging's finding

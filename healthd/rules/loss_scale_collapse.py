@@ -6,12 +6,12 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.rules.base import Finding, Hints, Rule, WindowedConfig, fmt
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class LossScaleCollapseConfig(RuleConfig):
+class LossScaleCollapseConfig(WindowedConfig):
     window_steps: int = Field(default=50, ge=2, description="steps looked at")
     max_consecutive_skipped: int = Field(default=5, ge=1, description="skipped steps in a row that count")
     max_skipped_fraction: float = Field(default=0.25, gt=0, le=1,
@@ -19,7 +19,7 @@ class LossScaleCollapseConfig(RuleConfig):
     min_loss_scale: float = Field(default=1.0, gt=0, description="a scale at or below this (and falling) counts")
 
 
-class LossScaleCollapse(Rule[LossScaleCollapseConfig]):
+class LossScaleCollapse(Rule[RankWindow, LossScaleCollapseConfig]):
     """AMP's dynamic loss scale collapses: overflow after overflow, steps skipped again and again.
 
     Why: ``torch.amp.GradScaler`` halves the scale and skips the optimizer
@@ -37,8 +37,7 @@ class LossScaleCollapse(Rule[LossScaleCollapseConfig]):
 
     name: ClassVar[str] = "LossScaleCollapse"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("step_skipped", "loss_scale")
+    hints: ClassVar[Hints] = Hints(reads=("step_skipped", "loss_scale"))
     Config = LossScaleCollapseConfig
     advice: ClassVar[str] = (
         "Find where the values overflow: run a few steps in fp32 or bf16, check for NaN/Inf in the loss and "
@@ -46,7 +45,7 @@ class LossScaleCollapse(Rule[LossScaleCollapseConfig]):
         "and keep softmax / losses in fp32 (autocast does this for its own ops)."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         steps = window.last(cfg.window_steps)
         skipped = [bool(s.step_skipped) for s in steps if s.step_skipped is not None]
@@ -58,7 +57,7 @@ class LossScaleCollapse(Rule[LossScaleCollapseConfig]):
                 break
             run += 1
         fraction = sum(skipped) / len(skipped) if skipped else 0.0
-        scales = [s.loss_scale for s in steps if s.loss_scale is not None]
+        scales = window.present("loss_scale", len(steps))
         latest = scales[-1] if scales else None
         falling = len(scales) >= 2 and scales[-1] < max(scales)
         reasons = []

@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, memory_ratio, percentile, step_of
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ForSteps, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import GpuReport, Severity
 
@@ -20,8 +20,8 @@ class LowGPUUtilizationConfig(RuleConfig):
         default=0.5, gt=0, le=1,
         description="peak memory under this fraction is SmallBatchUnderutilization's case, not this rule's",
     )
-    for_steps: int = 10
-    resolve_after_steps: int = 50
+    for_steps: ForSteps = 10
+    resolve_after_steps: ResolveAfterSteps = 50
 
 
 def utilization_p95(samples: list[GpuReport]) -> tuple[float, int]:
@@ -35,7 +35,7 @@ def peak_memory_ratio(samples: list[GpuReport]) -> float | None:
     return max(ratios) if ratios else None
 
 
-class LowGPUUtilization(Rule[LowGPUUtilizationConfig]):
+class LowGPUUtilization(Rule[RankWindow, LowGPUUtilizationConfig]):
     """The 95th percentile of GPU utilisation over the last ``window_samples`` samples is below
     ``p95_below_ratio`` (70%) while the job is stepping: even the busiest moments leave the GPU idle.
 
@@ -46,13 +46,12 @@ class LowGPUUtilization(Rule[LowGPUUtilizationConfig]):
     SmallBatchUnderutilization fires instead of this rule. MIG slices report no utilisation and are
     never judged.
 
-    Source: SageMaker Debugger's LowGPUUtilization (p95 below 70%); issue 5. Thresholds:
+    Source: SageMaker Debugger's LowGPUUtilization (p95 below 70%). Thresholds:
     ``p95_below_ratio`` 0.70, ``window_samples`` 24, ``min_samples`` 12, ``for_steps`` 10.
     """
 
     name: ClassVar[str] = "LowGPUUtilization"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = LowGPUUtilizationConfig
     advice: ClassVar[str] = (
         "Profile one step (torch.profiler) to see what the GPU waits on. Usual fixes: more DataLoader workers, "
@@ -60,7 +59,7 @@ class LowGPUUtilization(Rule[LowGPUUtilizationConfig]):
         ".item()/.cpu() calls from the step, overlap communication (DDP bucket size)."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         if window.latest is None:
             return None

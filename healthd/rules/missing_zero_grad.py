@@ -6,23 +6,26 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Hints, Rule, WindowedConfig, WindowSteps
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class MissingZeroGradConfig(RuleConfig):
-    window_steps: int = Field(default=3, ge=1, description="consecutive measured steps with stale gradients")
+class MissingZeroGradConfig(WindowedConfig):
+    window_steps: WindowSteps = Field(default=3, description="consecutive measured steps with stale gradients")
 
 
-class MissingZeroGrad(Rule[MissingZeroGradConfig]):
+class MissingZeroGrad(Rule[RankWindow, MissingZeroGradConfig]):
     """Gradients left over from the previous optimizer step were still there when the next backward began.
 
     Why: without ``optimizer.zero_grad()`` every backward adds to the old
     gradients, so the update is a running sum of all past gradients: the
     effective learning rate grows step after step and training oscillates or
     diverges while the code looks right.
-    Source: "forgot to zero the gradients" (seeds 000, 003). The client checks,
+    Source: "forgot to .zero_grad() (in pytorch) before .backward()", A.
+    Karpathy's list of common neural net mistakes as quoted in J. Tobin,
+    "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019).
+    The client checks,
     at the first backward after each optimizer step (a gradient hook fires before
     accumulation), whether a gradient is already present and non-zero; that is
     exactly the case intended accumulation never produces, since it zeroes after
@@ -33,15 +36,14 @@ class MissingZeroGrad(Rule[MissingZeroGradConfig]):
 
     name: ClassVar[str] = "MissingZeroGrad"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("grads_stale_at_backward",)
+    hints: ClassVar[Hints] = Hints(reads=("grads_stale_at_backward",))
     Config = MissingZeroGradConfig
     advice: ClassVar[str] = (
         "Call optimizer.zero_grad(set_to_none=True) once per optimizer step (before backward, or right after "
         "optimizer.step()). For gradient accumulation, zero after the optimizer step, never between micro-batches."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         recent = window.latest_where(lambda s: s.grads_stale_at_backward is not None, cfg.window_steps,
                                      4 * cfg.window_steps)

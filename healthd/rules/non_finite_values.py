@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig, fmt
 from healthd.state.windows import RankWindow
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
@@ -20,19 +20,20 @@ def nonfinite_parts(s: StepRecord) -> tuple[bool, bool, bool]:
 
 
 class NonFiniteValuesConfig(RuleConfig):
-    resolve_after_steps: int = 50
+    resolve_after_steps: ResolveAfterSteps = 50
 
 
-class NonFiniteValues(Rule[NonFiniteValuesConfig]):
+class NonFiniteValues(Rule[RankWindow, NonFiniteValuesConfig]):
     """NaN or Inf appeared in the loss, the gradients or the parameters.
 
     Why: one NaN poisons every parameter it touches through the optimizer; a run
     that keeps stepping after it burns GPU hours for nothing. Fires at the step
     it appears (``for_steps=1``).
 
-    Source: "Numerical instability - inf/NaN, often stems from using an exp, log
-    or div operation" (DNN troubleshooting, seed 004); "outputs were all NaN by the
-    second iteration" (seed 003).
+    Source: "numerical instability - inf/NaN", often from an exp, log or div
+    operation, J. Tobin, "Troubleshooting Deep Neural Networks" (Full Stack Deep
+    Learning, 2019); Goodfellow, Bengio & Courville, "Deep Learning" (MIT Press,
+    2016), 4.1 "Overflow and Underflow".
 
     A step that mixed precision skipped (``step_skipped``) with non-finite
     gradients only is the GradScaler doing its job, not a finding; repeated skips
@@ -41,7 +42,6 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
 
     name: ClassVar[str] = "NonFiniteValues"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.RANK
     Config = NonFiniteValuesConfig
     advice: ClassVar[str] = (
         "Lower the learning rate, add gradient clipping, and look for exp/log/div on unguarded values "
@@ -49,7 +49,7 @@ class NonFiniteValues(Rule[NonFiniteValuesConfig]):
         "or switch to bf16. Restart from the last checkpoint before the step shown."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         for s in window.new:  # the first poisoned step among those that just arrived: the onset
             loss_bad, grads_bad, params_bad = nonfinite_parts(s)
             if s.step_skipped and grads_bad and not (loss_bad or params_bad):

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, Rule, RuleConfig, fmt, median
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import EvalReport, Severity
 
@@ -19,14 +19,15 @@ class OverfittingConfig(RuleConfig):
                              "its training loss")
 
 
-class Overfitting(Rule[OverfittingConfig]):
+class Overfitting(Rule[RankWindow, OverfittingConfig]):
     """Validation loss rose above its best while the training loss kept falling, and the gap exceeds ``gap_ratio``.
 
     Why: the model is memorising the training set instead of generalising
     (variance dominates the bias-variance trade-off); every further step makes
     the deployed model worse.
-    Source: seed 004 (bias-variance, "training error low, validation error
-    high: more data, regularisation, early stopping"); SageMaker Debugger's
+    Source: the bias-variance decomposition in J. Tobin, "Troubleshooting Deep
+    Neural Networks" (Full Stack Deep Learning, 2019) ("add data or regularize
+    if overfit"); SageMaker Debugger's
     Overfit ((val - train)/train > 0.1). That ratio alone flags most healthy runs
     (val loss is nearly always above train loss), so the warning also needs the
     validation loss to have risen ``rise_fraction`` (10%) above its best in the
@@ -36,7 +37,6 @@ class Overfitting(Rule[OverfittingConfig]):
 
     name: ClassVar[str] = "Overfitting"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = OverfittingConfig
     advice: ClassVar[str] = (
         "Stop early (keep the checkpoint with the best validation loss), add regularisation (weight decay, "
@@ -49,7 +49,7 @@ class Overfitting(Rule[OverfittingConfig]):
         losses = finite(upto[-self.config.train_steps:])
         return median(losses) if losses else None
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         evals = [e for e in window.evals if e.loss is not None]
         if len(evals) < cfg.min_evals:

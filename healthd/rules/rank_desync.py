@@ -8,11 +8,11 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from operator import is_not
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig
 from healthd.state.windows import JobWindow
 from healthd.wire.schema import Severity
 
@@ -20,7 +20,7 @@ from healthd.wire.schema import Severity
 class RankDesyncConfig(RuleConfig):
     rtol: float = Field(default=1e-6, ge=0, description="relative difference of fingerprints tolerated")
     atol: float = Field(default=0.0, ge=0, description="absolute difference of fingerprints tolerated")
-    resolve_after_steps: int = Field(default=30, ge=1, description="ticks without the finding before resolving")
+    resolve_after_steps: ResolveAfterSteps = Field(default=30, description="ticks without the finding before resolving")
 
 
 def _close(a: float, b: float, rtol: float, atol: float) -> bool:
@@ -127,7 +127,7 @@ def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float
             at_top[rank] = pos
         if len(at_top) >= 2:
             values = {r: columns[r][1][-1 - pos] for r, pos in sorted(at_top.items())}
-            return int(-top), values  # type: ignore[return-value]  # fingerprinted: not None
+            return int(-top), cast(dict[int, float], values)  # fingerprinted positions: never None
         # One rank alone at this step (it is ahead of the others): go on with its older fingerprints.
         ((rank, pos),) = at_top.items()
         steps, fps = columns[rank]
@@ -139,7 +139,7 @@ def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float
     return None
 
 
-class RankDesync(Rule[RankDesyncConfig]):
+class RankDesync(Rule[JobWindow, RankDesyncConfig]):
     """Ranks' parameter fingerprints differ at the same step.
 
     Why: data parallelism assumes every replica holds the same weights after
@@ -163,7 +163,6 @@ class RankDesync(Rule[RankDesyncConfig]):
 
     name: ClassVar[str] = "RankDesync"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.JOB
     Config = RankDesyncConfig
     advice: ClassVar[str] = (
         "Replicas diverged. Look for code that runs on some ranks only (if rank == 0 around optimizer, clipping, "
@@ -171,7 +170,7 @@ class RankDesync(Rule[RankDesyncConfig]):
         "in DDP; compare state_dicts of two ranks at the reported step."
     )
 
-    def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
+    def evaluate(self, window: JobWindow) -> list[Finding]:
         cfg = self.config
         shared = _latest_shared_fingerprints(window)
         if shared is None:

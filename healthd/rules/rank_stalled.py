@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.rules.base import Finding, ForSteps, ResolveAfterSteps, Rule, RuleConfig, fmt
 from healthd.state.windows import JobWindow, RankStatus
 from healthd.wire.schema import Severity
 
@@ -16,8 +16,8 @@ class StallConfig(RuleConfig):
     heartbeat_timeout_seconds: float = Field(
         default=30.0, gt=0, description="a rank with no heartbeat for this long is treated as gone, not hung"
     )
-    for_steps: int = Field(default=1, ge=1, description="consecutive engine ticks with the finding before firing")
-    resolve_after_steps: int = Field(default=3, ge=1, description="ticks without the finding before resolving")
+    for_steps: ForSteps = Field(default=1, description="consecutive engine ticks with the finding before firing")
+    resolve_after_steps: ResolveAfterSteps = Field(default=3, description="ticks without the finding before resolving")
 
 
 def stalled_for(st: RankStatus, now: float) -> float | None:
@@ -31,7 +31,7 @@ def heartbeat_alive(st: RankStatus, now: float, timeout: float) -> bool:
     return st.last_heartbeat_time is not None and now - st.last_heartbeat_time <= timeout
 
 
-class RankStalled(Rule[StallConfig]):
+class RankStalled(Rule[JobWindow, StallConfig]):
     """A rank made no optimizer step for ``stall_seconds`` although it did not close.
 
     Why: a hung collective (a NCCL/gloo all-reduce waiting for a rank that
@@ -52,7 +52,6 @@ class RankStalled(Rule[StallConfig]):
 
     name: ClassVar[str] = "RankStalled"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.JOB
     Config = StallConfig
     advice: ClassVar[str] = (
         "If heartbeats continue the process is alive but stuck: dump its stacks (py-spy dump --pid, "
@@ -60,7 +59,7 @@ class RankStalled(Rule[StallConfig]):
         "If heartbeats stopped, the worker died or lost its network: check the node and the launcher's logs."
     )
 
-    def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
+    def evaluate(self, window: JobWindow) -> list[Finding]:
         cfg = self.config
         out = []
         for rank, st in sorted(window.ranks.items()):

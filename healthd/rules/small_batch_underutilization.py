@@ -7,7 +7,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules._gpu import device_label, last_samples, step_of
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, ForSteps, ResolveAfterSteps, Rule, RuleConfig
 from healthd.rules.low_gpu_utilization import peak_memory_ratio, utilization_p95
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
@@ -18,11 +18,11 @@ class SmallBatchUnderutilizationConfig(RuleConfig):
     min_samples: int = Field(default=12, ge=2, description="samples with a utilisation reading needed")
     p95_below_ratio: float = Field(default=0.70, gt=0, le=1, description="p95 utilisation under this")
     low_memory_ratio: float = Field(default=0.5, gt=0, le=1, description="and peak memory under this fraction")
-    for_steps: int = 10
-    resolve_after_steps: int = 50
+    for_steps: ForSteps = 10
+    resolve_after_steps: ResolveAfterSteps = 50
 
 
-class SmallBatchUnderutilization(Rule[SmallBatchUnderutilizationConfig]):
+class SmallBatchUnderutilization(Rule[RankWindow, SmallBatchUnderutilizationConfig]):
     """GPU utilisation p95 is below ``p95_below_ratio`` (70%) AND peak device memory is below
     ``low_memory_ratio`` (50%) over the last ``window_samples`` samples.
 
@@ -31,13 +31,12 @@ class SmallBatchUnderutilization(Rule[SmallBatchUnderutilizationConfig]):
     with warm-up) uses the hardware it pays for. Takes precedence over LowGPUUtilization, which stays
     quiet in this case.
 
-    Source: SageMaker Debugger's BatchSize rule (low CPU/GPU utilisation p95 with low memory);
-    issue 5. Thresholds: ``p95_below_ratio`` 0.70, ``low_memory_ratio`` 0.5, ``for_steps`` 10.
+    Source: SageMaker Debugger's BatchSize rule (low CPU/GPU utilisation p95 with low memory).
+    Thresholds: ``p95_below_ratio`` 0.70, ``low_memory_ratio`` 0.5, ``for_steps`` 10.
     """
 
     name: ClassVar[str] = "SmallBatchUnderutilization"
     severity: ClassVar[Severity] = Severity.INFO
-    scope: ClassVar[Scope] = Scope.RANK
     Config = SmallBatchUnderutilizationConfig
     advice: ClassVar[str] = (
         "Increase the per-rank batch size until memory is ~80% used (scale the learning rate with it and "
@@ -45,7 +44,7 @@ class SmallBatchUnderutilization(Rule[SmallBatchUnderutilizationConfig]):
         "small, CUDA graphs or torch.compile cut per-kernel launch overhead."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         if window.latest is None:
             return None

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Hints, LookbackSteps, Rule, SampledConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.records import LossInputRecord
 from healthd.wire.schema import Severity
@@ -16,8 +16,8 @@ _LOG_PROB_LOSSES = ("nll_loss",)
 _BINARY_LOGIT_LOSSES = ("binary_cross_entropy_with_logits",)
 
 
-class SoftmaxBeforeLossConfig(RuleConfig):
-    lookback_steps: int = Field(default=50, ge=1, description="how far back the last inspected loss call may be")
+class SoftmaxBeforeLossConfig(SampledConfig):
+    lookback_steps: LookbackSteps = Field(default=50, description="how far back the last inspected loss call may be")
 
 
 def _problem(c: LossInputRecord) -> tuple[str, Severity] | None:
@@ -41,15 +41,17 @@ def _problem(c: LossInputRecord) -> tuple[str, Severity] | None:
     return None
 
 
-class SoftmaxBeforeLoss(Rule[SoftmaxBeforeLossConfig]):
+class SoftmaxBeforeLoss(Rule[RankWindow, SoftmaxBeforeLossConfig]):
     """A loss that expects logits got probabilities, or ``nll_loss`` got something other than log-probabilities.
 
     Why: ``cross_entropy`` applies log_softmax itself; given probabilities it
     computes a squashed loss whose gradients are tiny and badly scaled, so the
     model learns slowly or not at all, with no error. ``nll_loss`` on raw
     probabilities or logits is simply a different (wrong) objective.
-    Source: "softmax before CrossEntropyLoss", "softmax over the wrong dimension"
-    (seeds 000, 003). The client inspects the inputs of sampled loss calls
+    Source: "passed softmaxed outputs to a loss that expects raw logits", A.
+    Karpathy's list of common neural net mistakes, and "softmax taken over wrong
+    dimension", both in J. Tobin, "Troubleshooting Deep Neural Networks" (Full
+    Stack Deep Learning, 2019). The client inspects the inputs of sampled loss calls
     (loss modules and the functional API through a TorchFunctionMode).
     Thresholds: cross_entropy input rows summing to 1 (|sum - 1| < 1e-3) or all
     values >= 0 (a batch of real logits is never all non-negative); nll_loss
@@ -60,8 +62,7 @@ class SoftmaxBeforeLoss(Rule[SoftmaxBeforeLossConfig]):
 
     name: ClassVar[str] = "SoftmaxBeforeLoss"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("loss_inputs",)
+    hints: ClassVar[Hints] = Hints(reads=("loss_inputs",))
     Config = SoftmaxBeforeLossConfig
     advice: ClassVar[str] = (
         "Pass raw logits to cross_entropy / CrossEntropyLoss / BCEWithLogitsLoss (remove the softmax/sigmoid); "
@@ -69,7 +70,7 @@ class SoftmaxBeforeLoss(Rule[SoftmaxBeforeLossConfig]):
         "separately for metrics."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         s = next((s for s in reversed(window.last(self.config.lookback_steps)) if s.loss_inputs), None)
         if s is None:
             return None

@@ -5,22 +5,31 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    Hints,
+    ResolveAfterSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+    median,
+)
 from healthd.state.windows import JobWindow, RankStatus, finite
 from healthd.wire.schema import Severity
 
 
-class StragglerRankConfig(RuleConfig):
+class StragglerRankConfig(WindowedConfig):
     window_steps: int = Field(default=20, ge=3, description="last steps of each rank whose median is compared")
     min_steps: int = Field(default=5, ge=2, description="steps a rank needs in the window to be judged")
     min_score: float = Field(default=0.75, gt=0, lt=1,
                              description="straggler below this score (fastest median / this rank's median)")
-    for_steps: int = Field(default=3, ge=1, description="consecutive engine ticks with the finding before firing")
-    resolve_after_steps: int = Field(default=10, ge=1, description="ticks without the finding before resolving")
+    for_steps: ForSteps = Field(default=3, description="consecutive engine ticks with the finding before firing")
+    resolve_after_steps: ResolveAfterSteps = Field(default=10, description="ticks without the finding before resolving")
 
 
 def work_seconds(step_seconds: float | None, comm_seconds: float | None) -> float | None:
@@ -41,7 +50,8 @@ def _work_times(step_seconds: list[float | None], comm_seconds: list[float | Non
     if not comm_seconds or (comm_seconds[0] is None and comm_seconds.count(None) == len(comm_seconds)):
         return finite(step_seconds)  # no DDP comm hook: the work is the step time
     try:
-        work = list(map(operator.sub, step_seconds, comm_seconds))  # type: ignore[arg-type]
+        # A None raises TypeError (handled below): past this line both are all numbers.
+        work = list(map(operator.sub, cast(list[float], step_seconds), cast(list[float], comm_seconds)))
     except TypeError:  # a None among them ("x in list" compares every float with None: slower)
         return finite([work_seconds(s, c) for s, c in zip(step_seconds, comm_seconds, strict=True)])
     if math.isfinite(sum(work)) and min(work) > 0:  # all finite and positive: max(0.0, w) is w
@@ -49,7 +59,7 @@ def _work_times(step_seconds: list[float | None], comm_seconds: list[float | Non
     return finite(list(map(max, itertools.repeat(0.0), work)))
 
 
-class StragglerRank(Rule[StragglerRankConfig]):
+class StragglerRank(Rule[JobWindow, StragglerRankConfig]):
     """A rank whose median step work time is well above the fastest rank's.
 
     Why: synchronous data parallelism runs at the pace of its slowest rank. A
@@ -68,7 +78,6 @@ class StragglerRank(Rule[StragglerRankConfig]):
 
     name: ClassVar[str] = "StragglerRank"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.JOB
     Config = StragglerRankConfig
     advice: ClassVar[str] = (
         "Look at this rank's node: GPU clocks and throttling (trainhealth GPU panels, nvidia-smi -q -d PERFORMANCE), "
@@ -76,7 +85,7 @@ class StragglerRank(Rule[StragglerRankConfig]):
         "node if it is degraded; every other rank waits for this one at each all-reduce."
     )
 
-    summarized: ClassVar[bool] = True
+    hints: ClassVar[Hints] = Hints(summarized=True)
 
     def rank_summary(self, st: RankStatus) -> tuple[float, int | None] | None:
         """The rank's median work time over its last steps and its last step; None: not judged."""
@@ -86,7 +95,7 @@ class StragglerRank(Rule[StragglerRankConfig]):
         times = _work_times(st.column("step_seconds", n), st.column("comm_seconds", n))
         return (median(times), st.last_step) if len(times) >= self.config.min_steps else None
 
-    def evaluate(self, window: JobWindow) -> list[Finding]:  # type: ignore[override]
+    def evaluate(self, window: JobWindow) -> list[Finding]:
         cfg = self.config
         medians: dict[int, float] = {}
         last_step: dict[int, int | None] = {}

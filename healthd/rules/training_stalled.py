@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from healthd.rules.base import Finding, Rule, Scope, fmt
+from healthd.rules.base import Finding, Rule, fmt
 from healthd.rules.rank_stalled import StallConfig, heartbeat_alive, stalled_for
 from healthd.state.windows import JobWindow
 from healthd.wire.schema import Severity
 
 
-class TrainingStalled(Rule[StallConfig]):
+class TrainingStalled(Rule[JobWindow, StallConfig]):
     """Every rank that has not closed made no step for ``stall_seconds``.
 
     Why: the whole job stopped progressing (typically a collective waiting
@@ -24,7 +24,6 @@ class TrainingStalled(Rule[StallConfig]):
 
     name: ClassVar[str] = "TrainingStalled"
     severity: ClassVar[Severity] = Severity.CRITICAL
-    scope: ClassVar[Scope] = Scope.JOB
     Config = StallConfig
     advice: ClassVar[str] = (
         "The job is not progressing. Look at RankStalled alerts for the rank furthest behind, dump stacks of "
@@ -32,7 +31,7 @@ class TrainingStalled(Rule[StallConfig]):
         "(init_process_group(timeout=...)) so a hang becomes an error."
     )
 
-    def evaluate(self, window: JobWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: JobWindow) -> Finding | None:
         cfg = self.config
         live = {r: st for r, st in window.ranks.items() if not st.closed}
         if not live:

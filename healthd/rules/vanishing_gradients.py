@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, ForSteps, Rule, WindowedConfig, fmt, median
 from healthd.state.windows import RankWindow
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
@@ -17,7 +17,7 @@ from healthd.wire.schema import Severity
 _SPARSE_GRAD_TYPES = ("Embedding", "EmbeddingBag")
 
 
-class VanishingGradientsConfig(RuleConfig):
+class VanishingGradientsConfig(WindowedConfig):
     window_steps: int = Field(default=50, ge=5, description="steps whose median is judged")
     min_history_steps: int = Field(default=20, ge=3, description="steps needed before judging")
     min_grad_rms: float = Field(
@@ -26,10 +26,10 @@ class VanishingGradientsConfig(RuleConfig):
     min_first_last_ratio: float = Field(
         default=1e-3, gt=0, description="RMS(first layer grad) / RMS(last layer grad) below which it vanishes"
     )
-    for_steps: int = 10
+    for_steps: ForSteps = 10
 
 
-class VanishingGradients(Rule[VanishingGradientsConfig]):
+class VanishingGradients(Rule[RankWindow, VanishingGradientsConfig]):
     """Gradients have vanished overall, or shrink by orders of magnitude towards the input.
 
     Why: layers whose gradients vanish stop learning; the loss plateaus while the
@@ -45,7 +45,6 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
 
     name: ClassVar[str] = "VanishingGradients"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = VanishingGradientsConfig
     advice: ClassVar[str] = (
         "Use ReLU-family activations instead of sigmoid/tanh in deep stacks, He/Xavier initialisation, "
@@ -53,7 +52,7 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
         "tiny and that no .detach() cuts the graph."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         norms = window.values("grad_norm", cfg.window_steps)
         if len(norms) < cfg.min_history_steps:

@@ -6,22 +6,30 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt
+from healthd.rules.base import (
+    Finding,
+    ForSteps,
+    LookbackSteps,
+    Rule,
+    WindowedConfig,
+    fmt,
+)
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
 
-class WeightsNotUpdatingConfig(RuleConfig):
-    window_steps: int = Field(default=3, ge=2, description="consecutive measured steps with no update before it counts")
-    lookback_steps: int = Field(default=100, ge=1, description="steps searched for measured update ratios "
+class WeightsNotUpdatingConfig(WindowedConfig):
+    window_steps: int = Field(default=3, ge=2,
+                                      description="consecutive measured steps with no update before it counts")
+    lookback_steps: LookbackSteps = Field(default=100, description="steps searched for measured update ratios "
                                 "(the client samples them every heavy_every_steps)")
     no_grad_steps: int = Field(default=3, ge=1, description="consecutive steps in which no layer of the "
                                "optimizer got a gradient before it counts")
     zero_update_ratio: float = Field(default=1e-12, ge=0, description="update ratio treated as no update")
-    for_steps: int = 1
+    for_steps: ForSteps = 1
 
 
-class WeightsNotUpdating(Rule[WeightsNotUpdatingConfig]):
+class WeightsNotUpdating(Rule[RankWindow, WeightsNotUpdatingConfig]):
     """Layers with a non-zero gradient whose weights stay exactly the same, step after step.
 
     Why: the optimizer was built over other parameters (a re-created model, a
@@ -29,21 +37,21 @@ class WeightsNotUpdating(Rule[WeightsNotUpdatingConfig]):
     The loss may still move (other layers learn), so nothing looks broken.
 
     Source: "Weight updates not being applied" and "incorrect expression for
-    gradient updates" (seed 000/001). Fires when, for ``window_steps``
+    gradient updates", C. Shao, "Checklist for debugging neural networks"
+    (Towards Data Science, 2019). Fires when, for ``window_steps``
     consecutive steps, a layer's gradient norm is > 0 and its update ratio is at
     most ``zero_update_ratio``. Steps skipped by mixed precision do not count.
     """
 
     name: ClassVar[str] = "WeightsNotUpdating"
     severity: ClassVar[Severity] = Severity.WARNING
-    scope: ClassVar[Scope] = Scope.RANK
     Config = WeightsNotUpdatingConfig
     advice: ClassVar[str] = (
         "Check that the optimizer was built over model.parameters() of the model you train (not a copy or an "
         "earlier instance), that the learning rate is not 0, and that optimizer.step() runs after backward()."
     )
 
-    def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
         orphan = self._no_layer_gets_gradients(window)
         if orphan is not None:

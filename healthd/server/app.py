@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -39,7 +40,7 @@ from healthd.server.routes import count_unauthorized, http_error, read_routes
 from healthd.settings import Settings
 
 
-def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule]] = ALL_RULES,
+def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule[Any, Any]]] = ALL_RULES,
                listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
                hd: Healthd | None = None, gc_policy: ServingGC | None = None) -> Starlette:
     """Build the ASGI app. Nothing is global: two apps never share state, and the process's garbage

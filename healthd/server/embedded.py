@@ -36,7 +36,7 @@ class Embedded:
 
     @property
     def hd(self) -> Healthd:
-        return self.app.state.healthd  # type: ignore[no-any-return]
+        return self.app.state.healthd
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -187,13 +188,13 @@ class Healthd:
             window = yield from self.store.job_window_slices(job.name, self.clock(), per_slice)
             yield
             for rule in rules:
-                if rule.summarized:
+                if rule.hints.summarized:
                     yield from self.engine.summarize_slices(rule, window, per_slice)
                 self.engine.on_tick_rule(rule, window)
                 yield
 
 
-def build(settings: Settings, *, rules: Sequence[type[Rule]] = ALL_RULES,
+def build(settings: Settings, *, rules: Sequence[type[Rule[Any, Any]]] = ALL_RULES,
           listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
           alert_db: AlertDb | None = None) -> Healthd:
     """Assemble a healthd instance without the HTTP layer (used by create_app, tests, the demo).

@@ -19,7 +19,7 @@ transport's own buffer. ``healthd serve``, ``healthd.server.embedded`` and the i
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -144,8 +144,9 @@ class GatheringHttpToolsProtocol(HttpToolsProtocol):
         self._direct_keep_alive = True
         self._direct_version = "1.1"
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(GatheringTransport(transport, self.loop))
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvicorn serves TCP here: the transport is an asyncio.Transport (typeshed types the base method wider).
+        super().connection_made(GatheringTransport(cast(asyncio.Transport, transport), self.loop))
 
     def on_headers_complete(self) -> None:
         d = self._direct

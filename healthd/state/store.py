@@ -321,7 +321,8 @@ class Store:
             while True:
                 next(slices)
         except StopIteration as built:
-            return built.value  # type: ignore[no-any-return]
+            window: JobWindow = built.value  # the generator's return value (StopIteration.value is Any)
+            return window
 
     def job_window_slices(self, job_name: str, now: float, ranks_per_slice: int) -> Generator[None, None, JobWindow]:
         """``job_window``, pausing (yielding) every ``ranks_per_slice`` ranks; returns the window. Each

@@ -4,7 +4,9 @@ The store builds them (``healthd.state.store``); rules read them (``healthd.rule
 the state layer so that the store never imports a rule: data flows store -> window -> rule.
 
 A window's columns (``COLUMNS``) are the store's per-field series; ``column(attr, n)`` is the one way
-to read "the last n steps of a field" (``values`` drops missing and non-finite values).
+to read "the last n steps of a field": ``present`` drops missing values, ``values`` missing and
+non-finite ones, ``initial_values`` reads the run's first steps the same way. Rules use these
+instead of slicing ``steps`` and picking fields themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport
@@ -64,7 +66,8 @@ def column_value(step: StepRecord, attr: str) -> float | None:
     """One step's value of a column (``COLUMNS``)."""
     if attr == "lr":
         return step.lr[0] if step.lr else None
-    return getattr(step, attr)  # type: ignore[no-any-return]
+    value: float | None = getattr(step, attr)
+    return value
 
 
 _LR_AT = COLUMNS.index("lr")
@@ -105,6 +108,10 @@ class _ColumnReader:
         """One scalar field over the last ``n`` steps (all kept steps when None), oldest first."""
         return _tail(self.steps, self.columns, attr, n)
 
+    def present(self, attr: str, n: int | None = None) -> list[float]:
+        """The values of ``column(attr, n)`` that are not None (non-finite ones kept)."""
+        return [v for v in self.column(attr, n) if v is not None]
+
     def values(self, attr: str, n: int | None = None) -> list[float]:
         """The finite values of ``column(attr, n)``."""
         return finite(self.column(attr, n))
@@ -130,6 +137,12 @@ class RankWindow(_ColumnReader):
     new_steps: int = 1
     # The store's per-field series, aligned with ``steps`` (see ``COLUMNS``); empty for hand-built windows.
     columns: Mapping[str, Sequence[float | None]] = field(default_factory=dict)
+
+    def initial_values(self, attr: str, n: int | None = None) -> list[float]:
+        """The finite values of a field over the first ``n`` steps the rank ever reported (all kept
+        initial steps when None), oldest first: the run's starting level, e.g. the initial loss."""
+        first = self.initial_steps if n is None else self.initial_steps[:n]
+        return finite([column_value(s, attr) for s in first])
 
     def values_from_step(self, attr: str, n: int, first_step: int) -> list[float]:
         """The finite values of ``column(attr, n)`` at steps numbered ``first_step`` or later."""
@@ -226,8 +239,11 @@ class JobWindow:
 def finite(values: Sequence[float | None]) -> list[float]:
     """The finite, present values of a series."""
     try:
-        if math.isfinite(sum(values)):  # type: ignore[arg-type]
-            return list(values)  # type: ignore[arg-type]  # the common case, at C speed: nothing to drop
+        # The common case, at C speed: nothing to drop. A None makes sum() raise TypeError, so when it
+        # returns, every value is a number (the cast says what the check proved).
+        numbers = cast(Sequence[float], values)
+        if math.isfinite(sum(numbers)):
+            return list(numbers)
     except TypeError:
         pass  # a None in the series
     return [v for v in values if v is not None and math.isfinite(v)]

@@ -161,8 +161,8 @@ def rules_md(rules: Sequence[type[Rule]] = ALL_RULES) -> str:
     for r in rules:
         parts.append(f"\n## {r.name}\n\n")
         facts = [f"default severity **{r.severity.value}**", f"scope **{r.scope.value}**"]
-        if r.reads:
-            facts.append("reads " + ", ".join(f"`{f}`" for f in r.reads))
+        if r.hints.reads:
+            facts.append("reads " + ", ".join(f"`{f}`" for f in r.hints.reads))
         facts.append(f"source [`{r.__module__}`]({_source_path(r)})")
         parts.append("; ".join(facts) + "\n\n")
         parts.append(_doc(r) + "\n\n")

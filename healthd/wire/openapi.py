@@ -13,14 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode
 
 from healthd.wire.schema import SCHEMA_VERSION, AlertOut, AlertState, IngestResult, ReportBatch
 
 _REF = "#/components/schemas/{model}"
 
 
-def _schema(model: type[BaseModel], schemas: dict[str, Any], mode: str) -> dict[str, str]:
-    doc = model.model_json_schema(ref_template=_REF, mode=mode)  # type: ignore[arg-type]
+def _schema(model: type[BaseModel], schemas: dict[str, Any], mode: JsonSchemaMode) -> dict[str, str]:
+    doc = model.model_json_schema(ref_template=_REF, mode=mode)
     schemas.update(doc.pop("$defs", {}))
     schemas[model.__name__] = doc
     return {"$ref": _REF.format(model=model.__name__)}

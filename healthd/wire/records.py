@@ -22,7 +22,7 @@ has a handful of distinct names. ``NameCheck`` remembers the names that passed (
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 import msgspec
 from msgspec import Meta, Struct
@@ -202,7 +202,7 @@ def decode_steps(body: bytes, names: NameCheck) -> list[StepRecord] | None:
     for r in reports:
         if not (isinstance(r, StepRecord) and names.step_ok(r)):
             return None
-    return reports  # type: ignore[return-value]
+    return cast(list[StepRecord], reports)  # each checked to be a StepRecord above
 
 
 def decode_step(raw: msgspec.Raw | bytes, names: NameCheck) -> StepRecord | None:

@@ -97,7 +97,7 @@ def _record(cls: type[_T]) -> type[_T]:
     server keeps these as ``healthd.wire.records.StepRecord`` (msgspec structs, decoded without building
     these)."""
     return _pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True, ser_json_inf_nan="constants"),
-                               frozen=True, slots=True, kw_only=True)(cls)  # type: ignore[return-value]
+                               frozen=True, slots=True, kw_only=True)(cls)  # type: ignore[return-value]  # pydantic types it as type[PydanticDataclass]
 
 
 class _ReportBase(_Model):

@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import ClassVar
 
 from healthd.engine.alerts import Alert, Engine
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Rule, RuleConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import AlertState, Severity
 from tests.healthd.factories import steps, window
 
 
-class LossAbove(Rule[RuleConfig]):
+class LossAbove(Rule[RankWindow, RuleConfig]):
     """Test rule: fires while the last loss is above 1."""
 
     name: ClassVar[str] = "LossAbove"
-    scope: ClassVar[Scope] = Scope.RANK
+    Config = RuleConfig
     advice: ClassVar[str] = "lower it"
 
-    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, w: RankWindow) -> Finding | None:
         s = w.latest
         if s is None or s.loss is None or s.loss <= 1:
             return None
@@ -83,7 +83,7 @@ def test_buggy_rule_is_contained() -> None:
     class Broken(LossAbove):
         name: ClassVar[str] = "Broken"
 
-        def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+        def evaluate(self, w: RankWindow) -> Finding | None:
             raise RuntimeError("bug")
 
     eng = Engine([Broken(), LossAbove()])

@@ -9,7 +9,7 @@ from typing import ClassVar
 from starlette.testclient import TestClient
 
 from healthd.engine.scheduler import EvaluationQueue
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Rule, RuleConfig
 from healthd.server.app import create_app
 from healthd.server.pipeline import Healthd, build
 from healthd.settings import Settings
@@ -59,14 +59,14 @@ def test_queue_is_oldest_first_and_counts_steps_per_rank() -> None:
     assert q.keys() == [("k", 0)] and len(q) == 1
 
 
-class Seen(Rule[RuleConfig]):
+class Seen(Rule[RankWindow, RuleConfig]):
     """Test rule: records the new steps of each evaluation; finds while the loss is non-finite."""
 
     name: ClassVar[str] = "Seen"
-    scope: ClassVar[Scope] = Scope.RANK
+    Config = RuleConfig
     calls: ClassVar[list[tuple[int, list[int]]]] = []
 
-    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, w: RankWindow) -> Finding | None:
         Seen.calls.append((w.rank, [s.step for s in w.new]))
         bad = [s for s in w.new if s.loss is not None and not math.isfinite(s.loss)]
         if bad:

@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 from typing import ClassVar
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Hints, Rule, RuleConfig
 from healthd.server.pipeline import Healthd, build
 from healthd.settings import Settings
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import AlertState
 
 
-class Seen(Rule[RuleConfig]):
+class Seen(Rule[RankWindow, RuleConfig]):
     """Test rule: records what each evaluation saw; finds while the latest loss is above 1."""
 
     name: ClassVar[str] = "Seen"
-    scope: ClassVar[Scope] = Scope.RANK
+    Config = RuleConfig
     calls: ClassVar[list[tuple[int, list[int]]]] = []
 
-    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, w: RankWindow) -> Finding | None:
         s = w.latest
         assert s is not None
         Seen.calls.append((s.step, [n.step for n in w.new]))
@@ -76,15 +76,15 @@ def test_one_step_per_request_is_evaluated_at_every_step() -> None:
     assert a.state is AlertState.FIRING and a.step == 0  # hits 1, 2, 3: fires at the third step, as before
 
 
-class SampledInputs(Rule[RuleConfig]):
+class SampledInputs(Rule[RankWindow, RuleConfig]):
     """Test rule over a sampled field: finds while the newest sampled input mean is above 1."""
 
     name: ClassVar[str] = "SampledInputs"
-    scope: ClassVar[Scope] = Scope.RANK
-    reads: ClassVar[tuple[str, ...]] = ("inputs",)
+    Config = RuleConfig
+    hints: ClassVar[Hints] = Hints(reads=("inputs",))
     calls: ClassVar[list[int]] = []
 
-    def evaluate(self, w: RankWindow) -> Finding | None:  # type: ignore[override]
+    def evaluate(self, w: RankWindow) -> Finding | None:
         assert w.latest is not None
         SampledInputs.calls.append(w.latest.step)
         sampled = w.latest_where(lambda s: s.inputs is not None, 1, 10)

@@ -7,7 +7,7 @@ import asyncio
 from typing import ClassVar
 
 from healthd.rules import ALL_RULES
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope
+from healthd.rules.base import Finding, Rule, RuleConfig
 from healthd.server.lifecycle import _ticker
 from healthd.server.pipeline import Healthd, build
 from healthd.settings import Settings
@@ -42,7 +42,7 @@ def test_tick_slices_pause_after_expiry_each_window_and_each_rule() -> None:
     for job in ("a", "b", "c"):
         hd.store.apply(step(1, job=job, loss=1.0), now[0])
     rules = hd.engine.job_rules  # a summarized rule pauses once more: after its per-rank summaries
-    assert sum(1 for _ in hd.tick_slices()) == 1 + 3 * (1 + len(rules) + sum(r.summarized for r in rules))
+    assert sum(1 for _ in hd.tick_slices()) == 1 + 3 * (1 + len(rules) + sum(r.hints.summarized for r in rules))
     now[0] += hd.settings.store.job_ttl_seconds + 1
     assert sum(1 for _ in hd.tick_slices()) == 1  # every job expired: nothing left to evaluate
     assert not hd.store.jobs
@@ -51,13 +51,13 @@ def test_tick_slices_pause_after_expiry_each_window_and_each_rule() -> None:
 def test_ticker_lets_other_tasks_run_between_rules() -> None:
     log: list[str] = []
 
-    class First(Rule[RuleConfig]):
+    class First(Rule[JobWindow, RuleConfig]):
         """Test rule: records that it ran."""
 
         name: ClassVar[str] = "First"
-        scope: ClassVar[Scope] = Scope.JOB
+        Config = RuleConfig
 
-        def evaluate(self, window: JobWindow) -> Finding | None:  # type: ignore[override]
+        def evaluate(self, window: JobWindow) -> Finding | None:
             log.append(self.name)
             return None
 

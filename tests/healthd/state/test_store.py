@@ -147,3 +147,24 @@ def test_a_run_of_steps_is_folded_as_its_steps_one_at_a_time() -> None:
             finite = [v for s in steps if s.rank == rank and (v := getattr(s, key)) is not None and math.isfinite(v)]
             assert st.signal_counts[key] == len(finite) and st.signal_sums[key] == sum(finite, 0.0), key
             assert (st.extremes[key].max(142.0), st.extremes[key].min(142.0)) == (max(finite), min(finite)), key
+
+
+def test_window_readers_equal_the_comprehensions_they_replace() -> None:
+    """column/present/values/initial_values, on a hand-built window and on the store's, against the
+    plain reading of the steps (``healthd.state.windows``: the one way to read the last n steps)."""
+    steps = [_step(i) for i in range(40)]
+    store = Store(StoreSettings(window_steps=64, detail_steps=64))
+    for s in steps:
+        store.apply(s, float(s.step))
+    for w in (window(steps), store.rank_window("j", 0)):
+        for attr in ("loss", "grad_norm", "lr", "batch_size", "update_ratio"):
+            for n in (None, 0, 1, 5, 39, 40, 100):
+                tail = list(w.steps) if n is None else list(w.steps)[max(0, len(w.steps) - n):]
+                plain = [column_value(s, attr) for s in tail]
+                assert w.column(attr, n) == plain or attr == "loss"  # NaN != NaN: compared below
+                assert w.present(attr, n) == [v for v in plain if v is not None] or attr == "loss"
+                assert w.values(attr, n) == [v for v in plain if v is not None and math.isfinite(v)]
+                first = w.initial_steps if n is None else w.initial_steps[:n]
+                assert w.initial_values(attr, n) == [
+                    v for v in (column_value(s, attr) for s in first) if v is not None and math.isfinite(v)]
+        assert len(w.present("loss")) == len(w.steps) and len(w.values("loss")) == len(w.steps) - 1  # the NaN
