@@ -1,8 +1,9 @@
 """Prometheus exposition: a custom Collector that reads the store at scrape time.
 
 Registered on a private ``CollectorRegistry`` built by ``create_app`` (never the
-global one). Every name comes from ``healthd.exposition.catalog``. Jobs silent for longer
-than the store's TTL are expired before each scrape, so their series vanish.
+global one). Every name comes from ``healthd.exposition.catalog``. A scrape only reads: jobs silent
+for longer than the store's TTL are expired by the server's tick (``Healthd.tick_slices``), and their
+series vanish from the scrape after it.
 
 What a scrape shows per rank: the last value of each step signal, its max/min
 over the exporter window (``*_window_max``/``*_window_min``, so a spike
@@ -82,11 +83,9 @@ class HealthCollector(Collector):
     def collect_in_slices(self) -> Iterator[Metric | None]:
         """``collect`` with a ``None`` between every ``RANKS_PER_SLICE`` ranks: a point where the
         caller may serve other work (``/metrics`` lets ingest in; thousands of ranks take a while). A
-        rank's samples are read together; ranks read in different slices are milliseconds apart."""
+        rank's samples are read together; ranks read in different slices are milliseconds apart.
+        Reads only: nothing in the store, the engine or the queue changes (expiry is the tick's job)."""
         now = self.clock()
-        for name in self.store.expire(now):
-            self.queue.drop_job(name)
-            self.engine.forget(name)
         yield from self._training(now)
         yield from gpu_metrics(self.store)
         yield from self._alerts()

@@ -18,7 +18,11 @@ from prometheus_client.core import (
     UnknownMetricFamily,
 )
 
+from healthd.exposition import catalog as C
 from healthd.exposition.collector import _One, exposition_text
+from healthd.server.pipeline import Healthd, build
+from healthd.settings import Settings
+from healthd.wire.schema import StepReport
 
 _VALUES = [0.0, -0.0, 1.0, 2.5, -3.0, 1e-300, 1e300, 123456789.0, 1234567.5, math.nan, math.inf, -math.inf, 7, 2**60]
 _LABELS = ["plain", "", 'quo"te', "back\\slash", "new\nline", "ünïcode", "a,b=c}", "\\n"]
@@ -68,3 +72,22 @@ def test_families_sharing_label_text_are_each_still_written_as_generate_latest_w
     assert b"".join(exposition_text(f, shared) for f in families) == b"".join(
         generate_latest(_One(f)) for f in families)  # type: ignore[arg-type]
     assert shared  # the label text was shared
+
+
+def _healthd(now: list[float]) -> Healthd:
+    hd = build(Settings.from_mapping({"store": {"job_ttl_seconds": 60}}), clock=lambda: now[0])
+    for rank in range(3):
+        for i in range(4):
+            hd.store.apply(StepReport(job="j", rank=rank, time=now[0], step=i, loss=1.0 + i, grad_norm=1.0, lr=[0.1],
+                                      layers={}), now=now[0])
+    return hd
+
+
+def test_a_job_past_its_ttl_is_still_scraped_until_the_tick_expires_it() -> None:
+    now = [1000.0]
+    hd = _healthd(now)
+    now[0] += 61
+    names = {f.name for f in hd.collector.collect() if f.samples}
+    assert C.LOSS.name in names and set(hd.store.jobs) == {"j"}
+    hd.tick()
+    assert not hd.store.jobs and not any(f.samples for f in hd.collector.collect() if f.name == C.LOSS.name)
