@@ -113,11 +113,12 @@ def test_per_rank_and_per_layer_series_and_expiry() -> None:
         assert C.STEP.name not in m and live.get("/v1/jobs").json()["jobs"] == []
 
 
-def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_exposition() -> None:
+def test_metrics_are_collected_in_slices_that_let_other_work_in_and_read_as_one_exposition() -> None:
     from prometheus_client import generate_latest
 
+    from healthd.exposition.collector import Collected
     from healthd.server.pipeline import build
-    from healthd.server.routes import _exposition
+    from healthd.server.routes import _collect
     from healthd.settings import Settings
     from healthd.wire.schema import StepReport
 
@@ -128,7 +129,7 @@ def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_e
                                       lr=[1e-3], layers={}), now=time.time())
     hd.collector.clock = lambda: 2.0  # a fixed clock: both expositions see the same window extremes
 
-    async def scrape_while_ingesting() -> tuple[bytes, int]:
+    async def scrape_while_ingesting() -> tuple[bytes, int]:  # the collecting part of a scrape
         ticks = 0
         done = False
 
@@ -141,7 +142,7 @@ def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_e
         task = asyncio.create_task(other_work())
         await asyncio.sleep(0)
         ticks = 0
-        text = await _exposition(hd)
+        text = generate_latest(Collected(await _collect(hd)))
         done = True
         await task
         return text, ticks
