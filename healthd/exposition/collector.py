@@ -1,8 +1,10 @@
 """Prometheus exposition: a custom Collector that reads the store at scrape time.
 
 Registered on a private ``CollectorRegistry`` built by ``create_app`` (never the
-global one). Every name comes from ``healthd.exposition.catalog``. Jobs silent for longer
-than the store's TTL are expired before each scrape, so their series vanish.
+global one). Every name comes from ``healthd.exposition.catalog``. A scrape only reads: jobs silent
+for longer than the store's TTL are expired by the server's tick (``Healthd.tick_slices``), and their
+series vanish from the scrape after it. ``Collected`` hands families collected on the event loop to
+prometheus_client's encoders in another thread (``healthd.server.routes``).
 
 What a scrape shows per rank: the last value of each step signal, its max/min
 over the exporter window (``*_window_max``/``*_window_min``, so a spike
@@ -13,11 +15,9 @@ and the step itself as a gauge. Per layer: the latest statistics from one rank.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,7 +25,6 @@ from prometheus_client.core import (
     SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from healthd.engine.alerts import Engine
 from healthd.engine.scheduler import EvaluationQueue
@@ -82,11 +81,9 @@ class HealthCollector(Collector):
     def collect_in_slices(self) -> Iterator[Metric | None]:
         """``collect`` with a ``None`` between every ``RANKS_PER_SLICE`` ranks: a point where the
         caller may serve other work (``/metrics`` lets ingest in; thousands of ranks take a while). A
-        rank's samples are read together; ranks read in different slices are milliseconds apart."""
+        rank's samples are read together; ranks read in different slices are milliseconds apart.
+        Reads only: nothing in the store, the engine or the queue changes (expiry is the tick's job)."""
         now = self.clock()
-        for name in self.store.expire(now):
-            self.queue.drop_job(name)
-            self.engine.forget(name)
         yield from self._training(now)
         yield from gpu_metrics(self.store)
         yield from self._alerts()
@@ -201,63 +198,17 @@ class HealthCollector(Collector):
         yield delay
 
 
-# ----------------------------------------------------------------- text exposition
-
-_LEGACY_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_LEGACY_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_TYPE_NAMES = {"counter": "counter", "gauge": "gauge", "summary": "summary", "histogram": "histogram"}
+# ----------------------------------------------------------------- encoding
 
 
-class _One(Collector):
-    """One collected family, as a collector ``generate_latest`` can format."""
+class Collected(Collector):
+    """Families already collected (``HealthCollector.collect_in_slices``), as the collector
+    prometheus_client's ``generate_latest`` functions take: the event loop collects, a worker thread
+    encodes (at 2,048 ranks ~4 MiB of text), and the families are snapshots, so the store may change
+    meanwhile."""
 
-    def __init__(self, family: Metric) -> None:
-        self.family = family
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
 
-    def collect(self) -> list[Metric]:
-        return [self.family]
-
-
-def exposition_text(family: Metric, labels_text: dict[tuple[tuple[str, str], ...], str] | None = None) -> bytes:
-    """``generate_latest`` of one family, byte for byte, written directly for the families healthd
-    makes (legacy names, no timestamps, exemplars or OpenMetrics-only samples): at 2,048 ranks a scrape
-    is ~60k samples and prometheus_client's general formatter spends ~5 us on each. Anything else goes
-    to ``generate_latest`` itself. ``labels_text``: label sets already written, shared by the families
-    of one scrape (most of them label every rank with the same job and rank)."""
-    name, mtype = family.name, _TYPE_NAMES.get(family.type)
-    if mtype is None or not _LEGACY_METRIC_NAME.fullmatch(name):
-        return generate_latest(_One(family))
-    special = (name + "_created", name + "_gsum", name + "_gcount")
-    sample_names: set[str] = set()
-    label_names: set[str] = set()
-    for s in family.samples:
-        if s.timestamp is not None or s.exemplar is not None:
-            return generate_latest(_One(family))
-        if s.name not in sample_names:
-            if s.name in special or not _LEGACY_METRIC_NAME.fullmatch(s.name):
-                return generate_latest(_One(family))
-            sample_names.add(s.name)
-        label_names.update(s.labels)
-    if not all(_LEGACY_LABEL_NAME.fullmatch(k) for k in label_names):
-        return generate_latest(_One(family))
-    known = {} if labels_text is None else labels_text
-    shown = name + "_total" if mtype == "counter" else name
-    doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
-    out = [f"# HELP {shown} {doc}\n# TYPE {shown} {mtype}\n"]
-    for s in family.samples:
-        if s.labels:
-            key = tuple(s.labels.items())
-            text = known.get(key)
-            if text is None:
-                text = known[key] = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(key)) + "}"
-            out.append(f"{s.name}{text} {floatToGoString(s.value)}\n")
-        else:
-            out.append(f"{s.name} {floatToGoString(s.value)}\n")
-    return "".join(out).encode()
-
-
-def _escape(value: str) -> str:
-    """A label value as the text format writes it (backslash, newline and double quote escaped)."""
-    if "\\" in value or "\n" in value or '"' in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
-    return value
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

@@ -29,7 +29,7 @@ class WindowExtremes:
     """Sliding-window max and min of a signal over ``window_seconds``.
 
     Kept per bucket of ``window_seconds / 32``: a push is a comparison or two (it runs for every
-    step report), a read (at scrape time) scans at most 33 buckets. The window's far edge is
+    step report), a read (at scrape time) scans at most 34 buckets and changes none. The window's far edge is
     bucket-aligned, so a value may count up to one bucket longer than ``window_seconds``.
     """
 
@@ -56,12 +56,11 @@ class WindowExtremes:
         while b[0][0] < i - 33:  # bounded even if nobody reads
             b.popleft()
 
-    def _live(self, now: float) -> deque[list[float]]:
+    def _live(self, now: float) -> list[list[float]]:
+        """The buckets inside the window at ``now``. A read leaves older buckets in place (reads never
+        mutate: a scrape must not change the store); ``push_range`` drops them."""
         first = (now - self.window) // self._width
-        b = self._buckets
-        while b and b[0][0] < first:
-            b.popleft()
-        return b
+        return [x for x in self._buckets if x[0] >= first]
 
     def max(self, now: float) -> float | None:
         b = self._live(now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -87,11 +88,12 @@ def test_a_chunked_body_is_read_whole_and_held_to_the_size_limit(healthd_server:
 
 
 def test_per_rank_and_per_layer_series_and_expiry() -> None:
-    from healthd.settings import Settings, StoreSettings
+    from healthd.settings import Settings
     from tests.live import live_healthd
 
     now = [1000.0]
-    with live_healthd(Settings(store=StoreSettings(job_ttl_seconds=60)), clock=lambda: now[0]) as live:
+    settings = Settings.from_mapping({"store": {"job_ttl_seconds": 60}, "engine": {"tick_seconds": 0.05}})
+    with live_healthd(settings, clock=lambda: now[0]) as live:
         reports = [_step(i, rank=r, loss=1.0, lr=[0.1, 0.01], batch_size=32, step_seconds=0.1 * (r + 1),
                          layers={"fc1": {"grad_norm": 0.5, "update_ratio": 1e-3}})
                    for i in range(3) for r in (0, 1)]
@@ -103,19 +105,20 @@ def test_per_rank_and_per_layer_series_and_expiry() -> None:
         (lg,) = m[C.LAYER_GRAD_NORM.name]
         assert lg.labels == {"job": "run-1", "layer": "fc1"}  # per-layer: one series per job, no rank
         assert [s.value for s in m["trainhealth_steps_total"] if s.labels["rank"] == "1"] == [3]
-        now[0] += 61
+        now[0] += 61  # past the TTL: the server's ticker expires the job, and the next scrape has none of it
+        deadline = time.monotonic() + 30
+        while live.get("/v1/jobs").json()["jobs"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         m = scrape(live)
         assert C.STEP.name not in m and live.get("/v1/jobs").json()["jobs"] == []
 
 
-def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_exposition() -> None:
-    import asyncio
-    import time
-
+def test_metrics_are_collected_in_slices_that_let_other_work_in_and_read_as_one_exposition() -> None:
     from prometheus_client import generate_latest
 
+    from healthd.exposition.collector import Collected
     from healthd.server.pipeline import build
-    from healthd.server.routes import _exposition
+    from healthd.server.routes import _collect
     from healthd.settings import Settings
     from healthd.wire.schema import StepReport
 
@@ -126,7 +129,7 @@ def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_e
                                       lr=[1e-3], layers={}), now=time.time())
     hd.collector.clock = lambda: 2.0  # a fixed clock: both expositions see the same window extremes
 
-    async def scrape_while_ingesting() -> tuple[bytes, int]:
+    async def scrape_while_ingesting() -> tuple[bytes, int]:  # the collecting part of a scrape
         ticks = 0
         done = False
 
@@ -139,7 +142,7 @@ def test_metrics_are_rendered_in_slices_that_let_other_work_in_and_read_as_one_e
         task = asyncio.create_task(other_work())
         await asyncio.sleep(0)
         ticks = 0
-        text = await _exposition(hd)
+        text = generate_latest(Collected(await _collect(hd)))
         done = True
         await task
         return text, ticks

@@ -79,6 +79,21 @@ def test_window_extremes_match_brute_force_within_one_bucket() -> None:
     assert [extremes[k].max(t) for k in ("loss", "grad_norm", "update_ratio")] == [None] * 3  # never counted
 
 
+def test_reading_window_extremes_changes_nothing() -> None:
+    import pickle
+
+    from healthd.state.store import WindowExtremes
+
+    w = WindowExtremes(60.0)
+    for t in range(1000, 1100, 5):
+        w.push_range(float(t), float(t), -float(t))
+    before = pickle.dumps(w)
+    assert (w.max(1095.0), w.min(1095.0)) == (1095.0, -1095.0)
+    assert w.max(1200.0) is None and w.min(1200.0) is None  # aged out of the window at a later read...
+    assert pickle.dumps(w) == before  # ...yet a read drops nothing (a scrape never mutates)
+    assert w.max(1095.0) == 1095.0
+
+
 def test_columns_of_is_column_value_of_every_step_for_every_column() -> None:
     from healthd.state.windows import COLUMNS, column_value, columns_of
     from healthd.wire.schema import StepReport
