@@ -44,6 +44,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,6 +68,7 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
     from starlette.responses import Response
     from starlette.routing import Route
 
+    target, _, server_kind = target.partition("-")  # healthd-asgi: the healthd app under plain uvicorn
     if target in ("bare", "direct"):
         async def read_only(request: Request) -> Response:
             await request.body()
@@ -116,11 +118,16 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             for rank in range(ranks):
                 for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill, hd.names).reports:
                     hd.store.apply(report, now)
+    if server_kind == "rsgi":
+        _serve_rsgi(app, port, ready)
+        return
     from healthd.server.serving import GatheringHttpToolsProtocol
 
-    # As `healthd serve`: uvloop, httptools, one socket write per response (every target alike).
+    # As `healthd serve`: uvloop, httptools, one socket write per response (every target alike);
+    # `-asgi`: uvicorn's own httptools protocol, no custom one.
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            lifespan="on", loop="auto", http=GatheringHttpToolsProtocol)
+                            lifespan="on", loop="auto",
+                            http="httptools" if server_kind == "asgi" else GatheringHttpToolsProtocol)
     server = uvicorn.Server(config)
 
     async def main() -> None:
@@ -135,6 +142,44 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
         uvloop.run(main())
     except ImportError:
         asyncio.run(main())
+
+
+def _serve_rsgi(app: Any, port: int, ready: Any) -> None:
+    """The app under granian's embedded server, RSGI: POST /v1/reports answered from the whole body
+    (``protocol()``) by the app's ingest, the lifespan run as the ASGI server would."""
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    from healthd.server.reports import ReportsEndpoint
+
+    reports = ReportsEndpoint(app.state.healthd) if hasattr(app.state, "healthd") else None
+    headers = [("content-type", "application/json")]
+
+    class Rsgi:
+        async def __rsgi__(self, scope: Any, proto: Any) -> None:
+            body = await proto()
+            if reports is None:
+                proto.response_bytes(200, headers, b'{"accepted":0,"rejected":[]}')
+                return
+            status, answer = reports.answer(body)
+            proto.response_bytes(status, headers, answer)
+
+    async def main() -> None:
+        async with app.router.lifespan_context(app):
+            server = Server(Rsgi(), address="127.0.0.1", port=port, interface=Interfaces.RSGI,
+                            log_level="warning", websockets=False)
+            task = asyncio.create_task(server.serve())
+            for _ in range(500):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.01)
+            ready.set()
+            await task
+
+    import uvloop
+    uvloop.run(main())
 
 
 def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> bytes:
