@@ -14,6 +14,13 @@ the Starlette router, which has no authentication of its own to forget or to dup
 
 The ASGI door (``HealthdApp.__call__``) is the same app for in-process tests (Starlette's TestClient,
 httpx's ASGITransport) and for anyone who runs healthd under another ASGI server.
+
+What healthd uses of granian: the RSGI interface (its spec) and ``granian.server.embed.Server``
+(constructor, ``on_startup``, ``serve``, ``stop``), the one granian server that runs an app object on
+a loop of ours, in this process; healthd's state lives in the process, so it cannot use the
+multi-process ``Granian`` class, which imports its app by name in worker processes. granian logs that
+server as "experimental" at start: a granian upgrade is checked by this package's tests
+(tests/healthd/server/test_serving.py, test_gate.py) and ``bench/ingest.py`` before the pin moves.
 """
 
 from __future__ import annotations
