@@ -12,15 +12,18 @@ not httpx, is cheap) with ``--connections`` connections. Bodies are ``ReportBatc
 job, steps counting up per rank (realistic values: loss, grad norm, lr, update ratio, 4
 layers). Targets:
 
-- ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``;
-- ``bare``: a Starlette route that only reads the body and answers 200 (the issue's ceiling: the
-  body read through ASGI);
-- ``direct``: the same answered by the protocol without an ASGI task, as healthd's ingest is served
-  (``healthd.server.serving``): the ceiling of the path healthd's reports take;
+- ``healthd``: the real app (``create_app``), all rules in ``ALL_RULES``, served as ``healthd serve``
+  serves it (``healthd.server.serving.serve``: granian, RSGI, uvloop);
+- ``bare``: a Starlette route that only reads the body and answers 200, under uvicorn (httptools,
+  uvloop): the ceiling of an ASGI server;
+- ``bare-rsgi``: the same as an RSGI app under granian: the ceiling of the path healthd's reports take;
 - ``validate`` (on request): healthd's endpoint with ingest cut down to pydantic's ``validate_json`` of
   the batch, no store, no rules: the issue's "Starlette + validate_json" reference point;
 - ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.wire.records``):
   the ceiling parsing leaves.
+
+A ``-asgi`` suffix serves a healthd target through its ASGI door under plain uvicorn (httptools,
+uvloop, no custom protocol) instead: ``healthd-asgi`` against ``healthd`` is what the server costs.
 
 Printed per target: reports/s, request latency p50/p99, the server's peak RSS (VmHWM), the share of
 the server core's time the hypervisor gave to other tenants meanwhile (``server_cpu_steal_pct``, from
@@ -44,6 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,23 +71,18 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
     from starlette.responses import Response
     from starlette.routing import Route
 
-    if target in ("bare", "direct"):
+    target, _, server_kind = target.partition("-")  # healthd-asgi: the healthd app under plain uvicorn
+    if target == "bare":
+        if server_kind == "rsgi":
+            _serve_bare_rsgi(port, ready)
+            return
+
         async def read_only(request: Request) -> Response:
             await request.body()
             return Response(b'{"accepted":0,"rejected":[]}', media_type="application/json")
 
-        app = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
-        if target == "direct":  # the body answered by the protocol, as healthd's ingest is (healthd.server.serving)
-            class ReadOnly:
-                path = b"/v1/reports"
-
-                def direct(self, headers: list[tuple[bytes, bytes]]) -> bool:
-                    return True
-
-                def answer(self, body: bytes) -> tuple[int, bytes]:
-                    return 200, b'{"accepted":0,"rejected":[]}'
-
-            app.state.direct_post = ReadOnly()
+        app: Any = Starlette(routes=[Route("/v1/reports", read_only, methods=["POST"])])
+        server_kind = "asgi"
     else:
         from healthd.server.app import create_app
         from healthd.server.gc_policy import ServingGC
@@ -116,11 +115,17 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
             for rank in range(ranks):
                 for report in parse_batch(_body(range(rank, rank + 1), 0, prefill, rng), prefill, hd.names).reports:
                     hd.store.apply(report, now)
-    from healthd.server.serving import GatheringHttpToolsProtocol
+    import uvloop
 
-    # As `healthd serve`: uvloop, httptools, one socket write per response (every target alike).
+    if server_kind != "asgi":  # as `healthd serve`: granian, RSGI, on uvloop
+        from healthd.server.serving import Listen, serve
+
+        uvloop.run(serve(app, Listen(host="127.0.0.1", port=port, log_level="warning"), asyncio.Event(),
+                         started=ready.set))  # type: ignore[attr-defined]
+        return
+    # uvicorn with its own httptools protocol and uvloop: a plain ASGI server, no custom protocol.
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                            lifespan="on", loop="auto", http=GatheringHttpToolsProtocol)
+                            lifespan="on", loop="uvloop", http="httptools")
     server = uvicorn.Server(config)
 
     async def main() -> None:
@@ -130,11 +135,31 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
         ready.set()  # type: ignore[attr-defined]
         await task
 
-    try:  # the event loop `healthd serve` gets from uvicorn when uvloop is installed
-        import uvloop
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    uvloop.run(main())
+
+
+def _serve_bare_rsgi(port: int, ready: Any) -> None:
+    """An RSGI app that reads the body and answers 200, under granian: healthd's serving path, no ingest."""
+    import uvloop
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    headers = [("content-type", "application/json")]
+
+    class ReadOnly:
+        async def __rsgi__(self, scope: Any, proto: Any) -> None:
+            async for _ in proto:
+                pass
+            proto.response_bytes(200, headers, b'{"accepted":0,"rejected":[]}')
+
+    async def main() -> None:
+        server = Server(ReadOnly(), address="127.0.0.1", port=port, interface=Interfaces.RSGI,
+                        http=HTTPModes.http1, websockets=False, log_level=LogLevels.warning)
+        server.on_startup(ready.set)
+        await server.serve()
+
+    uvloop.run(main())
 
 
 def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> bytes:
@@ -335,7 +360,7 @@ def main() -> None:
                    help="steps put in every rank's window before the run (store.window_steps: full windows)")
     p.add_argument("--steps-per-cycle", type=int, default=3, help="distinct steps per rank in the body pool")
     p.add_argument("--soak-seconds", type=float, default=0.0, help="soak the healthd target instead")
-    p.add_argument("--targets", default="bare,direct,healthd")
+    p.add_argument("--targets", default="bare,bare-rsgi,healthd")
     p.add_argument("--rank-rules-cpu-share", type=float, default=0.25, help="engine.rank_rules_cpu_share")
     args = p.parse_args()
     print(f"{args.ranks} ranks, {args.reports_per_request} reports/request from {args.ranks_per_request} rank(s), "
@@ -346,7 +371,7 @@ def main() -> None:
     for target in ([] if args.soak_seconds else args.targets.split(",")) or ["healthd"]:
         results[target] = r = bench(target, args)
         print(f"{target:8s} " + "  ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
-    for ceiling in ("bare", "direct"):
+    for ceiling in ("bare", "bare-rsgi"):
         if ceiling in results and "healthd" in results:
             ratio = results["healthd"]["reports_per_second"] / results[ceiling]["reports_per_second"]
             print(f"healthd / {ceiling} = {ratio:.2f}")

@@ -1,4 +1,4 @@
-"""A real healthd (uvicorn) on 127.0.0.1 and a free port, for tests: healthd.server.embedded plus HTTP helpers."""
+"""A real healthd (granian, RSGI) on 127.0.0.1 and a free port, for tests: healthd.server.embedded plus HTTP helpers."""
 
 from __future__ import annotations
 
@@ -25,4 +25,4 @@ class LiveHealthd(Embedded):
 @contextmanager
 def live_healthd(settings: Settings | None = None, **create_kw: Any) -> Iterator[LiveHealthd]:
     with serve_in_thread(settings, **create_kw) as e:
-        yield LiveHealthd(e.url, e.app, e.server)
+        yield LiveHealthd(e.url, e.app, e.loop, e.stop_event)

@@ -1,4 +1,5 @@
-"""The ASGI app's assembly: ``create_app(settings, ...)`` builds a fresh, self-contained instance.
+"""The app's assembly: ``create_app(settings, ...)`` builds a fresh, self-contained instance
+(``healthd.server.serving.HealthdApp``: RSGI for granian, ASGI for tests and other servers).
 
 Routes:
 - ``POST /v1/reports``: a ``ReportBatch``; 200 when all reports were accepted,
@@ -11,8 +12,10 @@ Routes:
 - ``GET /metrics``: Prometheus exposition (private registry).
 - ``GET /healthz``: liveness.
 
-The read handlers are ``healthd.server.routes``; the report path ``healthd.server.pipeline``; the
-background loops ``healthd.server.lifecycle``. This module only wires them together.
+Every route is behind ``healthd.server.gate.Gate`` (bearer token, body size), at both doors. The read
+handlers are ``healthd.server.routes``; the report path ``healthd.server.reports`` and
+``healthd.server.pipeline``; the background loops ``healthd.server.lifecycle``. This module only wires
+them together.
 """
 
 from __future__ import annotations
@@ -24,27 +27,32 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from healthd.alerting.alertmanager import AlertmanagerPusher
 from healthd.engine.alerts import AlertListener
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule
-from healthd.server.auth import BearerAuth
+from healthd.server.gate import Gate
 from healthd.server.gc_policy import ServingGC
 from healthd.server.lifecycle import Lifecycle
 from healthd.server.pipeline import Healthd, build
-from healthd.server.reports import ReportsEndpoint, ReportsFirst
-from healthd.server.routes import count_unauthorized, http_error, read_routes
+from healthd.server.reports import Reports
+from healthd.server.routes import http_error, read_routes
+from healthd.server.serving import HealthdApp
 from healthd.settings import Settings
 
 
 def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule[Any, Any]]] = ALL_RULES,
                listeners: Iterable[AlertListener] = (), clock: Callable[[], float] = time.time,
-               hd: Healthd | None = None, gc_policy: ServingGC | None = None) -> Starlette:
-    """Build the ASGI app. Nothing is global: two apps never share state, and the process's garbage
-    collector is left alone unless ``gc_policy`` is given (``healthd serve``)."""
+               hd: Healthd | None = None, gc_policy: ServingGC | None = None) -> HealthdApp:
+    """Build the app. Nothing is global: two apps never share state, and the process's garbage
+    collector is left alone unless ``gc_policy`` is given (``healthd serve``). With ``hd`` given, its
+    settings are the app's (auth and limits included); ``settings`` must then be None or the same."""
+    if hd is not None:
+        if settings is not None and settings != hd.settings:
+            raise ValueError("create_app(settings, hd=...): the app takes its settings from hd; pass one of them")
+        settings = hd.settings
     settings = settings or Settings()
     pusher = None
     if settings.alertmanager.url and hd is None:  # direct push to Alertmanager (healthd.alerting.alertmanager)
@@ -52,25 +60,19 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule[An
                                     base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
         listeners = [*listeners, pusher]
     hd = hd or build(settings, rules=rules, listeners=listeners, clock=clock)
-    lifecycle = Lifecycle(hd, pusher=pusher, gc_policy=gc_policy)
+    reports = Reports(hd)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        lifecycle.start()
-        try:
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:  # the ASGI door's lifespan: the app's own
+        async with app.lifespan():
             yield
-        finally:
-            await lifecycle.stop()
 
-    reports = ReportsEndpoint(hd)
-    app = Starlette(
+    router = Starlette(
         routes=[Route("/v1/reports", reports, methods=["POST"]), *read_routes(hd)],
-        middleware=[Middleware(BearerAuth, settings=settings.auth, on_refused=lambda: count_unauthorized(hd)),
-                    Middleware(ReportsFirst, reports=reports)],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
-    app.state.healthd = hd
-    app.state.direct_post = reports  # healthd.server.serving answers POST /v1/reports without an ASGI task
-    app.state.alertmanager = pusher
+    router.state.healthd = hd
+    router.state.alertmanager = pusher
+    app = HealthdApp(router, Gate(hd), reports, Lifecycle(hd, pusher=pusher, gc_policy=gc_policy))
     return app

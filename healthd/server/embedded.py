@@ -1,21 +1,18 @@
-"""Run a real healthd (uvicorn) in a background thread: for the demo, tests and notebooks."""
+"""Run a real healthd (granian, as ``healthd serve``) in a background thread: for the demo, tests and notebooks."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import uvicorn
-from starlette.applications import Starlette
 
 from healthd.server.app import create_app
 from healthd.server.pipeline import Healthd
-from healthd.server.serving import GatheringHttpToolsProtocol
+from healthd.server.serving import HealthdApp, Listen, serve
 from healthd.settings import Settings
 
 
@@ -28,15 +25,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class Embedded:
-    """A running healthd: its base URL and the in-process state behind it."""
+    """A running healthd: its base URL and the in-process state behind it; ``stop()`` ends it
+    (in-flight requests finish, then the lifespan's stop), as SIGTERM ends ``healthd serve``."""
 
     url: str
-    app: Starlette
-    server: uvicorn.Server
+    app: HealthdApp
+    loop: asyncio.AbstractEventLoop = field(repr=False)
+    stop_event: asyncio.Event = field(repr=False)
 
     @property
     def hd(self) -> Healthd:
-        return self.app.state.healthd
+        hd: Healthd = self.app.state.healthd
+        return hd
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
 
 
 @contextmanager
@@ -46,18 +49,28 @@ def serve_in_thread(settings: Settings | None = None, *, start_timeout_seconds: 
     port = free_port()
     settings = (settings or Settings()).model_copy(update={"host": "127.0.0.1", "port": port})
     app = create_app(settings, **create_kw)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                           http=GatheringHttpToolsProtocol))  # as `healthd serve`
-    thread = threading.Thread(target=server.run, name="healthd-embedded", daemon=True)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    started = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(serve(app, Listen(host="127.0.0.1", port=port, log_level="warning"), stop,
+                                          started=started.set))
+        except BaseException as e:  # reported by the starting thread
+            failed.append(e)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="healthd-embedded", daemon=True)
     thread.start()
-    deadline = time.monotonic() + start_timeout_seconds
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("embedded healthd did not start")
-        time.sleep(0.02)
+    if not started.wait(start_timeout_seconds):
+        loop.call_soon_threadsafe(stop.set)
+        raise RuntimeError("embedded healthd did not start") from (failed[0] if failed else None)
     try:
-        yield Embedded(f"http://127.0.0.1:{port}", app, server)
+        yield Embedded(f"http://127.0.0.1:{port}", app, loop, stop)
     finally:
-        server.should_exit = True
+        loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=10)

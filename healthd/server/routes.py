@@ -118,10 +118,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-def count_unauthorized(hd: Healthd) -> None:
-    hd.counters.unauthorized += 1
-
-
 def _job_summary(hd: Healthd, name: str) -> dict[str, object]:
     job = hd.store.jobs[name]
     firing = [a for a in hd.engine.alerts(name, include_resolved=False, include_pending=False)]

@@ -1,200 +1,333 @@
-"""How healthd runs under uvicorn: one socket write per response instead of two, and report
-batches answered without an ASGI task (``GatheringHttpToolsProtocol``'s docstring says when).
+"""How healthd is served: ``HealthdApp``'s two doors, and ``serve`` (granian's RSGI server).
 
-uvicorn's httptools protocol writes a response's status line and headers when the app sends
-``http.response.start`` and its body when the app sends ``http.response.body``: two ``send()``
-system calls, two packets, and on the receiving side two wake-ups, for every ingest response of a
-few dozen bytes. At ingest rates (thousands of small requests per second on one core) that second
-write is a measurable share of the server's time (``bench/ingest.py``, back-to-back runs: 10-20%
-more reports/s and a lower p99).
+``healthd serve``, ``healthd.server.embedded`` and the ingest benchmark run ``serve``: granian
+(a Rust HTTP server) calling ``HealthdApp.__rsgi__``, granian's own interface (RSGI, its documented
+fast path, https://github.com/emmett-framework/granian/blob/master/docs/spec/RSGI.md). There a report
+batch costs one call with the whole body and one ``response_bytes``: no ASGI message dicts, no
+middleware stack, no per-request Task of ours. ``bench/ingest.py`` measured it against uvicorn with
+its own httptools protocol and against the custom uvicorn protocol this replaces (docs/benchmarks.md).
 
-``GatheringHttpToolsProtocol`` is uvicorn's protocol with its transport wrapped in a
-``GatheringTransport``: writes made during one turn of the event loop are kept and handed to the
-socket as one write at the start of the next turn (what nginx's ``tcp_nopush`` does for a response's
-headers and body). Everything else (reading, flow control, TLS, closing) is the real transport's;
-``close`` and ``write_eof`` send what is kept first, ``abort`` drops it, as they would drop the
-transport's own buffer. ``healthd serve``, ``healthd.server.embedded`` and the ingest benchmark all run it.
+Every request, through either door, first passes ``healthd.server.gate.Gate`` (bearer token, body
+size), then gets its whole body (read within the limit), then its route: ``POST /v1/reports`` goes to
+``Reports.answer`` directly at the RSGI door; everything else (and, at the ASGI door, everything) to
+the Starlette router, which has no authentication of its own to forget or to duplicate.
+
+The ASGI door (``HealthdApp.__call__``) is the same app for in-process tests (Starlette's TestClient,
+httpx's ASGITransport) and for anyone who runs healthd under another ASGI server.
+
+What healthd uses of granian: the RSGI interface (its spec) and ``granian.server.embed.Server``
+(constructor, ``on_startup``, ``serve``, ``stop``), the one granian server that runs an app object on
+a loop of ours, in this process; healthd's state lives in the process, so it cannot use the
+multi-process ``Granian`` class, which imports its app by name in worker processes. granian logs that
+server as "experimental" at start: a granian upgrade is checked by this package's tests
+(tests/healthd/server/test_serving.py, test_gate.py) and ``bench/ingest.py`` before the pin moves.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, cast
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
-from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
-from uvicorn.protocols.utils import get_client_addr
-from uvicorn.server import ServerState
+from starlette.applications import Starlette
+from starlette.datastructures import State
+from starlette.routing import BaseRoute
+from starlette.types import Message, Receive, Scope, Send
 
+from healthd.server.gate import JSON, Gate
+from healthd.server.lifecycle import Lifecycle
+from healthd.server.reports import Reports
 
-class GatheringTransport(asyncio.Transport):
-    """A transport that sends the writes of one event-loop turn as one write."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._transport = transport
-        self._loop = loop
-        self._kept: list[bytes | bytearray | memoryview] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._kept:
-            self._loop.call_soon(self.flush)
-        self._kept.append(data)
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def flush(self) -> None:
-        """Hand what is kept to the real transport now (called by the loop; idempotent)."""
-        kept = self._kept
-        if not kept:
-            return
-        data = kept[0] if len(kept) == 1 else b"".join(kept)
-        kept.clear()
-        if not self._transport.is_closing():  # the peer went away meanwhile: as a write after close, dropped
-            self._transport.write(data)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(len(d) for d in self._kept)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def write_eof(self) -> None:
-        self.flush()
-        self._transport.write_eof()
-
-    def abort(self) -> None:
-        self._kept.clear()
-        self._transport.abort()
-
-    # Everything else is the real transport's.
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._transport.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._transport.get_protocol()
-
-    def is_reading(self) -> bool:
-        return self._transport.is_reading()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._transport.set_write_buffer_limits(high, low)
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._transport.get_write_buffer_limits()
-
-    def can_write_eof(self) -> bool:
-        return self._transport.can_write_eof()
+REPORTS_PATH = "/v1/reports"
 
 
-class DirectPost(Protocol):
-    """A POST endpoint the protocol answers itself, in the parser's callback, when ``direct`` says
-    the request's headers allow it: found as ``app.state.direct_post`` (healthd.server.app's
-    ``ReportsEndpoint``)."""
+class RsgiHeaders(Protocol):
+    """The part of granian's ``RSGIHeaders`` used here (header names lower-case)."""
 
-    path: bytes  # the request target it serves, exactly
+    def get(self, key: str, default: Any = None) -> Any: ...
 
-    def direct(self, headers: list[tuple[bytes, bytes]]) -> bool: ...
-
-    def answer(self, body: bytes) -> tuple[int, bytes]:
-        """The request's whole body -> HTTP status and JSON answer."""
-        ...
+    def items(self) -> list[tuple[str, str]]: ...
 
 
-class GatheringHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, writing through a ``GatheringTransport`` (pass it as ``http=``),
-    and answering the app's ``DirectPost`` requests without an ASGI task.
+class RsgiScope(Protocol):
+    """The part of an RSGI HTTP scope used here (RSGI spec, "HTTP scope")."""
 
-    The hot path of ingest is a small POST answered by synchronous code: under ASGI each one costs a
-    Task, an Event, a request-response cycle, the middleware stack and four message dicts. A request
-    to ``DirectPost.path`` whose headers ``direct`` accepts is answered when its body is complete,
-    in ``on_message_complete``, with the response uvicorn would have written (its default headers
-    included); keep-alive, the keep-alive timer and pipelining are uvicorn's as after any response.
-    The access log gets the line uvicorn would write. Everything else goes the ASGI way: another path,
-    a query string or another method, ``Expect: 100-continue``, a body without a length or over the
-    limit, a missing or wrong bearer token (the app answers 413 or 401 and counts them), a request
-    pipelined behind one still in the app, a root_path or a concurrency limit (uvicorn applies them there).
-    A direct request passes none of the app's ASGI middleware: ``direct`` does what healthd's own does
-    for it (authentication); middleware added to the app later would not see these requests.
-    """
+    proto: str
+    http_version: str
+    method: str
+    path: str
+    query_string: str
+    scheme: str
+    client: str
+    server: str
 
-    def __init__(self, config: Config, server_state: ServerState, app_state: dict[str, Any],
-                 _loop: asyncio.AbstractEventLoop | None = None) -> None:
-        super().__init__(config, server_state, app_state, _loop)
-        state = getattr(config.app, "state", None)
-        direct: DirectPost | None = getattr(state, "direct_post", None)
-        plain = not self.root_path and self.limit_concurrency is None
-        self._direct = direct if plain else None
-        self._direct_body: list[bytes] | None = None  # a direct request's body so far
-        self._direct_keep_alive = True
-        self._direct_version = "1.1"
+    @property
+    def headers(self) -> RsgiHeaders: ...
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvicorn serves TCP here: the transport is an asyncio.Transport (typeshed types the base method wider).
-        super().connection_made(GatheringTransport(cast(asyncio.Transport, transport), self.loop))
 
-    def on_headers_complete(self) -> None:
-        d = self._direct
-        if (d is not None and self.url == d.path and self.parser.get_method() == b"POST"
-                and not self.expect_100_continue and not self.parser.should_upgrade()
-                and (self.cycle is None or self.cycle.response_complete) and d.direct(self.headers)):
-            self._direct_body = []
-            self._direct_version = self.parser.get_http_version()
-            self._direct_keep_alive = self._direct_version != "1.0" and self.parser.should_keep_alive()
-            return
-        super().on_headers_complete()
+class RsgiStream(Protocol):
+    async def send_bytes(self, data: bytes) -> None: ...
 
-    def on_body(self, body: bytes) -> None:
-        if self._direct_body is not None:
-            self._direct_body.append(body)
-        else:
-            super().on_body(body)
 
-    def on_message_complete(self) -> None:
-        chunks = self._direct_body
-        if chunks is None:
-            super().on_message_complete()
-            return
-        self._direct_body = None
-        assert self._direct is not None
+class RsgiProtocol(Protocol):
+    """The part of an RSGI HTTP protocol used here (RSGI spec, "HTTP protocol")."""
+
+    def __aiter__(self) -> Any: ...
+
+    async def client_disconnect(self) -> None: ...
+
+    def response_bytes(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None: ...
+
+    def response_stream(self, status: int, headers: list[tuple[str, str]]) -> RsgiStream: ...
+
+
+class HealthdApp:
+    """One healthd instance as an application: RSGI (``__rsgi__``) and ASGI (``__call__``), both
+    behind one ``Gate``. ``state`` is the router's (``state.healthd``, ``state.alertmanager``)."""
+
+    def __init__(self, router: Starlette, gate: Gate, reports: Reports, lifecycle: Lifecycle) -> None:
+        self.router = router
+        self.gate = gate
+        self.reports = reports
+        self.lifecycle = lifecycle
+
+    @property
+    def state(self) -> State:
+        return self.router.state
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """Every route a request can reach (through ``Gate``): the router's; ``POST /v1/reports`` is one."""
+        return self.router.routes
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """The background loops run while inside (``healthd.server.lifecycle``)."""
+        self.lifecycle.start()
         try:
-            status, body = self._direct.answer(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            content_type = b"application/json"
-        except Exception:  # as uvicorn would for an app that raised: logged, a 500, the connection kept
-            self.logger.exception("Exception in ASGI application\n")
-            status, body, content_type = 500, b"Internal Server Error", b"text/plain; charset=utf-8"
-        if self.access_log:
-            self.access_logger.info('%s - "%s %s HTTP/%s" %d', get_client_addr(self.scope), "POST",
-                                    self._direct.path.decode(), self._direct_version, status)
-        content = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            content += (name, b": ", value, b"\r\n")
-        content += (b"content-type: ", content_type, b"\r\ncontent-length: ", b"%d" % len(body), b"\r\n")
-        if not self._direct_keep_alive:
-            content.append(b"connection: close\r\n")
-        content += (b"\r\n", body)
-        self.transport.write(b"".join(content))
-        if not self._direct_keep_alive:
-            self.transport.close()
-        self.on_response_complete()
+            yield
+        finally:
+            await self.lifecycle.stop()
 
-    def shutdown(self) -> None:
-        if self._direct_body is not None:  # a direct request's body is still arriving: answer it, then close
-            self._direct_keep_alive = False
+    # ------------------------------------------------------------------ RSGI
+
+    async def __rsgi__(self, scope: RsgiScope, proto: RsgiProtocol) -> None:
+        if scope.proto != "http":  # no websockets here; granian is started without them
             return
-        super().shutdown()
+        headers = scope.headers
+        refusal = self.gate.check(scope.path, headers.get("authorization", "").encode("latin-1", "replace"),
+                                  headers.get("content-length"))
+        if refusal is None:
+            body = await self._read_rsgi(proto)
+            if body is None:
+                refusal = self.gate.too_large()
+            elif scope.method == "POST" and scope.path == REPORTS_PATH:
+                try:
+                    status, answer = self.reports.answer(body)
+                except Exception:  # a bug in ingest: logged, a 500, the connection kept (as the router would)
+                    log.exception("Exception in the application")
+                    proto.response_bytes(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")
+                    return
+                proto.response_bytes(status, [("content-type", JSON)], answer)
+                return
+            else:
+                await self._asgi_from_rsgi(scope, proto, body)
+                return
+        proto.response_bytes(refusal.status, [("content-type", JSON), *refusal.headers], refusal.body)
+
+    async def _read_rsgi(self, proto: RsgiProtocol) -> bytes | None:
+        """The whole body; None when it grows past ``limits.max_body_bytes`` (what came is dropped)."""
+        chunks: list[bytes] = []
+        size, limit = 0, self.gate.max_body
+        async for chunk in proto:
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _asgi_from_rsgi(self, scope: RsgiScope, proto: RsgiProtocol, body: bytes) -> None:
+        """Serve a request whose body was read by the RSGI door through the Starlette router."""
+        client_host, _, client_port = scope.client.rpartition(":")
+        server_host, _, server_port = scope.server.rpartition(":")
+        asgi_scope: Scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": scope.http_version,
+            "method": scope.method, "scheme": scope.scheme, "path": scope.path,
+            "raw_path": scope.path.encode(), "query_string": scope.query_string.encode("latin-1"),
+            "root_path": "", "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in scope.headers.items()],
+            "client": (client_host, int(client_port or 0)), "server": (server_host, int(server_port or 0)),
+        }
+        answered = _RsgiResponse(proto)
+        delivered = False
+
+        async def receive() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await proto.client_disconnect()
+            return {"type": "http.disconnect"}
+
+        try:
+            await self.router(asgi_scope, receive, answered.send)
+        except Exception:
+            log.exception("Exception in the application")
+            if answered.status is None:
+                proto.response_bytes(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # the lifespan: the router runs ``lifespan`` above
+            await self.router(scope, receive, send)
+            return
+        authorization, length = b"", None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                length = value.decode("latin-1")
+        refusal = self.gate.check(scope["path"], authorization, length)
+        if refusal is None:
+            body = await self._read_asgi(receive)
+            if body is None:
+                refusal = self.gate.too_large()
+            else:
+                await self.router(scope, _replay(body, receive), send)
+                return
+        await send({"type": "http.response.start", "status": refusal.status, "headers": [
+            (b"content-type", JSON.encode()), *((k.encode(), v.encode()) for k, v in refusal.headers),
+            (b"content-length", b"%d" % len(refusal.body))]})
+        await send({"type": "http.response.body", "body": refusal.body})
+
+    async def _read_asgi(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size, limit = 0, self.gate.max_body
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b""  # the client went away: the route answers an empty body to no one
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives the already-read body once, then waits for the disconnect."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class _RsgiResponse:
+    """ASGI ``send`` onto an RSGI protocol: one ``response_bytes`` for a response in one body
+    message (Starlette's ``Response``), a stream otherwise."""
+
+    def __init__(self, proto: RsgiProtocol) -> None:
+        self.proto = proto
+        self.status: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.stream: RsgiStream | None = None
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body":
+            assert self.status is not None
+            body, more = message.get("body", b""), message.get("more_body", False)
+            if self.stream is None and not more:
+                self.proto.response_bytes(self.status, self.headers, body)
+                return
+            if self.stream is None:
+                self.stream = self.proto.response_stream(self.status, self.headers)
+            if body:
+                await self.stream.send_bytes(body)
+
+
+# ---------------------------------------------------------------------- running it
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where and how ``serve`` listens: ``healthd serve``'s flags."""
+
+    host: str = "127.0.0.1"
+    port: int = 9184
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    access_log: bool = False
+    log_level: str = "info"
+
+
+# Close to uvicorn's access line, which healthd's logs had before granian: client - "METHOD path HTTP/v" status
+# (granian's log record has the query string apart, without its '?'; uvicorn's reason phrase is not in it)
+ACCESS_LOG_FORMAT = '%(addr)s - "%(method)s %(path)s %(protocol)s" %(status)d'
+
+
+async def serve(app: HealthdApp, listen: Listen, stop: asyncio.Event,
+                started: Callable[[], None] = lambda: None) -> None:
+    """Run ``app`` on granian until ``stop`` is set: the lifespan first (background loops), then the
+    server; at the end in-flight requests finish, then the lifespan's stop settles and persists.
+    ``started`` is called once the port accepts connections."""
+    from granian.constants import HTTPModes, Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    async with app.lifespan():
+        server = Server(
+            app, address=listen.host, port=listen.port, interface=Interfaces.RSGI, http=HTTPModes.http1,
+            websockets=False, log_level=LogLevels(listen.log_level.lower()),
+            log_access=listen.access_log, log_access_format=ACCESS_LOG_FORMAT,
+            ssl_key=Path(listen.ssl_keyfile) if listen.ssl_keyfile else None,
+            ssl_cert=Path(listen.ssl_certfile) if listen.ssl_certfile else None)
+        listening = asyncio.Event()
+        server.on_startup(listening.set)  # granian's hook: its socket is bound and listening
+        task = asyncio.create_task(server.serve())
+        waiting = asyncio.create_task(listening.wait())
+        await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            waiting.cancel()
+            await task  # it ended before listening: its error
+            raise RuntimeError("granian exited before listening")
+        started()
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.stop()
+        stopping.cancel()
+        await task
+
+
+def run(app: HealthdApp, listen: Listen) -> None:
+    """``serve`` on this thread's own event loop (uvloop when installed, as before) until SIGTERM or SIGINT."""
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(app, listen, stop)
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

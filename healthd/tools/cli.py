@@ -14,11 +14,9 @@ from healthd.settings import ConfigError, Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from healthd.server.app import create_app
     from healthd.server.gc_policy import ServingGC
-    from healthd.server.serving import GatheringHttpToolsProtocol
+    from healthd.server.serving import Listen, run
 
     try:
         settings = Settings.from_yaml(args.config) if args.config else Settings()
@@ -34,11 +32,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"healthd: bad configuration: {e}", file=sys.stderr)
         return 2
-    # SIGTERM/SIGINT: uvicorn stops accepting, finishes in-flight requests (up to 10 s), then
-    # the app's lifespan shutdown flushes alert state to SQLite.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=args.access_log,
-                timeout_graceful_shutdown=10, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                http=GatheringHttpToolsProtocol)  # one socket write per response (healthd.server.serving)
+    logging.getLogger().setLevel(args.log_level.upper())  # healthd's own loggers; granian's follow --log-level too
+    # SIGTERM/SIGINT: granian stops accepting and finishes in-flight requests, then the app's
+    # lifespan shutdown settles and flushes alert state to SQLite (healthd.server.serving.serve).
+    run(app, Listen(host=settings.host, port=settings.port, ssl_keyfile=args.ssl_keyfile,
+                    ssl_certfile=args.ssl_certfile, access_log=args.access_log, log_level=args.log_level))
     return 0
 
 
@@ -148,8 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="require 'Authorization: Bearer TOKEN' (prefer $HEALTHD_TOKEN: argv is visible in ps)")
     serve.add_argument("--db", default=None,
                        help="SQLite file for alert state and history (default $HEALTHD_DB, else in memory)")
-    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM), passed to uvicorn")
-    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM), passed to uvicorn")
+    serve.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM), passed to granian")
+    serve.add_argument("--ssl-certfile", default=None, help="TLS certificate chain (PEM), passed to granian")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="healthd plus a small CPU training run with a fault")

@@ -1,6 +1,6 @@
 """``healthd demo``: healthd in-process plus a small real training run with a fault.
 
-Starts a real healthd (uvicorn) on a free port, trains a small MLP on a
+Starts a real healthd (granian) on a free port, trains a small MLP on a
 synthetic classification task on the CPU with ``healthd_client`` attached,
 injects the chosen fault, shows a live view of progress, key metrics and alerts
 as they fire, and ends with every alert's evidence and advice. torch is

@@ -1,4 +1,4 @@
-"""NVML test double -> GPU sampler thread -> real healthd (uvicorn) -> GPU rules and /metrics.
+"""NVML test double -> GPU sampler thread -> real healthd (granian) -> GPU rules and /metrics.
 
 Two ranks in one process, each with its own monitor and fake GPU: rank 0's GPU is idle, nearly full,
 hot and throws XID 79; rank 1's is healthy. What a user would see: alerts on rank 0, a job-wide

@@ -1,4 +1,4 @@
-"""``healthd serve`` over TLS (uvicorn's ``--ssl-keyfile/--ssl-certfile``), as the README documents it."""
+"""``healthd serve`` over TLS (``--ssl-keyfile/--ssl-certfile``, passed to granian), as the README documents it."""
 
 from __future__ import annotations
 

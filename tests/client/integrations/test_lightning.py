@@ -1,4 +1,4 @@
-"""HealthdCallback for Lightning: a real Trainer on CPU reporting to a real healthd (uvicorn)."""
+"""HealthdCallback for Lightning: a real Trainer on CPU reporting to a real healthd (granian)."""
 
 from __future__ import annotations
 

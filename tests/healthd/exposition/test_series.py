@@ -1,4 +1,4 @@
-"""GET /v1/jobs/{job}/series and GET /v1/jobs/{job} on a real uvicorn server."""
+"""GET /v1/jobs/{job}/series and GET /v1/jobs/{job} on a real server (granian, as `healthd serve`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GET / : the server-rendered status page, on a real uvicorn server."""
+"""GET / : the server-rendered status page, on a real server (granian, as `healthd serve`)."""
 
 from __future__ import annotations
 

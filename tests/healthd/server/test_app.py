@@ -1,4 +1,4 @@
-"""The HTTP API and /metrics against a real uvicorn server on 127.0.0.1."""
+"""The HTTP API and /metrics against a real server (granian, as ``healthd serve``) on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -161,13 +161,13 @@ def test_metrics_are_collected_in_slices_that_let_other_work_in_and_read_as_one_
 
 
 def test_reports_skip_the_router_but_not_its_answers(healthd_server: LiveHealthd) -> None:
-    # POST /v1/reports goes straight to its endpoint (app.ReportsFirst); other methods still get the router's 405.
+    # POST /v1/reports goes straight to its endpoint (the RSGI door); other methods still get the router's 405.
     r = healthd_server.get("/v1/reports")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and "error" in r.json()
 
 
 def test_behind_a_root_path_the_router_serves_reports() -> None:
-    async def post() -> httpx.Response:  # the shortcut does not match the full path: the router does it
+    async def post() -> httpx.Response:  # the ASGI door: the router strips the root path
         transport = httpx.ASGITransport(app=create_app(), root_path="/healthd")
         async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
             return await client.post("/healthd/v1/reports", content=_batch(_step(0, loss=1.0), _step(1, loss=1.0)))

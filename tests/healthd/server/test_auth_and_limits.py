@@ -1,4 +1,4 @@
-"""Bearer-token auth and cardinality caps, against a real uvicorn server."""
+"""Bearer-token auth and cardinality caps, against a real server (granian, as `healthd serve`)."""
 
 from __future__ import annotations
 

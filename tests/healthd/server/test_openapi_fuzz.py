@@ -1,4 +1,4 @@
-"""Fuzz the HTTP API from its own OpenAPI document with schemathesis, against a real uvicorn server.
+"""Fuzz the HTTP API from its own OpenAPI document with schemathesis, against a real server (granian).
 
 Every generated request, valid (positive) or not (negative), must get a documented
 status and never a 5xx, and answers must match the documented schemas. The
