@@ -47,8 +47,11 @@ def serve_in_thread(settings: Settings | None = None, *, start_timeout_seconds: 
                     **create_kw: Any) -> Iterator[Embedded]:
     """Start healthd on 127.0.0.1 and a free port; stop it on exit."""
     port = free_port()
-    settings = (settings or Settings()).model_copy(update={"host": "127.0.0.1", "port": port})
-    app = create_app(settings, **create_kw)
+    if create_kw.get("hd") is not None:  # an instance built beforehand brings its own settings (create_app)
+        app = create_app(**create_kw)
+    else:
+        app = create_app((settings or Settings()).model_copy(update={"host": "127.0.0.1", "port": port}),
+                         **create_kw)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     started = threading.Event()

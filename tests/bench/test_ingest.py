@@ -18,18 +18,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_every_target_serves_its_load_and_reports_what_the_readme_quotes() -> None:
     out = subprocess.run(
         [sys.executable, "bench/ingest.py", "--ranks", "16", "--seconds", "3", "--warmup-seconds", "0.5",
-         "--prefill-steps", "32", "--scrape-seconds", "0.5", "--targets", "bare,direct,healthd,validate,parse"],
+         "--prefill-steps", "32", "--scrape-seconds", "0.5", "--targets",
+         "bare,bare-rsgi,healthd,healthd-asgi,validate,parse"],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=True).stdout
     rows = {line.split()[0]: dict(kv.split("=") for kv in line.split()[1:])
             for line in out.splitlines() if "reports_per_second=" in line}
-    assert set(rows) == {"bare", "direct", "healthd", "validate", "parse"}, out
+    assert set(rows) == {"bare", "bare-rsgi", "healthd", "healthd-asgi", "validate", "parse"}, out
     for target, row in rows.items():
         assert float(row["failed_requests"]) == 0 and float(row["requests"]) > 0, (target, out)
         assert float(row["reports_per_second"]) > 0 and float(row["p99_ms"]) >= float(row["p50_ms"]) > 0
         assert 0 <= float(row["server_cpu_steal_pct"]) <= 100
     healthd = rows["healthd"]
     assert float(healthd["rank_evaluations_per_s"]) > 0 and float(healthd["scrape_ms_max"]) > 0, out
-    assert "healthd / bare = " in out and "healthd / direct = " in out
+    assert "healthd / bare = " in out and "healthd / bare-rsgi = " in out
 
 
 def test_steal_is_read_from_proc_stat_for_the_server_core() -> None:
