@@ -16,6 +16,8 @@ class LearningRateNotScaledConfig(RuleConfig):
     window_steps: int = Field(default=100, ge=4, description="steps searched for a batch-size change")
     persist_steps: int = Field(default=3, ge=1, description="steps the new batch size must persist "
                                "(a short last batch of an epoch is not a change)")
+    varying_persist_steps: int = Field(default=20, ge=1, description="steps the new batch size must persist when "
+                                       "sizes vary step to step (e.g. token counts)")
     batch_change_factor: float = Field(default=2.0, gt=1, description="batch-size ratio that counts as a change")
     tolerance_factor: float = Field(default=1.5, gt=1, description="slack around the sqrt..linear scaling band")
 
@@ -30,7 +32,10 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
     Source: Goyal et al. 2017 (linear scaling rule: multiply the LR by k when the
     batch grows k-fold, with warm-up); the square-root rule (Krizhevsky 2014,
     common with Adam) is accepted too. Thresholds: batch ratio k >= 2 persisting
-    ``persist_steps`` (3); the LR ratio must lie within [sqrt(k), k] widened by
+    ``persist_steps`` (3) as a new level (a one-step dip such as an epoch's
+    short last batch, or an uneven shard's remainder, is not a change; where
+    the sizes vary step to step, e.g. token counts, the new level must hold
+    ``varying_persist_steps``, 20); the LR ratio must lie within [sqrt(k), k] widened by
     ``tolerance_factor`` (1.5x) on each side.
     """
 
@@ -45,32 +50,40 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        sizes = [b for b in window.column("batch_size", cfg.window_steps) if b]
-        if not sizes or min(sizes) == max(sizes):
+        sizes_col = [b for b in window.column("batch_size", cfg.window_steps) if b]
+        if not sizes_col or min(sizes_col) == max(sizes_col):
             return None  # the batch size did not change in the window: the common case, from one column
         steps = [s for s in window.last(cfg.window_steps) if s.batch_size and s.lr]
         p = cfg.persist_steps
         if len(steps) < p + 1:
             return None
         ws = window.meta.world_size
-        recent = steps[-p:]
-        new_batch = recent[0].batch_size
-        if any(s.batch_size != new_batch for s in recent):
+        sizes = [float(s.batch_size or 0) for s in steps]
+        # A change is a sustained new level, not a one-step dip: the new level is the median of the
+        # last persist_steps sizes, and the run at it reaches back over single off-level steps (the
+        # short last batch of an epoch, an uneven shard's remainder).
+        new_batch = median(sizes[-p:])
+        half_band = math.sqrt(cfg.batch_change_factor)
+        at_level = [new_batch / half_band < b < new_batch * half_band for b in sizes]
+        start = len(sizes)
+        while start > 0 and (at_level[start - 1] or (start > 1 and at_level[start - 2])):
+            start -= 1 if at_level[start - 1] else 2
+        run = sum(at_level[start:])
+        before = sizes[:start]
+        if len(before) < p or run < p:
             return None
-        # the last step before the new size took over
-        i = len(steps) - p - 1
-        while i >= 0 and steps[i].batch_size == new_batch:
-            i -= 1
-        if i < 0:
-            return None
-        before = [s for s in steps[:i + 1] if s.batch_size != new_batch][-5:]
-        old_batch = median([float(s.batch_size or 0) for s in before])
-        if old_batch <= 0 or new_batch is None:
+        old_batch = median(before[-4 * p:])
+        if old_batch <= 0 or new_batch <= 0:
             return None
         k = new_batch / old_batch
         if max(k, 1 / k) < cfg.batch_change_factor:
             return None
-        lr_old = median([s.lr[0] for s in before])
+        if max(_spread(before[-4 * p:]), _spread(sizes[start:])) > half_band and run < cfg.varying_persist_steps:
+            return None  # sizes that vary step to step (token counts): a level needs more steps to show
+        i = start - 1
+        before_steps = steps[max(0, start - 5):start]
+        recent = steps[-p:]
+        lr_old = median([s.lr[0] for s in before_steps])
         lr_new = median([s.lr[0] for s in recent])
         if lr_old <= 0 or not math.isfinite(lr_old) or not math.isfinite(lr_new):
             return None
@@ -89,3 +102,11 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
             step=s.step,
             rank=window.rank,
         )
+
+
+def _spread(sizes: list[float]) -> float:
+    """The interdecile ratio p90/p10 of positive sizes: 1 for a fixed batch, ~4 for token counts in 200..800."""
+    ordered = sorted(sizes)
+    cut = len(ordered) // 10
+    low = ordered[cut]
+    return ordered[len(ordered) - 1 - cut] / low if low > 0 else math.inf

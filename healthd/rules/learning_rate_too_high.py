@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series, sound_steps
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
@@ -90,7 +90,7 @@ class LearningRateTooHigh(Rule[LearningRateTooHighConfig]):
 
     def _loss_after_lr_jump(self, window: RankWindow) -> tuple[float, float, float, float] | None:
         cfg = self.config
-        steps = window.last(2 * cfg.window_steps)
+        steps = window.last(sound_steps(window, 2 * cfg.window_steps))  # since any NaN
         if len(steps) < 4:
             return None
         lrs = [s.lr[0] if s.lr else None for s in steps]

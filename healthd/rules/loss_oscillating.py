@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series, sound_steps
 from healthd.state.windows import RankWindow, finite
 
 
@@ -45,7 +45,8 @@ class LossOscillating(Rule[LossOscillatingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
+        # only the steps since any NaN/Inf: a window straddling one says nothing about its shape
+        losses = window.values_from_step("loss", sound_steps(window, cfg.window_steps), cfg.warmup_steps)
         if len(losses) < cfg.window_steps or min(losses) < 0:
             return None
         level = median(losses)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, series, sound_steps
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
 
@@ -51,7 +51,7 @@ class LossPlateau(Rule[LossPlateauConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        losses = window.values("loss", cfg.window_steps)
+        losses = window.values("loss", sound_steps(window, cfg.window_steps))  # since any NaN
         if len(losses) < cfg.window_steps:
             return None
         k = cfg.edge_steps

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
+from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median, sound_steps
 from healthd.state.windows import RankWindow
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
@@ -55,7 +55,7 @@ class VanishingGradients(Rule[VanishingGradientsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:  # type: ignore[override]
         cfg = self.config
-        norms = window.values("grad_norm", cfg.window_steps)
+        norms = window.values("grad_norm", sound_steps(window, cfg.window_steps))  # since any NaN
         if len(norms) < cfg.min_history_steps:
             return None
         s = window.steps[-1]
