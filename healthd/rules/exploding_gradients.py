@@ -39,8 +39,8 @@ class ExplodingGradients(Rule[ExplodingGradientsConfig]):
     magnitude (``critical_factor``, 100x, on its own: fires at that step,
     critical); sustained or growing (the step before or after it is also over
     ``sustain_factor``, 5x); or loss damage (within ``confirm_steps``, 3, after
-    it a loss is non-finite or above every loss of the window before it, and
-    above twice their median). Steps before the last NaN/Inf are not read.
+    it a loss is non-finite, or two losses in a row are above every loss of
+    the window before it and above twice their median). Steps before the last NaN/Inf are not read.
 
     Source: "Vanishing or exploding gradients" (seed 000/001); gradient clipping
     advice (seed 000); Pascanu, Mikolov and Bengio 2013, "On the difficulty of
@@ -121,8 +121,14 @@ class ExplodingGradients(Rule[ExplodingGradientsConfig]):
             if v is not None and math.isfinite(v) and v >= cfg.sustain_factor * base:
                 return f"sustained: step {region[j].step} is over {cfg.sustain_factor:g}x too", max(s.step,
                                                                                                   region[j].step)
+        # Damage lasts: two losses in a row above every loss before (one can be a hard minibatch), or a NaN.
+        above = 0
         for later in region[i + 1:i + 1 + cfg.confirm_steps]:
             v = later.loss
-            if v is not None and loss_ceiling is not None and (not math.isfinite(v) or v > loss_ceiling):
-                return f"followed by loss damage: the loss at step {later.step} is above any before", later.step
+            if v is not None and not math.isfinite(v):
+                return f"followed by loss damage: the loss at step {later.step} is non-finite", later.step
+            above = above + 1 if v is not None and loss_ceiling is not None and v > loss_ceiling else 0
+            if above == 2:
+                return f"followed by loss damage: the losses up to step {later.step} are above any before", \
+                    later.step
         return None

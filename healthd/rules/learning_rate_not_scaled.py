@@ -11,6 +11,9 @@ from healthd.rules.base import Finding, Rule, RuleConfig, Scope, fmt, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
+# Off-level steps a level's run reaches over: an epoch's short last batch, a burst of short sequences.
+_MAX_GAP_STEPS = 2
+
 
 class LearningRateNotScaledConfig(RuleConfig):
     window_steps: int = Field(default=100, ge=4, description="steps searched for a batch-size change")
@@ -60,25 +63,34 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
         ws = window.meta.world_size
         sizes = [float(s.batch_size or 0) for s in steps]
         # A change is a sustained new level, not a one-step dip: the new level is the median of the
-        # last persist_steps sizes, and the run at it reaches back over single off-level steps (the
-        # short last batch of an epoch, an uneven shard's remainder).
+        # last persist_steps sizes, and the run of steps nearer to it than to the window's first level
+        # reaches back over up to _MAX_GAP_STEPS off-level steps (the short last batch of an epoch, an uneven
+        # shard's remainder).
         new_batch = median(sizes[-p:])
-        half_band = math.sqrt(cfg.batch_change_factor)
-        at_level = [new_batch / half_band < b < new_batch * half_band for b in sizes]
-        start = len(sizes)
-        while start > 0 and (at_level[start - 1] or (start > 1 and at_level[start - 2])):
-            start -= 1 if at_level[start - 1] else 2
+        first_level = median(sizes[:max(p, len(sizes) // 4)])
+        if new_batch <= 0 or first_level <= 0:
+            return None
+        at_level = [abs(math.log(b / new_batch)) < abs(math.log(b / first_level)) for b in sizes]
+        start, gap = len(sizes), 0
+        for j in range(len(sizes) - 1, -1, -1):
+            if at_level[j]:
+                start, gap = j, 0
+            else:
+                gap += 1
+                if gap > _MAX_GAP_STEPS:
+                    break
         run = sum(at_level[start:])
         before = sizes[:start]
         if len(before) < p or run < p:
             return None
-        old_batch = median(before[-4 * p:])
-        if old_batch <= 0 or new_batch <= 0:
+        old_batch = median(before)
+        if old_batch <= 0:
             return None
         k = new_batch / old_batch
         if max(k, 1 / k) < cfg.batch_change_factor:
             return None
-        if max(_spread(before[-4 * p:]), _spread(sizes[start:])) > half_band and run < cfg.varying_persist_steps:
+        varying = max(_spread(before), _spread(sizes[start:])) > math.sqrt(cfg.batch_change_factor)
+        if varying and run < cfg.varying_persist_steps:
             return None  # sizes that vary step to step (token counts): a level needs more steps to show
         i = start - 1
         before_steps = steps[max(0, start - 5):start]
@@ -105,8 +117,9 @@ class LearningRateNotScaled(Rule[LearningRateNotScaledConfig]):
 
 
 def _spread(sizes: list[float]) -> float:
-    """The interdecile ratio p90/p10 of positive sizes: 1 for a fixed batch, ~4 for token counts in 200..800."""
+    """The ratio p80/p20 of positive sizes: 1 for a fixed batch (with a short batch in fewer than 1 in 5
+    steps), ~2.3 for token counts uniform in 200..800."""
     ordered = sorted(sizes)
-    cut = len(ordered) // 10
+    cut = len(ordered) // 5
     low = ordered[cut]
     return ordered[len(ordered) - 1 - cut] / low if low > 0 else math.inf
