@@ -71,8 +71,18 @@ class Result:
         return self.detected if self.kind == "fault" else not self.false_alarms
 
 
-def run_one(scenario: Any) -> Result:
-    """Train one scenario with a fresh healthd and score it."""
+def run_one(scenario: Any, seed: int = 0) -> Result:
+    """Train one scenario with a fresh healthd and score it (``seed``: see ``scenarios.SEED``)."""
+    from bench.faultzoo.scenarios import SEED
+
+    token = SEED.set(seed)
+    try:
+        return _run_one(scenario, seed)
+    finally:
+        SEED.reset(token)
+
+
+def _run_one(scenario: Any, seed: int) -> Result:
     from healthd_client import MonitorConfig, attach
 
     recorder = FiringRecorder()
@@ -95,7 +105,8 @@ def run_one(scenario: Any) -> Result:
     for alert in hd.engine.alerts(f"zoo-{scenario.name}"):
         if alert.rule in recorder.fired and alert.fired_at is not None:
             recorder.fired[alert.rule]["severity"] = alert.severity.value
-    res = Result(name=scenario.name, kind="control" if scenario.expected is None else "fault",
+    res = Result(name=scenario.name if seed == 0 else f"{scenario.name}@{seed}",
+                 kind="control" if scenario.expected is None else "fault",
                  expected=scenario.expected, onset=onset, steps=setup.steps, fired=recorder.fired,
                  seconds=round(time.perf_counter() - t0, 2))
     if scenario.expected is not None and scenario.expected in recorder.fired:
@@ -132,13 +143,14 @@ def format_row(r: Result) -> str:
     return f"{r.name:<28} {r.expected or '(control)':<26} {verdict:<32} {fired}"
 
 
-def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.stdout) -> list[Result]:
+def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.stdout, seeds: int = 1) -> list[Result]:
     results = []
     print(f"{'scenario':<28} {'expected':<26} {'verdict':<32} alerts fired (severity@step)", file=stream)
     for sc in scenarios:
-        r = run_one(sc)
-        results.append(r)
-        print(format_row(r), file=stream, flush=True)
+        for seed in range(seeds):
+            r = run_one(sc, seed)
+            results.append(r)
+            print(format_row(r), file=stream, flush=True)
     s = summarize(results)
     print(f"recall {s['detected']}/{s['faults']} = {100 * (s['recall'] or 0):.0f}%, false alarms "
           f"{s['false_alarms']}/{s['controls']} controls, median steps to detect {s['median_steps_to_detect']} "
@@ -154,10 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.faultzoo", description=__doc__)
     p.add_argument("--only", nargs="*", help="scenario names to run (default: all)")
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="JSON result path")
+    p.add_argument("--seeds", type=int, default=1, help="run each scenario with seeds 0..N-1 (default 1)")
+    p.add_argument("--kind", choices=("all", "fault", "control"), default="all", help="faults, controls or both")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)  # tiny models; the machine's cores are shared
-    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
-    results = run(chosen, Path(args.out))
+    chosen = [s for s in SCENARIOS if (not args.only or s.name in args.only)
+              and (args.kind == "all" or (s.expected is None) == (args.kind == "control"))]
+    results = run(chosen, Path(args.out), seeds=args.seeds)
     return 0 if all(r.ok for r in results) else 1

@@ -9,6 +9,7 @@ classes; no download) and small synthetic tasks. Everything runs on CPU.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# The run's seed (``python -m bench.faultzoo --seeds N`` runs each scenario with seeds 0..N-1): scenarios
+# take their torch seeds from ``seed(k)``, so a run's weights and minibatches change with it, not the data.
+SEED: contextvars.ContextVar[int] = contextvars.ContextVar("faultzoo_seed", default=0)
+
+
+def seed(k: int) -> int:
+    """The k-th random seed of a scenario under the current run's seed."""
+    return k + 1000 * SEED.get()
 
 
 @dataclass
@@ -45,7 +55,7 @@ def digits(raw: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32)
     y = torch.tensor(d.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed(0))
     perm = torch.randperm(len(x), generator=g)
     x, y = x[perm], y[perm]
     if not raw:
@@ -74,7 +84,7 @@ def loop(model: nn.Module, opt: torch.optim.Optimizer, mon: Any, *, steps: int =
     """Minibatch training on digits with hooks to inject a fault."""
     x, y, xv, yv = digits(raw)
     x, y = x[:train_size], (labels if labels is not None else y)[:train_size]
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed(1))
     for i in range(steps):
         b = batch(i) if callable(batch) else batch
         idx = torch.randint(0, len(x), (b,), generator=g)
@@ -124,29 +134,29 @@ def gradient_spike() -> Setup:
 
 
 def deep_sigmoid() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(mlp(nn.Sigmoid, width=32, depth=10), lr=1e-3, opt="sgd", steps=80)
 
 
 def lr_too_high() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(lr=0.5, steps=60)
 
 
 def lr_too_low() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(lr=1e-7, opt="sgd", steps=80)
 
 
 def optimizer_over_copy() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model, other = mlp(), mlp()
     opt = torch.optim.Adam(other.parameters(), lr=1e-3)  # built over another instance
     return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=40), 40, {"num_classes": 10})
 
 
 def error_explodes() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
@@ -159,38 +169,38 @@ def error_explodes() -> Setup:
 
 
 def error_goes_up() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(lr=1e-2, sign=-1.0, steps=60)  # the loss is maximised: a sign error
 
 
 def labels_shuffled() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     _, y, _, _ = digits()
-    labels = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(3))]
+    labels = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed(3)))]
     return _std(lr=1e-3, labels=labels, steps=120)  # a plateau is judged against 30 steps of noise: room
 
 
 def forgot_zero_grad() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(lr=1e-3, zero_grad=False, steps=30)
 
 
 def softmax_wrong_dim() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(forward=lambda m, x: F.softmax(m(x), dim=0), steps=30)
 
 
 def softmax_before_cross_entropy() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(forward=lambda m, x: F.softmax(m(x), dim=1), loss_fn=nn.CrossEntropyLoss(), steps=30)
 
 
 def _regression(broadcast: bool, steps: int = 60) -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     w = torch.randn(8)
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed(2))
 
     def train(mon: Any) -> None:
         for _ in range(steps):
@@ -206,19 +216,19 @@ def _regression(broadcast: bool, steps: int = 60) -> Setup:
 
 
 def detached_layer() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     return _std(model, forward=lambda m, x: m[2:](m[1](m[0](x).detach())), steps=30)
 
 
 def eval_mode_left_on() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10))
     return _std(model, on_step=lambda i: model.eval() if i == 29 else None, steps=50)
 
 
 def bad_output_init() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     with torch.no_grad():
         model[-1].weight.mul_(30.0)
@@ -226,12 +236,12 @@ def bad_output_init() -> Setup:
 
 
 def raw_inputs() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(raw=True, steps=30)
 
 
 def dying_relu() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     with torch.no_grad():
         model[0].bias.fill_(-20.0)
@@ -239,7 +249,7 @@ def dying_relu() -> Setup:
 
 
 def saturated_tanh() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp(nn.Tanh)
     with torch.no_grad():
         model[0].weight.mul_(100.0)
@@ -247,26 +257,26 @@ def saturated_tanh() -> Setup:
 
 
 def dropout_before_bn() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
     return _std(model, steps=20)
 
 
 def bn_small_batch() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10))
     return _std(model, batch=4, steps=20)
 
 
 def lr_oscillating() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = nn.Linear(64, 10)
     opt = torch.optim.SGD(model.parameters(), lr=30.0)  # ~100x a sane rate for this problem
     return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=60), 60, {"num_classes": 10})
 
 
 def overfitting() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp(width=256)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     evals: list[float] = []
@@ -284,14 +294,14 @@ def overfitting() -> Setup:
 
 
 def large_batch() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     s = _std(batch=512, steps=20)
     s.hints["dataset_size"] = 1400
     return s
 
 
 def lr_not_scaled() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     s = _std(batch=lambda i: 32 if i < 30 else 256, steps=50)
     s.hints["dataset_size"] = 1400 * 20  # as if the data set were large: only the scaling is at fault
     return s
@@ -301,12 +311,12 @@ def lr_not_scaled() -> Setup:
 
 
 def ctrl_mlp() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     return _std(steps=200, eval_every=50)
 
 
 def ctrl_cnn_bn() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(32, 10))
@@ -325,10 +335,10 @@ class SeqClassifier(nn.Module):
 
 
 def ctrl_lstm_clip() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = SeqClassifier()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(seed(4))
 
     def train(mon: Any) -> None:
         for _ in range(150):
@@ -357,13 +367,13 @@ class TinyTransformer(nn.Module):
 
 
 def ctrl_transformer() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = TinyTransformer()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     steps, warm = 150, 15
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / (steps - warm))))
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(seed(5))
 
     def train(mon: Any) -> None:
         for _ in range(steps):
@@ -383,18 +393,18 @@ def ctrl_regression() -> Setup:
 
 
 def ctrl_sgd_momentum_wd() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=150, eval_every=50), 150, {"num_classes": 10})
 
 
 def ctrl_grad_accumulation() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y, _, _ = digits()
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator().manual_seed(seed(6))
 
     def train(mon: Any) -> None:
         for _ in range(100):
@@ -409,7 +419,7 @@ def ctrl_grad_accumulation() -> Setup:
 
 
 def ctrl_bf16_autocast() -> Setup:
-    torch.manual_seed(0)
+    torch.manual_seed(seed(0))
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -417,6 +427,115 @@ def ctrl_bf16_autocast() -> Setup:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return m(xb).float()
     return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=150, forward=fwd), 150, {"num_classes": 10})
+
+
+# ---------------------------------------------------------------------------- controls from real programs
+# Each one is a habit of real training code that tripped a rule once (see tests/healthd/rules/*_real_programs.py).
+
+
+def _epochs(model: nn.Module, opt: torch.optim.Optimizer, mon: Any, *, epochs: int, batch: int, train_size: int,
+            sched: Any = None, per_epoch_sched: bool = False, clip: float | None = None,
+            loss_fn: Callable[..., torch.Tensor] = F.cross_entropy, accumulate: int = 1) -> None:
+    """Epochs of a shuffling DataLoader with drop_last=False: a short last batch every epoch."""
+    x, y, _, _ = digits()
+    data = torch.utils.data.TensorDataset(x[:train_size], y[:train_size])
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=False,
+                                         generator=torch.Generator().manual_seed(seed(7)))
+    for _ in range(epochs):
+        micro = 0
+        for xb, yb in loader:
+            loss = loss_fn(model(xb), yb)
+            (loss / accumulate).backward()
+            micro += 1
+            if micro % accumulate:
+                continue
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            opt.step()
+            opt.zero_grad()
+            if sched is not None and not per_epoch_sched:
+                sched.step()
+            mon.step(loss=loss.detach(), batch_size=len(xb) * accumulate)
+        if sched is not None and per_epoch_sched:
+            sched.step()
+
+
+def ctrl_epoch_partial_batch() -> Setup:
+    # 1000 examples in batches of 64: 15 full batches and one of 40 each epoch (drop_last=False)
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return Setup(model, opt, lambda mon: _epochs(model, opt, mon, epochs=10, batch=64, train_size=1000), 160,
+                 {"num_classes": 10, "dataset_size": 1000})
+
+
+def ctrl_epoch_tiny_last_batch() -> Setup:
+    # 1288 examples in batches of 128: the last batch of each epoch has 8 (16x smaller); step LR decay
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    return Setup(model, opt, lambda mon: _epochs(model, opt, mon, epochs=14, batch=128, train_size=1288, sched=sched,
+                                                 per_epoch_sched=True), 154, {"num_classes": 10, "dataset_size": 1288})
+
+
+def ctrl_converges_to_zero() -> Setup:
+    # a wide MLP memorises 256 examples: the loss goes to ~1e-3 and minibatch noise dominates it
+    torch.manual_seed(seed(0))
+    model = mlp(width=256)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=400, batch=32, train_size=256), 400,
+                 {"num_classes": 10})
+
+
+def _cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 10))
+
+
+def ctrl_cnn_sgd_momentum_converged() -> Setup:
+    # SGD + momentum + BatchNorm, trained to a tiny loss on a subset: heavy-tailed gradient norms
+    torch.manual_seed(seed(0))
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=300, batch=32, train_size=300), 300,
+                 {"num_classes": 10})
+
+
+def ctrl_one_cycle() -> Setup:
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=200)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=200, sched=sched), 200, {"num_classes": 10})
+
+
+def ctrl_cosine_clipped_label_smoothing() -> Setup:
+    # active clipping (max norm below the typical norm), label smoothing (loss floor ~0.5), cosine decay
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=200)
+    smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=200, loss_fn=smooth, clip=0.25, sched=sched),
+                 200, {"num_classes": 10})
+
+
+def ctrl_strong_weight_decay() -> Setup:
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-2)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=200), 200, {"num_classes": 10})
+
+
+def ctrl_accumulation_epochs() -> Setup:
+    # gradient accumulation over 4 micro-batches of 16, from an epoch loader with a short last batch
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return Setup(model, opt, lambda mon: _epochs(model, opt, mon, epochs=12, batch=16, train_size=700, accumulate=4),
+                 130, {"num_classes": 10, "grad_accumulation_steps": 4})
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -427,7 +546,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("lr_too_high_adam", "LearningRateTooHigh", lr_too_high),
     Scenario("lr_too_low_sgd", "LearningRateTooLow", lr_too_low),
     Scenario("optimizer_over_copy", "WeightsNotUpdating", optimizer_over_copy, fast=True),
-    Scenario("error_explodes", "LossDiverging", error_explodes, onset=50),
+    # The loss turns NaN 5 steps after the 400x learning rate: the page that names the cause before the NaN
+    # is the gradient's (LossDiverging no longer judges a window that straddles the NaN).
+    Scenario("error_explodes", "ExplodingGradients", error_explodes, onset=50),
     # the seeds' classics
     Scenario("error_goes_up_sign_flip", "LossDiverging", error_goes_up),
     Scenario("labels_shuffled", "LossPlateau", labels_shuffled),
@@ -457,4 +578,13 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("ctrl_sgd_momentum_wd", None, ctrl_sgd_momentum_wd),
     Scenario("ctrl_grad_accumulation", None, ctrl_grad_accumulation, fast=True),
     Scenario("ctrl_bf16_autocast", None, ctrl_bf16_autocast),
+    # healthy controls from real programs
+    Scenario("ctrl_epoch_partial_batch", None, ctrl_epoch_partial_batch),
+    Scenario("ctrl_epoch_tiny_last_batch", None, ctrl_epoch_tiny_last_batch),
+    Scenario("ctrl_converges_to_zero", None, ctrl_converges_to_zero),
+    Scenario("ctrl_cnn_sgd_momentum_conv", None, ctrl_cnn_sgd_momentum_converged),
+    Scenario("ctrl_one_cycle", None, ctrl_one_cycle),
+    Scenario("ctrl_cos_clip_smoothing", None, ctrl_cosine_clipped_label_smoothing),
+    Scenario("ctrl_strong_weight_decay", None, ctrl_strong_weight_decay),
+    Scenario("ctrl_accumulation_epochs", None, ctrl_accumulation_epochs),
 )

@@ -235,6 +235,34 @@ def numerically_sound(step: StepRecord) -> bool:
     return step.loss is None or math.isfinite(step.loss)
 
 
+def poisoned(step: StepRecord) -> bool:
+    """True when NaN/Inf reached this step's loss, gradients or parameters, except a step that mixed
+    precision skipped for non-finite gradients only (the GradScaler doing its job)."""
+    nf = step.nonfinite
+    loss_bad = nf.loss > 0 or (step.loss is not None and not math.isfinite(step.loss))
+    grads_bad = nf.grads > 0 or (step.grad_norm is not None and not math.isfinite(step.grad_norm))
+    if nf.params or loss_bad:
+        return True
+    return grads_bad and not step.step_skipped
+
+
+def sound_steps(window: RankWindow, n: int) -> int:
+    """How many of the last ``n`` steps came after the last poisoned step (``poisoned``): ``n`` in a
+    healthy run. Rules that judge the shape of the loss or gradient series read only these steps, so
+    that no window straddles a NaN: its onset is NonFiniteValues' one finding, and a shape rule stays
+    silent until the series has been finite again for as long as the rule needs to judge it."""
+    for attr in ("loss", "grad_norm"):
+        if not math.isfinite(sum(v for v in window.column(attr, n) if v is not None)):
+            break
+    else:
+        return min(n, len(window.steps))  # the common case, one sum per series: nothing non-finite
+    tail = window.last(n)
+    for i in range(len(tail) - 1, -1, -1):
+        if poisoned(tail[i]):
+            return len(tail) - 1 - i
+    return len(tail)
+
+
 def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: str, threshold: float,
                            lookback_steps: int, samples: int) -> tuple[str, float, Sequence[StepRecord]] | None:
     """The activation layer of one of ``kinds`` whose ``attr`` (dead/saturated fraction) stayed above

@@ -9,18 +9,20 @@ from pydantic import Field
 
 from healthd.rules.base import Finding, Rule, RuleConfig, fmt, median, series
 from healthd.state.windows import RankWindow, finite
+from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
 
 
 class InitialLossUnexpectedConfig(RuleConfig):
-    first_steps: int = Field(default=3, ge=1, description="first losses whose median is compared with chance")
+    first_steps: int = Field(default=1, ge=1, description="first losses (from step 0, the forward pass before any "
+                             "update) whose median is compared with chance; beyond 1, losses after updates count too")
     warn_factor: float = Field(default=2.0, gt=1, description="initial/chance ratio (or its inverse) that warns")
     info_factor: float = Field(default=1.5, gt=1, description="initial/chance ratio (or its inverse) worth an info")
     report_until_step: int = Field(default=200, ge=1, description="stop reporting (resolve) after this step")
 
 
 class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
-    """The median of the first ``first_steps`` losses is far from ln(C), the loss of a uniform guess over C classes.
+    """The loss at step 0 (the first forward pass, before any update) is far from ln(C), a uniform guess's loss.
 
     Why: at initialisation a classifier should be unsure; a first loss far above
     ln(C) means a badly scaled output layer or initialisation (overconfident
@@ -30,7 +32,11 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     loss @ init", -log(1/n_classes); Stanford CS231n notes "Neural Networks Part
     3: Learning and Evaluation": "look for correct loss at chance performance".
     Only for cross-entropy-style losses: C comes from ``num_classes=`` or from the
-    second dim of the inspected cross_entropy/nll_loss input. Thresholds:
+    second dim of the inspected cross_entropy/nll_loss input. The value judged
+    is the loss reported at step 0, computed before the first optimizer update
+    (``first_steps``, 1, losses from step 0 on; their median); a loss that blows
+    up after updates is the learning rate's finding, not the init's; a rank
+    whose first report is not step 0 is not judged. Thresholds:
     ratio > ``warn_factor`` (2x) or < 1/2 warns; beyond ``info_factor`` (1.5x)
     informs. Reported until ``report_until_step``, then it resolves.
     """
@@ -58,9 +64,15 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
         s = window.latest
         if s is None or window.new[0].step > cfg.report_until_step:
             return None  # judged while the first steps arrive (they may all arrive in one request)
-        first = window.initial_steps[:cfg.first_steps]
+        # The loss the client reports at step 0 comes from the first forward pass, before any update:
+        # the model at its initialisation. Later losses come after updates (a learning rate that blows
+        # the loss up at step 1 says nothing about the init), so only steps 0..first_steps-1 count, and
+        # only when the rank's first report is step 0 (a monitor attached to a resumed run has no init).
+        first = [r for r in window.initial_steps[:cfg.first_steps] if r.step < cfg.first_steps]
+        if not first or first[0].step != 0:
+            return None
         losses = finite(series(first, "loss"))
-        if len(losses) < cfg.first_steps:
+        if len(losses) < len(first):
             return None
         classes = self._classes(window)
         if classes is None or classes < 2:
@@ -72,7 +84,7 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
         if off < cfg.info_factor:
             return None
         return Finding(
-            summary=(f"Initial loss {fmt(initial)} (median of the first {len(losses)} steps) is {fmt(ratio)}x "
+            summary=(f"Initial loss {fmt(initial)} ({_which(first)}) is {fmt(ratio)}x "
                      f"the chance level ln({classes}) = {fmt(chance)} (rank {window.rank})"),
             evidence={"step": first[0].step, "initial_loss": initial, "chance_loss": chance, "classes": classes,
                       "ratio": ratio},
@@ -80,3 +92,10 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
             rank=window.rank,
             severity=None if off >= cfg.warn_factor else Severity.INFO,
         )
+
+
+def _which(first: list[StepRecord]) -> str:
+    """Where the judged value comes from, for the summary."""
+    if len(first) == 1:
+        return f"the loss at step {first[0].step}, the first forward pass, before any update"
+    return f"median of the losses at steps {first[0].step}-{first[-1].step}; step 0's is before any update"

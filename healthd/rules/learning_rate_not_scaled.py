@@ -11,11 +11,16 @@ from healthd.rules.base import Finding, Rule, WindowedConfig, fmt, median
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
 
+# Off-level steps a level's run reaches over: an epoch's short last batch, a burst of short sequences.
+_MAX_GAP_STEPS = 2
+
 
 class LearningRateNotScaledConfig(WindowedConfig):
     window_steps: int = Field(default=100, ge=4, description="steps searched for a batch-size change")
     persist_steps: int = Field(default=3, ge=1, description="steps the new batch size must persist "
                                "(a short last batch of an epoch is not a change)")
+    varying_persist_steps: int = Field(default=20, ge=1, description="steps the new batch size must persist when "
+                                       "sizes vary step to step (e.g. token counts)")
     batch_change_factor: float = Field(default=2.0, gt=1, description="batch-size ratio that counts as a change")
     tolerance_factor: float = Field(default=1.5, gt=1, description="slack around the sqrt..linear scaling band")
 
@@ -30,7 +35,10 @@ class LearningRateNotScaled(Rule[RankWindow, LearningRateNotScaledConfig]):
     Source: Goyal et al. 2017 (linear scaling rule: multiply the LR by k when the
     batch grows k-fold, with warm-up); the square-root rule (Krizhevsky 2014,
     common with Adam) is accepted too. Thresholds: batch ratio k >= 2 persisting
-    ``persist_steps`` (3); the LR ratio must lie within [sqrt(k), k] widened by
+    ``persist_steps`` (3) as a new level (a one-step dip such as an epoch's
+    short last batch, or an uneven shard's remainder, is not a change; where
+    the sizes vary step to step, e.g. token counts, the new level must hold
+    ``varying_persist_steps``, 20); the LR ratio must lie within [sqrt(k), k] widened by
     ``tolerance_factor`` (1.5x) on each side.
     """
 
@@ -44,32 +52,49 @@ class LearningRateNotScaled(Rule[RankWindow, LearningRateNotScaledConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
-        sizes = [b for b in window.column("batch_size", cfg.window_steps) if b]
-        if not sizes or min(sizes) == max(sizes):
+        sizes_col = [b for b in window.column("batch_size", cfg.window_steps) if b]
+        if not sizes_col or min(sizes_col) == max(sizes_col):
             return None  # the batch size did not change in the window: the common case, from one column
         steps = [s for s in window.last(cfg.window_steps) if s.batch_size and s.lr]
         p = cfg.persist_steps
         if len(steps) < p + 1:
             return None
         ws = window.meta.world_size
-        recent = steps[-p:]
-        new_batch = recent[0].batch_size
-        if any(s.batch_size != new_batch for s in recent):
+        sizes = [float(s.batch_size or 0) for s in steps]
+        # A change is a sustained new level, not a one-step dip: the new level is the median of the
+        # last persist_steps sizes, and the run of steps nearer to it than to the window's first level
+        # reaches back over up to _MAX_GAP_STEPS off-level steps (the short last batch of an epoch, an uneven
+        # shard's remainder).
+        new_batch = median(sizes[-p:])
+        first_level = median(sizes[:max(p, len(sizes) // 4)])
+        if new_batch <= 0 or first_level <= 0:
             return None
-        # the last step before the new size took over
-        i = len(steps) - p - 1
-        while i >= 0 and steps[i].batch_size == new_batch:
-            i -= 1
-        if i < 0:
+        at_level = [abs(math.log(b / new_batch)) < abs(math.log(b / first_level)) for b in sizes]
+        start, gap = len(sizes), 0
+        for j in range(len(sizes) - 1, -1, -1):
+            if at_level[j]:
+                start, gap = j, 0
+            else:
+                gap += 1
+                if gap > _MAX_GAP_STEPS:
+                    break
+        run = sum(at_level[start:])
+        before = sizes[:start]
+        if len(before) < p or run < p:
             return None
-        before = [s for s in steps[:i + 1] if s.batch_size != new_batch][-5:]
-        old_batch = median([float(s.batch_size or 0) for s in before])
-        if old_batch <= 0 or new_batch is None:
+        old_batch = median(before)
+        if old_batch <= 0:
             return None
         k = new_batch / old_batch
         if max(k, 1 / k) < cfg.batch_change_factor:
             return None
-        lr_old = median([s.lr[0] for s in before])
+        varying = max(_spread(before), _spread(sizes[start:])) > math.sqrt(cfg.batch_change_factor)
+        if varying and run < cfg.varying_persist_steps:
+            return None  # sizes that vary step to step (token counts): a level needs more steps to show
+        i = start - 1
+        before_steps = steps[max(0, start - 5):start]
+        recent = steps[-p:]
+        lr_old = median([s.lr[0] for s in before_steps])
         lr_new = median([s.lr[0] for s in recent])
         if lr_old <= 0 or not math.isfinite(lr_old) or not math.isfinite(lr_new):
             return None
@@ -88,3 +113,12 @@ class LearningRateNotScaled(Rule[RankWindow, LearningRateNotScaledConfig]):
             step=s.step,
             rank=window.rank,
         )
+
+
+def _spread(sizes: list[float]) -> float:
+    """The ratio p80/p20 of positive sizes: 1 for a fixed batch (with a short batch in fewer than 1 in 5
+    steps), ~2.3 for token counts uniform in 200..800."""
+    ordered = sorted(sizes)
+    cut = len(ordered) // 5
+    low = ordered[cut]
+    return ordered[len(ordered) - 1 - cut] / low if low > 0 else math.inf

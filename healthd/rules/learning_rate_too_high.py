@@ -15,6 +15,7 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
+    sound_steps,
 )
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
@@ -99,7 +100,8 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
 
     def _loss_after_lr_jump(self, window: RankWindow) -> tuple[float, float, float, float] | None:
         cfg = self.config
-        n = min(2 * cfg.window_steps, len(window.steps))  # the kept whole steps, as before the columns
+        # The kept whole steps since any NaN/Inf, as columns.
+        n = min(sound_steps(window, 2 * cfg.window_steps), len(window.steps))
         lrs, losses = window.column("lr", n), window.column("loss", n)
         if len(lrs) < 4:
             return None

@@ -15,6 +15,7 @@ from healthd.rules.base import (
     fmt,
     median,
     series,
+    sound_steps,
 )
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.schema import Severity
@@ -27,6 +28,12 @@ class LossDivergingConfig(WindowedConfig):
     rise_factor: float = Field(default=1.0, gt=0, description="rise over the best, relative to |best|, that counts")
     progress_fraction: float = Field(
         default=0.5, gt=0, description="rise, as a fraction of the progress made from the start, that counts"
+    )
+    baseline_percentile: float = Field(
+        default=10.0, ge=0, le=50, description="percentile of the earlier smoothed losses taken as the baseline"
+    )
+    noise_multiple: float = Field(
+        default=4.0, ge=0, description="the rise must exceed this many sigma of the loss's step-to-step noise"
     )
     for_steps: ForSteps = 3
 
@@ -41,10 +48,14 @@ class LossDiverging(Rule[RankWindow, LossDivergingConfig]):
     Deep Neural Networks" (Full Stack Deep Learning, 2019); the loss-curve shapes
     of Stanford CS231n notes "Neural Networks Part 3: Learning and Evaluation".
     Thresholds: the median of the last ``smooth_steps``
-    losses exceeds the best such median by more than ``rise_factor`` x |best|
-    AND by more than ``progress_fraction`` of the progress made since the start
-    of the window (both must hold, so late-training noise on a tiny loss does
-    not count). Critical once it is above the loss the run started at.
+    losses exceeds a baseline (the ``baseline_percentile``, 10th, percentile of
+    the earlier such medians: a robust low level, not the best-ever outlier) by
+    more than ``rise_factor`` x |baseline|, by more than ``progress_fraction`` of
+    the progress made since the start of the window, AND by more than
+    ``noise_multiple`` (4) sigma of the loss's own step-to-step noise (all must
+    hold, so minibatch noise on a small, converged loss does not count). Steps
+    before the last NaN/Inf are not read. Critical once it is above the loss the
+    run started at.
     """
 
     name: ClassVar[str] = "LossDiverging"
@@ -57,35 +68,53 @@ class LossDiverging(Rule[RankWindow, LossDivergingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
-        losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
+        # Only the steps since the last NaN/Inf: a window straddling one compares two different runs.
+        losses = window.values_from_step("loss", sound_steps(window, cfg.window_steps), cfg.warmup_steps)
         k = cfg.smooth_steps
         if len(losses) < 3 * k:
             return None
         recent = median(losses[-k:])
         lowest = min(losses)
         if lowest >= 0 and recent <= (1 + cfg.rise_factor) * lowest:
-            # Every smoothed value is >= the lowest loss, so the rise over the best smoothed value
-            # cannot exceed rise_factor x |best|: the common, healthy case, without the medians.
+            # Every smoothed value is >= the lowest loss, so the rise over the baseline cannot
+            # exceed rise_factor x |baseline|: the common, healthy case, without the medians.
             return None
         smoothed = _rolling_medians(losses, k)
-        best = min(smoothed[:-1])
+        # The baseline is a low percentile of the smoothed values that share no loss with the recent
+        # median, not their minimum: near convergence the best-ever median of k is an outlier of the
+        # minibatch noise, and a run always looks "worse than its best" by that noise.
+        earlier = smoothed[:-k]
+        best = _percentile(earlier, cfg.baseline_percentile)
         start = smoothed[0]
         rise = recent - best
         if rise <= cfg.rise_factor * abs(best):
             return None
         if rise <= cfg.progress_fraction * max(start - best, 0.0):
             return None
+        # The series' own noise: step-to-step changes of iid noise have median ~0.95 sigma.
+        swings = [abs(b - a) for a, b in zip(losses[:-k], losses[1:-k], strict=False)]
+        noise = median(swings) / 0.95 if swings else 0.0
+        if rise <= cfg.noise_multiple * noise:
+            return None
         initial = finite(series(window.initial_steps[:k], "loss"))
         initial_level = median(initial) if initial else start
         s = window.steps[-1]
         return Finding(
-            summary=(f"Loss is diverging: {fmt(recent)} (median of last {k} steps) vs best {fmt(best)} "
-                     f"in the last {len(losses)} steps (rank {window.rank}, step {s.step})"),
-            evidence={"step": s.step, "loss_recent": recent, "loss_best": best, "loss_initial": initial_level},
+            summary=(f"Loss is diverging: {fmt(recent)} (median of last {k} steps) vs a baseline of {fmt(best)} "
+                     f"(p{cfg.baseline_percentile:g} of the earlier medians over the last {len(losses)} steps; "
+                     f"step-to-step noise {fmt(noise)}; rank {window.rank}, step {s.step})"),
+            evidence={"step": s.step, "loss_recent": recent, "loss_best": best, "loss_initial": initial_level,
+                      "loss_noise": noise},
             step=s.step,
             rank=window.rank,
             severity=Severity.CRITICAL if recent > initial_level > 0 else None,
         )
+
+
+def _percentile(values: Sequence[float], pct: float) -> float:
+    """The nearest-rank ``pct`` percentile (0-100) of a non-empty series."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(pct / 100 * len(ordered)))]
 
 
 def _rolling_medians(values: Sequence[float], k: int) -> list[float]:

@@ -13,6 +13,7 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
+    sound_steps,
 )
 from healthd.state.windows import RankWindow
 
@@ -52,7 +53,8 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
-        losses = window.values_from_step("loss", cfg.window_steps, cfg.warmup_steps)
+        # only the steps since any NaN/Inf: a window straddling one says nothing about its shape
+        losses = window.values_from_step("loss", sound_steps(window, cfg.window_steps), cfg.warmup_steps)
         if len(losses) < cfg.window_steps or min(losses) < 0:
             return None
         level = median(losses)

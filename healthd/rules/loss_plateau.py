@@ -14,6 +14,7 @@ from healthd.rules.base import (
     WindowedConfig,
     fmt,
     median,
+    sound_steps,
 )
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
@@ -60,7 +61,7 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
-        losses = window.values("loss", cfg.window_steps)
+        losses = window.values("loss", sound_steps(window, cfg.window_steps))  # since any NaN
         if len(losses) < cfg.window_steps:
             return None
         k = cfg.edge_steps

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Hints, LookbackSteps, Rule, SampledConfig
+from healthd.rules.base import Finding, Hints, LookbackSteps, Rule, SampledConfig, poisoned
 from healthd.state.windows import RankWindow
 from healthd.wire.records import LossInputRecord
 from healthd.wire.schema import Severity
@@ -58,6 +58,8 @@ class SoftmaxBeforeLoss(Rule[RankWindow, SoftmaxBeforeLossConfig]):
     input with values > 0, or whose exp does not sum to 1 over dim 1.
     ``binary_cross_entropy_with_logits`` on all-non-negative values is only an
     ``info`` (a model sure of the positive class can produce that legitimately).
+    Silent once NaN/Inf reached the run (any step in the lookback up to the
+    inspected one): NaN inputs fail every check, and NonFiniteValues owns that.
     """
 
     name: ClassVar[str] = "SoftmaxBeforeLoss"
@@ -71,8 +73,11 @@ class SoftmaxBeforeLoss(Rule[RankWindow, SoftmaxBeforeLossConfig]):
     )
 
     def evaluate(self, window: RankWindow) -> Finding | None:
-        s = next((s for s in reversed(window.last(self.config.lookback_steps)) if s.loss_inputs), None)
-        if s is None:
+        # The last inspected loss call of a sound step: inputs poisoned by NaN/Inf are neither
+        # probabilities nor log-probabilities, and NonFiniteValues already pages for them.
+        recent = window.last(self.config.lookback_steps)
+        s = next((s for s in reversed(recent) if s.loss_inputs), None)
+        if s is None or poisoned(s) or any(poisoned(r) for r in recent if r.step <= s.step):
             return None
         for c in s.loss_inputs:
             problem = _problem(c)

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, ForSteps, Rule, WindowedConfig, fmt, median
+from healthd.rules.base import Finding, ForSteps, Rule, WindowedConfig, fmt, median, sound_steps
 from healthd.state.windows import RankWindow
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
@@ -54,7 +54,7 @@ class VanishingGradients(Rule[RankWindow, VanishingGradientsConfig]):
 
     def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
-        norms = window.values("grad_norm", cfg.window_steps)
+        norms = window.values("grad_norm", sound_steps(window, cfg.window_steps))  # since any NaN
         if len(norms) < cfg.min_history_steps:
             return None
         s = window.steps[-1]

@@ -48,7 +48,9 @@ def test_non_finite(last: dict, fires: bool) -> None:
 
 # ---------------------------------------------------------------- ExplodingGradients
 def test_exploding_fires_on_spike_relative_to_median() -> None:
-    w = window([*steps(20, grad_norm=1.0), step(20, grad_norm=15.0, layers={"fc": {"grad_norm": 14.0}})])
+    # A spike with evidence it matters (the next step is still over 5x): one lone spike is not enough.
+    w = window([*steps(20, grad_norm=1.0), step(20, grad_norm=15.0, layers={"fc": {"grad_norm": 14.0}}),
+                step(21, grad_norm=6.0)])
     f = ExplodingGradients().evaluate(w)
     assert f is not None and f.evidence["factor"] == pytest.approx(15.0) and f.layer == "fc"
     assert f.severity is None  # default (warning) below the critical factor
