@@ -95,6 +95,7 @@ class AutoAttach:
         self._local = threading.local()  # forward depth per thread (DataParallel runs replicas in threads)
         self._roots: weakref.WeakKeyDictionary[torch.nn.Module, None] = weakref.WeakKeyDictionary()
         self._loss_roots: weakref.WeakKeyDictionary[torch.nn.Module, None] = weakref.WeakKeyDictionary()
+        self._root_batch: weakref.WeakKeyDictionary[torch.nn.Module, int | None] = weakref.WeakKeyDictionary()
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
         self._forward_handles: list[RemovableHandle] = []  # on the model and the loss module, once attached
@@ -152,8 +153,13 @@ class AutoAttach:
             return
         try:
             self._roots[module] = None
-            if _scalar_loss(output) is not None:
+            if not torch.is_grad_enabled():
+                return
+            self._root_batch[module] = _batch_size(args, {})  # for the first step, measured before our hooks
+            loss = _scalar_loss(output)
+            if loss is not None:
                 self._loss_roots[module] = None
+                self._loss = loss.detach()
         except Exception as exc:
             self._fail("a module forward hook", exc)
 
@@ -199,6 +205,7 @@ class AutoAttach:
             if not before_step:
                 raise RuntimeError("no module holding the optimizer's parameters ran a forward pass before its step")
             return
+        self._batch = self._root_batch.get(model)
         self._settle(optimizer)
         loss_module = next((m for m in self._loss_roots if m is not model and not any(True for _ in m.parameters())),
                            None)
@@ -234,7 +241,9 @@ class AutoAttach:
         for handle in self._module_handles:
             handle.remove()
         self._module_handles = []
-        self._roots = weakref.WeakKeyDictionary()
+        self._roots, self._root_batch = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+        if optimizer is None:
+            self._loss = None
         # With no monitored optimizer (an explicit attach won) the global optimizer hooks stay and return at
         # once: removing them from inside torch's loop over them would break that loop.
 
