@@ -2,13 +2,16 @@
 
 Attaching twice to the same optimizer returns the monitor already attached (with a warning) rather
 than replacing it: two monitors would double the hooks, and replacing would silently drop the first
-one's unsent records (``healthd_client.monitor.attached`` is the registry).
+one's unsent records (``healthd_client.monitor.attached`` is the registry). The exception is a monitor
+that auto-attach made (``yielding``): an explicit attach replaces it silently, since the script's own
+arguments (job, hints, config) say more than the environment.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +23,9 @@ from healthd_client.monitor import Monitor, attached, warn_user
 from healthd_client.quantities import default_quantities
 from healthd_client.quantities.base import Quantity
 from healthd_client.transport import HttpTransport, Transport
+
+# Monitors made by healthd_client.auto: an explicit attach() on their optimizer closes and replaces them.
+yielding: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
 
@@ -55,6 +61,9 @@ def attach(
     if not isinstance(config, MonitorConfig):
         raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
     existing = attached.get(optimizer)
+    if existing is not None and existing in yielding:
+        existing.close()
+        existing = None
     if existing is not None and not existing.closed:
         warn_user(
             "healthd: this optimizer already has a monitor attached; returning it "

@@ -1,0 +1,317 @@
+"""Auto-attach: a Monitor on the first optimizer that steps, in a script that never calls ``attach``.
+
+Armed by ``healthd_client.bootstrap`` once the process imports torch (HEALTHD_AUTO=1). Only public
+PyTorch hooks are used:
+
+- global module forward pre/post hooks (``torch.nn.modules.module.register_module_forward_pre_hook``
+  / ``register_module_forward_hook``) note the *root* modules: those called while no other module
+  runs (the model, DDP's wrapper, a loss module such as ``nn.CrossEntropyLoss``);
+- global optimizer step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``..._post_hook``)
+  see the first step: the model is the root module holding most of that optimizer's parameters, and
+  ``healthd_client.attach`` runs there with the job, server and token from the environment;
+- then the global module hooks go (a forward hook stays on the model and, if there is one, on the
+  loss module), and after a few steps the global optimizer hooks go too.
+
+Each step is completed with ``monitor.step(loss=, batch_size=)`` from an optimizer step post-hook.
+The loss is the last scalar that requires grad returned by the model (a tensor, ``.loss`` or
+``["loss"]``, as Hugging Face models return) or by a root loss module. PyTorch has no supported
+hook that shows the tensor ``backward()`` is called on, so a loss computed by plain functions
+(``F.mse_loss(model(x), y)``) is not seen: such reports carry no loss (gradients, parameters and
+updates are measured all the same; a NaN loss still shows as non-finite gradients). The batch size is
+the first dimension of the model's first tensor argument, summed over the forward calls of a step
+(gradient accumulation).
+
+One monitor per process: the first optimizer to step. Another optimizer stepping is logged once and
+not monitored. An explicit ``attach`` wins: auto-attach leaves an optimizer alone that already has a
+monitor, and an explicit ``attach`` on an optimizer auto-attach monitors replaces that monitor
+(``healthd_client.attachment.yielding``).
+
+Never harm: an exception here is logged once, every hook of ours is removed, and the job runs as if
+healthd were absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from healthd_client.identity import label_safe
+
+logger = logging.getLogger("healthd_client.auto")
+
+# The global optimizer hooks stay this many steps of the monitored optimizer after attaching, to
+# notice (and log) a second optimizer stepping in the same loop (a GAN's, an encoder's).
+_WATCH_OTHER_OPTIMIZER_STEPS = 3
+
+
+def default_job(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The job name when HEALTHD_JOB is unset: the script's name, plus the launch's run id if there is one.
+
+    Every rank computes the same name: the script and TORCHELASTIC_RUN_ID / SLURM_JOB_ID are shared.
+    """
+    argv = sys.argv if argv is None else argv
+    environ = os.environ if environ is None else environ
+    script = Path(argv[0]).stem if argv and argv[0] not in ("", "-c", "-m") else "python"
+    run_id = next((environ[n] for n in ("HEALTHD_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID")
+                   if environ.get(n) and environ[n] != "none"), None)
+    name = label_safe(f"{script}-{run_id}" if run_id else script).lstrip("_.:/@+-")
+    return name or "python"
+
+
+def _scalar_loss(value: Any) -> torch.Tensor | None:
+    """``value`` if it looks like a training loss (a one-element float tensor that requires grad), or
+    its ``.loss`` / ``["loss"]`` if that does (Hugging Face ``ModelOutput``)."""
+    if not isinstance(value, torch.Tensor):
+        value = value.get("loss") if isinstance(value, Mapping) else getattr(value, "loss", None)
+    if isinstance(value, torch.Tensor) and value.requires_grad and value.numel() == 1 and value.is_floating_point():
+        return value
+    return None
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.dim() > 0 else None
+    return None
+
+
+class AutoAttach:
+    """The global hooks and what they learnt. One per process (``install``); tests build their own."""
+
+    def __init__(self, attach: Callable[..., Any] | None = None, config: Any = None) -> None:
+        self._attach = attach
+        self._config = config
+        self._local = threading.local()  # forward depth per thread (DataParallel runs replicas in threads)
+        self._roots: weakref.WeakKeyDictionary[torch.nn.Module, None] = weakref.WeakKeyDictionary()
+        self._loss_roots: weakref.WeakKeyDictionary[torch.nn.Module, None] = weakref.WeakKeyDictionary()
+        self._root_batch: weakref.WeakKeyDictionary[torch.nn.Module, int | None] = weakref.WeakKeyDictionary()
+        self._module_handles: list[RemovableHandle] = []
+        self._optimizer_handles: list[RemovableHandle] = []
+        self._forward_handles: list[RemovableHandle] = []  # on the model and the loss module, once attached
+        self._complete_handle: RemovableHandle | None = None  # the monitored optimizer's step post-hook
+        self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
+        self._others_logged = False
+        self._watch_steps = 0
+        self.monitor: Any = None
+        self.done = False  # decided: attached, yielded to an explicit attach, or failed
+        self.failed = False
+        self._loss: torch.Tensor | None = None
+        self._batch: int | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def install(self) -> None:
+        self._module_handles = [
+            register_module_forward_pre_hook(self._global_forward_pre),
+            register_module_forward_hook(self._global_forward, always_call=True),
+        ]
+        self._optimizer_handles = [
+            register_optimizer_step_pre_hook(self._global_step_pre),
+            register_optimizer_step_post_hook(self._global_step_post),
+        ]
+
+    def remove(self) -> None:
+        """Remove every hook of ours (not the monitor's: ``monitor.close()`` does that). Not from inside an
+        optimizer step hook: torch loops over those dicts and a dict may not shrink while it is iterated."""
+        for handle in (*self._module_handles, *self._optimizer_handles, *self._forward_handles):
+            handle.remove()
+        if self._complete_handle is not None:
+            self._complete_handle.remove()
+        self._module_handles, self._optimizer_handles, self._forward_handles = [], [], []
+        self._complete_handle = None
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        if not self.failed:
+            logger.warning("healthd: auto-attach failed in %s and is off for this process: %r", where, exc)
+        self.failed = self.done = True
+        # Module hooks may go at once (torch copies them before calling); the optimizer hooks stay and
+        # return at once (see remove()).
+        for handle in (*self._module_handles, *self._forward_handles):
+            handle.remove()
+        self._module_handles, self._forward_handles = [], []
+
+    # ------------------------------------------------------------------ global module hooks (until attached)
+
+    def _global_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+
+    def _global_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        depth = getattr(self._local, "depth", 1) - 1
+        self._local.depth = depth
+        if depth != 0 or self.done:
+            return
+        try:
+            self._roots[module] = None
+            if not torch.is_grad_enabled():
+                return
+            self._root_batch[module] = _batch_size(args, {})  # for the first step, measured before our hooks
+            loss = _scalar_loss(output)
+            if loss is not None:
+                self._loss_roots[module] = None
+                self._loss = loss.detach()
+        except Exception as exc:
+            self._fail("a module forward hook", exc)
+
+    # ------------------------------------------------------------------ global optimizer hooks
+
+    def _global_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.failed:
+            return
+        try:
+            self._consider(optimizer, before_step=True)
+        except Exception as exc:
+            self._fail("the optimizer step pre-hook", exc)
+
+    def _global_step_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.failed:
+            return
+        try:
+            if not self.done:
+                # No root module ran before the step: forward and backward run inside step(closure).
+                self._consider(optimizer, before_step=False)
+            elif self._optimizer is not None and self._optimizer() is optimizer:
+                self._watch_steps += 1  # _complete_step removes the global optimizer hooks when it is time
+        except Exception as exc:
+            self._fail("the optimizer step post-hook", exc)
+
+    def _consider(self, optimizer: torch.optim.Optimizer, before_step: bool) -> None:
+        monitored = self._optimizer() if self._optimizer is not None else None
+        if self.done:
+            if optimizer is not monitored and monitored is not None and not self._others_logged:
+                self._others_logged = True
+                logger.warning("healthd: auto-attach monitors the first optimizer that stepped (%s); "
+                               "this %s is not monitored (call healthd_client.attach for it)",
+                               type(monitored).__name__, type(optimizer).__name__)
+            return
+        from healthd_client.monitor import attached
+
+        existing = attached.get(optimizer)
+        if existing is not None and not existing.closed:
+            self._settle(None)  # an explicit attach() wins, silently
+            return
+        model = self._find_model(optimizer)
+        if model is None:
+            if not before_step:
+                raise RuntimeError("no module holding the optimizer's parameters ran a forward pass before its step")
+            return
+        self._batch = self._root_batch.get(model)
+        self._settle(optimizer)
+        loss_module = next((m for m in self._loss_roots if m is not model and not any(True for _ in m.parameters())),
+                           None)
+        if self._attach is not None:
+            attach = self._attach
+        else:
+            from healthd_client.attachment import attach
+        server = os.environ.get("HEALTHD_SERVER")
+        if not server:
+            raise RuntimeError("HEALTHD_SERVER is not set")
+        kwargs: dict[str, Any] = {"job": os.environ.get("HEALTHD_JOB") or default_job(), "server": server}
+        if self._config is not None:
+            kwargs["config"] = self._config
+        monitor = attach(model, optimizer, **kwargs)
+        from healthd_client.attachment import yielding
+
+        yielding.add(monitor)
+        self.monitor = monitor
+        self._forward_handles = [model.register_forward_hook(self._model_forward, with_kwargs=True)]
+        if loss_module is not None:
+            self._forward_handles.append(loss_module.register_forward_hook(self._loss_forward))
+        # After the monitor's own post-hook (hooks run in registration order): the step's record is open.
+        self._complete_handle = optimizer.register_step_post_hook(self._complete_step)
+        if not before_step:
+            self._loss = self._batch = None  # this step is not measured: the monitor starts at the next one
+        logger.info("healthd: auto-attached to %s (%s) for job %r; loss from %s", type(model).__name__,
+                    type(optimizer).__name__, kwargs["job"],
+                    "the model's output" if loss_module is None else type(loss_module).__name__)
+
+    def _settle(self, optimizer: torch.optim.Optimizer | None) -> None:
+        self.done = True
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles = []
+        self._roots, self._root_batch = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
+        if optimizer is None:
+            self._loss = None
+        # With no monitored optimizer (an explicit attach won) the global optimizer hooks stay and return at
+        # once: removing them from inside torch's loop over them would break that loop.
+
+    def _find_model(self, optimizer: torch.optim.Optimizer) -> torch.nn.Module | None:
+        wanted = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        best, best_count = None, 0
+        for module in list(self._roots):
+            count = sum(1 for p in module.parameters() if id(p) in wanted)
+            if count > best_count:
+                best, best_count = module, count
+        if best is not None and best_count < len(wanted):
+            logger.warning("healthd: auto-attach watches %s, which holds %d of the optimizer's %d parameters",
+                           type(best).__name__, best_count, len(wanted))
+        return best
+
+    # ------------------------------------------------------------------ per-step hooks (after attaching)
+
+    def _model_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        try:
+            if self.failed or not torch.is_grad_enabled():
+                return  # evaluation
+            loss = _scalar_loss(output)
+            if loss is not None:
+                self._loss = loss.detach()
+            batch = _batch_size(args, kwargs)
+            if batch is not None:
+                self._batch = batch + (self._batch or 0)
+        except Exception as exc:
+            self._fail("the model's forward hook", exc)
+
+    def _loss_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        try:
+            if self.failed:
+                return
+            loss = _scalar_loss(output)
+            if loss is not None:
+                self._loss = loss.detach()
+        except Exception as exc:
+            self._fail("the loss module's forward hook", exc)
+
+    def _complete_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.failed:
+            return
+        try:
+            # Torch is looping over this optimizer's own post-hooks, not yet over the global ones.
+            if self._watch_steps >= _WATCH_OTHER_OPTIMIZER_STEPS and self._optimizer_handles:
+                for handle in self._optimizer_handles:
+                    handle.remove()
+                self._optimizer_handles = []
+            monitor = self.monitor
+            loss, batch, self._loss, self._batch = self._loss, self._batch, None, None
+            if monitor is None or monitor.closed:  # closed, or replaced by an explicit attach()
+                for handle in self._forward_handles:
+                    handle.remove()
+                self._forward_handles = []
+                return
+            monitor.step(loss=loss, batch_size=batch)
+        except Exception as exc:
+            self._fail("the optimizer step post-hook", exc)
+
+
+_installed: AutoAttach | None = None
+
+
+def install() -> AutoAttach:
+    """Install the process's auto-attach hooks (idempotent); called by ``healthd_client.bootstrap``."""
+    global _installed
+    if _installed is None:
+        _installed = AutoAttach()
+        _installed.install()
+    return _installed

@@ -1,0 +1,1 @@
+"""Holds only ``sitecustomize.py``: ``healthd-run`` puts this directory on PYTHONPATH (``healthd_client.launcher``)."""

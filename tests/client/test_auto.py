@@ -1,0 +1,164 @@
+"""healthd_client.auto / bootstrap / launcher in one process: model and loss found, explicit attach wins,
+failures stay inside, the launcher's environment. Real jobs: tests/integration/test_auto_attach.py."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import healthd_client
+from healthd_client import MonitorConfig, auto, bootstrap, launcher
+from tests.client.conftest import FAST, RecordingTransport
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def transport() -> RecordingTransport:
+    return RecordingTransport()
+
+
+@pytest.fixture
+def armed(transport: RecordingTransport, monkeypatch: pytest.MonkeyPatch) -> Iterator[auto.AutoAttach]:
+    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
+    monkeypatch.setenv("HEALTHD_JOB", "auto-unit")
+    a = auto.AutoAttach(attach=functools.partial(healthd_client.attach, transport=transport),
+                        config=MonitorConfig(**FAST))
+    a.install()
+    try:
+        yield a
+    finally:
+        a.remove()
+        if a.monitor is not None:
+            a.monitor.close()
+
+
+def loop(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
+    criterion = torch.nn.MSELoss()
+    for _ in range(steps):
+        x = torch.randn(8, 4)
+        loss = criterion(model(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model(torch.randn(3, 4))  # an evaluation forward: not counted in the batch size
+
+
+def test_attaches_to_the_model_with_loss_and_batch_size(armed: auto.AutoAttach, transport: RecordingTransport) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loop(model, opt, 5)
+    assert armed.monitor is not None and armed.monitor._model is model
+    armed.monitor.close()
+    steps = transport.of_kind("step")
+    assert [s["step"] for s in steps] == [0, 1, 2, 3, 4]
+    assert all(s["batch_size"] == 8 and s["loss"] > 0 for s in steps)
+    assert transport.of_kind("attach")[0]["job"] == "auto-unit"
+
+
+def test_explicit_attach_before_the_first_step_wins(armed: auto.AutoAttach, transport: RecordingTransport,
+                                                     recwarn: pytest.WarningsRecorder) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    mine = healthd_client.attach(model, opt, job="mine", transport=transport, config=MonitorConfig(**FAST))
+    loop(model, opt, 3)
+    assert armed.done and armed.monitor is None
+    mine.close()
+    assert {r["job"] for r in transport.reports()} == {"mine"}
+    assert not [w for w in recwarn if "already has a monitor" in str(w.message)]
+
+
+def test_explicit_attach_after_auto_attach_replaces_it_silently(armed: auto.AutoAttach,
+                                                               recwarn: pytest.WarningsRecorder) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loop(model, opt, 2)
+    first = armed.monitor
+    mine = healthd_client.attach(model, opt, job="mine", transport=RecordingTransport(), config=MonitorConfig(**FAST))
+    assert first is not None and first.closed and mine is not first and not mine.closed
+    loop(model, opt, 2)  # auto-attach no longer completes steps on the closed monitor
+    mine.close()
+    assert not [w for w in recwarn if "already has a monitor" in str(w.message)]
+
+
+def test_a_second_optimizer_is_logged_once_and_not_monitored(armed: auto.AutoAttach,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=1e-3), torch.optim.SGD(b.parameters(), lr=1e-3)
+    with caplog.at_level(logging.WARNING, logger="healthd_client.auto"):
+        for _ in range(2):
+            loop(a, opt_a, 1)
+            loop(b, opt_b, 1)
+    assert armed.monitor is not None and armed.monitor._optimizer is opt_a
+    assert sum("is not monitored" in r.message for r in caplog.records) == 1
+
+
+def test_a_failure_is_logged_once_and_training_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("boom")
+
+    a = auto.AutoAttach(attach=broken)
+    a.install()
+    try:
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        with caplog.at_level(logging.WARNING, logger="healthd_client.auto"):
+            loop(model, opt, 3)
+    finally:
+        a.remove()
+    assert a.failed
+    assert sum("auto-attach failed" in r.message for r in caplog.records) == 1
+
+
+def test_bootstrap_does_nothing_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEALTHD_AUTO", raising=False)
+    before = list(sys.meta_path)
+    bootstrap.start()
+    assert sys.meta_path == before and not bootstrap.enabled()
+    monkeypatch.setenv("HEALTHD_AUTO", "0")
+    assert not bootstrap.enabled()
+
+
+def test_pth_line_does_not_import_torch_when_off() -> None:
+    line = (REPO / "client" / "healthd_auto.pth").read_text()
+    assert line.startswith("import os;") and "torch" not in line and line.count("\n") == 1
+
+
+def test_default_job_is_the_same_on_every_rank() -> None:
+    environ = {"TORCHELASTIC_RUN_ID": "abc"}
+    assert auto.default_job(["/x/train.py", "--lr", "1"], environ) == "train-abc"
+    assert auto.default_job(["/x/train.py"], {"TORCHELASTIC_RUN_ID": "none"}) == "train"
+
+
+def test_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    args = launcher.parser().parse_args(["--server", "http://h:9184", "--", "torchrun", "train.py"])
+    env = launcher.environment(args, ["torchrun", "train.py"], {"PYTHONPATH": "/a"})
+    assert env["HEALTHD_AUTO"] == "1" and env["HEALTHD_SERVER"] == "http://h:9184"
+    assert env["HEALTHD_JOB"].startswith("train-")
+    assert env["PYTHONPATH"].split(":") == [str(launcher.AUTOSTART_DIR), "/a"]
+    with pytest.raises(ValueError, match="HEALTHD_SERVER"):
+        launcher.environment(launcher.parser().parse_args(["--", "python"]), ["python"], {})
+
+
+def test_launcher_help_explains_the_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        launcher.main(["--help"])
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("--server", "--job", "--token", "HEALTHD_AUTO=1", "torchrun"))
+
+
+def test_kubernetes_example_sets_what_auto_attach_reads() -> None:
+    job = yaml.safe_load((REPO / "deploy" / "k8s" / "examples" / "training-job.yaml").read_text())
+    env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"HEALTHD_AUTO", "HEALTHD_SERVER", "HEALTHD_JOB", "HEALTHD_TOKEN"} <= env
