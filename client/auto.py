@@ -209,10 +209,9 @@ class AutoAttach:
         self._settle(optimizer)
         loss_module = next((m for m in self._loss_roots if m is not model and not any(True for _ in m.parameters())),
                            None)
-        if self._attach is not None:
-            attach = self._attach
-        else:
-            from healthd_client.attachment import attach
+        from healthd_client.attachment import attach as explicit_attach
+
+        attach = self._attach if self._attach is not None else explicit_attach
         server = os.environ.get("HEALTHD_SERVER")
         if not server:
             raise RuntimeError("HEALTHD_SERVER is not set")
