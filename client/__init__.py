@@ -61,7 +61,10 @@ def attach(
     RANK/WORLD_SIZE environment. ``extra_quantities`` are measured in addition
     to the built-in ones. ``strict=True`` lets exceptions inside measurements
     propagate (for tests); by default they disable the failing measurement with
-    one warning. Invalid arguments raise ``ValueError``. Attaching to an
+    one warning. Invalid arguments raise ``ValueError``; so does an ``optimizer`` that is
+    not a ``torch.optim.Optimizer`` (a manual update loop or an optimizer class of your
+    own: derive it from ``torch.optim.Optimizer``, whose step hooks healthd uses, and
+    put the update in its ``step()``). Attaching to an
     optimizer that already has an open monitor warns and returns that monitor.
     """
     from healthd_client.attachment import attach as _attach

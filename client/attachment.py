@@ -38,6 +38,24 @@ def _optional_count(name: str, value: Any, minimum: int = 0) -> int | None:
     return value
 
 
+def _check_optimizer(optimizer: Any) -> None:
+    """The monitor measures around ``optimizer.step()`` through its step hooks; refuse what has none.
+
+    A manual update loop (``p -= lr * p.grad``) or an optimizer class of its own that does not
+    derive from ``torch.optim.Optimizer`` has no ``register_step_pre_hook``: without it the
+    monitor would see no step at all, or fail later inside the training loop.
+    """
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return
+    kind = "None" if optimizer is None else type(optimizer).__name__
+    raise ValueError(
+        f"optimizer must be a torch.optim.Optimizer (healthd measures around optimizer.step() through "
+        f"register_step_pre_hook/register_step_post_hook), got {kind}. For a manual update loop or an "
+        f"optimizer class of your own, derive it from torch.optim.Optimizer: "
+        f"class MyOpt(torch.optim.Optimizer): __init__ calls super().__init__(params, defaults) and step() "
+        f"does the update over self.param_groups; then pass MyOpt(model.parameters(), ...) to attach()"
+    )
+
 
 def attach(
     model: torch.nn.Module,
@@ -60,6 +78,7 @@ def attach(
     config = MonitorConfig() if config is None else config
     if not isinstance(config, MonitorConfig):
         raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
+    _check_optimizer(optimizer)
     existing = attached.get(optimizer)
     if existing is not None and existing in yielding:
         existing.close()

@@ -1,9 +1,12 @@
 """Activations: dead ReLU units and saturated sigmoid/tanh units, from sampled forward hooks.
 
-Forward hooks on ``nn.ReLU``/``nn.ReLU6`` (kind ``relu``), ``nn.Sigmoid`` and
+Forward hooks (a ``ForwardTap``: global hooks registered only for sampled steps,
+never on the user's modules, so ``torch.save``/``deepcopy`` of the model do not
+see them) on ``nn.ReLU``/``nn.ReLU6`` (kind ``relu``), ``nn.Sigmoid`` and
 ``nn.Tanh`` modules (at most ``max_modules``, first in registration order)
 measure the first training forward (grad enabled) of every
-``sample_every_steps``-th step. The output is viewed as (samples, units): the
+``sample_every_steps``-th step. Under ``torch.compile`` these modules run
+inside the compiled graph and are not measured. The output is viewed as (samples, units): the
 last dim for 2-d/3-d outputs (features; time folded into samples), the channel
 dim for 4-d+ (channels; positions folded into samples).
 
@@ -26,6 +29,7 @@ import torch
 
 from healthd_client.layers import sanitize_layer_name, unwrap_model
 from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
+from healthd_client.quantities.forward_tap import ForwardTap
 
 _KINDS: tuple[tuple[type[torch.nn.Module], str], ...] = (
     (torch.nn.ReLU, "relu"), (torch.nn.ReLU6, "relu"), (torch.nn.Sigmoid, "sigmoid"), (torch.nn.Tanh, "tanh"),
@@ -61,27 +65,31 @@ class Activations(Quantity):
         self.sample_every_steps = sample_every_steps
         self.first_steps = first_steps
         self.max_modules = max_modules
-        self._handles: list[Any] = []
-        self._armed = True  # step 0 is sampled
+        self._kinds: dict[str, str] = {}  # layer name -> kind
+        self._tap = ForwardTap(post=self._hook)
         self._seen: dict[str, tuple[str, torch.Tensor]] = {}
 
     def on_attach(self, ctx: QuantityContext) -> None:
+        self._tap.watch_root(ctx.model)
         for path, module in unwrap_model(ctx.model).named_modules():
             kind = next((k for t, k in _KINDS if type(module) is t), None)
             if kind is None:
                 continue
-            if len(self._handles) >= self.max_modules:
+            if len(self._kinds) >= self.max_modules:
                 break
-            self._handles.append(module.register_forward_hook(self._hook_for(sanitize_layer_name(path), kind)))
+            name = sanitize_layer_name(path)
+            self._kinds[name] = kind
+            self._tap.watch(module, name)
+        if self._kinds:
+            self._tap.arm()  # step 0 is sampled
 
-    def _hook_for(self, name: str, kind: str) -> Any:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if not self._armed or name in self._seen or not torch.is_grad_enabled():
-                return
-            if isinstance(output, torch.Tensor) and output.is_floating_point() and output.numel() > 0:
-                with torch.no_grad():
-                    self._seen[name] = (kind, unit_stats(kind, output))
-        return hook
+    def _hook(self, name: str, output: Any) -> None:
+        if name in self._seen or not torch.is_grad_enabled():
+            return
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and output.numel() > 0:
+            kind = self._kinds[name]
+            with torch.no_grad():
+                self._seen[name] = (kind, unit_stats(kind, output))
 
     def before_step(self, ctx: QuantityContext) -> None:
         record = ctx.record
@@ -89,11 +97,12 @@ class Activations(Quantity):
             for name, (kind, value) in self._seen.items():
                 record.put(self, f"{kind}:{name}", value)
         self._seen = {}
-        self._armed = False
+        self._tap.disarm()
 
     def after_step(self, ctx: QuantityContext) -> None:
-        self._armed = ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps,
-                                                              self.first_steps)
+        if self._kinds and ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps,
+                                                                   self.first_steps):
+            self._tap.arm()
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         out = report.setdefault("activations", {})
@@ -104,6 +113,4 @@ class Activations(Quantity):
             out[name] = {"kind": kind, field: fraction}
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._tap.disarm()

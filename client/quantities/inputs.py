@@ -1,7 +1,10 @@
 """Inputs: mean, std and max |x| of the model's first floating-point input, sampled.
 
-A forward pre-hook on the (unwrapped) root module reads the first floating
-tensor among the call's positional, then keyword, arguments at the first
+A forward pre-hook on the (unwrapped) root module (a ``ForwardTap``: a global
+hook registered only for sampled steps, never on the user's module; under
+``torch.compile`` a hook on the compiled wrapper) reads the first floating
+tensor among the call's positional arguments (a global pre-hook sees no keyword
+arguments; under ``torch.compile`` keyword arguments are read too) at the first
 training forward (grad enabled) of every ``sample_every_steps``-th step; all
 elements of the batch together. Integer inputs (token ids) are not measured.
 On the device; no host sync.
@@ -19,6 +22,7 @@ import torch
 
 from healthd_client.layers import unwrap_model
 from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
+from healthd_client.quantities.forward_tap import ForwardTap
 
 
 def _first_float(args: Any, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
@@ -37,15 +41,16 @@ class Inputs(Quantity):
             raise ValueError(f"sample_every_steps must be an int >= 1, got {sample_every_steps!r}")
         self.sample_every_steps = sample_every_steps
         self.first_steps = first_steps
-        self._handle: Any = None
-        self._armed = True
+        self._tap = ForwardTap(pre=self._hook)
         self._stats: torch.Tensor | None = None
 
     def on_attach(self, ctx: QuantityContext) -> None:
-        self._handle = unwrap_model(ctx.model).register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._tap.watch_root(ctx.model)
+        self._tap.watch(unwrap_model(ctx.model), "root")
+        self._tap.arm()  # step 0 is sampled
 
-    def _hook(self, module: torch.nn.Module, args: Any, kwargs: Any) -> None:
-        if not self._armed or self._stats is not None or not torch.is_grad_enabled():
+    def _hook(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._stats is not None or not torch.is_grad_enabled():
             return
         x = _first_float(args, kwargs or {})
         if x is not None:
@@ -57,11 +62,11 @@ class Inputs(Quantity):
         if ctx.record is not None and self._stats is not None:
             ctx.record.put(self, "stats", self._stats)
         self._stats = None
-        self._armed = False
+        self._tap.disarm()
 
     def after_step(self, ctx: QuantityContext) -> None:
-        self._armed = ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps,
-                                                              self.first_steps)
+        if ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps, self.first_steps):
+            self._tap.arm()
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         mean, std, abs_max = (float(v) for v in values["stats"])
@@ -69,6 +74,4 @@ class Inputs(Quantity):
             report["inputs"] = {"mean": mean, "std": std, "abs_max": abs_max}
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._tap.disarm()

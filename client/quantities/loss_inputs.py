@@ -8,6 +8,13 @@ functional API both pass through it. Between samples no mode is active, so
 other steps pay nothing. Only calls with grad enabled are inspected (not a
 validation pass), at most ``max_calls`` per step.
 
+``torch.compile``: dynamo guards on the mode stack, so a mode present while a
+compiled frame starts on a sampled step (and absent on the next) recompiles the
+model. A ``ForwardTap`` pops the mode while ``torch.compile(model)``'s compiled
+forward runs and pushes it back when it returns, so the loss computed after it
+(in eager) is still inspected. A loss computed inside a compiled region (a
+compiled training-step function) is not seen.
+
 Per call (flags are 0-d device tensors; shapes are host facts):
 - ``rows_sum_to_one``: cross_entropy: the input sums to 1 over the class dim
   (dim 1, or 0 unbatched) within 1e-3; nll_loss: its exp does.
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
+from healthd_client.quantities.forward_tap import ForwardTap
 
 _CLASS_LOSSES = {F.cross_entropy: "cross_entropy", F.nll_loss: "nll_loss"}
 _ELEMENTWISE_LOSSES = {
@@ -101,6 +109,7 @@ class LossInputs(Quantity):
         self.max_calls = max_calls
         self.calls: list[dict[str, Any]] = []
         self._mode: _LossSpy | None = None
+        self._tap = ForwardTap(compiled_enter=self._pop, compiled_exit=self._push)
 
     def _push(self) -> None:
         if self._mode is None:
@@ -113,11 +122,20 @@ class LossInputs(Quantity):
             with contextlib.suppress(Exception):  # another thread (atexit) or a user mode pushed on top
                 mode.__exit__(None, None, None)
 
-    def on_attach(self, ctx: QuantityContext) -> None:
+    def _arm(self) -> None:
         self._push()
+        self._tap.arm()
+
+    def _disarm(self) -> None:
+        self._tap.disarm()
+        self._pop()
+
+    def on_attach(self, ctx: QuantityContext) -> None:
+        self._tap.watch_root(ctx.model)
+        self._arm()
 
     def before_step(self, ctx: QuantityContext) -> None:
-        self._pop()
+        self._disarm()
         if ctx.record is not None:
             for i, call in enumerate(self.calls):
                 ctx.record.put(self, f"flags:{i}", call["flags"])
@@ -126,7 +144,7 @@ class LossInputs(Quantity):
 
     def after_step(self, ctx: QuantityContext) -> None:
         if ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps, self.first_steps):
-            self._push()
+            self._arm()
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         out = report.setdefault("loss_inputs", [])
@@ -137,4 +155,4 @@ class LossInputs(Quantity):
             out.append(meta)
 
     def close(self) -> None:
-        self._pop()
+        self._disarm()
