@@ -168,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="JSON result path")
     p.add_argument("--seeds", type=int, default=1, help="run each scenario with seeds 0..N-1 (default 1)")
     p.add_argument("--kind", choices=("all", "fault", "control"), default="all", help="faults, controls or both")
+    p.add_argument("--doc", default=str(Path(__file__).resolve().parents[2] / "docs" / "faultzoo.md"),
+                   help="the detection report generated from the run (empty: none)")
     args = p.parse_args(argv)
     import torch
 
@@ -175,4 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [s for s in SCENARIOS if (not args.only or s.name in args.only)
               and (args.kind == "all" or (s.expected is None) == (args.kind == "control"))]
     results = run(chosen, Path(args.out), seeds=args.seeds)
+    if args.doc:
+        from bench.faultzoo.report import write
+
+        write(Path(args.out), Path(args.doc))
     return 0 if all(r.ok for r in results) else 1

@@ -49,3 +49,28 @@ def test_summary_counts() -> None:
     s = summarize(results)
     assert (s["faults"], s["detected"], s["controls"], s["false_alarms"]) == (1, 1, 1, 0)
     assert s["median_steps_to_detect"] == results[0].steps_to_detect
+
+
+def test_the_detection_report_is_the_rendering_of_the_committed_results() -> None:
+    from bench.faultzoo.report import DOC, rendered_from
+
+    assert DOC.read_text() == rendered_from(), (
+        "docs/faultzoo.md is stale: run `python -m bench.faultzoo --seeds 3` (it rewrites both files)")
+
+
+def test_the_report_counts_detection_at_warning_or_above_and_marks_seed_flips() -> None:
+    from bench.faultzoo.report import render
+
+    def run(name, kind, expected, fired, onset=10):
+        return {"name": name, "kind": kind, "expected": expected, "onset": onset, "fired": fired}
+
+    page = render([
+        run("lr", "fault", "LR", {"LR": {"step": 14, "severity": "warning"},
+                                  "Loss": {"step": 20, "severity": "critical"}}),
+        run("lr@1", "fault", "LR", {"LR": {"step": 30, "severity": "info"}}),  # info only: not detected
+        run("ok", "control", None, {"Plateau": {"step": 5, "severity": "info"}}),
+        run("ok@1", "control", None, {"Diverging": {"step": 5, "severity": "warning"}}),
+    ])
+    assert "1/2 fault runs" in page and "1/2 control runs" in page
+    assert "| lr (flips between seeds) | LR | +4, - | 4 | 4 | Loss |" in page
+    assert "| ok | quiet, Diverging |" in page
