@@ -9,8 +9,9 @@ PyTorch hooks are used:
 - global optimizer step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``..._post_hook``)
   see the first step: the model is the root module holding most of that optimizer's parameters, and
   ``healthd_client.attach`` runs there with the job, server and token from the environment;
-- then the global module hooks go (a forward hook stays on the model and, if there is one, on the
-  loss module), and after a few steps the global optimizer hooks go too.
+- then those global module hooks go (one global forward hook stays, filtered to the model and, if
+  there is one, the loss module: nothing of healthd is put on the user's modules, so checkpoints and
+  deep copies never carry it), and after a few steps the global optimizer hooks go too.
 
 Each step is completed with ``monitor.step(loss=, batch_size=)`` from an optimizer step post-hook.
 The loss is the last scalar that requires grad returned by the model (a tensor, ``.loss`` or
@@ -98,7 +99,9 @@ class AutoAttach:
         self._root_batch: weakref.WeakKeyDictionary[torch.nn.Module, int | None] = weakref.WeakKeyDictionary()
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
-        self._forward_handles: list[RemovableHandle] = []  # on the model and the loss module, once attached
+        self._forward_handles: list[RemovableHandle] = []  # a global forward hook, once attached
+        # The model and the loss module, each with its hook (weak: a model the job drops is not kept alive).
+        self._watched: weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., None]] = weakref.WeakKeyDictionary()
         self._complete_handle: RemovableHandle | None = None  # the monitored optimizer's step post-hook
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._others_logged = False
@@ -223,9 +226,14 @@ class AutoAttach:
 
         yielding.add(monitor)
         self.monitor = monitor
-        self._forward_handles = [model.register_forward_hook(self._model_forward, with_kwargs=True)]
+        # A global forward hook that looks for the model and the loss module, not a hook on them: a hook
+        # on a module is pickled with it (torch.save(model) would carry healthd into the checkpoint, and a
+        # weights-only load would refuse it) and copied by deepcopy. The price: every module call in the
+        # process goes through one more Python call (auto-attach is opt-in; explicit attach has none).
+        self._watched = weakref.WeakKeyDictionary({model: self._model_forward})
         if loss_module is not None:
-            self._forward_handles.append(loss_module.register_forward_hook(self._loss_forward))
+            self._watched[loss_module] = self._loss_forward_kw
+        self._forward_handles = [register_module_forward_hook(self._watched_forward, with_kwargs=True)]
         # After the monitor's own post-hook (hooks run in registration order): the step's record is open.
         self._complete_handle = optimizer.register_step_post_hook(self._complete_step)
         if not before_step:
@@ -272,6 +280,14 @@ class AutoAttach:
                 self._batch = batch + (self._batch or 0)
         except Exception as exc:
             self._fail("the model's forward hook", exc)
+
+    def _watched_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        hook = self._watched.get(module)
+        if hook is not None:
+            hook(module, args, kwargs, output)
+
+    def _loss_forward_kw(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self._loss_forward(module, args, output)
 
     def _loss_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         try:

@@ -162,3 +162,24 @@ def test_kubernetes_example_sets_what_auto_attach_reads() -> None:
     job = yaml.safe_load((REPO / "deploy" / "k8s" / "examples" / "training-job.yaml").read_text())
     env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert {"HEALTHD_AUTO", "HEALTHD_SERVER", "HEALTHD_JOB", "HEALTHD_TOKEN"} <= env
+
+
+def test_checkpoints_and_copies_carry_nothing_of_auto_attach(armed: auto.AutoAttach,
+                                                             transport: RecordingTransport) -> None:
+    import copy
+    import io
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loop(model, opt, 4)
+    assert armed.monitor is not None and armed.monitor._model is model
+    buf = io.BytesIO()
+    torch.save(model, buf)  # with a hook of ours on the model this fails: the hook pickles AutoAttach
+    buf.seek(0)
+    with torch.serialization.safe_globals([torch.nn.Sequential, torch.nn.Linear, torch.nn.ReLU]):
+        loaded = torch.load(buf, weights_only=True)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in (*loaded.modules(), *model.modules()))
+    twin = copy.deepcopy(model)
+    before = armed._loss
+    twin(torch.randn(2, 4)).sum()  # the copy's forward is not the watched model's
+    assert armed._loss is before
