@@ -126,6 +126,15 @@ def test_adding_or_removing_a_shard_moves_only_the_jobs_that_hash_to_it(
     assert moved == {job for job in JOBS if before[job] == "shard3"}, (before, after_remove)
 
 
+def test_reads_of_one_job_reach_the_shard_that_holds_it(proxy: HaproxyProcess) -> None:
+    placement = _placement(proxy)
+    for job in JOBS:
+        for path in (f"/v1/jobs/{job}", f"/v1/jobs/{job}/series", f"/v1/alerts?job={job}"):
+            answer = httpx.get(proxy.url + path, headers=AUTH, timeout=10)
+            assert answer.status_code == 200, (path, answer.text)
+            assert answer.headers[SHARD_HEADER] == placement[job], path
+
+
 def test_bad_input_through_the_proxy_gets_the_same_answer(proxy: HaproxyProcess,
                                                           shards: dict[int, HealthdProcess]) -> None:
     cases = [
