@@ -22,6 +22,10 @@ system-deps:
 	@if ! command -v prometheus >/dev/null || ! command -v prometheus-alertmanager >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager; \
 	fi
+	@# HAProxy shards healthd by job in tests/integration/test_sharding.py (deploy/haproxy/haproxy.cfg).
+	@if ! command -v haproxy >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy; \
+	fi
 	@# openssl makes the TLS test's self-signed certificate (tests/integration/test_tls.py).
 	@if ! command -v openssl >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends openssl; \

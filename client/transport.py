@@ -2,7 +2,8 @@
 
 What lives here: the ``Transport`` protocol (one POST), ``HttpTransport`` (httpx),
 and ``Sender``: a daemon thread that owns a bounded queue, batches reports into
-``POST /v1/reports`` bodies, retries with backoff, emits heartbeats and counts
+``POST /v1/reports`` bodies (each of one job's reports, named by its ``X-Healthd-Job``
+header), retries with backoff, emits heartbeats and counts
 what it sent, dropped and had rejected. What does not: building reports (the
 monitor does that, as plain dicts; they are JSON-encoded here, off the training
 thread).
@@ -40,6 +41,9 @@ REPORTS_PATH = "/v1/reports"
 # The wire contract's version this client writes (healthd.wire.schema.SCHEMA_VERSION on the server;
 # tests/client/test_transport.py holds them equal). The client imports nothing from the server.
 SCHEMA_VERSION = 1
+# The header that names the one job of a body's reports (healthd.wire.schema.JOB_HEADER, held equal
+# by tests/client/test_transport.py): a proxy shards by it (docs/scaling.md).
+JOB_HEADER = "X-Healthd-Job"
 
 HeartbeatFactory = Callable[[bool], dict[str, Any]]
 
@@ -319,6 +323,10 @@ class Sender:
         """Send the oldest batch. False when it should be retried (nothing was removed)."""
         with self._lock:
             batch = list(itertools.islice(self._items, self._config.max_batch_reports))
+            job = batch[0][1].get("job") if batch else None
+            # One job per body, so that X-Healthd-Job names every report's job. A monitor's reports
+            # all carry its job; this holds the header true for any mix a caller might enqueue.
+            batch = list(itertools.takewhile(lambda item: item[1].get("job") == job, batch))
             self._flush_requested = self._flush_requested and len(self._items) > len(batch)
         if not batch:
             return True
@@ -336,7 +344,7 @@ class Sender:
         if parts:
             body = f'{{"schema_version":{SCHEMA_VERSION},"reports":[{",".join(parts)}]}}'.encode()
             try:
-                status, text = self._transport.send(body, self._headers)
+                status, text = self._transport.send(body, _with_job(self._headers, job))
             except Exception as exc:
                 self.failed_attempts_total += 1
                 self._log_once("send-exc", "healthd: sending reports failed (will retry): %r", exc)
@@ -385,6 +393,15 @@ def _after_fork(ref: weakref.ref[Sender]) -> None:
     sender = ref()
     if sender is not None:
         sender._after_fork_in_child()
+
+
+def _with_job(headers: dict[str, str], job: Any) -> dict[str, str]:
+    """``headers`` plus ``X-Healthd-Job: job``, which a proxy in front of several healthd shards
+    routes on without reading the body (docs/scaling.md). A job the header cannot carry (not a
+    printable ASCII string) goes without it: the server then refuses the reports for their name."""
+    if isinstance(job, str) and job.isascii() and job.isprintable() and job.strip() == job and job:
+        return {**headers, JOB_HEADER: job}
+    return headers
 
 
 def _counts(report: dict[str, Any]) -> int:

@@ -30,7 +30,19 @@ from healthd.settings import Settings
 from healthd.state.store import Store
 from healthd.wire.parse import parse_batch
 from healthd.wire.records import CLEAN, NameCheck, StepRecord
-from healthd.wire.schema import IngestResult, Rejection
+from healthd.wire.schema import JOB_HEADER, FieldError, IngestResult, Rejection
+
+
+def _job_mismatch(reports: Sequence[Any], indices: list[int] | None, job: str) -> Rejection | None:
+    """The refusal of a batch whose reports do not all belong to ``job`` (its ``X-Healthd-Job``)."""
+    for pos, report in enumerate(reports):
+        if report.job != job:
+            index = indices[pos] if indices is not None else pos
+            return Rejection(index=index, errors=[FieldError(
+                loc=["reports", index, "job"], type="job_mismatch",
+                msg=f"report job {report.job!r} does not match the {JOB_HEADER} header {job!r}: a batch "
+                    "holds one job's reports, and the header names that job (a proxy routes on it)")])
+    return None
 
 
 @dataclass
@@ -52,12 +64,19 @@ class Healthd:
 
     TICK_RANKS_PER_SLICE = 256  # ~1-2 ms of per-rank work between the ticker's pauses
 
-    def ingest(self, body: bytes) -> tuple[int, IngestResult]:
-        """Validate and apply a report batch; returns (HTTP status, result)."""
+    def ingest(self, body: bytes, routed_job: str | None = None) -> tuple[int, IngestResult]:
+        """Validate and apply a report batch; returns (HTTP status, result).
+
+        ``routed_job``: the request's ``X-Healthd-Job`` header (None when absent: an older client). A proxy
+        routed the request by it, so a batch whose reports name another job would land on a shard
+        that does not own that job: it is refused whole (400, nothing applied) instead.
+        """
         parsed = parse_batch(body, self.settings.limits.max_reports_per_request, self.names)
+        if parsed.body_error is None and routed_job is not None:
+            parsed.body_error = _job_mismatch(parsed.reports, parsed.indices, routed_job)
         if parsed.body_error is not None:
             err = parsed.body_error.errors[0]
-            status = {"json_invalid": 400, "too_many_reports": 413}.get(err.type, 422)
+            status = {"json_invalid": 400, "job_mismatch": 400, "too_many_reports": 413}.get(err.type, 422)
             Counters.inc(self.counters.rejected, err.type)
             return status, IngestResult(accepted=0, rejected=[parsed.body_error])
         now = self.clock()

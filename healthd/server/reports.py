@@ -2,7 +2,8 @@
 
 ``Reports.answer`` hands a request's whole body to ``Healthd.ingest`` and encodes the answer (the 200
 answer for ``n`` reports is encoded once). It checks neither the token nor the body's size:
-``healthd.server.gate.Gate`` did both before any route (``healthd.server.serving``).
+``healthd.server.gate.Gate`` did both before any route (``healthd.server.serving``). The request's
+``X-Healthd-Job`` header, when sent, goes with the body: every report must belong to that job.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from starlette.types import Receive, Scope, Send
 
 from healthd.exposition.collector import Counters
 from healthd.server.pipeline import Healthd
+from healthd.wire.schema import JOB_HEADER
+
+JOB_HEADER_KEY = JOB_HEADER.lower().encode()  # ASGI header names are lower-case bytes
 
 
 class Reports:
@@ -21,10 +25,11 @@ class Reports:
         self.hd = hd
         self._accepted: dict[int, bytes] = {}  # n -> the 200 body; n <= limits.max_reports_per_request
 
-    def answer(self, body: bytes) -> tuple[int, bytes]:
-        """Ingest a request's whole body; returns the HTTP status and the JSON answer."""
+    def answer(self, body: bytes, job: str | None = None) -> tuple[int, bytes]:
+        """Ingest a request's whole body; returns the HTTP status and the JSON answer. ``job``: the
+        request's ``X-Healthd-Job`` header, None when absent (``Healthd.ingest`` checks it)."""
         hd = self.hd
-        status, result = hd.ingest(body)
+        status, result = hd.ingest(body, job)
         Counters.inc(hd.counters.requests, str(status))
         if status == 200:
             answer = self._accepted.get(result.accepted)
@@ -42,7 +47,8 @@ class Reports:
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        status, body = self.answer(b"".join(chunks))
+        job = next((v.decode("latin-1") for k, v in scope["headers"] if k == JOB_HEADER_KEY), None)
+        status, body = self.answer(b"".join(chunks), job)
         await send({"type": "http.response.start", "status": status, "headers": [
             (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})

@@ -42,10 +42,12 @@ from starlette.types import Message, Receive, Scope, Send
 from healthd.server.gate import JSON, Gate
 from healthd.server.lifecycle import Lifecycle
 from healthd.server.reports import Reports
+from healthd.wire.schema import JOB_HEADER
 
 log = logging.getLogger(__name__)
 
 REPORTS_PATH = "/v1/reports"
+JOB_HEADER_KEY_STR = JOB_HEADER.lower()  # RSGI header names are lower-case
 
 
 class RsgiHeaders(Protocol):
@@ -130,7 +132,7 @@ class HealthdApp:
                 refusal = self.gate.too_large()
             elif scope.method == "POST" and scope.path == REPORTS_PATH:
                 try:
-                    status, answer = self.reports.answer(body)
+                    status, answer = self.reports.answer(body, headers.get(JOB_HEADER_KEY_STR))
                 except Exception:  # a bug in ingest: logged, a 500, the connection kept (as the router would)
                     log.exception("Exception in the application")
                     proto.response_bytes(500, [("content-type", "text/plain; charset=utf-8")], b"Internal Server Error")

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode
 
-from healthd.wire.schema import SCHEMA_VERSION, AlertOut, AlertState, IngestResult, ReportBatch
+from healthd.wire.schema import JOB_HEADER, SCHEMA_VERSION, AlertOut, AlertState, IngestResult, ReportBatch
 
 _REF = "#/components/schemas/{model}"
 
@@ -52,10 +52,14 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             "/v1/reports": {"post": {
                 "summary": "Ingest a batch of reports",
+                "parameters": [{"name": JOB_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+                                "description": "the job of every report in the body, for a proxy that shards by "
+                                               "job; when sent, a report of another job refuses the batch (400)"}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": batch}}},
                 "responses": {
                     "200": _json(result, "all reports accepted"),
-                    "400": _json(result, "the body is not JSON (or not UTF-8)"),
+                    "400": _json(result, "the body is not JSON (or not UTF-8), or a report's job is not "
+                                         f"the {JOB_HEADER} header's (nothing applied)"),
                     "401": unauthorized,
                     "413": _json(result, "body over limits.max_body_bytes or more reports than "
                                          "limits.max_reports_per_request"),

@@ -26,6 +26,10 @@ from pydantic.dataclasses import dataclass as _pydantic_dataclass
 from typing_extensions import dataclass_transform
 
 SCHEMA_VERSION = 1
+# The job of every report in a ``POST /v1/reports`` body, as a request header: a proxy can route on it
+# (consistent hashing by job, docs/scaling.md) without reading the body. Optional (older clients do
+# not send it); when sent, every report's ``job`` must equal it, or the batch is refused whole (400).
+JOB_HEADER = "X-Healthd-Job"
 
 # Label values end up in Prometheus series and Alertmanager labels: keep them
 # short and printable. Layer names are module paths ("encoder.layers.0.attn").

@@ -48,9 +48,16 @@ def test_prometheus_scrape_config(tmp_path: Path) -> None:
 def test_compose_stack_references_existing_files() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"healthd", "prometheus", "alertmanager", "grafana"}
-    assert "--alertmanager-url" in services["healthd"]["command"]
-    assert (REPO / services["healthd"]["build"]["dockerfile"]).is_file()
+    shards = {"healthd-1", "healthd-2", "healthd-3"}
+    assert set(services) == {"healthd", *shards, "prometheus", "alertmanager", "grafana"}
+    assert services["healthd"]["image"].startswith("haproxy:")  # the proxy, on healthd's address
+    for shard in shards:
+        assert "--alertmanager-url" in services[shard]["command"]
+        assert (REPO / services[shard]["build"]["dockerfile"]).is_file()
+        assert services["healthd"]["environment"][f"HEALTHD_SHARD{shard[-1]}"] == f"{shard}:9184"
+    targets = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
+        "scrape_configs"][0]["static_configs"][0]["targets"]
+    assert sorted(targets) == sorted(f"{shard}:9184" for shard in shards)  # each shard, not the proxy
     assert "--cluster.listen-address=" in services["alertmanager"]["command"]
     for svc in services.values():
         for vol in svc.get("volumes", []):

@@ -153,11 +153,11 @@ def test_an_exception_in_ingest_is_a_500_and_the_connection_serves_on(
     answer = server.app.reports.answer
     calls = []
 
-    def failing_once(body: bytes) -> tuple[int, bytes]:
+    def failing_once(body: bytes, job: str | None = None) -> tuple[int, bytes]:
         calls.append(body)
         if len(calls) == 1:
             raise RuntimeError("a bug in ingest")
-        return answer(body)
+        return answer(body, job)
 
     monkeypatch.setattr(server.app.reports, "answer", failing_once)
     with _connect(server) as sock:
