@@ -26,6 +26,10 @@ system-deps:
 	@if ! command -v haproxy >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy; \
 	fi
+	@# nginx checks the nginx equivalent of that config (tests/deploy/test_proxy_configs.py, nginx -t).
+	@if ! command -v nginx >/dev/null; then \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light; \
+	fi
 	@# openssl makes the TLS test's self-signed certificate (tests/integration/test_tls.py).
 	@if ! command -v openssl >/dev/null; then \
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends openssl; \

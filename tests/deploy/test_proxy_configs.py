@@ -4,11 +4,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 from tests.integration.servers import require_binary
 
@@ -26,9 +23,7 @@ def test_haproxy_config_is_valid_and_hashes_by_job() -> None:
 
 
 def test_nginx_config_is_valid_and_hashes_by_job(tmp_path: Path) -> None:
-    nginx = shutil.which("nginx")
-    if nginx is None:  # not in `make system-deps`: the HAProxy config is the tested one
-        pytest.skip("nginx not installed (apt-get install nginx-light)")
+    nginx = require_binary("nginx")  # `make system-deps` installs nginx-light
     conf = DEPLOY / "nginx" / "healthd.conf"
     assert "hash $healthd_job consistent;" in conf.read_text()
     main = tmp_path / "nginx.conf"
