@@ -60,3 +60,28 @@ def test_nan_loss_is_counted_and_reported(make_monitor, transport):
     assert step.nonfinite.loss == 1
     assert step.nonfinite.grads == 7  # every parameter tensor's grad is NaN
     assert step.nonfinite.params == 7
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_non_finite_counts_match_naive(make_monitor, transport, seed):
+    # Random elements of random tensors turn NaN/Inf in the gradients; SGD carries them into the parameters.
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = make_monitor(model, optimizer)
+    optimizer.zero_grad()
+    loss = model(torch.randn(5, 4)).sum()
+    loss.backward()
+    for p in model.parameters():
+        if torch.rand((), generator=gen) < 0.4:
+            flat = p.grad.view(-1)
+            k = int(torch.randint(1, flat.numel() + 1, (), generator=gen))
+            flat[torch.randperm(flat.numel(), generator=gen)[:k]] = float(["nan", "inf", "-inf"][seed % 3])
+    naive_grads = sum(not bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    optimizer.step()
+    monitor.step(loss=loss)
+    naive_params = sum(not bool(torch.isfinite(p).all()) for p in model.parameters())
+    monitor.close()
+    report = step_reports(transport)[0]
+    assert report["nonfinite"] == {"loss": 0, "grads": naive_grads, "params": naive_params}

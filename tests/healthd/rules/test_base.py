@@ -1,9 +1,8 @@
 """healthd.rules.base: Rule[W, C] derives its scope and checks its hints; configs keep the shared fields'
-validation. (Also: RankWindow's readers return what the plain list comprehensions they replace return.)"""
+validation. (The window readers' tests live in tests/healthd/state/test_windows.py.)"""
 
 from __future__ import annotations
 
-import random
 from typing import Any, ClassVar
 
 import pytest
@@ -11,33 +10,7 @@ from pydantic import Field, ValidationError
 
 from healthd.rules import ALL_RULES
 from healthd.rules.base import ForSteps, Hints, Rule, RuleConfig, Scope, WindowedConfig, WindowSteps
-from healthd.state.windows import JobWindow, RankWindow, finite
-from healthd.wire.schema import StepReport
-from tests.healthd.factories import steps, window
-
-
-def _keep(s: StepReport) -> bool:
-    return s.loss is not None and s.loss > 1
-
-
-def test_latest_where_equals_filter_then_tail() -> None:
-    rng = random.Random(0)
-    for _ in range(200):
-        n = rng.randint(0, 40)
-        hist = steps(n, loss=[rng.choice([None, 1.0, 2.0]) for _ in range(n)])
-        w = window(hist)
-        count, lookback = rng.randint(1, 6), rng.randint(1, 50)
-        assert w.latest_where(_keep, count, lookback) == [s for s in w.last(lookback) if _keep(s)][-count:]
-
-
-def test_finite_drops_none_nan_and_inf_in_both_paths() -> None:
-    assert finite([1.0, 2.0, 3]) == [1.0, 2.0, 3]
-    assert finite([1.0, None, float("nan"), float("inf"), -2.0]) == [1.0, -2.0]
-    assert finite([1e308, 1e308]) == [1e308, 1e308]  # the sum overflows; the values are finite
-    assert finite([]) == []
-
-
-# ----------------------------------------------------------------- Rule[W, C] and its configs
+from healthd.state.windows import JobWindow, RankWindow
 
 
 def test_scope_comes_from_the_window_type() -> None:
