@@ -22,8 +22,8 @@ own. What does not live here: when alerts fire (``healthd.engine.alerts``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Rule, Scope
@@ -161,3 +161,19 @@ class IncidentGraph:
 
 
 GRAPH = IncidentGraph(CONSEQUENCES, ALL_RULES)
+
+T = TypeVar("T")
+
+
+def by_incident(alerts: Iterable[T], *, id_of: Callable[[T], str], incident_of: Callable[[T], str | None],
+                started_of: Callable[[T], float]) -> list[list[T]]:
+    """Alerts grouped by incident for display (status page, report, demo): each group its root, the likely
+    cause, first, then its consequences as they started; groups in the order their first alert came. An
+    alert with no incident (pending, or from an older server) is a group of its own. Takes accessors so
+    that engine alerts and API dicts group alike."""
+    groups: dict[str, list[T]] = {}
+    for a in alerts:
+        groups.setdefault(incident_of(a) or id_of(a), []).append(a)
+    for key, group in groups.items():
+        group.sort(key=lambda a: (id_of(a) != key, started_of(a)))
+    return list(groups.values())

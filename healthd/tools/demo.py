@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from healthd.engine.incidents import by_incident
 from healthd.server.embedded import serve_in_thread
 from healthd.settings import Settings
 
@@ -155,7 +156,8 @@ def _announce(a: dict[str, Any], seen: set[str], out: Callable[[str], None]) -> 
 def _summary(spec: Fault, alerts: list[dict[str, Any]], out: Callable[[str], None]) -> int:
     loud = [a for a in alerts if a["state"] != "pending"]
     out("\n" + "=" * 100)
-    incidents = by_incident(loud)
+    incidents = by_incident(loud, id_of=lambda a: a["id"], incident_of=lambda a: a.get("incident"),
+                            started_of=lambda a: a["started_at"])
     out(f"Summary: {len(loud)} alert(s) in {len(incidents)} incident(s) for fault '{spec.name}'")
     for n, group in enumerate(incidents, 1):
         out(f"\nIncident {n}: likely cause {group[0]['rule']}"
@@ -183,20 +185,6 @@ def _summary(spec: Fault, alerts: list[dict[str, Any]], out: Callable[[str], Non
     out("\nHealthy run: " + ("quiet (nothing above info)." if not above_info else
                              f"{len(above_info)} alert(s) above info - false alarm(s)."))
     return 0 if not above_info else 1
-
-
-def by_incident(alerts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Alerts (``GET /v1/alerts`` items) grouped by ``incident``, each group its root (the likely cause)
-    first, then its consequences in the order they were seen; an alert without an incident (older
-    server, never fired) is a group of its own."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for a in alerts:
-        groups.setdefault(a.get("incident") or a["id"], []).append(a)
-    out = []
-    for key, group in groups.items():
-        group.sort(key=lambda a: (a["id"] != key, a["started_at"]))
-        out.append(group)
-    return out
 
 
 def _fmt(v: object) -> str:
