@@ -13,7 +13,13 @@ alert leaves the outbox only after a 2xx, so an outage delays, never loses.
 Labels (what users route on): ``alertname`` (the rule), ``severity``,
 ``job``, ``rank`` when the alert is about one rank. Annotations: ``summary``,
 ``description`` (the evidence), ``advice``, ``healthd_url`` (a link back to
-the job's alerts); ``generatorURL`` is the same link.
+the job's alerts), and once it fired ``incident`` (the id of the incident's root
+alert) and ``caused_by`` (the likely cause's alertname, when another alert of
+the job explains this one; ``healthd.engine.incidents``). These two are
+annotations, not labels: an alert's label set is its identity in Alertmanager
+and must not change when its cause starts firing. Alertmanager mutes the
+consequences with the generated ``inhibit_rules`` (deploy/alertmanager/).
+``generatorURL`` is the same link.
 
 What does not live here: when alerts fire (engine, rules).
 """
@@ -65,14 +71,19 @@ def alert_payload(alert: Alert, *, base_url: str, now: float, resend_seconds: fl
     evidence = ", ".join(f"{k}={_value(v)}" for k, v in alert.evidence.items() if v is not None)
     resolved = alert.state is AlertState.RESOLVED
     ends = (alert.resolved_at or now) if resolved else now + EXPIRY_FACTOR * resend_seconds
+    annotations = {
+        "summary": alert.summary,
+        "description": evidence or alert.summary,
+        "advice": alert.advice,
+        "healthd_url": link,
+    }
+    if alert.incident is not None:
+        annotations["incident"] = alert.incident
+    if alert.caused_by is not None:
+        annotations["caused_by"] = alert.caused_by
     return {
         "labels": alert_labels(alert),
-        "annotations": {
-            "summary": alert.summary,
-            "description": evidence or alert.summary,
-            "advice": alert.advice,
-            "healthd_url": link,
-        },
+        "annotations": annotations,
         "startsAt": _iso(alert.fired_at or alert.started_at),
         "endsAt": _iso(ends),
         "generatorURL": link,

@@ -5,7 +5,9 @@ alerting rules: a finding makes it *pending*; findings over ``for_steps``
 steps in a row make it *firing*; ``resolve_after_steps`` steps in a row
 without a finding (the cool-down) make it *resolved*, so a noisy signal does
 not flap. A pending alert whose condition clears is dropped, never notified.
-Job-scoped rules count engine ticks instead of steps.
+Job-scoped rules count engine ticks instead of steps. When an alert fires,
+``healthd.engine.incidents`` places it in an incident (``caused_by``,
+``incident``); a cause stays firing while a consequence it caused fires.
 
 Listeners (Alertmanager push, persistence) hear every pending->firing and
 firing->resolved transition. Rank-scoped rules run when their rank has
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from healthd.engine.incidents import GRAPH, IncidentGraph
 from healthd.rules.base import EvidenceValue, Finding, JobRule, RankRule, Rule, is_job_rule, is_rank_rule
 from healthd.state.windows import JobWindow, RankWindow
 from healthd.wire.schema import AlertOut, AlertState, Severity
@@ -56,13 +59,17 @@ class Alert:
     resolved_at: float | None = None
     hits: int = 0
     misses: int = 0
+    caused_by: str | None = None  # the rule of the firing alert that likely caused this one (incidents)
+    incident: str | None = None  # id of the incident's root alert; set when it fires
+
 
     def out(self) -> AlertOut:
         return AlertOut(
             id=self.id, rule=self.rule, severity=self.severity, state=self.state, job=self.job, rank=self.rank,
             layer=self.layer, step=self.step, last_step=self.last_step, summary=self.summary,
             evidence=dict(self.evidence), advice=self.advice, started_at=self.started_at,
-            updated_at=self.updated_at, resolved_at=self.resolved_at,
+            updated_at=self.updated_at, resolved_at=self.resolved_at, caused_by=self.caused_by,
+            incident=self.incident,
         )
 
 
@@ -89,6 +96,7 @@ class Engine:
         history_per_job: int = 1000,
         listeners: Iterable[AlertListener] = (),
         clock: Callable[[], float] = time.time,
+        incidents: IncidentGraph = GRAPH,
     ) -> None:
         # Dispatch by scope, which each rule derives from the window type it declares (Rule[W, C]).
         self.rank_rules: list[RankRule] = [r for r in rules if is_rank_rule(r)]
@@ -97,6 +105,7 @@ class Engine:
         self.history_per_job = history_per_job
         self.listeners = list(listeners)
         self.clock = clock
+        self.incidents = incidents
         self._jobs: dict[str, _JobAlerts] = {}
         self.evaluation_seconds_sum = 0.0
         self.evaluation_count = 0
@@ -208,6 +217,7 @@ class Engine:
             if alert.state is AlertState.PENDING and alert.hits >= cfg.for_steps:
                 alert.state = AlertState.FIRING
                 alert.fired_at = now
+                self.incidents.on_firing(alert, book.active.values())
                 self._notify(alert, AlertState.PENDING)
         for key in scope_keys:
             if key in seen:
@@ -219,7 +229,8 @@ class Engine:
                 del book.active[key]
                 continue
             alert.misses += weight
-            if alert.misses >= cfg.resolve_after_steps:
+            if alert.misses >= cfg.resolve_after_steps and not self.incidents.holds_open(
+                    alert, book.active.values()):  # a cause waits for the symptoms it caused
                 alert.state = AlertState.RESOLVED
                 alert.resolved_at = alert.updated_at = now
                 del book.active[key]

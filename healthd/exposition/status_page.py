@@ -2,7 +2,8 @@
 
 What lives here: one function that renders the jobs healthd knows, their ranks
 (last step, last seen, closed), the job's setup at attach, and the active
-(pending and firing) alerts with their evidence and advice, as one HTML page
+(pending and firing) alerts with their evidence and advice, grouped by incident
+(``healthd.engine.incidents``: the likely cause first, its consequences under it), as one HTML page
 with inline CSS. No JavaScript, no build step; it refreshes itself every
 ``refresh_seconds``. What does not: the data (``healthd.state.store``,
 ``healthd.engine.alerts``), the JSON API (``healthd.server.app``).
@@ -15,6 +16,8 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+from healthd.engine.incidents import by_incident
 
 if TYPE_CHECKING:
     from healthd.engine.alerts import Alert, Engine
@@ -60,21 +63,30 @@ def _evidence(evidence: Mapping[str, object]) -> str:
 
 def _alert_rows(alerts: list[Alert]) -> str:
     rows = []
-    for a in alerts:
-        where = f"rank {a.rank}" if a.rank is not None else "job"
-        if a.layer:
-            where += f" · {_e(a.layer)}"
-        steps = f"{a.step}" if a.last_step in (None, a.step) else f"{a.step}–{a.last_step}"
-        rows.append(
-            f'<tr class="alert" data-rule="{_e(a.rule)}" data-state="{_e(a.state.value)}">'
-            f'<td><span class="sev {_e(a.severity.value)}">{_e(a.severity.value)}</span> '
-            f'<span class="state">{_e(a.state.value)}</span></td>'
-            f"<td><b>{_e(a.rule)}</b><br>{_e(a.summary)}"
-            f'<div class="evidence">{_evidence(a.evidence)}</div></td>'
-            f"<td>{where}</td><td>{_e(steps)}</td>"
-            f'<td class="advice">{_e(a.advice)}</td></tr>'
-        )
+    for group in by_incident(alerts, id_of=lambda a: a.id, incident_of=lambda a: a.incident,
+                             started_of=lambda a: a.started_at):
+        if len(group) > 1:  # an incident: its likely cause, then the consequences under it
+            rows.append(f'<tr class="incident" data-incident="{_e(group[0].id)}"><td colspan="5"><b>Incident: '
+                        f"likely cause {_e(group[0].rule)}</b>, {len(group) - 1} consequence(s)</td></tr>")
+        rows.extend(_alert_row(a, consequence=a is not group[0]) for a in group)
     return "".join(rows)
+
+
+def _alert_row(a: Alert, *, consequence: bool) -> str:
+    where = f"rank {a.rank}" if a.rank is not None else "job"
+    if a.layer:
+        where += f" · {_e(a.layer)}"
+    steps = f"{a.step}" if a.last_step in (None, a.step) else f"{a.step}–{a.last_step}"
+    cause = f'<br><span class="muted">caused by {_e(a.caused_by)}</span>' if consequence and a.caused_by else ""
+    return (
+        f'<tr class="alert" data-rule="{_e(a.rule)}" data-state="{_e(a.state.value)}">'
+        f'<td><span class="sev {_e(a.severity.value)}">{_e(a.severity.value)}</span> '
+        f'<span class="state">{_e(a.state.value)}</span>{cause}</td>'
+        f"<td><b>{_e(a.rule)}</b><br>{_e(a.summary)}"
+        f'<div class="evidence">{_evidence(a.evidence)}</div></td>'
+        f"<td>{where}</td><td>{_e(steps)}</td>"
+        f'<td class="advice">{_e(a.advice)}</td></tr>'
+    )
 
 
 def _setup(job: JobState) -> str:

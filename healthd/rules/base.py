@@ -18,7 +18,8 @@ To add a rule, subclass ``Rule[W, C]`` with the window it reads and its config, 
   ge=5)``). A re-declaration with a looser bound is refused when the class is made.
 - The docstring says what it detects, why it matters, its public source (title and
   author) and its thresholds; ``advice`` is shown in the alert. List it in
-  ``healthd.rules.ALL_RULES``.
+  ``healthd.rules.ALL_RULES``, and in ``healthd.engine.incidents.CONSEQUENCES`` (what it likely
+  causes, under what likely causes it).
 
 Performance hints live apart from the detection logic, in ``hints`` (``Hints``): they tell
 the engine when it may skip or split work, never what the rule finds. A rule with no hints

@@ -162,9 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--out", default=None, help="output file (default: report-<job>.html)")
     report.set_defaults(func=_report)
 
-    deploy = sub.add_parser("deploy", help="Prometheus rule files generated from the rule catalog")
+    deploy = sub.add_parser("deploy", help="Prometheus rule files and Alertmanager config generated from the catalogs")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
-    dexp = deploy_sub.add_parser("export", help="write prometheus/*.rules.yml and k8s/prometheusrule.yaml")
+    dexp = deploy_sub.add_parser("export", help="write prometheus/*.rules.yml, k8s/prometheusrule.yaml and "
+                                 "alertmanager/alertmanager.yml")
     dexp.add_argument("dir", nargs="?", default="deploy")
     dexp.add_argument("--healthd-url", default="http://healthd:9184", help="healthd's URL for links in alerts")
     dexp.set_defaults(func=_deploy_export)

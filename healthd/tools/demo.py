@@ -3,7 +3,8 @@
 Starts a real healthd (granian) on a free port, trains a small MLP on a
 synthetic classification task on the CPU with ``healthd_client`` attached,
 injects the chosen fault, shows a live view of progress, key metrics and alerts
-as they fire, and ends with every alert's evidence and advice. torch is
+as they fire, and ends with every alert's evidence and advice, grouped by
+incident (the likely cause first, its consequences under it). torch is
 imported only here, when the demo runs.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from healthd.engine.incidents import by_incident
 from healthd.server.embedded import serve_in_thread
 from healthd.settings import Settings
 
@@ -40,8 +42,10 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
 
 
 def run_demo(fault: str = "lr-too-high", steps: int = 300, live: bool = True, *,
-             step_sleep_seconds: float = 0.01, out: Callable[[str], None] = print) -> int:
-    """Run the demo; returns 0 when the outcome is the expected one (fault caught / healthy run quiet)."""
+             step_sleep_seconds: float = 0.01, out: Callable[[str], None] = print,
+             settings: Settings | None = None) -> int:
+    """Run the demo; returns 0 when the outcome is the expected one (fault caught / healthy run quiet).
+    ``settings``: the healthd it starts (default ``Settings()``; tests add an Alertmanager)."""
     if fault not in FAULTS:
         out(f"unknown fault {fault!r}; choose one of: {', '.join(FAULTS)}")
         return 2
@@ -52,7 +56,7 @@ def run_demo(fault: str = "lr-too-high", steps: int = 300, live: bool = True, *,
     spec = FAULTS[fault]
     torch.manual_seed(0)
     tty = live and sys.stdout.isatty()
-    with serve_in_thread(Settings()) as server:
+    with serve_in_thread(settings or Settings()) as server:
         out(f"healthd listening on {server.url}  (metrics: {server.url}/metrics, alerts: {server.url}/v1/alerts)")
         out(f"fault: {spec.name} - {spec.description}\n")
         job = f"demo-{spec.name}"
@@ -145,19 +149,28 @@ def _announce(a: dict[str, Any], seen: set[str], out: Callable[[str], None]) -> 
     if a["id"] in seen or a["state"] == "pending":
         return
     seen.add(a["id"])
-    out(f"  >> ALERT {a['rule']} [{a['severity']}] at step {a['step']} (rank {a['rank']}): {a['summary']}")
+    cause = f" [likely caused by {a['caused_by']}]" if a.get("caused_by") else ""
+    out(f"  >> ALERT {a['rule']} [{a['severity']}] at step {a['step']} (rank {a['rank']}){cause}: {a['summary']}")
 
 
 def _summary(spec: Fault, alerts: list[dict[str, Any]], out: Callable[[str], None]) -> int:
     loud = [a for a in alerts if a["state"] != "pending"]
     out("\n" + "=" * 100)
-    out(f"Summary: {len(loud)} alert(s) for fault '{spec.name}'")
-    for a in loud:
-        out(f"\n* {a['rule']}  severity={a['severity']}  state={a['state']}  step={a['step']}  rank={a['rank']}")
-        out(f"  what:     {a['summary']}")
-        ev = ", ".join(f"{k}={_fmt(v)}" for k, v in a["evidence"].items() if v is not None)
-        out(f"  evidence: {ev}")
-        out(f"  advice:   {a['advice']}")
+    incidents = by_incident(loud, id_of=lambda a: a["id"], incident_of=lambda a: a.get("incident"),
+                            started_of=lambda a: a["started_at"])
+    out(f"Summary: {len(loud)} alert(s) in {len(incidents)} incident(s) for fault '{spec.name}'")
+    for n, group in enumerate(incidents, 1):
+        out(f"\nIncident {n}: likely cause {group[0]['rule']}"
+            + (f", {len(group) - 1} consequence(s)" if len(group) > 1 else ""))
+        for a in group:
+            indent = "  " if a is group[0] else "      "
+            cause = f"  caused by {a['caused_by']}" if a.get("caused_by") and a is not group[0] else ""
+            out(f"{indent}* {a['rule']}  severity={a['severity']}  state={a['state']}  step={a['step']}  "
+                f"rank={a['rank']}{cause}")
+            out(f"{indent}  what:     {a['summary']}")
+            ev = ", ".join(f"{k}={_fmt(v)}" for k, v in a["evidence"].items() if v is not None)
+            out(f"{indent}  evidence: {ev}")
+            out(f"{indent}  advice:   {a['advice']}")
     if spec.expected:
         caught = [a for a in loud if a["rule"] in spec.expected]
         if caught:

@@ -31,6 +31,8 @@ from urllib.parse import quote
 
 import httpx
 
+from healthd.engine.incidents import by_incident
+
 _SEVERITY_COLOUR = {"critical": "#c0392b", "warning": "#d68910", "info": "#2e6fd8"}
 _MAX_LAYER_LINES = 12  # update-ratio lines per plot; the rest are folded away (largest spread kept)
 
@@ -248,22 +250,34 @@ def _alerts_html(alerts: Sequence[Mapping[str, Any]]) -> str:
     if not alerts:
         return '<p>No alerts fired for this run.</p>'
     rows = []
-    for a in alerts:
-        where = "job" if a.get("rank") is None else f"rank {a['rank']}"
-        if a.get("layer"):
-            where += f", layer {a['layer']}"
-        steps = a.get("step")
-        if a.get("last_step") not in (None, steps):
-            steps = f"{steps}–{a['last_step']}"
-        evidence = ", ".join(f"{_e(k)}={_e(_fmt(v))}" for k, v in a.get("evidence", {}).items())
-        rows.append(
-            f'<tr class="alert" data-rule="{_e(a["rule"])}"><td><span class="sev {_e(a["severity"])}">'
-            f'{_e(a["severity"])}</span><br><span class="muted">{_e(a["state"])}</span></td>'
-            f'<td><b>{_e(a["rule"])}</b> ({_e(where)}, step {_e(steps)})<br>{_e(a["summary"])}'
-            f'<div class="evidence">{evidence}</div></td><td>{_e(a["advice"])}</td></tr>'
-        )
+    groups = by_incident(alerts, id_of=lambda a: str(a["id"]), incident_of=lambda a: a.get("incident"),
+                         started_of=lambda a: float(a["started_at"]))
+    for group in groups:
+        if len(group) > 1:  # an incident: its likely cause, then the consequences under it
+            rows.append(f'<tr class="incident"><td colspan="3"><b>Incident: likely cause {_e(group[0]["rule"])}'
+                        f'</b>, {len(group) - 1} consequence(s)</td></tr>')
+        rows.extend(_alert_row(a, consequence=a is not group[0]) for a in group)
     return ("<table><tr><th>severity</th><th>what, where, evidence</th><th>advice</th></tr>"
             + "".join(rows) + "</table>")
+
+
+def _alert_row(a: Mapping[str, Any], *, consequence: bool) -> str:
+    where = "job" if a.get("rank") is None else f"rank {a['rank']}"
+    if a.get("layer"):
+        where += f", layer {a['layer']}"
+    steps = a.get("step")
+    if a.get("last_step") not in (None, steps):
+        steps = f"{steps}–{a['last_step']}"
+    evidence = ", ".join(f"{_e(k)}={_e(_fmt(v))}" for k, v in a.get("evidence", {}).items())
+    cause = f'<br><span class="muted">caused by {_e(a["caused_by"])}</span>' if consequence and a.get(
+        "caused_by") else ""
+    return (
+        f'<tr class="alert" data-rule="{_e(a["rule"])}">'
+        f'<td><span class="sev {_e(a["severity"])}">'
+        f'{_e(a["severity"])}</span><br><span class="muted">{_e(a["state"])}</span>{cause}</td>'
+        f'<td><b>{_e(a["rule"])}</b> ({_e(where)}, step {_e(steps)})<br>{_e(a["summary"])}'
+        f'<div class="evidence">{evidence}</div></td><td>{_e(a["advice"])}</td></tr>'
+    )
 
 
 def render_report(data: Mapping[str, Any], *, generated_at: float | None = None) -> str:

@@ -347,3 +347,7 @@ class AlertOut(_Model):
     started_at: float
     updated_at: float
     resolved_at: float | None = None
+    # Incidents (healthd.engine.incidents): the likely cause's rule, and the incident's id (its root
+    # alert's). Both None for an alert that never fired; defaulted, so older clients keep working.
+    caused_by: str | None = None
+    incident: str | None = None

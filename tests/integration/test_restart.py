@@ -66,7 +66,9 @@ def hd(tmp_path: Path) -> Iterator[HealthdProcess]:
 
 def test_kill9_keeps_firing_alerts_and_history_without_renotifying(hd: HealthdProcess) -> None:
     # Job "a": a NaN fires, 60 healthy steps resolve it (NonFiniteValues resolves after 50). Job "b": stays firing.
-    _post(hd, *[_step("a", i) for i in range(10)], _step("a", 10, math.nan), *[_step("a", i) for i in range(11, 71)])
+    # Healthy means a falling loss: a flat one is a LossPlateau, which the NaN's incident would adopt and hold open.
+    _post(hd, *[_step("a", i, 1 / (1 + 0.05 * i)) for i in range(10)], _step("a", 10, math.nan),
+          *[_step("a", i, 1 / (1 + 0.05 * i)) for i in range(11, 71)])
     _post(hd, *[_step("b", i) for i in range(10)], _step("b", 10, math.nan))
     before = {(a["job"], a["rule"]): a for a in _alerts(hd)}
     assert before[("a", "NonFiniteValues")]["state"] == "resolved"

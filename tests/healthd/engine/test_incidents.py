@@ -1,0 +1,130 @@
+"""Incidents: the cause -> consequence graph is checked, and the engine groups a job's alerts by cause."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+
+from healthd.engine.alerts import Alert, Engine
+from healthd.engine.incidents import CONSEQUENCES, GRAPH, IncidentGraph
+from healthd.rules import ALL_RULES
+from healthd.rules.base import Finding, Rule, RuleConfig
+from healthd.state.windows import RankWindow
+from healthd.wire.schema import AlertState, Severity
+from tests.healthd.factories import steps, window
+
+
+class _Above(Rule[RankWindow, RuleConfig]):
+    """Test rule: fires while the last step's ``attr`` is above 1."""
+
+    attr: ClassVar[str] = "loss"
+    Config = RuleConfig
+
+    def evaluate(self, w: RankWindow) -> Finding | None:
+        s = w.latest
+        v = None if s is None else getattr(s, self.attr)
+        if v is None or v <= 1:
+            return None
+        return Finding(summary=f"{self.attr} {v}", evidence={self.attr: v}, step=s.step if s else None, rank=w.rank)
+
+
+class Cause(_Above):
+    """Test rule: the cause, on the loss."""
+
+    name: ClassVar[str] = "Cause"
+
+
+class Symptom(_Above):
+    """Test rule: the consequence, on the gradient norm."""
+
+    name: ClassVar[str] = "Symptom"
+    attr: ClassVar[str] = "grad_norm"
+
+
+GRAPH_2 = IncidentGraph({"Cause": ("Symptom",), "Symptom": ()}, [Cause, Symptom])
+COOL_DOWN = RuleConfig(resolve_after_steps=2)
+
+
+def _engine() -> Engine:
+    return Engine([Cause(COOL_DOWN), Symptom(COOL_DOWN)], incidents=GRAPH_2)
+
+
+def _feed(eng: Engine, loss: list[float], grad_norm: list[float]) -> None:
+    hist = steps(len(loss), loss=loss, grad_norm=grad_norm)
+    for i in range(len(hist)):
+        eng.on_step(window(hist[: i + 1]))
+
+
+def _by_rule(eng: Engine) -> dict[str, Alert]:
+    return {a.rule: a for a in eng.alerts("j", include_resolved=False)}
+
+
+def test_every_rule_has_a_place_and_the_graph_is_acyclic() -> None:
+    assert set(CONSEQUENCES) == {r.name for r in ALL_RULES}
+    assert set(GRAPH.causes("LossDiverging")) >= {"LearningRateTooHigh", "NonFiniteValues"}
+    assert GRAPH.equal_labels("LearningRateTooHigh", "LossDiverging") == ("job", "rank")
+    assert GRAPH.equal_labels("RankStalled", "StragglerRank") == ("job",)
+
+
+@pytest.mark.parametrize(("graph", "message"), [
+    ({"Cause": ("Symptom",)}, "no entry"),
+    ({"Cause": ("Nope",), "Symptom": ()}, "not in the rule catalog"),
+    ({"Cause": ("Cause",), "Symptom": ()}, "itself"),
+    ({"Cause": ("Symptom",), "Symptom": ("Cause",)}, "cycle"),
+])
+def test_a_bad_graph_is_refused(graph: dict[str, tuple[str, ...]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        IncidentGraph(graph, [Cause, Symptom])
+
+
+def test_consequence_firing_while_its_cause_fires_joins_the_cause_incident() -> None:
+    eng = _engine()
+    _feed(eng, loss=[2, 2, 2], grad_norm=[0, 0, 2])
+    alerts = _by_rule(eng)
+    cause, symptom = alerts["Cause"], alerts["Symptom"]
+    assert cause.caused_by is None and cause.incident == cause.id
+    assert symptom.caused_by == "Cause" and symptom.incident == cause.id
+    out = symptom.out()
+    assert (out.caused_by, out.incident) == ("Cause", cause.id)
+
+
+def test_a_cause_firing_after_its_consequence_adopts_it() -> None:
+    eng = _engine()
+    _feed(eng, loss=[0, 2], grad_norm=[2, 2])
+    alerts = _by_rule(eng)
+    assert alerts["Symptom"].caused_by == "Cause" and alerts["Symptom"].incident == alerts["Cause"].id
+
+
+def test_the_cause_stays_firing_until_its_consequences_resolve() -> None:
+    eng = _engine()
+    # The cause's condition clears at step 2 (cool-down 2 steps) but its symptom fires until step 5.
+    _feed(eng, loss=[2, 2, 0, 0, 0, 0], grad_norm=[0, 2, 2, 2, 2, 2])
+    assert _by_rule(eng)["Cause"].state is AlertState.FIRING
+    _feed(eng, loss=[2, 2, 0, 0, 0, 0, 0, 0, 0], grad_norm=[0, 2, 2, 2, 2, 2, 0, 0, 0])
+    assert _by_rule(eng) == {}
+    resolved = {a.rule: a for a in eng.alerts("j")}
+    assert resolved["Symptom"].resolved_at is not None and resolved["Cause"].state is AlertState.RESOLVED
+
+
+def test_an_unrelated_alert_opens_its_own_incident() -> None:
+    eng = _engine()
+    _feed(eng, loss=[0, 0], grad_norm=[2, 2])
+    (symptom,) = eng.alerts("j")
+    assert symptom.caused_by is None and symptom.incident == symptom.id
+
+
+def _alert(rule: str, rank: int | None, state: AlertState = AlertState.FIRING) -> Alert:
+    return Alert(id=f"{rule}-{rank}", rule=rule, severity=Severity.WARNING, state=state, job="j", rank=rank,
+                 layer=None, step=0, last_step=0, summary="", evidence={}, advice="", started_at=0.0,
+                 updated_at=0.0, fired_at=0.0)
+
+
+def test_rank_rules_link_on_the_same_rank_only() -> None:
+    cause, other_rank = _alert("Cause", 0), _alert("Symptom", 1)
+    GRAPH_2.on_firing(cause, [cause])
+    GRAPH_2.on_firing(other_rank, [cause, other_rank])
+    assert other_rank.caused_by is None and other_rank.incident == other_rank.id
+    same_rank = _alert("Symptom", 0)
+    GRAPH_2.on_firing(same_rank, [cause, other_rank, same_rank])
+    assert same_rank.caused_by == "Cause" and same_rank.incident == cause.id
