@@ -129,6 +129,26 @@ class LayerStats:
 
 
 @_record
+class ShardPart:
+    """This rank's part of quantities that are sums over a sharded model (FSDP2, HSDP).
+
+    Under FSDP each rank holds a shard of every parameter and of its gradient, so a rank can only
+    measure sums of squares over its own shard; the job's value is the sum over the ranks of one
+    shard group (the ranks that together hold one full copy). healthd adds the parts of a step once
+    every rank of the group has reported it, and fills the step's ``grad_norm`` and ``update_ratio``
+    on each of them. Under HSDP the groups are the replicas (``group`` = the rank's coordinate along
+    the replicate dimension of the device mesh); under FSDP there is one group.
+    """
+
+    group: Count = 0  # which shard group (replica) this rank belongs to
+    index: Count  # this rank's position in its group (coordinate along the shard dimension)
+    count: Annotated[int, Field(ge=1)]  # how many ranks the group has
+    grad_sq: float | None = None  # sum of squares of this rank's gradient shards
+    update_sq: float | None = None  # ||w_t - w_{t-1}||^2 over this rank's (sampled) parameter shards
+    weight_sq: float | None = None  # ||w_{t-1}||^2 over the same elements
+
+
+@_record
 class ActivationStats:
     """Sampled forward-hook statistics of one activation layer."""
 
@@ -173,6 +193,8 @@ class StepReport:
     step_seconds: float | None = Field(default=None, ge=0)
     lr: list[float] = Field(default_factory=list, max_length=64)  # per param group
     grad_norm: float | None = None  # global L2 norm of the gradients the optimizer saw
+    # Sharded models: this rank's partial sums (the server fills grad_norm and update_ratio from them).
+    shard: ShardPart | None = None
     grad_norm_local: float | None = None  # this rank's norm before all-reduce (DDP)
     grad_norm_allreduced: float | None = None  # norm of the all-reduced gradient, in the DDP comm hook
     # Wall time from the first gradient bucket handed to DDP's comm hook to the last one reduced: mostly
