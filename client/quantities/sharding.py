@@ -16,23 +16,29 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-try:
+
+def _dtensor_class() -> type | None:
+    """DTensor, or None on a torch built without distributed support (nothing can be sharded there)."""
+    if not torch.distributed.is_available():
+        return None
     from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support: nothing can be sharded
-    DTensor = None
+    return DTensor
+
+
+_DTENSOR = _dtensor_class()
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    return _DTENSOR is not None and isinstance(t, _DTENSOR)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """The rank's own part of ``t``: a DTensor's local tensor (a view, no communication), else ``t``."""
-    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]  # DTensor is Any without distributed
+    return cast(torch.Tensor, cast(Any, t).to_local()) if is_dtensor(t) else t
 
 
 def _linear(coords: Sequence[int], sizes: Sequence[int]) -> int:
@@ -60,7 +66,7 @@ def shard_layout(params: Iterable[torch.Tensor]) -> ShardLayout | None:
     for p in params:
         if not is_dtensor(p):
             continue
-        mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+        mesh, placements = cast(Any, p).device_mesh, cast(Any, p).placements
         coords = mesh.get_coordinate()
         if coords is None:  # this rank is not in the parameter's mesh
             continue

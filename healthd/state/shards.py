@@ -56,8 +56,8 @@ class ShardCombiner:
     """One sharded job's steps in waiting, keyed by (shard group, step)."""
 
     max_pending_steps: int = 256
-    # rank -> (group, ranks in the group), from the rank's last record that said
-    layout: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # rank -> (group, ranks in the group, position in the group), from the rank's last record that said
+    layout: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     pending: dict[tuple[int, int], dict[int, StepRecord]] = field(default_factory=dict)  # insertion order
 
     def sharded(self, s: StepRecord) -> bool:
@@ -68,8 +68,8 @@ class ShardCombiner:
     def add(self, s: StepRecord) -> list[StepRecord]:
         """Take one record; returns the records now complete (possibly none), in the order to apply."""
         if s.shard is not None:
-            self.layout[s.rank] = (s.shard.group, s.shard.count)
-        group, count = self.layout[s.rank]
+            self.layout[s.rank] = (s.shard.group, s.shard.count, s.shard.index)
+        group, count, _ = self.layout[s.rank]
         key = (group, s.step)
         parts = self.pending.setdefault(key, {})
         parts[s.rank] = s
@@ -79,6 +79,11 @@ class ShardCombiner:
         while len(self.pending) > self.max_pending_steps:
             out.extend(self._release(next(iter(self.pending)), complete=False))
         return out
+
+    def shard_index(self, rank: int) -> int | None:
+        """Which shard ``rank`` holds (None: it has not said)."""
+        layout = self.layout.get(rank)
+        return None if layout is None else layout[2]
 
     def _release(self, key: tuple[int, int], complete: bool = True) -> list[StepRecord]:
         parts = self.pending.pop(key)

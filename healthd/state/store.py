@@ -363,6 +363,7 @@ class Store:
                 gpu=st.gpu,
                 closed=st.closed,
                 columns=st.columns,
+                shard_index=None if job.shards is None else job.shards.shard_index(r),
             )
         return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks,
                          global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale)

@@ -288,7 +288,7 @@ def test_job_rules_find_what_the_direct_computations_find(seed: int) -> None:
     assert repr(got_m) == repr(_mismatch_direct(w, mismatch.config))
 
     direct = _desync_direct(w)
-    assert repr(_latest_shared_fingerprints(w)) == repr(direct)
+    assert repr(_latest_shared_fingerprints(w.ranks)) == repr(direct)
     found = RankDesync().evaluate(w)
     if found:
         assert direct is not None and {f.step for f in found} == {direct[0]}
