@@ -225,6 +225,13 @@ class EvalReport(_ReportBase):
     )
 
 
+class DisabledQuantity(_Model):
+    """A measurement the client stopped making, and why (MonitoringDegraded shows it to on-call)."""
+
+    name: ShortText  # the quantity, e.g. "grad_norm"
+    reason: ShortText  # where it failed and the exception, as the client's warning says
+
+
 class HeartbeatReport(_ReportBase):
     """Sent on a timer, independent of steps: tells a hang from an exit."""
 
@@ -233,6 +240,8 @@ class HeartbeatReport(_ReportBase):
     reports_dropped_total: Count = 0  # client queue overflow / send failures
     reports_sent_total: Count = 0
     closing: bool = False  # the monitor is closing (clean exit)
+    # Quantities this rank no longer measures: the signals (and rules) that depend on them are blind.
+    disabled_quantities: list[DisabledQuantity] = Field(default_factory=list, max_length=64)
 
 
 class LayerInfo(_Model):
