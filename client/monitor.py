@@ -328,8 +328,9 @@ class Monitor:
                 q.write(report, values)
             except Exception as exc:
                 self._disable(q, "write", exc)
-        if self.identity.rank >= self.config.layer_stats_ranks:
-            report.pop("layers", None)  # identical on every DDP rank: sent by the first ranks only
+        if self.identity.rank >= self.config.layer_stats_ranks and "shard" not in report:
+            # identical on every DDP rank: sent by the first ranks only (a shard's parts differ: all send)
+            report.pop("layers", None)
         return report
 
     # ------------------------------------------------------------------ other reports

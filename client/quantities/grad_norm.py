@@ -70,5 +70,8 @@ class GradNorm(Quantity):
         sq = write_layer_norms(report, values, norm_field="grad_norm", nonfinite_field="grads", skip=skip)
         if layout is not None:
             report.setdefault("shard", layout.part())["grad_sq"] = sum(sq) if sq is not None else 0.0
+            for name, layer_sq in zip(values["names"], sq or [0.0] * len(values["names"]), strict=True):
+                if name not in missing:
+                    layer_stats(report, name)["grad_sq"] = layer_sq
         elif sq is not None:
             report["grad_norm"] = safe_sqrt(sum(sq))

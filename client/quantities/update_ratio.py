@@ -167,6 +167,10 @@ class UpdateRatio(Quantity):
         if layout is not None:  # this rank's parts; healthd adds the group's (a shard may be empty)
             part = report.setdefault("shard", layout.part())
             part["update_sq"], part["weight_sq"] = (sum(d), sum(w)) if d is not None and w is not None else (0.0, 0.0)
+            sampled = set(values["sampled"])
+            for name, d_sq, w_sq in zip(values["names"], d or [], w or [], strict=False):
+                if name in sampled:
+                    layer_stats(report, name).update(update_sq=d_sq, weight_sq=w_sq)
             return
         if d is None or w is None:
             return

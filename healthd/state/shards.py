@@ -89,8 +89,32 @@ class ShardCombiner:
         parts = self.pending.pop(key)
         records = [parts[r] for r in sorted(parts)]
         grad_norm, update_ratio = combine(records) if complete else (None, None)
+        layers = _combine_layers(records) if complete else {}
         return [msgspec.structs.replace(
             r,
             grad_norm=grad_norm if r.shard is not None and r.shard.grad_sq is not None else r.grad_norm,
-            update_ratio=update_ratio if r.shard is not None and r.shard.update_sq is not None else r.update_ratio)
+            update_ratio=update_ratio if r.shard is not None and r.shard.update_sq is not None else r.update_ratio,
+            layers={name: msgspec.structs.replace(ls, **layers.get(name, {})) for name, ls in r.layers.items()})
             for r in records]
+
+
+def _combine_layers(records: Sequence[StepRecord]) -> dict[str, dict[str, float | None]]:
+    """Per layer, the group's grad_norm and update_ratio from the ranks' layer parts (a layer some rank
+    did not report a part of gets none: a partial sum would understate)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name in records[0].layers:
+        parts = [r.layers.get(name) for r in records]
+        if any(p is None for p in parts):
+            continue
+        present = [p for p in parts if p is not None]
+        combined: dict[str, float | None] = {}
+        if all(p.grad_sq is not None for p in present):
+            combined["grad_norm"] = _combined_sqrt([p.grad_sq for p in present])
+        if all(p.update_sq is not None and p.weight_sq is not None for p in present):
+            d = _combined_sqrt([p.update_sq for p in present])
+            w = _combined_sqrt([p.weight_sq for p in present])
+            if d is not None and w is not None:
+                combined["update_ratio"] = (0.0 if d == 0.0 else math.inf) if w == 0.0 else d / w
+        if combined:
+            out[name] = combined
+    return out

@@ -53,6 +53,9 @@ class LayerRecord(_Record, frozen=True):
     update_ratio: float | None = None
     param_norm: float | None = None
     grad_missing: bool = False
+    grad_sq: float | None = None
+    update_sq: float | None = None
+    weight_sq: float | None = None
 
 
 class ShardRecord(_Record, frozen=True, kw_only=True):
@@ -239,7 +242,8 @@ def to_record(s: StepReport) -> StepRecord:
         nonfinite=CLEAN if not (nf.loss or nf.grads or nf.params) else NonFiniteRecord(
             loss=nf.loss, grads=nf.grads, params=nf.params),
         layers={k: LayerRecord(grad_norm=v.grad_norm, update_ratio=v.update_ratio, param_norm=v.param_norm,
-                               grad_missing=v.grad_missing) for k, v in s.layers.items()},
+                               grad_missing=v.grad_missing, grad_sq=v.grad_sq, update_sq=v.update_sq,
+                               weight_sq=v.weight_sq) for k, v in s.layers.items()},
         training=s.training, grads_stale_at_backward=s.grads_stale_at_backward, loss_scale=s.loss_scale,
         step_skipped=s.step_skipped, param_fingerprint=s.param_fingerprint,
         activations={k: ActivationRecord(kind=v.kind, dead_fraction=v.dead_fraction,

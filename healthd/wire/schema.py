@@ -126,6 +126,10 @@ class LayerStats:
     update_ratio: float | None = None
     param_norm: float | None = None
     grad_missing: bool = False  # every parameter of the layer had grad None
+    # Sharded models (see ShardPart): this rank's parts; healthd fills grad_norm and update_ratio from them.
+    grad_sq: float | None = None
+    update_sq: float | None = None
+    weight_sq: float | None = None
 
 
 @_record

@@ -3,7 +3,7 @@ torchrun, not collected.
 
 The script computes the references itself, outside healthd, from full tensors (``full_tensor()``, a
 collective healthd's client never makes): each step's global gradient norm (the gradients the
-optimizer is about to apply) and update ratio ||w_t - w_{t-1}|| / ||w_{t-1}||. Rank 0 writes them
+optimizer is about to apply; per layer too) and update ratio ||w_t - w_{t-1}|| / ||w_{t-1}||. Rank 0 writes them
 as JSON lines ``{"step", "grad_norm", "update_ratio"}`` to FSDP_REF.
 
 Environment: HEALTHD_SERVER, HEALTHD_JOB, FSDP_STEPS, FSDP_REF, FSDP_REPLICAS (1: FSDP over all
@@ -67,13 +67,16 @@ def main() -> None:
         loss.backward()
         params = [p for p in model.parameters()]
         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
+        layer_grad = {name: global_norm([p.grad for p in m.parameters() if p.grad is not None])
+                      for name, m in model.named_children() if isinstance(m, torch.nn.Linear)}
         before = [full(p.detach()).clone() for p in params]
         opt.step()
         after = [full(p.detach()) for p in params]
         d = math.sqrt(sum(float((a - b).double().square().sum()) for a, b in zip(after, before, strict=True)))
         w = math.sqrt(sum(float(b.double().square().sum()) for b in before))
         if ref is not None:
-            ref.write(json.dumps({"step": step, "grad_norm": grad_norm, "update_ratio": d / w}) + "\n")
+            ref.write(json.dumps({"step": step, "grad_norm": grad_norm, "update_ratio": d / w,
+                                  "layer_grad_norm": layer_grad}) + "\n")
         monitor.step(loss=loss, batch_size=32)
     if ref is not None:
         ref.close()

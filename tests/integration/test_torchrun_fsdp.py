@@ -66,6 +66,8 @@ def check(hd: Embedded, job: str, ref: list[dict[str, Any]], ranks: int) -> None
             assert s.grad_norm == pytest.approx(want["grad_norm"], rel=1e-4), (r, s.step)
             assert s.update_ratio == pytest.approx(want["update_ratio"], rel=1e-4), (r, s.step)
             assert s.nonfinite.grads == 0 and s.nonfinite.params == 0
+            assert {name: s.layers[name].grad_norm for name in want["layer_grad_norm"]} == pytest.approx(
+                want["layer_grad_norm"], rel=1e-4), (r, s.step)
     assert gauge(hd, C.GRAD_NORM.name, job) == pytest.approx(dict.fromkeys(range(ranks), ref[-1]["grad_norm"]),
                                                              rel=1e-4)
     assert gauge(hd, C.UPDATE_RATIO.name, job) == pytest.approx(

@@ -11,7 +11,7 @@ from healthd.settings import StoreSettings
 from healthd.state.shards import ShardCombiner
 from healthd.state.store import Store
 from healthd.wire.records import ShardRecord, StepRecord
-from healthd.wire.schema import ShardPart, StepReport
+from healthd.wire.schema import LayerStats, ShardPart, StepReport
 
 
 def _step(rank: int, step: int, *, group: int = 0, index: int | None = None, count: int = 2,
@@ -72,3 +72,15 @@ def test_rank_desync_compares_only_replicas_of_the_same_shard() -> None:
         store.apply(_step(rank, 0, group=rank // 2, index=rank % 2, fingerprint=fp), 1.0)
     (finding,) = RankDesync().evaluate(store.job_window("j", 2.0))
     assert finding.rank in (1, 3) and finding.evidence["ranks_compared"] == 2
+
+
+def test_layer_parts_combine_into_layer_norms_and_ratios() -> None:
+    store = Store(StoreSettings())
+    for rank, (g, d, w) in enumerate([(9.0, 0.01, 1.0), (16.0, 0.03, 3.0)]):
+        store.apply(StepReport(job="j", rank=rank, time=1.0, step=0, shard=ShardPart(index=rank, count=2, grad_sq=g),
+                               layers={"fc": LayerStats(grad_sq=g, update_sq=d, weight_sq=w)}), 1.0)
+    for rank in (0, 1):
+        (s,) = store.jobs["j"].ranks[rank].steps
+        assert s.layers["fc"].grad_norm == pytest.approx(5.0)
+        assert s.layers["fc"].update_ratio == pytest.approx(0.1)
+    assert store.jobs["j"].layers["fc"].grad_norm == pytest.approx(5.0)
