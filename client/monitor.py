@@ -98,6 +98,7 @@ class Monitor:
         self._open: StepRecord | None = None
         self._pending: deque[PackedRecord] = deque()
         self._disabled: dict[int, str] = {}  # id(quantity) -> name
+        self._disabled_why: dict[int, str] = {}  # id(quantity) -> reason, sent in every heartbeat
         self._bad_batch_size_warned = False
         self._opened_externally = False  # before_optimizer_step() replaced the optimizer's step pre-hook
         plan = build_layer_plan(model, optimizer, config.max_layers)
@@ -327,8 +328,9 @@ class Monitor:
                 q.write(report, values)
             except Exception as exc:
                 self._disable(q, "write", exc)
-        if self.identity.rank >= self.config.layer_stats_ranks:
-            report.pop("layers", None)  # identical on every DDP rank: sent by the first ranks only
+        if self.identity.rank >= self.config.layer_stats_ranks and "shard" not in report:
+            # identical on every DDP rank: sent by the first ranks only (a shard's parts differ: all send)
+            report.pop("layers", None)
         return report
 
     # ------------------------------------------------------------------ other reports
@@ -369,6 +371,9 @@ class Monitor:
             reports_sent_total=sender.sent_total if sender else 0,
             closing=closing,
         )
+        if self._disabled:  # healthd's MonitoringDegraded: on-call sees which signals are blind
+            report["disabled_quantities"] = [{"name": name, "reason": self._disabled_why.get(key, "")[:256]}
+                                             for key, name in list(self._disabled.items())]
         return report
 
     # ------------------------------------------------------------------ failures
@@ -377,6 +382,7 @@ class Monitor:
         if self._strict:
             raise exc
         self._disabled[id(q)] = q.name
+        self._disabled_why[id(q)] = f"failed in {where}: {exc!r}"
         warn_user(f"healthd: quantity {q.name!r} failed in {where} and is disabled for this run: {exc!r}")
         with contextlib.suppress(Exception):
             q.close()

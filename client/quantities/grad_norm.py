@@ -14,6 +14,12 @@ a non-finite per-tensor norm (a norm is non-finite iff an element is, barring a
 float32 overflow of the norm of a tensor whose elements are all finite, which
 needs values near 1e38 and is itself worth reporting).
 
+Sharded models (FSDP2, HSDP; see ``sharding``): the gradients are the local shards of the
+DTensor ``.grad`` after the reduce-scatter. Their sum of squares is this rank's part, written as
+``shard.grad_sq``; healthd adds the parts of the shard group and fills ``grad_norm`` (a rank alone
+cannot know the global norm without a collective). Per-layer norms and ``nonfinite.grads`` are then
+this rank's shards' (per-layer norms are not written: they would be partial).
+
 Why it matters: exploding/vanishing gradients and the first NaN are the
 earliest signals of a diverging run (Pascanu et al. 2013, "On the difficulty of
 training recurrent neural networks").
@@ -26,10 +32,18 @@ from typing import Any
 
 from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats
 from healthd_client.quantities.reduce import put_layer_norms, safe_sqrt, write_layer_norms
+from healthd_client.quantities.sharding import ShardLayout, counted_here, local, shard_layout
 
 
 class GradNorm(Quantity):
     name = "grad_norm"
+
+    def __init__(self, every_steps: int = 1) -> None:
+        super().__init__(every_steps)
+        self._layout: ShardLayout | None = None
+
+    def on_attach(self, ctx: QuantityContext) -> None:
+        self._layout = shard_layout(ctx.plan.params)
 
     def before_step(self, ctx: QuantityContext) -> None:
         record = ctx.record
@@ -40,15 +54,24 @@ class GradNorm(Quantity):
         for i, p in enumerate(ctx.plan.params):
             grad = p.grad
             if grad is not None:
-                present.append((i, grad))
+                if counted_here(grad, self._layout):
+                    present.append((i, local(grad)))
                 has_grad[ctx.plan.layer_of_param[i]] = True
         record.put(self, "missing", [name for name, seen in zip(ctx.plan.names, has_grad, strict=True) if not seen])
         put_layer_norms(self, record, ctx.plan, present)
+        record.put(self, "layout", self._layout)
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         missing = frozenset(values["missing"])
         for name in missing:
             layer_stats(report, name)["grad_missing"] = True
-        sq = write_layer_norms(report, values, norm_field="grad_norm", nonfinite_field="grads", skip=missing)
-        if sq is not None:
+        layout: ShardLayout | None = values["layout"]
+        skip = missing if layout is None else frozenset(values["names"])
+        sq = write_layer_norms(report, values, norm_field="grad_norm", nonfinite_field="grads", skip=skip)
+        if layout is not None:
+            report.setdefault("shard", layout.part())["grad_sq"] = sum(sq) if sq is not None else 0.0
+            for name, layer_sq in zip(values["names"], sq or [0.0] * len(values["names"]), strict=True):
+                if name not in missing:
+                    layer_stats(report, name)["grad_sq"] = layer_sq
+        elif sq is not None:
             report["grad_norm"] = safe_sqrt(sum(sq))

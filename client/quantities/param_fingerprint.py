@@ -9,7 +9,9 @@ with like. One fused reduction per device, no host sync; it costs about one
 read of the parameters per call.
 
 Only meaningful where parameters are replicated across ranks (DDP); it turns
-itself off in a single-process job. Writes ``param_fingerprint``.
+itself off in a single-process job. Sharded models (FSDP2, HSDP): each rank
+fingerprints its local shards, so only ranks holding the same shard (HSDP's
+replicas) can be compared; the report's ``shard`` part says which those are. Writes ``param_fingerprint``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from healthd_client.layers import copy_to_device
 from healthd_client.quantities.base import Quantity, QuantityContext
 from healthd_client.quantities.reduce import device_key, group_by_device, sum_partials
+from healthd_client.quantities.sharding import local
 
 
 def tensor_weights(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +56,7 @@ class ParamFingerprint(Quantity):
                 cached = (tuple(indices), copy_to_device(a, device), copy_to_device(b, device))
                 self._weights[device] = cached
             _, a_dev, b_dev = cached
-            detached = [p.detach() for p in params]
+            detached = [local(p.detach()) for p in params]
             sums = torch.stack([p.sum(dtype=torch.float64) for p in detached])
             sq = torch.stack(torch._foreach_norm(detached, 2, dtype=torch.float64)).square()
             record.put(self, device_key("fp", device), (a_dev * sums + b_dev * sq).sum())

@@ -25,7 +25,11 @@ not sampled; layers with no sampled tensor get no ratio. If a parameter's
 storage is replaced after attach (``model.to(device)``, ``p.data = ...``), the
 samples are rebuilt at the next measured step.
 
-Writes: ``update_ratio``; ``layers[*].update_ratio``.
+Sharded models (FSDP2, HSDP; see ``sharding``): the samples are taken from each parameter's local
+shard, and this rank writes its parts ``shard.update_sq`` and ``shard.weight_sq`` instead of the
+ratios; healthd adds the parts of the shard group and fills ``update_ratio``.
+
+Writes: ``update_ratio``; ``layers[*].update_ratio``; or, sharded, ``shard.update_sq``, ``shard.weight_sq``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from healthd_client.quantities.reduce import (
     ratio,
     sum_partials,
 )
+from healthd_client.quantities.sharding import ShardLayout, counted_here, local, shard_layout
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
@@ -95,17 +100,22 @@ class UpdateRatio(Quantity):
         self._weights: dict[torch.device, torch.Tensor] = {}  # numel / sampled, per tensor of a group
         self._sampled_layers: list[str] = []
         self._armed_step: int | None = None
+        self._layout: ShardLayout | None = None
 
     def on_attach(self, ctx: QuantityContext) -> None:
         self._build(ctx.plan)
 
     def _build(self, plan: LayerPlan) -> None:
         self._plan = plan
+        self._layout = shard_layout(plan.params)
         rng = random.Random(self._seed)
         groups: dict[torch.device, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         sampled_layers: set[int] = set()
         for i, p in enumerate(plan.params):
-            view = sample_view(p.detach(), self._sample_per_tensor, rng)
+            if not counted_here(p, self._layout):
+                continue
+            shard = local(p.detach())
+            view = sample_view(shard, self._sample_per_tensor, rng)
             if view is None:
                 continue
             indices, views, buffers = groups.setdefault(view.device, ([], [], []))
@@ -116,17 +126,17 @@ class UpdateRatio(Quantity):
         self._groups = groups
         self._weights = {
             device: copy_to_device(
-                torch.tensor([plan.params[i].numel() / v.numel() for i, v in zip(idx, views, strict=True)],
-                             dtype=pack_dtype(device)),
+                torch.tensor([local(plan.params[i].detach()).numel() / v.numel()
+                              for i, v in zip(idx, views, strict=True)], dtype=pack_dtype(device)),
                 device,
             )
             for device, (idx, views, _) in groups.items()
         }
-        self._ptrs = [p.data_ptr() for p in plan.params]
+        self._ptrs = [local(p.detach()).data_ptr() for p in plan.params]
         self._sampled_layers = [plan.names[li] for li in sorted(sampled_layers)]
 
     def _storage_moved(self, plan: LayerPlan) -> bool:
-        return any(p.data_ptr() != ptr for p, ptr in zip(plan.params, self._ptrs, strict=True))
+        return any(local(p.detach()).data_ptr() != ptr for p, ptr in zip(plan.params, self._ptrs, strict=True))
 
     def before_step(self, ctx: QuantityContext) -> None:
         if self._plan is not ctx.plan or self._storage_moved(ctx.plan):
@@ -149,9 +159,19 @@ class UpdateRatio(Quantity):
             record.put(self, device_key("w", device), w_sq)
         record.put(self, "names", ctx.plan.names)
         record.put(self, "sampled", self._sampled_layers)
+        record.put(self, "layout", self._layout)
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         d, w = sum_partials(values, "d"), sum_partials(values, "w")
+        layout: ShardLayout | None = values["layout"]
+        if layout is not None:  # this rank's parts; healthd adds the group's (a shard may be empty)
+            part = report.setdefault("shard", layout.part())
+            part["update_sq"], part["weight_sq"] = (sum(d), sum(w)) if d is not None and w is not None else (0.0, 0.0)
+            sampled = set(values["sampled"])
+            for name, d_sq, w_sq in zip(values["names"], d or [], w or [], strict=False):
+                if name in sampled:
+                    layer_stats(report, name).update(update_sq=d_sq, weight_sq=w_sq)
+            return
         if d is None or w is None:
             return
         sampled = set(values["sampled"])

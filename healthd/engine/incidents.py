@@ -43,6 +43,7 @@ CONSEQUENCES: Mapping[str, tuple[str, ...]] = {
     "MissingZeroGrad": ("ExplodingGradients", "LossDiverging", "LossOscillating"),
     "LearningRateTooLow": ("LossPlateau",),
     "WeightsNotUpdating": ("LossPlateau", "GradientsNotFlowing"),
+    "MonitoringDegraded": (),  # a quantity not measured: it causes no training fault
     "LossScaleCollapse": ("VanishingGradients", "GradientsNotFlowing", "LossPlateau"),
     "ExplodingGradients": (),
     "VanishingGradients": (),

@@ -107,6 +107,20 @@ def _setup(job: JobState) -> str:
     return f'<p>{" · ".join(parts)}</p><p class="muted">{versions}</p>'
 
 
+def _degraded(job: JobState) -> str:
+    """One line per disabled quantity: which ranks no longer measure it, and why (first rank's reason)."""
+    ranks: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    for r in sorted(job.ranks):
+        hb = job.ranks[r].last_heartbeat
+        for d in hb.disabled_quantities if hb is not None else ():
+            ranks.setdefault(d.name, []).append(r)
+            reasons.setdefault(d.name, d.reason)
+    return "".join(
+        f'<p class="degraded">monitoring degraded: <code>{_e(name)}</code> not measured on rank(s) '
+        f"{_e(', '.join(map(str, rs)))}: {_e(reasons[name])}</p>" for name, rs in sorted(ranks.items()))
+
+
 def _job_card(job: JobState, engine: Engine, now: float) -> str:
     rank_rows = []
     for r in sorted(job.ranks):
@@ -127,7 +141,7 @@ def _job_card(job: JobState, engine: Engine, now: float) -> str:
     return (
         f'<div class="card job" id="job-{_e(job.name)}"><h2>{_e(job.name)} '
         f'<span class="muted">· {len(job.ranks)} rank(s) · last seen {_ago(now, job.last_seen)} · '
-        f'<a href="{_e(link)}">json</a></span></h2>{_setup(job)}'
+        f'<a href="{_e(link)}">json</a></span></h2>{_setup(job)}{_degraded(job)}'
         "<table><tr><th>rank</th><th>host</th><th>last step</th><th>steps</th><th>last report</th><th>state</th></tr>"
         f'{"".join(rank_rows)}</table><h3>Active alerts ({len(active)})</h3>{alerts}</div>'
     )

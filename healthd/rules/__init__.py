@@ -35,6 +35,7 @@ from healthd.rules.loss_plateau import LossPlateau
 from healthd.rules.loss_scale_collapse import LossScaleCollapse
 from healthd.rules.low_gpu_utilization import LowGPUUtilization
 from healthd.rules.missing_zero_grad import MissingZeroGrad
+from healthd.rules.monitoring_degraded import MonitoringDegraded
 from healthd.rules.non_finite_values import NonFiniteValues
 from healthd.rules.overfitting import Overfitting
 from healthd.rules.rank_desync import RankDesync
@@ -64,6 +65,7 @@ ALL_RULES: tuple[type[Rule[Any, Any]], ...] = (
     TrainingStalled,
     RankDesync,
     GradientNormMismatch,
+    MonitoringDegraded,
     # the debugging checklists
     GradientsNotFlowing,
     MissingZeroGrad,

@@ -6,14 +6,14 @@ import bisect
 import heapq
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from operator import is_not
 from typing import ClassVar, cast
 
 from pydantic import Field
 
 from healthd.rules.base import Finding, ResolveAfterSteps, Rule, RuleConfig
-from healthd.state.windows import JobWindow
+from healthd.state.windows import JobWindow, RankStatus
 from healthd.wire.schema import Severity
 
 
@@ -81,7 +81,7 @@ def _fingerprinted(fps: Sequence[float | None], start: int = 0, stop: int | None
     return itertools.compress(itertools.count(start), present)
 
 
-def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float]] | None:
+def _latest_shared_fingerprints(ranks: Mapping[int, RankStatus]) -> tuple[int, dict[int, float]] | None:
     """The latest step that at least two live ranks fingerprinted, and each such rank's fingerprint
     there (of a step reported twice, the newest report), by rank; None when there is no such step.
 
@@ -99,7 +99,7 @@ def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float
     # back; if not, it is first asked whether it sent any (a count, cheaper than a search that finds
     # nothing): both ways find the same, the first is faster in jobs that send fingerprints.
     recent_first = True
-    for rank, st in window.ranks.items():
+    for rank, st in ranks.items():
         if st.closed:
             continue
         fps = st.columns.get("param_fingerprint")
@@ -156,9 +156,12 @@ class RankDesync(Rule[JobWindow, RankDesyncConfig]):
     step that at least two live ranks fingerprinted (since the last restart
     from a checkpoint, if any), ranks are grouped by
     fingerprint (``rtol``, ``atol``); ranks outside the largest group (ties:
-    the group holding the lowest rank) are findings. Meant for parameters
-    replicated across ranks (DDP); turn it off for sharded models (FSDP,
-    tensor parallelism), where ranks hold different shards.
+    the group holding the lowest rank) are findings.
+
+    Sharded models (FSDP2, HSDP): a rank fingerprints its own shards, so
+    ranks are compared only with the ranks holding the same shard (HSDP's
+    replicas; under plain FSDP there is none and nothing is compared). Tensor
+    parallelism without that information still needs the rule turned off.
     """
 
     name: ClassVar[str] = "RankDesync"
@@ -171,8 +174,15 @@ class RankDesync(Rule[JobWindow, RankDesyncConfig]):
     )
 
     def evaluate(self, window: JobWindow) -> list[Finding]:
+        by_shard: dict[int | None, dict[int, RankStatus]] = {}
+        for r, st in window.ranks.items():
+            by_shard.setdefault(st.shard_index, {})[r] = st
+        return [f for ranks in by_shard.values() if len(ranks) >= 2 for f in self._compare(ranks)]
+
+    def _compare(self, ranks: Mapping[int, RankStatus]) -> list[Finding]:
+        """The findings among ranks that should hold equal parameters."""
         cfg = self.config
-        shared = _latest_shared_fingerprints(window)
+        shared = _latest_shared_fingerprints(ranks)
         if shared is None:
             return []
         step, values = shared

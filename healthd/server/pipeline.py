@@ -144,9 +144,9 @@ class Healthd:
 
     def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, evaluate: bool = False) -> None:
         """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
-        self.store.apply_steps(run, now)
         Counters.inc(self.counters.received, "step", len(run))
-        self.queue.add(key, now, len(run))
+        for rank, n in self.store.apply_steps(run, now):  # a sharded job's steps wait for their group
+            self.queue.add((key[0], rank), now, n)
         if evaluate:
             self.evaluate_rank(key)
 

@@ -20,6 +20,7 @@ import msgspec
 
 from healthd.settings import StoreSettings
 from healthd.state.noise_scale import NoiseScaleEstimator
+from healthd.state.shards import ShardCombiner
 from healthd.state.windows import COLUMNS, JobMeta, JobWindow, RankStatus, RankWindow, columns_of
 from healthd.wire.records import CLEAN, LayerRecord, StepRecord, to_record
 from healthd.wire.schema import AttachReport, EvalReport, GpuReport, HeartbeatReport, StepReport
@@ -130,6 +131,7 @@ class JobState:
     # Distributed: examples per optimizer step over all ranks, and B_simple's smoothed parts.
     global_batch_size: int | None = None
     noise: NoiseScaleEstimator = field(default_factory=NoiseScaleEstimator)
+    shards: ShardCombiner | None = None  # a sharded model's (FSDP2, HSDP) steps waiting for their group
     created: float = 0.0
     last_seen: float = 0.0
 
@@ -202,12 +204,32 @@ class Store:
             for xid in report.xid_events:
                 st.gpu_xid_totals[xid] = st.gpu_xid_totals.get(xid, 0) + 1
 
-    def apply_steps(self, steps: Sequence[StepRecord], now: float) -> None:
+    def apply_steps(self, steps: Sequence[StepRecord], now: float) -> list[tuple[int, int]]:
         """Fold consecutive step reports of one rank (same job and rank, in order) into its state, as
         ``apply`` of each would. A request carries one rank's queue, so the rank's state is looked up
-        once per request and each column is extended once (per-step work is what ingest scales with)."""
+        once per request and each column is extended once (per-step work is what ingest scales with).
+
+        Returns (rank, steps applied) per rank that advanced: the request's rank, or, for a sharded
+        model (``StepRecord.shard``), the ranks whose steps the request completed (healthd.state.shards:
+        a step is applied once every rank of its shard group has reported it)."""
         first = steps[0]
         job = self._job(first.job, now)
+        combiner = job.shards
+        if combiner is None and first.shard is not None:
+            combiner = job.shards = ShardCombiner(max_pending_steps=self.settings.detail_steps)
+        if combiner is not None and combiner.sharded(first):
+            applied: dict[int, int] = {}
+            for s in steps:
+                for done in combiner.add(s):
+                    self._apply_rank_steps(job, [done], now)
+                    applied[done.rank] = applied.get(done.rank, 0) + 1
+            self._rank(job, first.rank).last_seen = now
+            return list(applied.items())
+        self._apply_rank_steps(job, steps, now)
+        return [(first.rank, len(steps))]
+
+    def _apply_rank_steps(self, job: JobState, steps: Sequence[StepRecord], now: float) -> None:
+        first = steps[0]
         st = self._rank(job, first.rank)
         st.last_seen = now
         st.steps.extend(steps)
@@ -341,6 +363,7 @@ class Store:
                 gpu=st.gpu,
                 closed=st.closed,
                 columns=st.columns,
+                shard_index=None if job.shards is None else job.shards.shard_index(r),
             )
         return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks,
                          global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale)

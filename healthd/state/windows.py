@@ -198,6 +198,9 @@ class RankStatus(_ColumnReader):
     gpu: Sequence[GpuReport] = ()
     closed: bool = False
     columns: Mapping[str, Sequence[float | None]] = field(default_factory=dict)  # as RankWindow.columns
+    # Sharded models (FSDP2, HSDP): which shard the rank holds (StepRecord.shard.index); ranks holding
+    # different shards hold different parameters. None for replicated models.
+    shard_index: int | None = None
 
 
 @dataclass(frozen=True)

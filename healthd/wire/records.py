@@ -53,6 +53,18 @@ class LayerRecord(_Record, frozen=True):
     update_ratio: float | None = None
     param_norm: float | None = None
     grad_missing: bool = False
+    grad_sq: float | None = None
+    update_sq: float | None = None
+    weight_sq: float | None = None
+
+
+class ShardRecord(_Record, frozen=True, kw_only=True):
+    group: _Count = 0
+    index: _Count
+    count: Annotated[int, Meta(ge=1)]
+    grad_sq: float | None = None
+    update_sq: float | None = None
+    weight_sq: float | None = None
 
 
 class ActivationRecord(_Record, frozen=True):
@@ -94,6 +106,7 @@ class StepRecord(_Record, frozen=True, kw_only=True, tag_field="kind", tag="step
     step_seconds: _Seconds | None = None
     lr: Annotated[list[float], Meta(max_length=64)] = []
     grad_norm: float | None = None
+    shard: ShardRecord | None = None
     grad_norm_local: float | None = None
     grad_norm_allreduced: float | None = None
     comm_seconds: _Seconds | None = None
@@ -220,12 +233,17 @@ def to_record(s: StepReport) -> StepRecord:
     nf = s.nonfinite
     return StepRecord(
         job=s.job, rank=s.rank, time=s.time, step=s.step, loss=s.loss, batch_size=s.batch_size,
-        step_seconds=s.step_seconds, lr=list(s.lr), grad_norm=s.grad_norm, grad_norm_local=s.grad_norm_local,
+        step_seconds=s.step_seconds, lr=list(s.lr), grad_norm=s.grad_norm,
+        shard=None if s.shard is None else ShardRecord(
+            group=s.shard.group, index=s.shard.index, count=s.shard.count, grad_sq=s.shard.grad_sq,
+            update_sq=s.shard.update_sq, weight_sq=s.shard.weight_sq),
+        grad_norm_local=s.grad_norm_local,
         grad_norm_allreduced=s.grad_norm_allreduced, comm_seconds=s.comm_seconds, update_ratio=s.update_ratio,
         nonfinite=CLEAN if not (nf.loss or nf.grads or nf.params) else NonFiniteRecord(
             loss=nf.loss, grads=nf.grads, params=nf.params),
         layers={k: LayerRecord(grad_norm=v.grad_norm, update_ratio=v.update_ratio, param_norm=v.param_norm,
-                               grad_missing=v.grad_missing) for k, v in s.layers.items()},
+                               grad_missing=v.grad_missing, grad_sq=v.grad_sq, update_sq=v.update_sq,
+                               weight_sq=v.weight_sq) for k, v in s.layers.items()},
         training=s.training, grads_stale_at_backward=s.grads_stale_at_backward, loss_scale=s.loss_scale,
         step_skipped=s.step_skipped, param_fingerprint=s.param_fingerprint,
         activations={k: ActivationRecord(kind=v.kind, dead_fraction=v.dead_fraction,

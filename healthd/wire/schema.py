@@ -130,6 +130,30 @@ class LayerStats:
     update_ratio: float | None = None
     param_norm: float | None = None
     grad_missing: bool = False  # every parameter of the layer had grad None
+    # Sharded models (see ShardPart): this rank's parts; healthd fills grad_norm and update_ratio from them.
+    grad_sq: float | None = None
+    update_sq: float | None = None
+    weight_sq: float | None = None
+
+
+@_record
+class ShardPart:
+    """This rank's part of quantities that are sums over a sharded model (FSDP2, HSDP).
+
+    Under FSDP each rank holds a shard of every parameter and of its gradient, so a rank can only
+    measure sums of squares over its own shard; the job's value is the sum over the ranks of one
+    shard group (the ranks that together hold one full copy). healthd adds the parts of a step once
+    every rank of the group has reported it, and fills the step's ``grad_norm`` and ``update_ratio``
+    on each of them. Under HSDP the groups are the replicas (``group`` = the rank's coordinate along
+    the replicate dimension of the device mesh); under FSDP there is one group.
+    """
+
+    group: Count = 0  # which shard group (replica) this rank belongs to
+    index: Count  # this rank's position in its group (coordinate along the shard dimension)
+    count: Annotated[int, Field(ge=1)]  # how many ranks the group has
+    grad_sq: float | None = None  # sum of squares of this rank's gradient shards
+    update_sq: float | None = None  # ||w_t - w_{t-1}||^2 over this rank's (sampled) parameter shards
+    weight_sq: float | None = None  # ||w_{t-1}||^2 over the same elements
 
 
 @_record
@@ -177,6 +201,8 @@ class StepReport:
     step_seconds: float | None = Field(default=None, ge=0)
     lr: list[float] = Field(default_factory=list, max_length=64)  # per param group
     grad_norm: float | None = None  # global L2 norm of the gradients the optimizer saw
+    # Sharded models: this rank's partial sums (the server fills grad_norm and update_ratio from them).
+    shard: ShardPart | None = None
     grad_norm_local: float | None = None  # this rank's norm before all-reduce (DDP)
     grad_norm_allreduced: float | None = None  # norm of the all-reduced gradient, in the DDP comm hook
     # Wall time from the first gradient bucket handed to DDP's comm hook to the last one reduced: mostly
@@ -207,6 +233,13 @@ class EvalReport(_ReportBase):
     )
 
 
+class DisabledQuantity(_Model):
+    """A measurement the client stopped making, and why (MonitoringDegraded shows it to on-call)."""
+
+    name: ShortText  # the quantity, e.g. "grad_norm"
+    reason: ShortText  # where it failed and the exception, as the client's warning says
+
+
 class HeartbeatReport(_ReportBase):
     """Sent on a timer, independent of steps: tells a hang from an exit."""
 
@@ -215,6 +248,8 @@ class HeartbeatReport(_ReportBase):
     reports_dropped_total: Count = 0  # client queue overflow / send failures
     reports_sent_total: Count = 0
     closing: bool = False  # the monitor is closing (clean exit)
+    # Quantities this rank no longer measures: the signals (and rules) that depend on them are blind.
+    disabled_quantities: list[DisabledQuantity] = Field(default_factory=list, max_length=64)
 
 
 class LayerInfo(_Model):

@@ -156,6 +156,9 @@ def test_a_failing_quantity_is_disabled_with_one_warning(transport, where):
     assert len([w for w in caught if "exploding" in str(w.message)]) == 1
     assert exploding.calls == 1
     assert monitor.disabled_quantities == ["exploding"]
+    (closing,) = [r for r in transport.of_kind("heartbeat") if r["closing"]]
+    (disabled,) = closing["disabled_quantities"]  # healthd's MonitoringDegraded says so to on-call
+    assert disabled["name"] == "exploding" and "boom" in disabled["reason"] and where in disabled["reason"]
     reports = step_reports(transport)
     assert sorted(reports) == [0, 1, 2, 3]  # training and the other measurements went on
     assert all("grad_norm" in r for r in reports.values())

@@ -21,6 +21,7 @@ from healthd.wire.records import (
     LossInputRecord,
     NameCheck,
     NonFiniteRecord,
+    ShardRecord,
     StepRecord,
     decode_step,
     decode_steps,
@@ -34,11 +35,13 @@ from healthd.wire.schema import (
     LossInputCheck,
     NonFinite,
     Report,
+    ShardPart,
     StepReport,
 )
 
 _PAIRS = [(StepReport, StepRecord), (NonFinite, NonFiniteRecord), (LayerStats, LayerRecord),
-          (ActivationStats, ActivationRecord), (InputStats, InputRecord), (LossInputCheck, LossInputRecord)]
+          (ActivationStats, ActivationRecord), (InputStats, InputRecord), (LossInputCheck, LossInputRecord),
+          (ShardPart, ShardRecord)]
 _REPORT: TypeAdapter[Any] = TypeAdapter(Report)
 
 
