@@ -17,7 +17,8 @@ opens an incident of its own (its id). A cause that fires after its
 consequences adopts them. A cause stays firing while a consequence it adopted
 fires (``holds_open``): the incident's page stays open until its last symptom
 clears, instead of the cause resolving first and the symptoms paging on their
-own. What does not live here: when alerts fire (``healthd.engine.alerts``).
+own. The incident's root takes its incident's worst severity, so that muting the consequences never
+mutes a page. What does not live here: when alerts fire (``healthd.engine.alerts``).
 """
 
 from __future__ import annotations
@@ -152,6 +153,20 @@ class IncidentGraph:
                 for a in others:  # the effect's incident (it was its root) joins this one
                     if a.incident == old:
                         a.incident = alert.incident
+        self._escalate_root(alert, others)
+
+    @staticmethod
+    def _escalate_root(alert: Alert, others: Sequence[Alert]) -> None:
+        """The incident's root (the likely cause) takes its incident's worst severity. Alertmanager's
+        inhibit rules mute consequences while their cause fires: a warning cause muting a critical
+        consequence would page nobody. Escalate only, as the engine escalates a rule's own alert."""
+        members = [a for a in (alert, *others) if a.incident == alert.incident and a.state is AlertState.FIRING]
+        root = next((a for a in members if a.id == alert.incident), None)
+        if root is None:
+            return
+        worst = max(members, key=lambda a: a.severity.level).severity
+        if worst.level > root.severity.level:
+            root.severity = worst
 
     def holds_open(self, alert: Alert, active: Iterable[Alert]) -> bool:
         """Whether ``alert`` must stay firing: a consequence it caused still fires."""

@@ -128,3 +128,24 @@ def test_rank_rules_link_on_the_same_rank_only() -> None:
     same_rank = _alert("Symptom", 0)
     GRAPH_2.on_firing(same_rank, [cause, other_rank, same_rank])
     assert same_rank.caused_by == "Cause" and same_rank.incident == cause.id
+
+
+def test_a_cause_takes_its_incidents_worst_severity_so_muting_consequences_never_mutes_a_page() -> None:
+    from healthd.engine.alerts import Alert
+    from healthd.engine.incidents import GRAPH
+    from healthd.wire.schema import AlertState, Severity
+
+    def firing(rule: str, severity: Severity, aid: str) -> Alert:
+        return Alert(id=aid, rule=rule, severity=severity, state=AlertState.FIRING, job="j", rank=0, layer=None,
+                     step=1, last_step=1, summary="", evidence={}, advice="", started_at=1.0, updated_at=1.0,
+                     fired_at=1.0)
+
+    cause = firing("LearningRateTooHigh", Severity.WARNING, "c")
+    GRAPH.on_firing(cause, [cause])
+    effect = firing("DeadActivations", Severity.CRITICAL, "e")
+    GRAPH.on_firing(effect, [cause, effect])
+    assert effect.caused_by == "LearningRateTooHigh" and effect.incident == "c"
+    assert cause.severity is Severity.CRITICAL  # the page that reaches the pager names the cause
+    info = firing("LossPlateau", Severity.INFO, "i")
+    GRAPH.on_firing(info, [cause, effect, info])
+    assert cause.severity is Severity.CRITICAL  # escalate only
