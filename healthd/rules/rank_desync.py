@@ -82,8 +82,8 @@ def _fingerprinted(fps: Sequence[float | None], start: int = 0, stop: int | None
 
 
 def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float]] | None:
-    """The latest step that at least two live ranks fingerprinted, and each such rank's fingerprint
-    there (of a step reported twice, the newest report), by rank; None when there is no such step.
+    """The latest step that at least two judged ranks (``JobWindow.judges``) fingerprinted, and each
+    such rank's fingerprint there (of a step reported twice, the newest report), by rank; None when there is no such step.
 
     A descending merge of the ranks' fingerprinted steps: a rank's steps arrive in increasing order
     (its client sends its queue oldest first, and retries a batch before it sends the next), so its
@@ -100,7 +100,7 @@ def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float
     # nothing): both ways find the same, the first is faster in jobs that send fingerprints.
     recent_first = True
     for rank, st in window.ranks.items():
-        if st.closed:
+        if not window.judges(st):
             continue
         fps = st.columns.get("param_fingerprint")
         steps = st.columns.get("step")
@@ -154,7 +154,8 @@ class RankDesync(Rule[JobWindow, RankDesyncConfig]):
     of per-tensor sums and squared norms, computed on the device without a
     host sync) every N steps, at the same steps on every rank. At the latest
     step that at least two live ranks fingerprinted (since the last restart
-    from a checkpoint, if any), ranks are grouped by
+    from a checkpoint, if any; once the job ended, every rank counts, so a
+    job that closes before a tick caught it is still judged), ranks are grouped by
     fingerprint (``rtol``, ``atol``); ranks outside the largest group (ties:
     the group holding the lowest rank) are findings. Meant for parameters
     replicated across ranks (DDP); turn it off for sharded models (FSDP,
