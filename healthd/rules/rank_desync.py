@@ -83,7 +83,8 @@ def _fingerprinted(fps: Sequence[float | None], start: int = 0, stop: int | None
 
 def _latest_shared_fingerprints(window: JobWindow) -> tuple[int, dict[int, float]] | None:
     """The latest step that at least two judged ranks (``JobWindow.judges``) fingerprinted, and each
-    such rank's fingerprint there (of a step reported twice, the newest report), by rank; None when there is no such step.
+    such rank's fingerprint there (of a step reported twice, the newest report), by rank; None when
+    there is no such step.
 
     A descending merge of the ranks' fingerprinted steps: a rank's steps arrive in increasing order
     (its client sends its queue oldest first, and retries a batch before it sends the next), so its
