@@ -307,6 +307,46 @@ def lr_not_scaled() -> Setup:
     return s
 
 
+def _gpt_style(lr: float, steps: int = 200) -> Setup:
+    # the GPT-style trainer's default: AdamW, linear warm-up then cosine decay, clip_grad_norm_(1.0)
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warm = 10
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / (steps - warm))))
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=steps, clip=1.0, sched=sched), steps,
+                 {"num_classes": 10})
+
+
+def lr_too_high_adamw_clip() -> Setup:
+    return _gpt_style(lr=3e-1)  # 100x the 3e-3 that trains this model (ctrl_adamw_clip_warmup_cos)
+
+
+def _adaptive(opt_cls: type[torch.optim.Optimizer], lr: float, steps: int = 100) -> Setup:
+    torch.manual_seed(seed(0))
+    model = mlp()
+    opt = opt_cls(model.parameters(), lr=lr)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=steps), steps, {"num_classes": 10})
+
+
+def lr_too_high_adadelta() -> Setup:
+    return _adaptive(torch.optim.Adadelta, lr=100.0)  # 100x Adadelta's default lr=1.0
+
+
+def lr_too_high_rmsprop() -> Setup:
+    return _adaptive(torch.optim.RMSprop, lr=1e-1)  # 100x the 1e-3 that trains this model well
+
+
+def lr_too_high_cnn_sgd() -> Setup:
+    # a CNN with SGD at an LR far too high: oversized updates kill the network, whose updates then
+    # look tiny (the damage, not a learning rate too low)
+    torch.manual_seed(seed(0))
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=20.0, momentum=0.9)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=150), 150, {"num_classes": 10})
+
+
 # ---------------------------------------------------------------------------- controls
 
 
@@ -522,6 +562,11 @@ def ctrl_cosine_clipped_label_smoothing() -> Setup:
                  200, {"num_classes": 10})
 
 
+def ctrl_adamw_clip_warmup_cosine() -> Setup:
+    # the GPT-style trainer at a sane LR: the healthy twin of lr_too_high_adamw_clip
+    return _gpt_style(lr=3e-3)
+
+
 def ctrl_strong_weight_decay() -> Setup:
     torch.manual_seed(seed(0))
     model = mlp()
@@ -569,6 +614,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("overfit_40_examples", "Overfitting", overfitting),
     Scenario("batch_37pct_of_data", "LargeBatchGeneralization", large_batch, fast=True),
     Scenario("batch_8x_lr_same", "LearningRateNotScaled", lr_not_scaled, onset=30, fast=True),
+    # the learning rate too high under the optimizers real trainers use
+    Scenario("lr_too_high_adamw_clip", "LearningRateTooHigh", lr_too_high_adamw_clip),
+    Scenario("lr_too_high_adadelta", "LearningRateTooHigh", lr_too_high_adadelta),
+    Scenario("lr_too_high_rmsprop", "LearningRateTooHigh", lr_too_high_rmsprop),
+    Scenario("lr_too_high_cnn_sgd", "LearningRateTooHigh", lr_too_high_cnn_sgd),
     # healthy controls: nothing above info
     Scenario("ctrl_mlp_adam", None, ctrl_mlp, fast=True),
     Scenario("ctrl_cnn_batchnorm", None, ctrl_cnn_bn),
@@ -586,5 +636,6 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("ctrl_one_cycle", None, ctrl_one_cycle),
     Scenario("ctrl_cos_clip_smoothing", None, ctrl_cosine_clipped_label_smoothing),
     Scenario("ctrl_strong_weight_decay", None, ctrl_strong_weight_decay),
+    Scenario("ctrl_adamw_clip_warmup_cos", None, ctrl_adamw_clip_warmup_cosine),
     Scenario("ctrl_accumulation_epochs", None, ctrl_accumulation_epochs),
 )

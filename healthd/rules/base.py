@@ -282,6 +282,60 @@ def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: 
     return None if worst is None else (worst[0], worst[1], sampled)
 
 
+def oversized_updates(window: RankWindow, threshold: float, samples: int) -> tuple[int, float] | None:
+    """The first run of ``samples`` consecutive sampled update ratios (the whole kept window) whose
+    median reached ``threshold``: (the step it ended at, that median); None when none did.
+
+    The memory of a learning rate that was too high: once oversized updates have killed layers or
+    wrecked the loss, the updates look small (there is nothing left to move) and a rule judging the
+    latest ratios would name the damage's look-alike (a learning rate too low) instead of its cause.
+    """
+    ratios, stepnums = window.column("update_ratio"), window.column("step")
+    run: list[float] = []
+    for v, st in zip(ratios, stepnums, strict=True):
+        if v is None or not math.isfinite(v):
+            continue
+        run = [*run[-(samples - 1):], v] if samples > 1 else [v]
+        if len(run) == samples and statistics.median(run) >= threshold and st is not None:
+            return int(st), statistics.median(run)
+    return None
+
+
+@dataclass(frozen=True)
+class LossDamage:
+    """How a run's loss stands against its start and its best (``loss_damage``)."""
+
+    initial: float  # median of the first losses the rank reported
+    best: float  # lowest median of ``block_steps`` consecutive losses so far
+    recent: float  # median of the last ``block_steps`` losses
+    stalled: bool  # recent >= stall_fraction x initial: the run never got going, or fell back to its start
+    gave_back: float  # share of the progress from initial to best given back since (0: none)
+
+
+def loss_damage(window: RankWindow, block_steps: int = 10, stall_fraction: float = 0.8,
+                min_steps: int = 30) -> LossDamage | None:
+    """The loss's damage over the kept window, judged on medians of ``block_steps`` steps (minibatch
+    noise): None until ``min_steps`` sound steps, or without an initial loss to compare with."""
+    initial = window.initial_values("loss")
+    n = sound_steps(window, len(window.steps))
+    losses = window.values("loss", n)
+    if len(initial) < 3 or len(losses) < min_steps:
+        return None
+    start = statistics.median(initial)
+    blocks = [statistics.median(losses[i:i + block_steps])
+              for i in range(len(losses) % block_steps, len(losses), block_steps)]
+    recent, best = blocks[-1], min(blocks)
+    progress = start - best
+    gave_back = (recent - best) / progress if progress > 0 else 0.0
+    return LossDamage(initial=start, best=best, recent=recent,
+                      stalled=start > 0 and recent >= stall_fraction * start, gave_back=gave_back)
+
+
+def gradless_layers(step: StepRecord) -> list[str]:
+    """The layers of a step whose gradient is missing or exactly zero."""
+    return sorted(n for n, ls in step.layers.items() if ls.grad_missing or ls.grad_norm == 0.0)
+
+
 def layer_values(step: StepRecord, attr: str) -> dict[str, float]:
     """A per-layer field of one step, finite values only (e.g. ``layer_values(s, "grad_norm")``)."""
     out = {}

@@ -8,13 +8,17 @@ from typing import ClassVar
 from pydantic import Field
 
 from healthd.rules.base import (
+    EvidenceValue,
     Finding,
     ForSteps,
     LookbackSteps,
     Rule,
     WindowedConfig,
     fmt,
+    gradless_layers,
+    loss_damage,
     median,
+    oversized_updates,
     sound_steps,
 )
 from healthd.state.windows import RankWindow, finite
@@ -31,6 +35,15 @@ class LearningRateTooHighConfig(WindowedConfig):
     lookback_steps: LookbackSteps = Field(default=100, description="steps searched for sampled update ratios "
                                 "(the client measures them every heavy_every_steps)")
     min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed before judging")
+    loss_block_steps: int = Field(default=10, ge=1, description="steps whose median loss is one point of the "
+                                  "loss's course (minibatch noise)")
+    stall_fraction: float = Field(default=0.8, gt=0, le=1, description="damage: the recent median loss is at "
+                                  "least this fraction of the initial one")
+    gave_back_fraction: float = Field(default=0.25, gt=0, le=1, description="damage: the loss gave back this "
+                                      "share of its progress from the initial loss to its best")
+    damage_min_steps: int = Field(default=50, ge=1, description="sound steps needed before the loss's damage is judged")
+    clip_rtol: float = Field(default=1e-3, gt=0, description="gradient norms within this relative distance of "
+                             "the window's largest count as pinned by clipping (evidence)")
 
 
 class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
@@ -48,6 +61,18 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
     (100x CS231n) warns, ``info_update_ratio`` 0.02 informs. The median over
     ``window_steps`` is used so one large step (e.g. right after warm-up) does
     not count.
+
+    Adaptive optimizers (Adam, AdamW, Adadelta, RMSprop) normalize the update and
+    gradient clipping caps the gradient, so an LR 100x too high may show only an
+    info-level ratio. It warns when that ratio comes with damage: the loss
+    stalled (median of ``loss_block_steps`` still at least ``stall_fraction`` of
+    the initial loss), gave back ``gave_back_fraction`` of its progress, or layers
+    get no gradient any more. After oversized updates (a median of
+    ``min_samples`` samples at ``warn_update_ratio``) it keeps firing while their
+    damage persists, even once the updates look small: a network killed by a
+    high LR moves no weights, which is not a learning rate too low. Clipping is
+    inferred from the series (the measured, post-clip gradient norm pinned at
+    one value, within ``clip_rtol``) and shown as evidence.
     """
 
     name: ClassVar[str] = "LearningRateTooHigh"
@@ -81,22 +106,74 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
         if len(ratios) < cfg.min_samples:
             return None
         med = median(ratios)
+        damage = self._damage(window)
+        evidence: dict[str, EvidenceValue] = {"step": s.step, "median_update_ratio": med, "lr": lr}
+        clip = self._clipping(window)
+        if clip is not None:
+            evidence.update(clipped_grad_norm=clip[0], clipped_steps=clip[1], clip_window_steps=clip[2])
+        clip_text = f"; gradient norm pinned at {fmt(clip[0])} on {clip[1]}/{clip[2]} steps (clipping)" if clip else ""
         if med < cfg.info_update_ratio:
-            return None
+            seen = oversized_updates(window, cfg.warn_update_ratio, cfg.min_samples)
+            if seen is None or damage is None:
+                return None
+            evidence.update(damage[1], oversized_step=seen[0], oversized_update_ratio=seen[1])
+            return Finding(
+                summary=(f"Oversized updates (median update-to-weight ratio {fmt(seen[1])} by step {seen[0]}) "
+                         f"left damage that persists: {damage[0]} (now {fmt(med)} at lr={fmt(lr)}, rank "
+                         f"{window.rank}){clip_text}"),
+                evidence=evidence, step=s.step, rank=window.rank,
+            )
         worst = max(((n, ls.update_ratio) for n, ls in s.layers.items()
                      if ls.update_ratio is not None and math.isfinite(ls.update_ratio)),
                     key=lambda kv: kv[1], default=(None, None))
-        severity = None if med >= cfg.warn_update_ratio else Severity.INFO
+        severity = None if med >= cfg.warn_update_ratio or damage is not None else Severity.INFO
+        evidence.update(largest_layer=worst[0], largest_layer_update_ratio=worst[1])
+        if damage is not None:
+            evidence.update(damage[1])
         return Finding(
             summary=(f"Update-to-weight ratio {fmt(med)} (median of {len(ratios)} steps) is "
-                     f"{med / 1e-3:.0f}x the ~1e-3 rule of thumb at lr={fmt(lr)} (rank {window.rank})"),
-            evidence={"step": s.step, "median_update_ratio": med, "lr": lr,
-                      "largest_layer": worst[0], "largest_layer_update_ratio": worst[1]},
+                     f"{med / 1e-3:.0f}x the ~1e-3 rule of thumb at lr={fmt(lr)} (rank {window.rank})"
+                     + (f"; {damage[0]}" if damage else "") + clip_text),
+            evidence=evidence,
             step=s.step,
             rank=window.rank,
             layer=worst[0],
             severity=severity,
         )
+
+    def _damage(self, window: RankWindow) -> tuple[str, dict[str, EvidenceValue]] | None:
+        """What oversized updates wreck, as it stands now: (words, evidence); None when nothing is."""
+        cfg = self.config
+        s = window.steps[-1]
+        # the same layers gradless on the last 3 steps (a lone zero, e.g. a bias before BatchNorm, is not death)
+        last = [st for st in window.last(3) if st.layers]
+        dead = sorted(set.intersection(*(set(gradless_layers(st)) for st in last))) if len(last) == 3 else []
+        if dead:
+            return (f"{len(dead)} of {len(s.layers)} layers get no gradient, e.g. {dead[0]}",
+                    {"layers_without_gradient": len(dead), "example_layer": dead[0]})
+        ld = loss_damage(window, cfg.loss_block_steps, cfg.stall_fraction, cfg.damage_min_steps)
+        if ld is None:
+            return None
+        evidence: dict[str, EvidenceValue] = {"initial_loss": ld.initial, "best_loss": ld.best,
+                                              "recent_loss": ld.recent}
+        if ld.stalled:
+            return f"the loss stalled at {fmt(ld.recent)} (it started at {fmt(ld.initial)})", evidence
+        if ld.gave_back >= cfg.gave_back_fraction:
+            return (f"the loss rose back to {fmt(ld.recent)} from its best {fmt(ld.best)} "
+                    f"({100 * ld.gave_back:.0f}% of its progress lost)", evidence)
+        return None
+
+    def _clipping(self, window: RankWindow) -> tuple[float, int, int] | None:
+        """Whether gradient clipping capped most recent steps: healthd measures the gradient the optimizer
+        applies (after ``clip_grad_norm_``), so clipping shows as one norm repeated step after step.
+        (the norm, the steps pinned at it, the steps looked at); None when fewer than half are."""
+        cfg = self.config
+        norms = window.values("grad_norm", sound_steps(window, cfg.window_steps))
+        if len(norms) < cfg.window_steps // 2 or not norms:
+            return None
+        top = max(norms)
+        pinned = sum(1 for g in norms if top - g <= cfg.clip_rtol * top)
+        return (top, pinned, len(norms)) if top > 0 and 2 * pinned >= len(norms) else None
 
     def _loss_after_lr_jump(self, window: RankWindow) -> tuple[float, float, float, float] | None:
         cfg = self.config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from pydantic import Field
@@ -13,7 +14,9 @@ from healthd.rules.base import (
     Rule,
     WindowedConfig,
     fmt,
+    gradless_layers,
     median,
+    oversized_updates,
 )
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
@@ -32,6 +35,10 @@ class LearningRateTooLowConfig(WindowedConfig):
     min_samples: int = Field(default=3, ge=1, description="sampled update ratios needed in the window")
     diverged_loss_factor: float = Field(
         default=2.0, gt=1, description="skip when the recent loss is this many times the initial loss (diverged)")
+    oversized_update_ratio: float = Field(
+        default=0.1, gt=0, description="skip when a median of min_samples update ratios ever reached this (too high)")
+    vanished_grad_rms: float = Field(
+        default=1e-7, gt=0, description="skip when the gradient's per-element RMS is below this (vanished)")
 
 
 class LearningRateTooLow(Rule[RankWindow, LearningRateTooLowConfig]):
@@ -52,6 +59,12 @@ class LearningRateTooLow(Rule[RankWindow, LearningRateTooLowConfig]):
     ``diverged_loss_factor`` times above where it started is not too slow: it
     blew up, its weights grew huge and every update looks tiny next to them
     (that is LossDiverging's and ExplodingGradients' finding, not this one).
+    Tiny updates are the damage, not the cause, when gradients stopped flowing
+    (a layer gets no gradient, or the gradient's per-element RMS is below
+    ``vanished_grad_rms``) or when the run earlier showed oversized updates
+    (a median of ``min_samples`` ratios at ``oversized_update_ratio``, the
+    warning level of LearningRateTooHigh): a network a high LR killed moves no
+    weights. The rule stays silent then.
     """
 
     name: ClassVar[str] = "LearningRateTooLow"
@@ -89,6 +102,14 @@ class LearningRateTooLow(Rule[RankWindow, LearningRateTooLowConfig]):
         if initial and recent and median(recent) > cfg.diverged_loss_factor * abs(median(initial)):
             return None
         s = window.steps[-1]
+        if gradless_layers(s):
+            return None  # gradients stopped flowing: GradientsNotFlowing's finding
+        attach = window.meta.attach
+        n_params = attach.model.trainable_count if attach and attach.model else 0
+        if n_params > 0 and median(norms) / math.sqrt(n_params) < cfg.vanished_grad_rms:
+            return None  # VanishingGradients' finding
+        if oversized_updates(window, cfg.oversized_update_ratio, cfg.min_samples) is not None:
+            return None  # the damage of a learning rate that was too high
         return Finding(
             summary=(f"Update-to-weight ratio {fmt(med)} (median of {len(ratios)} steps) is "
                      f"{1e-3 / med:.0f}x below the ~1e-3 rule of thumb at lr={fmt(lrs[-1])} (rank {window.rank})"),

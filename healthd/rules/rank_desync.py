@@ -82,8 +82,9 @@ def _fingerprinted(fps: Sequence[float | None], start: int = 0, stop: int | None
 
 
 def _latest_shared_fingerprints(ranks: Mapping[int, RankStatus]) -> tuple[int, dict[int, float]] | None:
-    """The latest step that at least two live ranks fingerprinted, and each such rank's fingerprint
-    there (of a step reported twice, the newest report), by rank; None when there is no such step.
+    """The latest step that at least two of ``ranks`` (the judged ranks, ``JobWindow.judges``, holding one
+    shard) fingerprinted, and each such rank's fingerprint there (of a step reported twice, the newest
+    report), by rank; None when there is no such step.
 
     A descending merge of the ranks' fingerprinted steps: a rank's steps arrive in increasing order
     (its client sends its queue oldest first, and retries a batch before it sends the next), so its
@@ -100,8 +101,6 @@ def _latest_shared_fingerprints(ranks: Mapping[int, RankStatus]) -> tuple[int, d
     # nothing): both ways find the same, the first is faster in jobs that send fingerprints.
     recent_first = True
     for rank, st in ranks.items():
-        if st.closed:
-            continue
         fps = st.columns.get("param_fingerprint")
         steps = st.columns.get("step")
         if fps is None or steps is None:  # a RankStatus built by hand (tests): read the step reports
@@ -154,7 +153,8 @@ class RankDesync(Rule[JobWindow, RankDesyncConfig]):
     of per-tensor sums and squared norms, computed on the device without a
     host sync) every N steps, at the same steps on every rank. At the latest
     step that at least two live ranks fingerprinted (since the last restart
-    from a checkpoint, if any), ranks are grouped by
+    from a checkpoint, if any; once the job ended, every rank counts, so a
+    job that closes before a tick caught it is still judged), ranks are grouped by
     fingerprint (``rtol``, ``atol``); ranks outside the largest group (ties:
     the group holding the lowest rank) are findings.
 
@@ -176,7 +176,8 @@ class RankDesync(Rule[JobWindow, RankDesyncConfig]):
     def evaluate(self, window: JobWindow) -> list[Finding]:
         by_shard: dict[int | None, dict[int, RankStatus]] = {}
         for r, st in window.ranks.items():
-            by_shard.setdefault(st.shard_index, {})[r] = st
+            if window.judges(st):  # live ranks, or every rank once the job's window is final
+                by_shard.setdefault(st.shard_index, {})[r] = st
         return [f for ranks in by_shard.values() if len(ranks) >= 2 for f in self._compare(ranks)]
 
     def _compare(self, ranks: Mapping[int, RankStatus]) -> list[Finding]:

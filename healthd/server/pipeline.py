@@ -23,7 +23,7 @@ from healthd.engine.persistence import AlertDb
 from healthd.engine.scheduler import EvaluationQueue
 from healthd.exposition.collector import Counters, HealthCollector
 from healthd.rules import ALL_RULES, build_rules
-from healthd.rules.base import Rule
+from healthd.rules.base import JobRule, Rule
 from healthd.rules.non_finite_values import nonfinite_parts
 from healthd.server.limits import admit
 from healthd.settings import Settings
@@ -195,22 +195,33 @@ class Healthd:
         Rules that run after a pause see the window built before it: the ranks' step and GPU series
         are the store's own (they may have grown), their last-step times and ``now`` are as built.
         """
+        rules = self.engine.job_rules
+        per_slice = self.TICK_RANKS_PER_SLICE
+        # A job about to expire is judged once more over every report it sent, its closed ranks included
+        # (a job whose ranks all closed is judged so on every tick: its windows are final), then forgotten.
+        for name in self.store.expiring(self.clock()):
+            self.settle(name)
+            if rules:
+                yield from self._judge(name, rules, per_slice, final=True)
         for name in self.store.expire(self.clock()):
             self.queue.drop_job(name)
             self.engine.forget(name)
-        rules = self.engine.job_rules
         if not rules:
             return
         yield
-        per_slice = self.TICK_RANKS_PER_SLICE
         for job in self.store:
-            window = yield from self.store.job_window_slices(job.name, self.clock(), per_slice)
+            yield from self._judge(job.name, rules, per_slice)
+
+    def _judge(self, job: str, rules: Sequence[JobRule], per_slice: int,
+               final: bool = False) -> Iterator[None]:
+        """Run the job-scoped rules on one job's window, pausing as ``tick_slices`` says."""
+        window = yield from self.store.job_window_slices(job, self.clock(), per_slice, final=final)
+        yield
+        for rule in rules:
+            if rule.hints.summarized:
+                yield from self.engine.summarize_slices(rule, window, per_slice)
+            self.engine.on_tick_rule(rule, window)
             yield
-            for rule in rules:
-                if rule.hints.summarized:
-                    yield from self.engine.summarize_slices(rule, window, per_slice)
-                self.engine.on_tick_rule(rule, window)
-                yield
 
 
 def build(settings: Settings, *, rules: Sequence[type[Rule[Any, Any]]] = ALL_RULES,

@@ -336,8 +336,14 @@ class Store:
             columns=st.columns,
         )
 
-    def job_window(self, job_name: str, now: float) -> JobWindow:
-        slices = self.job_window_slices(job_name, now, ranks_per_slice=len(self.jobs[job_name].ranks) + 1)
+    def expiring(self, now: float) -> list[str]:
+        """The jobs ``expire(now)`` would forget, without forgetting them (their final evaluation comes first)."""
+        ttl = self.settings.job_ttl_seconds
+        return [name for name, j in self.jobs.items() if now - j.last_seen > ttl]
+
+    def job_window(self, job_name: str, now: float, final: bool = False) -> JobWindow:
+        slices = self.job_window_slices(job_name, now, ranks_per_slice=len(self.jobs[job_name].ranks) + 1,
+                                        final=final)
         try:
             while True:
                 next(slices)
@@ -345,9 +351,11 @@ class Store:
             window: JobWindow = built.value  # the generator's return value (StopIteration.value is Any)
             return window
 
-    def job_window_slices(self, job_name: str, now: float, ranks_per_slice: int) -> Generator[None, None, JobWindow]:
+    def job_window_slices(self, job_name: str, now: float, ranks_per_slice: int,
+                          final: bool = False) -> Generator[None, None, JobWindow]:
         """``job_window``, pausing (yielding) every ``ranks_per_slice`` ranks; returns the window. Each
-        rank is as it is when its slice is built."""
+        rank is as it is when its slice is built. The window is ``final`` when asked (the job is about
+        to expire) or when every rank has closed."""
         job = self.jobs[job_name]
         ranks: dict[int, RankStatus] = {}
         for i, (r, st) in enumerate(list(job.ranks.items())):
@@ -365,8 +373,9 @@ class Store:
                 columns=st.columns,
                 shard_index=None if job.shards is None else job.shards.shard_index(r),
             )
+        final = final or bool(ranks) and all(st.closed for st in ranks.values())
         return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks,
-                         global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale)
+                         global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale, final=final)
 
     def __iter__(self) -> Iterator[JobState]:
         return iter(list(self.jobs.values()))

@@ -213,8 +213,16 @@ class JobWindow:
     ranks: Mapping[int, RankStatus] = field(default_factory=dict)
     global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
     noise_scale: float | None = None  # gradient noise scale B_simple (examples), DDP only
+    # The job's last word: every rank sent its closing heartbeat, or the job is about to expire. Rules
+    # that skip closed ranks while a job runs (their series stop mid-run and would be compared with live
+    # ones) judge every rank in a final window, so a job that ends is still judged (``judges``).
+    final: bool = False
     # Rule name -> rank -> Rule.rank_summary, computed once per window (summaries, summarize_slices).
     _summaries: dict[str, dict[int, Any]] = field(default_factory=dict, compare=False, repr=False)
+
+    def judges(self, st: RankStatus) -> bool:
+        """Whether a rule comparing ranks' series judges this rank: a live one, or any in a final window."""
+        return self.final or not st.closed
 
     def summaries(self, rule: RankSummarizer) -> dict[int, Any]:
         """``rule.rank_summary`` of every rank of the job (computed here unless the caller already

@@ -44,7 +44,8 @@ def test_tick_slices_pause_after_expiry_each_window_and_each_rule() -> None:
     rules = hd.engine.job_rules  # a summarized rule pauses once more: after its per-rank summaries
     assert sum(1 for _ in hd.tick_slices()) == 1 + 3 * (1 + len(rules) + sum(r.hints.summarized for r in rules))
     now[0] += hd.settings.store.job_ttl_seconds + 1
-    assert sum(1 for _ in hd.tick_slices()) == 1  # every job expired: nothing left to evaluate
+    # every job expired: judged one final time each, then forgotten, nothing left to evaluate
+    assert sum(1 for _ in hd.tick_slices()) == 1 + 3 * (1 + len(rules) + sum(r.hints.summarized for r in rules))
     assert not hd.store.jobs
 
 
