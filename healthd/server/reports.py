@@ -1,7 +1,8 @@
 """``POST /v1/reports``, the hot path: every rank's every flush comes through here.
 
 ``Reports.answer`` hands a request's whole body to ``Healthd.ingest`` and encodes the answer (the 200
-answer for ``n`` reports is encoded once). It checks neither the token nor the body's size:
+answer for ``n`` reports with no firing alert to tell is encoded once; one that carries alerts is
+encoded per request, since they change). It checks neither the token nor the body's size:
 ``healthd.server.gate.Gate`` did both before any route (``healthd.server.serving``).
 """
 
@@ -26,7 +27,7 @@ class Reports:
         hd = self.hd
         status, result = hd.ingest(body)
         Counters.inc(hd.counters.requests, str(status))
-        if status == 200:
+        if status == 200 and not result.alerts:
             answer = self._accepted.get(result.accepted)
             if answer is None:
                 answer = self._accepted[result.accepted] = result.model_dump_json().encode()
