@@ -48,12 +48,15 @@ class TrainingStopped(RuntimeError):
 
 
 def parse_alerts(text: str) -> tuple[FiringAlert, ...] | None:
-    """The ``alerts`` of a ``POST /v1/reports`` answer; None when the answer has none to say (an old
-    server, or not JSON): then what the last answer said stands. Malformed entries are skipped."""
+    """The ``alerts`` of a ``POST /v1/reports`` answer (healthd leaves the field out when nothing
+    fires); None when the answer is not healthd's JSON: then what the last answer said stands.
+    Malformed entries are skipped."""
     try:
         raw = json.loads(text).get("alerts")
     except (ValueError, AttributeError):
         return None
+    if raw is None:
+        return ()
     if not isinstance(raw, list):
         return None
     out = []

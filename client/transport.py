@@ -381,12 +381,12 @@ class Sender:
         return True
 
     def _read_alerts(self, text: str) -> None:
-        if '"alerts":[]' in text:  # the common answer: nothing fires (no JSON parse for it)
-            alerts: tuple[FiringAlert, ...] | None = ()
-        elif '"alerts"' in text:
+        if '"alerts"' in text:
             alerts = parse_alerts(text)
+        elif '"accepted"' in text:  # healthd's answer without alerts: nothing fires (no JSON parse for it)
+            alerts = ()
         else:
-            return  # a server that predates alerts, or an error page: what was said stands
+            return  # an error page from a proxy: what was said stands
         if alerts is not None and alerts != self.alerts:
             self.alerts = alerts  # one assignment: a reader on another thread sees the old or the new tuple
             self.alerts_version += 1

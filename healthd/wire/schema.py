@@ -338,7 +338,8 @@ class IngestResult(_Model):
     ``alerts`` closes the loop to the training process: the alerts firing now for the jobs of this
     batch (every rank's and the job's own, since the ranks of a distributed job stop together), one
     per (job, rule) (this batch's rank's when it has one, else the first started), most severe first,
-    at most ``MAX_ALERTS_IN_ANSWER``. Empty when nothing fires; clients that predate it ignore it.
+    at most ``MAX_ALERTS_IN_ANSWER``. Left out of the answer when nothing fires (the answer is then
+    the one healthd gave before alerts existed); clients that predate it ignore it.
     """
 
     accepted: int
