@@ -12,6 +12,12 @@ Usage::
         monitor.step(loss=loss, batch_size=len(x))
     monitor.close()
 
+To act on what healthd finds, inside the training process (off by default)::
+
+    monitor = healthd_client.attach(model, optimizer, job="resnet-run-7", server=...,
+                                    stop_on=("NonFiniteValues",), on_stop=lambda alert: save_checkpoint())
+    # the step after healthd reports a NaN raises healthd_client.TrainingStopped
+
 Importing this package imports neither torch nor any server dependency; torch
 is imported by ``attach``.
 """
@@ -20,10 +26,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from healthd_client.alerts import FiringAlert, TrainingStopped
 from healthd_client.config import MonitorConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Collection, Sequence
 
     import torch
 
@@ -32,7 +39,7 @@ if TYPE_CHECKING:
     from healthd_client.transport import Transport
 
 __version__ = "0.1.0"
-__all__ = ["Monitor", "MonitorConfig", "Quantity", "attach"]
+__all__ = ["FiringAlert", "Monitor", "MonitorConfig", "Quantity", "TrainingStopped", "attach"]
 
 
 def attach(
@@ -51,6 +58,9 @@ def attach(
     transport: Transport | None = None,
     extra_quantities: Sequence[Quantity] = (),
     strict: bool = False,
+    on_alert: Callable[[FiringAlert], object] | None = None,
+    stop_on: Collection[str] = (),
+    on_stop: Callable[[FiringAlert], object] | None = None,
 ) -> Monitor:
     """Hook ``optimizer`` (and inspect ``model``); return the Monitor that reports to healthd.
 
@@ -66,6 +76,14 @@ def attach(
     own: derive it from ``torch.optim.Optimizer``, whose step hooks healthd uses, and
     put the update in its ``step()``). Attaching to an
     optimizer that already has an open monitor warns and returns that monitor.
+
+    Alerts (off by default; nothing ever waits for healthd): ``monitor.alerts`` is what
+    healthd's latest answer to a report push said fires for this job. ``on_alert(alert)``
+    is called with each newly firing ``FiringAlert``, on the training thread, at the next
+    ``monitor.step()`` or ``optimizer.step()``. ``stop_on`` names alerts (e.g.
+    ``("NonFiniteValues",)``) that stop the run there: ``on_stop(alert)`` is called (save a
+    checkpoint), then ``TrainingStopped`` is raised, naming the alert and its evidence (the
+    Lightning and transformers callbacks set ``should_stop`` / ``should_training_stop`` instead).
     """
     from healthd_client.attachment import attach as _attach
 
@@ -84,6 +102,9 @@ def attach(
         transport=transport,
         extra_quantities=extra_quantities,
         strict=strict,
+        on_alert=on_alert,
+        stop_on=stop_on,
+        on_stop=on_stop,
     )
 
 

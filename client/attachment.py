@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 
+from healthd_client.alerts import FiringAlert
 from healthd_client.config import MonitorConfig
 from healthd_client.identity import detect_identity
 from healthd_client.monitor import Monitor, attached, warn_user
@@ -27,6 +28,7 @@ from healthd_client.transport import HttpTransport, Transport
 # Monitors made by healthd_client.auto: an explicit attach() on their optimizer closes and replaces them.
 yielding: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
+_RULE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # healthd's rule names: "NonFiniteValues"
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
 
 
@@ -57,6 +59,22 @@ def _check_optimizer(optimizer: Any) -> None:
     )
 
 
+def _check_alert_args(on_alert: Any, stop_on: Any, on_stop: Any) -> tuple[str, ...]:
+    """Validate attach()'s alert arguments; returns ``stop_on`` as a tuple of rule names."""
+    for name, fn in (("on_alert", on_alert), ("on_stop", on_stop)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be a callable taking a FiringAlert, got {type(fn).__name__}")
+    if isinstance(stop_on, str) or not isinstance(stop_on, Collection):
+        raise ValueError(f'stop_on must be a tuple of alert names, e.g. ("NonFiniteValues",), got {stop_on!r}')
+    names = tuple(stop_on)
+    bad = [n for n in names if not isinstance(n, str) or not _RULE_NAME.match(n)]
+    if bad:
+        raise ValueError(f'stop_on must hold alert names such as "NonFiniteValues", got {bad[0]!r}')
+    if on_stop is not None and not names:
+        raise ValueError("on_stop is called when a stop_on alert fires: give stop_on too")
+    return names
+
+
 def attach(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -73,8 +91,12 @@ def attach(
     transport: Transport | None = None,
     extra_quantities: Sequence[Quantity] = (),
     strict: bool = False,
+    on_alert: Callable[[FiringAlert], object] | None = None,
+    stop_on: Collection[str] = (),
+    on_stop: Callable[[FiringAlert], object] | None = None,
 ) -> Monitor:
     """See ``healthd_client.attach``."""
+    stop_names = _check_alert_args(on_alert, stop_on, on_stop)
     config = MonitorConfig() if config is None else config
     if not isinstance(config, MonitorConfig):
         raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
@@ -121,6 +143,9 @@ def attach(
         quantities=[*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
                     *extra_quantities],
         strict=strict,
+        on_alert=on_alert,
+        stop_on=stop_names,
+        on_stop=on_stop,
     )
     attached[optimizer] = monitor
     return monitor

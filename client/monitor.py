@@ -3,8 +3,10 @@
 What lives here: the
 optimizer step pre/post hooks, the step record life cycle, turning finished
 records into StepReport dicts, EvalReport / AttachReport / HeartbeatReport
-dicts. What does not: the measurements (``quantities/``), the device->host copy
-(``packing``), sending (``transport``), resolving attach()'s arguments (``attachment``).
+dicts; acting on the alerts healthd answers with (``on_alert``, ``stop_on``, ``on_stop``) on the
+training thread. What does not: the measurements (``quantities/``), the device->host copy
+(``packing``), sending and reading the answers (``transport``), resolving attach()'s arguments
+(``attachment``).
 
 Failure policy: an exception in a quantity disables that quantity with one
 warning; an exception in the monitor's own machinery stops measuring (heartbeats
@@ -21,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import operator
 import os
 import platform
@@ -28,11 +31,12 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from healthd_client.alerts import FiringAlert, TrainingStopped
 from healthd_client.config import MonitorConfig
 from healthd_client.identity import Identity, git_commit, label_safe
 from healthd_client.layers import build_layer_plan
@@ -68,6 +72,13 @@ class Monitor:
 
     Call ``step(loss=, batch_size=)`` once per optimizer step, ``eval(...)`` after
     validation, ``close()`` at the end (or use it as a context manager).
+
+    Alerts: ``alerts`` is what healthd's latest answer said fires for this job. At the next
+    ``step()`` or optimizer step after an answer brought a new alert, on the training thread:
+    ``on_alert(alert)`` is called for it; if its rule is in ``stop_on``, ``on_stop(alert)`` is
+    called (a checkpoint, say) and ``TrainingStopped`` is raised, once (``stopped_by`` keeps the
+    alert). Nothing waits for healthd: an alert arrives with the answer to the push that carried
+    its evidence, one round trip later, and acts at the step after.
     """
 
     def __init__(
@@ -83,6 +94,9 @@ class Monitor:
         hints: dict[str, int],
         quantities: Sequence[Quantity],
         strict: bool,
+        on_alert: Callable[[FiringAlert], object] | None = None,
+        stop_on: Collection[str] = (),
+        on_stop: Callable[[FiringAlert], object] | None = None,
     ) -> None:
         self.job = job
         self.identity = identity
@@ -101,6 +115,14 @@ class Monitor:
         self._disabled_why: dict[int, str] = {}  # id(quantity) -> reason, sent in every heartbeat
         self._bad_batch_size_warned = False
         self._opened_externally = False  # before_optimizer_step() replaced the optimizer's step pre-hook
+        self._on_alert = on_alert
+        self._stop_on = frozenset(stop_on)
+        self._on_stop = on_stop
+        self._listening = on_alert is not None or bool(self._stop_on)  # send a NaN step at once
+        self._alerts_version = 0  # the sender's alerts_version last looked at
+        self._told: set[str] = set()  # ids of the alerts already delivered
+        self._raise_on_stop = True  # False: an integration stops its loop itself (stop_externally)
+        self.stopped_by: FiringAlert | None = None
         plan = build_layer_plan(model, optimizer, config.max_layers)
         self.sender = Sender(transport, config, token=token, heartbeat=self._heartbeat)
         self._ctx = QuantityContext(
@@ -136,17 +158,31 @@ class Monitor:
     def disabled_quantities(self) -> list[str]:
         return list(self._disabled.values())
 
+    @property
+    def alerts(self) -> tuple[FiringAlert, ...]:
+        """The alerts firing for this job as healthd last answered (any rank's, most severe first)."""
+        return self.sender.alerts
+
+    def stop_externally(self) -> None:
+        """Do not raise ``TrainingStopped``: the caller reads ``stopped_by`` after ``step()`` and stops
+        its loop itself (Lightning's ``trainer.should_stop``, transformers' ``control.should_training_stop``)."""
+        self._raise_on_stop = False
+
     def step(self, loss: Any = None, batch_size: int | None = None) -> None:
-        """Complete the current optimizer step's record with the loss and batch size."""
-        if not self._active or self._closed:
+        """Complete the current optimizer step's record with the loss and batch size.
+
+        Then deliver alerts healthd reported since (may raise ``TrainingStopped``, see the class)."""
+        if self._closed:
             return
-        with self._guard("step"):
-            record = self._open if self._open is not None else self._new_record()
-            self._open = None
-            record.loss = loss
-            record.batch_size = self._batch_size(batch_size)
-            record.closed_by_user = True
-            self._finish(record)
+        if self._active:
+            with self._guard("step"):
+                record = self._open if self._open is not None else self._new_record()
+                self._open = None
+                record.loss = loss
+                record.batch_size = self._batch_size(batch_size)
+                record.closed_by_user = True
+                self._finish(record)
+        self._deliver_alerts()
 
     def eval(self, loss: Any = None, accuracy: Any = None, **metrics: Any) -> None:
         """Report a validation pass at the last completed step (0 before any step)."""
@@ -248,7 +284,10 @@ class Monitor:
     # ------------------------------------------------------------------ hooks
 
     def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._active or self._closed:
+        if self._closed:
+            return
+        self._deliver_alerts()  # a TrainingStopped here comes before the update
+        if not self._active:
             return
         with self._guard("optimizer step pre-hook"):
             if self._open is not None:  # the user did not call monitor.step() last time
@@ -299,7 +338,10 @@ class Monitor:
             self._pending.popleft()
             self.sender.count_dropped(1)
         while self._pending and self._pending[0].ready():
-            self.sender.enqueue(self._step_report(self._pending.popleft()))
+            report = self._step_report(self._pending.popleft())
+            self.sender.enqueue(report)
+            if self._listening and _non_finite(report):
+                self.sender.flush_soon()  # its alert comes back with the answer: do not wait the interval
 
     def _drain_pending(self, deadline: float) -> None:
         # Not Event.synchronize(): a hung device (a stuck collective) must not hang the exit.
@@ -376,6 +418,37 @@ class Monitor:
                                              for key, name in list(self._disabled.items())]
         return report
 
+    # ------------------------------------------------------------------ alerts
+
+    def _deliver_alerts(self) -> None:
+        """Act on alerts the sender thread read from healthd's answers since the last call."""
+        sender = self.sender
+        if sender.alerts_version == self._alerts_version or self._forked:
+            return  # the common case: one int comparison per step
+        self._alerts_version = sender.alerts_version
+        new = [a for a in sender.alerts if a.id not in self._told]
+        self._told.update(a.id for a in new)
+        if self._on_alert is not None:
+            for alert in new:
+                self._call_user("on_alert", self._on_alert, alert)
+        stop = next((a for a in new if a.rule in self._stop_on), None) if self.stopped_by is None else None
+        if stop is None:
+            return
+        self.stopped_by = stop
+        logger.warning("healthd: stopping training on %s", stop)
+        if self._on_stop is not None:
+            self._call_user("on_stop", self._on_stop, stop)
+        if self._raise_on_stop:
+            raise TrainingStopped(stop)
+
+    def _call_user(self, name: str, callback: Callable[[FiringAlert], object], alert: FiringAlert) -> None:
+        try:
+            callback(alert)
+        except Exception as exc:  # a failing callback must not take the run down (nor prevent a stop)
+            if self._strict:
+                raise
+            warn_user(f"healthd: the {name} callback failed on {alert.rule}: {exc!r}")
+
     # ------------------------------------------------------------------ failures
 
     def _disable(self, q: Quantity, where: str, exc: Exception) -> None:
@@ -400,6 +473,14 @@ class Monitor:
                 warn_user(f"healthd: monitor failed in {where}; it stops measuring (heartbeats go on): {exc!r}")
             else:
                 warn_user(f"healthd: {where} failed and was not reported: {exc!r}")
+
+
+def _non_finite(report: dict[str, Any]) -> bool:
+    """Whether a step report shows a NaN/Inf (what healthd's NonFiniteValues reads)."""
+    counts = report.get("nonfinite")
+    if isinstance(counts, dict) and any(counts.values()):
+        return True
+    return any(isinstance(v, float) and not math.isfinite(v) for v in (report.get("loss"), report.get("grad_norm")))
 
 
 def _monitor_after_fork(ref: weakref.ref[Monitor]) -> None:

@@ -16,6 +16,10 @@ Guarantees the training loop relies on:
   the server does; it is also run at interpreter exit.
 - A forked child (a DataLoader worker) inherits a disabled sender: it neither
   sends the parent's reports again nor starts a thread.
+
+healthd's answer to each push lists the job's firing alerts (``IngestResult.alerts``); the sender
+thread parses them into ``alerts`` (a tuple replaced whole, ``alerts_version`` bumped on change),
+for the monitor to act on at the next step, on the training thread.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from healthd_client.alerts import FiringAlert, parse_alerts
 from healthd_client.config import MonitorConfig
 
 logger = logging.getLogger("healthd_client")
@@ -107,7 +112,8 @@ class Sender:
     ``heartbeat(closing)`` builds a HeartbeatReport dict; it is called on the
     sender thread every ``heartbeat_seconds`` and once with ``closing=True`` by
     ``close``. Counters (read them from any thread): ``sent_total``,
-    ``dropped_total``, ``rejected_total``, ``failed_attempts_total``.
+    ``dropped_total``, ``rejected_total``, ``failed_attempts_total``. ``alerts``: the
+    firing alerts healthd's latest answer listed; ``alerts_version`` changes when they do.
     """
 
     def __init__(
@@ -140,6 +146,8 @@ class Sender:
         self.dropped_total = 0
         self.rejected_total = 0
         self.failed_attempts_total = 0
+        self.alerts: tuple[FiringAlert, ...] = ()
+        self.alerts_version = 0
         self._thread: threading.Thread | None = threading.Thread(
             target=self._run, name="healthd-sender", daemon=True
         )
@@ -167,6 +175,13 @@ class Sender:
         """Count reports lost before reaching the queue (e.g. by the monitor)."""
         with self._lock:
             self.dropped_total += n
+
+    def flush_soon(self) -> None:
+        """Send what is queued now rather than at the flush interval; returns at once (the
+        monitor calls it after a NaN/Inf step when the job listens for alerts)."""
+        with self._lock:
+            self._flush_requested = True
+            self._wake.notify_all()
 
     def pending(self) -> int:
         """Reports waiting in the queue (including a batch being retried)."""
@@ -353,6 +368,7 @@ class Sender:
                 self.failed_attempts_total += 1
                 self._log_once(f"status-{status}", "healthd: server answered %s (will retry)", status)
                 return False
+            self._read_alerts(text)
             if 200 <= status < 300:
                 sent = len(parts)
             else:
@@ -371,6 +387,17 @@ class Sender:
             self.rejected_total += rejected
             self._wake.notify_all()
         return True
+
+    def _read_alerts(self, text: str) -> None:
+        if '"alerts"' in text:
+            alerts = parse_alerts(text)
+        elif '"accepted"' in text:  # healthd's answer without alerts: nothing fires (no JSON parse for it)
+            alerts = ()
+        else:
+            return  # an error page from a proxy: what was said stands
+        if alerts is not None and alerts != self.alerts:
+            self.alerts = alerts  # one assignment: a reader on another thread sees the old or the new tuple
+            self.alerts_version += 1
 
     def _log_once(self, key: str, message: str, *args: Any) -> None:
         if key in self._logged:

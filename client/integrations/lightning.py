@@ -25,6 +25,11 @@ quantities are ``healthd_client``'s):
   logged ``val_loss_key`` metric is used. ``monitor.eval`` gets that loss and
   the other logged metrics whose names start with ``val``. Sanity checking is skipped.
 - ``on_fit_end`` / ``on_exception``: ``monitor.close()``.
+- alerts: with ``stop_on=("NonFiniteValues",)`` (and ``on_stop=``, ``on_alert=``, as for
+  ``attach``), the optimizer step after healthd reports such an alert sets
+  ``trainer.should_stop`` (after ``on_stop(alert)``) instead of raising ``TrainingStopped``:
+  Lightning then ends the fit at the end of that batch, calling ``on_fit_end`` as usual.
+  ``callback.monitor.stopped_by`` holds the alert.
 
 Only the first optimizer is monitored (one Monitor per optimizer); manual
 optimization works if your ``training_step`` calls ``optimizer.step()`` on
@@ -126,6 +131,7 @@ class HealthdCallback(pl.Callback):
             extra_quantities=extra, **kwargs,
         )
         self.monitor.open_steps_externally()
+        self.monitor.stop_externally()
 
     @staticmethod
     def _dataset_size(trainer: pl.Trainer) -> int | None:
@@ -159,6 +165,8 @@ class HealthdCallback(pl.Callback):
         mean = torch.stack(self._losses).float().mean() if self._losses else None
         self.monitor.step(loss=mean, batch_size=round(self._examples / self._micro_batches) or None)
         self._stepped, self._losses, self._examples, self._micro_batches = False, [], 0, 0
+        if self.monitor.stopped_by is not None:
+            trainer.should_stop = True
 
     # ------------------------------------------------------------------ validation
 

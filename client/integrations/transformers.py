@@ -28,6 +28,10 @@ quantities are ``healthd_client``'s). ``on_pre_optimizer_step`` and
 - ``on_evaluate``: ``monitor.eval`` with ``eval_loss``, ``eval_accuracy`` and the
   other numeric ``eval_*`` metrics.
 - ``on_train_end``: ``monitor.close()``.
+- alerts: with ``stop_on=("NonFiniteValues",)`` (and ``on_stop=``, ``on_alert=``, as for
+  ``attach``), the step after healthd reports such an alert sets
+  ``control.should_training_stop`` (after ``on_stop(alert)``) instead of raising
+  ``TrainingStopped``; ``callback.monitor.stopped_by`` holds the alert.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class HealthdCallback(TrainerCallback):
             grad_accumulation_steps=max(1, int(args.gradient_accumulation_steps)), extra_quantities=extra, **kwargs,
         )
         self.monitor.open_steps_externally()
+        self.monitor.stop_externally()
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kw: Any) -> None:
@@ -103,6 +108,8 @@ class HealthdCallback(TrainerCallback):
             self._awaiting_log = True
         else:
             self.monitor.step(batch_size=self._batch_size)
+        if self.monitor.stopped_by is not None:
+            control.should_training_stop = True
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, float] | None = None, **kw: Any) -> None:

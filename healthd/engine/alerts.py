@@ -23,14 +23,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from healthd.engine.incidents import GRAPH, IncidentGraph
 from healthd.rules.base import EvidenceValue, Finding, JobRule, RankRule, Rule, is_job_rule, is_rank_rule
 from healthd.state.windows import JobWindow, RankWindow
-from healthd.wire.schema import AlertOut, AlertState, Severity
+from healthd.wire.schema import MAX_ALERTS_IN_ANSWER, AlertOut, AlertState, FiringAlert, Severity
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ class Alert:
             incident=self.incident,
         )
 
+    def firing_out(self) -> FiringAlert:
+        return FiringAlert(id=self.id, rule=self.rule, severity=self.severity, job=self.job, rank=self.rank,
+                           layer=self.layer, step=self.step, summary=self.summary, evidence=dict(self.evidence))
+
 
 class AlertListener(Protocol):
     def on_transition(self, alert: Alert, previous: AlertState) -> None: ...
@@ -111,6 +115,9 @@ class Engine:
         self.evaluation_count = 0
         self.rule_errors_total = 0
         self.transitions_total: dict[str, int] = {s.value: 0 for s in AlertState}
+        # Alerts firing now, all jobs: kept by _notify and restore, so that ingest's answer asks
+        # ``firing_for`` only while something fires (the common answer stays a cached constant).
+        self.firing_count = 0
 
     # ------------------------------------------------------------- evaluation
     def on_step(self, window: RankWindow) -> None:
@@ -241,6 +248,10 @@ class Engine:
 
     def _notify(self, alert: Alert, previous: AlertState) -> None:
         self.transitions_total[alert.state.value] += 1
+        if alert.state is AlertState.FIRING:
+            self.firing_count += 1
+        elif previous is AlertState.FIRING:
+            self.firing_count -= 1
         for listener in self.listeners:
             try:
                 listener.on_transition(alert, previous)
@@ -263,6 +274,29 @@ class Engine:
     def firing(self) -> list[Alert]:
         return [a for book in self._jobs.values() for a in book.active.values() if a.state is AlertState.FIRING]
 
+    def firing_for(self, ranks: Mapping[str, Collection[int]]) -> list[FiringAlert]:
+        """The firing alerts to tell the jobs in ``ranks`` (job -> the ranks that reported), for the
+        report push's answer (``IngestResult.alerts``): every firing alert of those jobs, one per
+        (job, rule): a reporting rank's when there is one, else the first started; most severe first,
+        then oldest; at most ``MAX_ALERTS_IN_ANSWER``. All ranks' alerts, not only the reporting
+        one's: the ranks of a distributed job must stop together, or the others hang in a collective.
+        """
+        chosen: dict[tuple[str, str], Alert] = {}
+        for job, reporting in ranks.items():
+            book = self._jobs.get(job)
+            if book is None:
+                continue
+            for alert in book.active.values():
+                if alert.state is not AlertState.FIRING:
+                    continue
+                key = (job, alert.rule)
+                held = chosen.get(key)
+                if held is None or (held.rank not in reporting and (
+                        alert.rank in reporting or alert.started_at < held.started_at)):
+                    chosen[key] = alert
+        best = sorted(chosen.values(), key=lambda a: (-a.severity.level, a.started_at))
+        return [a.firing_out() for a in best[:MAX_ALERTS_IN_ANSWER]]
+
     def restore(self, alerts: Iterable[Alert]) -> None:
         """Load alert state (e.g. from persistence) without notifying."""
         for a in alerts:
@@ -271,6 +305,7 @@ class Engine:
                 book.history.append(a)
             else:
                 book.active[(a.rule, a.rank)] = a
+                self.firing_count += a.state is AlertState.FIRING
 
     def forget(self, job: str) -> None:
         """Drop a job that went silent past its TTL. Its firing alerts are resolved first, so

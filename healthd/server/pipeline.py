@@ -134,9 +134,14 @@ class Healthd:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:
             Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted)
+        # Tell the job (IngestResult.alerts): looked up only while some alert fires anywhere, so the
+        # common answer below stays one cached object per count.
+        alerts = self.engine.firing_for(_ranks_of(parsed.reports)) if self.engine.firing_count else []
         if parsed.rejected or capped:
             rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
-            return 422, IngestResult(accepted=accepted, rejected=rejected)
+            return 422, IngestResult(accepted=accepted, rejected=rejected, alerts=alerts)
+        if alerts:
+            return 200, IngestResult(accepted=accepted, alerts=alerts)
         result = self._all_accepted.get(accepted)
         if result is None:  # frozen, so one per count serves every request
             result = self._all_accepted[accepted] = IngestResult(accepted=accepted)
@@ -250,6 +255,14 @@ def build(settings: Settings, *, rules: Sequence[type[Rule[Any, Any]]] = ALL_RUL
 
 _NO_NAMES: frozenset[str] = frozenset()
 
+
+
+def _ranks_of(reports: Iterable[Any]) -> dict[str, set[int]]:
+    """Job -> the ranks with a report in the batch (every report kind has a job and a rank)."""
+    ranks: dict[str, set[int]] = {}
+    for report in reports:
+        ranks.setdefault(report.job, set()).add(report.rank)
+    return ranks
 
 
 def _urgent(step: StepRecord) -> bool:

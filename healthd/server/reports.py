@@ -1,7 +1,8 @@
 """``POST /v1/reports``, the hot path: every rank's every flush comes through here.
 
 ``Reports.answer`` hands a request's whole body to ``Healthd.ingest`` and encodes the answer (the 200
-answer for ``n`` reports is encoded once). It checks neither the token nor the body's size:
+answer for ``n`` reports with no firing alert to tell is encoded once; one that carries alerts is
+encoded per request, since they change). It checks neither the token nor the body's size:
 ``healthd.server.gate.Gate`` did both before any route (``healthd.server.serving``). The request's
 ``X-Healthd-Job`` header, when sent, goes with the body: every report must belong to that job.
 """
@@ -15,6 +16,8 @@ from healthd.server.pipeline import Healthd
 from healthd.wire.schema import JOB_HEADER
 
 JOB_HEADER_KEY = JOB_HEADER.lower().encode()  # ASGI header names are lower-case bytes
+
+_ALERTS = {"alerts"}  # left out of an answer when empty: "nothing fires" is its absence
 
 
 class Reports:
@@ -31,11 +34,13 @@ class Reports:
         hd = self.hd
         status, result = hd.ingest(body, job)
         Counters.inc(hd.counters.requests, str(status))
-        if status == 200:
-            answer = self._accepted.get(result.accepted)
-            if answer is None:
-                answer = self._accepted[result.accepted] = result.model_dump_json().encode()
-            return status, answer
+        if not result.alerts:  # the answer of a client that predates alerts, byte for byte
+            if status == 200:
+                answer = self._accepted.get(result.accepted)
+                if answer is None:
+                    answer = self._accepted[result.accepted] = result.model_dump_json(exclude=_ALERTS).encode()
+                return status, answer
+            return status, result.model_dump_json(exclude=_ALERTS).encode()
         return status, result.model_dump_json().encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

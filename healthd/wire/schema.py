@@ -354,11 +354,36 @@ class Rejection(_Model):
     errors: list[FieldError]
 
 
+MAX_ALERTS_IN_ANSWER = 32  # IngestResult.alerts: one per (job, rule), so more than the rules there are is rare
+
+
+class FiringAlert(_Model):
+    """A firing alert as the report push's answer carries it back to the job (``IngestResult.alerts``)."""
+
+    id: str
+    rule: str  # the alertname, e.g. "NonFiniteValues"
+    severity: Severity
+    job: str
+    rank: int | None  # None for a job-scoped rule
+    layer: str | None = None
+    step: int | None  # step at which the condition was first seen
+    summary: str
+    evidence: dict[str, float | int | str | bool | None]
+
+
 class IngestResult(_Model):
-    """Answer of ``POST /v1/reports``: 200 when all were accepted, else 4xx."""
+    """Answer of ``POST /v1/reports``: 200 when all were accepted, else 4xx.
+
+    ``alerts`` closes the loop to the training process: the alerts firing now for the jobs of this
+    batch (every rank's and the job's own, since the ranks of a distributed job stop together), one
+    per (job, rule) (this batch's rank's when it has one, else the first started), most severe first,
+    at most ``MAX_ALERTS_IN_ANSWER``. Left out of the answer when nothing fires (the answer is then
+    the one healthd gave before alerts existed); clients that predate it ignore it.
+    """
 
     accepted: int
     rejected: list[Rejection] = Field(default_factory=list)
+    alerts: list[FiringAlert] = Field(default_factory=list, max_length=MAX_ALERTS_IN_ANSWER)
 
 
 # --------------------------------------------------------------------------- read API

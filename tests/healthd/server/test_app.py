@@ -36,7 +36,9 @@ def test_nan_survives_the_trip_and_fires_at_its_step(healthd_server: LiveHealthd
     reports = [_step(i, loss=2.0 - 0.01 * i, grad_norm=1.0, lr=[0.1], update_ratio=1e-3) for i in range(10)]
     reports.append(_step(10, loss=math.nan, grad_norm=math.inf, nonfinite={"loss": 1, "grads": 3}))
     r = healthd_server.post("/v1/reports", content=_batch(*reports))
-    assert r.status_code == 200 and r.json() == {"accepted": 11, "rejected": []}
+    assert r.status_code == 200 and r.json()["accepted"] == 11 and r.json()["rejected"] == []
+    # The push's answer tells the job at once (IngestResult.alerts).
+    assert [a["rule"] for a in r.json()["alerts"]] == ["NonFiniteValues"]
 
     alerts = healthd_server.get("/v1/alerts", params={"job": "run-1"}).json()["alerts"]
     (a,) = [a for a in alerts if a["rule"] == "NonFiniteValues"]
