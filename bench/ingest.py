@@ -100,7 +100,7 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
 
             batch, names = TypeAdapter(ReportBatch), NameCheck()
 
-            def validate_only(body: bytes) -> tuple[int, IngestResult]:
+            def validate_only(body: bytes, routed_job: str | None = None) -> tuple[int, IngestResult]:
                 if target == "validate":  # the reference point: pydantic validate_json of the batch
                     return 200, IngestResult(accepted=len(batch.validate_json(body).reports))
                 return 200, IngestResult(accepted=len(parse_batch(body, 1_000, names).reports))
