@@ -1,4 +1,4 @@
-"""HealthdCallback at the Trainer's defaults: every step's own loss (from the model's output), never a substituted one."""
+"""HealthdCallback at the Trainer's defaults: each step's own loss (the model output's), never a substituted one."""
 
 from __future__ import annotations
 
