@@ -52,6 +52,7 @@ def attach(
     dataset_size: int | None = None,
     num_classes: int | None = None,
     grad_accumulation_steps: int = 1,
+    fine_tune: bool | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     config: MonitorConfig | None = None,
@@ -67,7 +68,9 @@ def attach(
     ``job`` defaults to $HEALTHD_JOB, ``server`` to $HEALTHD_SERVER (not needed
     when ``transport`` is given), ``token`` to $HEALTHD_TOKEN (sent as a Bearer
     token). ``dataset_size``, ``num_classes`` and ``grad_accumulation_steps`` are
-    sent as hints. ``rank``/``world_size`` override torch.distributed and the
+    sent as hints, and so is ``fine_tune`` (the job starts from pretrained weights; when
+    None, it is inferred: a peft wrapper or a Hugging Face model loaded by name).
+    ``rank``/``world_size`` override torch.distributed and the
     RANK/WORLD_SIZE environment. ``extra_quantities`` are measured in addition
     to the built-in ones. ``strict=True`` lets exceptions inside measurements
     propagate (for tests); by default they disable the failing measurement with
@@ -96,6 +99,7 @@ def attach(
         dataset_size=dataset_size,
         num_classes=num_classes,
         grad_accumulation_steps=grad_accumulation_steps,
+        fine_tune=fine_tune,
         rank=rank,
         world_size=world_size,
         config=config,

@@ -75,6 +75,24 @@ def _check_alert_args(on_alert: Any, stop_on: Any, on_stop: Any) -> tuple[str, .
     return names
 
 
+def looks_pretrained(model: torch.nn.Module) -> bool:
+    """Whether ``model`` shows that it starts from pretrained weights: a peft wrapper (LoRA and
+    friends only ever wrap a pretrained model), or a Hugging Face model loaded by name
+    (``from_pretrained`` sets ``config.name_or_path``; a model built from a config leaves it empty)."""
+    module: Any = model
+    for _ in range(8):  # DDP / torch.compile / peft wrappers, outermost first
+        if type(module).__module__.split(".")[0] == "peft" or hasattr(module, "peft_config"):
+            return True
+        name = getattr(getattr(module, "config", None), "name_or_path", None)
+        if isinstance(name, str) and name:
+            return True
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        module = inner
+    return False
+
+
 def attach(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -85,6 +103,7 @@ def attach(
     dataset_size: int | None = None,
     num_classes: int | None = None,
     grad_accumulation_steps: int = 1,
+    fine_tune: bool | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     config: MonitorConfig | None = None,
@@ -117,7 +136,10 @@ def attach(
             f"job must be 1-128 chars of [A-Za-z0-9_.:/@+-] starting with a letter or digit "
             f"(argument or HEALTHD_JOB), got {job!r}"
         )
-    hints = {
+    if fine_tune is not None and not isinstance(fine_tune, bool):
+        raise ValueError(f"fine_tune must be True, False or None, got {fine_tune!r}")
+    hints: dict[str, int | bool | None] = {
+        "fine_tune": looks_pretrained(model) if fine_tune is None else fine_tune,
         "dataset_size": _optional_count("dataset_size", dataset_size),
         "num_classes": _optional_count("num_classes", num_classes),
         "grad_accumulation_steps": _optional_count("grad_accumulation_steps", grad_accumulation_steps, 1),

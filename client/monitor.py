@@ -91,7 +91,7 @@ class Monitor:
         transport: Transport,
         token: str | None,
         config: MonitorConfig,
-        hints: dict[str, int],
+        hints: dict[str, int | bool],
         quantities: Sequence[Quantity],
         strict: bool,
         on_alert: Callable[[FiringAlert], object] | None = None,
@@ -380,7 +380,7 @@ class Monitor:
     def _base(self, kind: str) -> dict[str, Any]:
         return {"kind": kind, "job": self.job, "rank": self.identity.rank, "time": time.time()}
 
-    def _send_attach_report(self, hints: dict[str, int]) -> None:
+    def _send_attach_report(self, hints: dict[str, int | bool]) -> None:
         identity = self.identity
         report = self._base("attach")
         report.update(

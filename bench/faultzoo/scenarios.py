@@ -583,6 +583,114 @@ def ctrl_accumulation_epochs() -> Setup:
                  130, {"num_classes": 10, "grad_accumulation_steps": 4})
 
 
+# ---------------------------------------------------------------------------- controls with several models
+
+
+def _gan(critic_steps: int) -> Setup:
+    """A GAN on digits, monitored on its discriminator/critic: the generator's loss flows back through it
+    after its step (gradients that are not stale), and its second forward each step is the fake pass."""
+    torch.manual_seed(seed(0))
+    gen = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.Tanh())
+    disc = mlp(out=1)
+    wgan = critic_steps > 1
+    opt_g = (torch.optim.RMSprop(gen.parameters(), lr=5e-5) if wgan
+             else torch.optim.Adam(gen.parameters(), lr=2e-4, betas=(0.5, 0.999)))
+    opt_d = (torch.optim.RMSprop(disc.parameters(), lr=5e-5) if wgan
+             else torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999)))
+    x = digits()[0].clamp(-1, 1)
+    g = torch.Generator().manual_seed(seed(1))
+    steps = 150
+
+    def train(mon: Any) -> None:
+        for _ in range(steps // critic_steps):
+            for _ in range(critic_steps):
+                real = x[torch.randint(0, len(x), (64,), generator=g)]
+                fake = gen(torch.randn(64, 16, generator=g))
+                disc.zero_grad()
+                if wgan:
+                    loss_d = -disc(real).mean() + disc(fake.detach()).mean()  # real first, as in the WGAN paper's code
+                else:
+                    loss_d = (F.binary_cross_entropy_with_logits(disc(real), torch.ones(64, 1))
+                              + F.binary_cross_entropy_with_logits(disc(fake.detach()), torch.zeros(64, 1)))
+                loss_d.backward()
+                opt_d.step()
+                if wgan:
+                    with torch.no_grad():
+                        for p in disc.parameters():
+                            p.clamp_(-0.05, 0.05)
+                mon.step(loss=loss_d.detach(), batch_size=64)
+            gen.zero_grad()
+            fake = gen(torch.randn(64, 16, generator=g))
+            loss_g = (-disc(fake).mean() if wgan
+                      else F.binary_cross_entropy_with_logits(disc(fake), torch.ones(64, 1)))
+            loss_g.backward()  # leaves gradients on the discriminator until its next zero_grad
+            opt_g.step()
+    return Setup(disc, opt_d, train, steps)
+
+
+def ctrl_gan_alternating() -> Setup:
+    return _gan(1)
+
+
+def ctrl_wgan_critic_x5() -> Setup:
+    return _gan(5)
+
+
+def ctrl_distillation_frozen_teacher() -> Setup:
+    torch.manual_seed(seed(0))
+    teacher = mlp(width=128)
+    opt_t = torch.optim.Adam(teacher.parameters(), lr=1e-3)
+    loop(teacher, opt_t, _Silent(), steps=150)
+    teacher.requires_grad_(False).eval()
+    student = mlp(width=32)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    ema = mlp(width=32).requires_grad_(False)
+    ema.load_state_dict(student.state_dict())
+
+    def distill(out: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return out  # the loss is computed in forward below
+
+    def forward(model: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(xb) / 2.0, -1)
+        return F.kl_div(F.log_softmax(model(xb) / 2.0, -1), soft, reduction="batchmean")
+
+    def on_step(i: int) -> None:
+        with torch.no_grad():
+            for pe, ps in zip(ema.parameters(), student.parameters(), strict=True):
+                pe.lerp_(ps, 0.01)
+    return Setup(student, opt, lambda mon: loop(student, opt, mon, steps=150, forward=forward,
+                                                loss_fn=distill, on_step=on_step), 150)
+
+
+def ctrl_fine_tune_pretrained() -> Setup:
+    """Train a small model, save it, reload it into a fresh one and fine-tune it at a lower rate:
+    its first loss is far below chance and it improves slowly."""
+    import io
+
+    torch.manual_seed(seed(0))
+    pre = mlp()
+    loop(pre, torch.optim.Adam(pre.parameters(), lr=1e-3), _Silent(), steps=300)
+    buf = io.BytesIO()
+    torch.save(pre.state_dict(), buf)
+    buf.seek(0)
+    model = mlp()
+    model.load_state_dict(torch.load(buf, weights_only=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return Setup(model, opt, lambda mon: loop(model, opt, mon, steps=200), 200,
+                 {"num_classes": 10, "fine_tune": True})
+
+
+class _Silent:
+    """A monitor stand-in for pre-training before the monitored run starts."""
+
+    def step(self, **kw: Any) -> None:
+        pass
+
+    def eval(self, **kw: Any) -> None:
+        pass
+
+
 SCENARIOS: tuple[Scenario, ...] = (
     # rules of the foundation issue
     Scenario("nan_input", "NonFiniteValues", nan_input, onset=30, fast=True),
@@ -638,4 +746,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("ctrl_strong_weight_decay", None, ctrl_strong_weight_decay),
     Scenario("ctrl_adamw_clip_warmup_cos", None, ctrl_adamw_clip_warmup_cosine),
     Scenario("ctrl_accumulation_epochs", None, ctrl_accumulation_epochs),
+    # healthy controls with several models, optimizers or pretrained weights
+    Scenario("ctrl_gan_alternating", None, ctrl_gan_alternating),
+    Scenario("ctrl_wgan_critic_x5", None, ctrl_wgan_critic_x5),
+    Scenario("ctrl_distillation_teacher", None, ctrl_distillation_frozen_teacher),
+    Scenario("ctrl_fine_tune_pretrained", None, ctrl_fine_tune_pretrained),
 )

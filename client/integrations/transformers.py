@@ -17,14 +17,21 @@ quantities are ``healthd_client``'s). ``on_pre_optimizer_step`` and
 - ``on_pre_optimizer_step``: ``monitor.before_optimizer_step()``: the gradients are
   final and clipped (``max_grad_norm``), the parameters not yet updated. The
   optimizer's step post-hook measures the update.
-- ``on_step_end`` / ``on_log``: ``monitor.step(loss=, batch_size=)``. The Trainer
-  does not hand callbacks the step's loss; it logs the mean loss since the last
-  log every ``logging_steps``. At a logging step the report waits for ``on_log``
-  and carries that loss (exactly the step's loss with ``logging_steps=1``);
-  other steps are reported without a loss. ``batch_size`` is
-  ``per_device_train_batch_size`` (the Trainer does not show callbacks the batch).
-  Note the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN
-  loss in its logs; NaN/Inf gradients are still counted by healthd_client.
+- ``on_step_end``: ``monitor.step(loss=, batch_size=)``. The Trainer does not
+  hand callbacks the step's loss, and logs a mean only every ``logging_steps``
+  (500 by default), so the loss is read where the model returns it: a global
+  forward hook (``ForwardTap``, not a hook on the user's module) takes the
+  ``loss`` of the model's output (a ``ModelOutput``, or a dict) at each training
+  forward, as the device tensor it is (no host sync). Under gradient
+  accumulation the step's loss is the mean of its micro-batches' losses (what
+  the Trainer logs for the step, before its own scaling by the accumulation
+  steps). A model whose output carries no ``loss`` (a ``compute_loss`` of the
+  user's) falls back to the logged loss at logging steps (the report then waits
+  for ``on_log``), but only with ``logging_nan_inf_filter=False``: the filter (on
+  by default) logs the mean of earlier losses in place of a NaN/Inf one, and a
+  substituted value is never reported as the step's loss (no loss is, instead).
+  ``batch_size`` is ``per_device_train_batch_size`` (the Trainer does not show
+  callbacks the batch).
 - ``on_evaluate``: ``monitor.eval`` with ``eval_loss``, ``eval_accuracy`` and the
   other numeric ``eval_*`` metrics.
 - ``on_train_end``: ``monitor.close()``.
@@ -39,11 +46,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import transformers
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import healthd_client
+from healthd_client.layers import unwrap_model
 from healthd_client.monitor import Monitor
+from healthd_client.quantities.forward_tap import ForwardTap
 from healthd_client.quantities.framework_versions import FrameworkVersions
 
 _RESERVED = ("rank", "world_size", "grad_accumulation_steps")
@@ -68,6 +78,11 @@ class HealthdCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self._awaiting_log = False
         self._batch_size: int | None = None
+        self._tap = ForwardTap(post=self._on_forward)
+        self._loss_sum: torch.Tensor | None = None  # this optimizer step's micro-batch losses, on the device
+        self._loss_count = 0
+        self._saw_model_loss = False  # the model's output carries its loss: the logs are never needed
+        self._logged_loss_is_real = False  # logging_nan_inf_filter is off
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, optimizer: Any = None, train_dataloader: Any = None, **kw: Any) -> None:
@@ -90,6 +105,25 @@ class HealthdCallback(TrainerCallback):
         )
         self.monitor.open_steps_externally()
         self.monitor.stop_externally()
+        self._logged_loss_is_real = not bool(getattr(args, "logging_nan_inf_filter", True))
+        self._tap.watch(unwrap_model(model), "root")
+        self._tap.arm()
+
+    def _on_forward(self, name: str, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return  # evaluation and generation
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        self._saw_model_loss = True
+        value = loss.detach().float().reshape(())
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._loss_count += 1
+
+    def _step_loss(self) -> torch.Tensor | None:
+        total, count = self._loss_sum, self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        return None if total is None else total / count
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kw: Any) -> None:
@@ -104,10 +138,11 @@ class HealthdCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.monitor is None:
             return
-        if control.should_log:  # set by DefaultFlowCallback, which runs before user callbacks
-            self._awaiting_log = True
+        loss = self._step_loss()
+        if loss is None and not self._saw_model_loss and self._logged_loss_is_real and control.should_log:
+            self._awaiting_log = True  # should_log is set by DefaultFlowCallback, which runs before user callbacks
         else:
-            self.monitor.step(batch_size=self._batch_size)
+            self.monitor.step(loss=loss, batch_size=self._batch_size)
         if self.monitor.stopped_by is not None:
             control.should_training_stop = True
 
@@ -131,6 +166,7 @@ class HealthdCallback(TrainerCallback):
         self.monitor.eval(loss=values.pop("loss", None), accuracy=values.pop("accuracy", None), **values)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self._tap.disarm()
         if self.monitor is not None:
             self._flush(None)
             self.monitor.close()

@@ -9,6 +9,13 @@ training forward (grad enabled) of every ``sample_every_steps``-th step; all
 elements of the batch together. Integer inputs (token ids) are not measured.
 On the device; no host sync.
 
+Only data counts: an input with a ``grad_fn`` was computed by another
+differentiable model in the same step (a GAN discriminator's fake pass gets the
+generator's tanh output), so that forward is passed over and the tap waits for
+the step's next forward whose input is a leaf (the loader's batch). Known limit:
+an output detached from its producer (``fake.detach()``) is a leaf too; a
+loop that feeds it before the real batch is measured on it.
+
 Writes: ``inputs = {mean, std, abs_max}`` (healthd's InputNotNormalized).
 """
 
@@ -53,7 +60,7 @@ class Inputs(Quantity):
         if self._stats is not None or not torch.is_grad_enabled():
             return
         x = _first_float(args, kwargs or {})
-        if x is not None:
+        if x is not None and x.grad_fn is None:
             with torch.no_grad():
                 x = x.detach().float()
                 self._stats = torch.stack([x.mean(), x.std(), x.abs().max()])

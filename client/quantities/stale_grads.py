@@ -1,17 +1,37 @@
-"""StaleGrads: were gradients already non-zero when the step's backward began? (missing ``zero_grad``)
+"""StaleGrads: do the gradients this optimizer's step reads hold contributions from before its previous step?
 
-A gradient hook on each of the optimizer's parameters (``Tensor.register_hook``
-runs before the new gradient is accumulated into ``.grad``) looks, at the first
-backward after each optimizer step, at the ``.grad`` that is about to be added
-to: ``None`` or all zeros is what ``zero_grad`` leaves; anything else is left
-over from the previous step. Intended gradient accumulation zeroes after the
-optimizer step, so its micro-batches between two steps are never flagged.
+That is what a missing ``zero_grad`` does, and nothing else does: the question is
+asked about THIS optimizer's parameters between two of ITS steps, so gradients
+that another loss leaves on them are not stale. In an alternating GAN the
+generator's loss flows back through the discriminator after the discriminator's
+step, leaving gradients there until the discriminator's next ``zero_grad()``
+(right before its own backward); a WGAN critic, an actor-critic with a shared
+trunk, a frozen teacher or an EMA copy do the same or less. Only a reset between
+the two steps tells a healthy loop from a missing ``zero_grad``.
 
-The check is a host ``is None`` test and, when a gradient is present, one
-``ne(0).any()`` on the device (no host sync). Later hooks in the same backward
-return after a bool test.
+How a reset is seen: a gradient hook on each of the optimizer's parameters
+(``Tensor.register_hook`` runs before the new gradient is accumulated into
+``.grad``) looks at the ``.grad`` about to be added to, at every backward since the
+optimizer's previous step:
 
-Writes: ``grads_stale_at_backward`` for each step whose first backward was seen.
+- ``None`` on a parameter that had a gradient before: ``zero_grad()`` (set to
+  None, the default since torch 2.0) ran in between. A host test, free.
+- all zeros: ``zero_grad(set_to_none=False)`` ran. A parameter whose every
+  gradient is exactly zero (the last bias of a WGAN critic, whose loss is a
+  difference of means) says nothing either way, so a backward counts as seeing a
+  reset when, over the first ``ZERO_CHECKS_PER_BACKWARD`` parameters it reaches,
+  each old gradient is zero or its incoming one is, and some incoming one is not.
+  On the device (no host sync); a backward begins when a parameter's hook fires a
+  second time since the last check.
+
+The step's gradients are stale when no backward since the previous step saw a
+reset. Intended gradient accumulation zeroes after the optimizer step, so its
+first micro-batch sees the reset. Steps with no backward since the previous step
+(and the first step) are not judged. Known blind spot: with
+``set_to_none=False``, two backward passes over disjoint parameter sets look like
+one, and a reset between them is missed.
+
+Writes: ``grads_stale_at_backward`` for each judged step.
 """
 
 from __future__ import annotations
@@ -23,15 +43,23 @@ import torch
 
 from healthd_client.quantities.base import Quantity, QuantityContext
 
+ZERO_CHECKS_PER_BACKWARD = 3
+
 
 class StaleGrads(Quantity):
     name = "stale_grads"
 
     def __init__(self) -> None:
-        super().__init__(every_steps=1)  # arming needs every step's post-hook; the check itself is tiny
+        super().__init__(every_steps=1)  # every step's post-hook opens the interval; the checks are tiny
         self._handles: list[Any] = []
-        self._armed = False  # the next backward is the first since an optimizer step
-        self._flag: torch.Tensor | bool | None = None
+        self._armed = False  # an optimizer step happened: the interval until the next one is watched
+        self._seen_backward = False  # some backward reached this optimizer's parameters in the interval
+        self._reset = False  # host: a reset (grad set to None) was seen in the interval
+        self._zeroed: torch.Tensor | None = None  # device: a reset to zeros was seen in the interval
+        self._all_zero: torch.Tensor | None = None  # device, this backward: each checked old grad was zero
+        self._any_new: torch.Tensor | None = None  # device, this backward: some checked new grad was not
+        self._fired: set[int] = set()  # parameters reached since the last zero check (one backward)
+        self._had_grad: set[int] = set()  # parameters that ever received a gradient
 
     def on_attach(self, ctx: QuantityContext) -> None:
         for p in ctx.plan.params:
@@ -39,21 +67,54 @@ class StaleGrads(Quantity):
                 self._handles.append(p.register_hook(self._hook_for(p)))
 
     def _hook_for(self, p: torch.Tensor) -> Any:
+        key = id(p)
+
         def hook(grad: torch.Tensor) -> None:
-            if not self._armed:
+            had = key in self._had_grad
+            self._had_grad.add(key)
+            if not self._armed or self._reset:
                 return
-            self._armed = False
+            self._seen_backward = True
             old = p.grad
-            self._flag = False if old is None else old.detach().ne(0).any()
+            if old is None:
+                self._reset = had  # a parameter's very first gradient says nothing about a reset
+                return
+            if key in self._fired:  # a new backward
+                self._end_backward()
+            if len(self._fired) < ZERO_CHECKS_PER_BACKWARD:
+                with torch.no_grad():
+                    new = grad.detach().ne(0).any()
+                    ok = old.detach().eq(0).all() | ~new
+                    self._all_zero = ok if self._all_zero is None else self._all_zero & ok
+                    self._any_new = new if self._any_new is None else self._any_new | new
+            self._fired.add(key)
         return hook
 
+    def _end_backward(self) -> None:
+        self._fired.clear()
+        if self._all_zero is not None and self._any_new is not None:
+            with torch.no_grad():
+                zero = self._all_zero & self._any_new
+                self._zeroed = zero if self._zeroed is None else self._zeroed | zero
+        self._all_zero = self._any_new = None
+
     def before_step(self, ctx: QuantityContext) -> None:
-        if ctx.record is not None and self._flag is not None:
-            ctx.record.put(self, "stale", self._flag)
-        self._flag = None
+        self._end_backward()
+        if ctx.record is not None and self._armed and self._seen_backward:
+            if self._reset:
+                ctx.record.put(self, "stale", False)
+            elif self._zeroed is None:
+                ctx.record.put(self, "stale", True)
+            else:
+                ctx.record.put(self, "stale", ~self._zeroed)
+        self._armed = False
 
     def after_step(self, ctx: QuantityContext) -> None:
+        self._end_backward()
         self._armed = True
+        self._seen_backward = False
+        self._reset = False
+        self._zeroed = None
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
         value = values["stale"]

@@ -19,6 +19,9 @@ class InitialLossUnexpectedConfig(RuleConfig):
     warn_factor: float = Field(default=2.0, gt=1, description="initial/chance ratio (or its inverse) that warns")
     info_factor: float = Field(default=1.5, gt=1, description="initial/chance ratio (or its inverse) worth an info")
     report_until_step: int = Field(default=200, ge=1, description="stop reporting (resolve) after this step")
+    fine_tune_min_classes: int = Field(
+        default=100, ge=2, description="classes from which a fine-tune's first loss at chance warns (a fresh "
+        "classification head on a pretrained body starts at chance; a pretrained language model never does)")
 
 
 class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
@@ -39,6 +42,15 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     whose first report is not step 0 is not judged. Thresholds:
     ratio > ``warn_factor`` (2x) or < 1/2 warns; beyond ``info_factor`` (1.5x)
     informs. Reported until ``report_until_step``, then it resolves.
+
+    Fine-tunes (the attach hint ``fine_tune``: ``attach(fine_tune=True)``, a peft
+    wrapper, a Hugging Face model loaded by name) start from trained weights, so
+    a first loss below chance is what success looks like and is not judged.
+    Their fault is the opposite one: a first loss AT chance (within
+    ``info_factor``) over ``fine_tune_min_classes`` (100) or more classes means the
+    pretrained weights did not load (a wrong checkpoint path, mismatched keys
+    dropped by ``strict=False``) and warns. With fewer classes a fresh
+    classification head on a pretrained body legitimately starts at chance.
     """
 
     name: ClassVar[str] = "InitialLossUnexpected"
@@ -47,7 +59,8 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     advice: ClassVar[str] = (
         "Check the output layer's initialisation (small weights, zero or prior-matching bias), that no "
         "activation follows the logits, that the loss is computed on the right tensors, and that labels do "
-        "not leak into the inputs. Expect ln(C) for C balanced classes at step 0."
+        "not leak into the inputs. Expect ln(C) for C balanced classes at step 0. A fine-tune at chance: check that "
+        "the checkpoint loaded (the path, and the missing/unexpected keys load_state_dict returns)."
     )
 
     def _classes(self, window: RankWindow) -> int | None:
@@ -81,6 +94,8 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
         initial = median(losses)
         ratio = initial / chance
         off = max(ratio, 1 / ratio) if ratio > 0 else math.inf
+        if window.meta.fine_tune:
+            return self._fine_tune(window, first, initial, chance, classes, ratio, off)
         if off < cfg.info_factor:
             return None
         return Finding(
@@ -91,6 +106,30 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
             step=s.step,
             rank=window.rank,
             severity=None if off >= cfg.warn_factor else Severity.INFO,
+        )
+
+    def _fine_tune(self, window: RankWindow, first: list[StepRecord], initial: float, chance: float,
+                   classes: int, ratio: float, off: float) -> Finding | None:
+        cfg = self.config
+        s = window.steps[-1]
+        if ratio > 1 and off >= cfg.info_factor:  # far above chance: as broken as in a run from scratch
+            return Finding(
+                summary=(f"Initial loss {fmt(initial)} ({_which(first)}) of this fine-tune is {fmt(ratio)}x "
+                         f"the chance level ln({classes}) = {fmt(chance)} (rank {window.rank})"),
+                evidence={"step": first[0].step, "initial_loss": initial, "chance_loss": chance, "classes": classes,
+                          "ratio": ratio, "fine_tune": True},
+                step=s.step, rank=window.rank,
+                severity=None if off >= cfg.warn_factor else Severity.INFO,
+            )
+        if off >= cfg.info_factor or classes < cfg.fine_tune_min_classes:
+            return None  # below chance: the pretrained weights are doing their job
+        return Finding(
+            summary=(f"Initial loss {fmt(initial)} ({_which(first)}) of this fine-tune is at the chance level "
+                     f"ln({classes}) = {fmt(chance)} ({fmt(ratio)}x): a pretrained model starts well below "
+                     f"chance, so the pretrained weights probably did not load (rank {window.rank})"),
+            evidence={"step": first[0].step, "initial_loss": initial, "chance_loss": chance, "classes": classes,
+                      "ratio": ratio, "fine_tune": True},
+            step=s.step, rank=window.rank,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 from pydantic import Field
@@ -41,7 +42,9 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     |L_t - L_{t-1}| > ``swing_ratio`` (0.5) x median L; the median of the last 5
     losses is not lower than the first 5's by more than one median swing; and
     the loss is still above ``min_level_fraction`` (1/4) of its initial level,
-    since near convergence minibatch noise is large relative to a small loss.
+    since near convergence minibatch noise is large relative to a small loss. A
+    fine-tune (the attach hint ``fine_tune``) starts near convergence, so with
+    ``num_classes`` known its level is judged against chance, ln(C), when that is higher.
     """
 
     name: ClassVar[str] = "LossOscillating"
@@ -65,7 +68,11 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
         if progress > swing:
             return None
         initial = window.initial_values("loss", 5)
-        if initial and level < cfg.min_level_fraction * median(initial):
+        start = median(initial) if initial else 0.0
+        if window.meta.fine_tune and window.meta.num_classes and window.meta.num_classes >= 2:
+            # a fine-tune starts near convergence: the level its noise is judged against is chance's
+            start = max(start, math.log(window.meta.num_classes))
+        if start > 0 and level < cfg.min_level_fraction * start:
             return None
         s = window.steps[-1]
         return Finding(

@@ -27,8 +27,11 @@ class LossPlateauConfig(WindowedConfig):
     diverged_loss_factor: float = Field(
         default=2.0, gt=1, description="a loss this many times its initial level has diverged, not plateaued")
     stuck_fraction: float = Field(
-        default=0.8, gt=0, description="warn only while the loss is above this fraction of its initial level"
+        default=0.95, gt=0, description="warn only while the loss is above this fraction of its initial level"
     )
+    lr_decayed_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="a learning rate below this fraction of the run's peak is the end of "
+        "a decaying schedule: the loss flattens by design (no finding)")
     for_steps: ForSteps = 3
 
 
@@ -46,8 +49,13 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     median of the first ``edge_steps`` (10) losses of the window minus the
     median of the last 10 is below ``noise_multiple`` (1) x the standard error
     of that difference (from the window's median |step-to-step change|); warning
-    while the loss is above ``stuck_fraction`` (0.8) of its initial level, info
-    otherwise.
+    while the loss is above ``stuck_fraction`` (0.95) of its initial level (near
+    it, not a nat below it), info otherwise. Not a plateau: a loss that flattens
+    while the learning rate schedule decays towards zero (the window's last
+    learning rate below ``lr_decayed_fraction`` (0.1) of the run's peak: the end
+    of a cosine or linear schedule), and a fine-tune's slow loss (the attach hint
+    ``fine_tune``: it starts from trained weights, so slow progress near its
+    initial level is its normal course; info at most).
     """
 
     name: ClassVar[str] = "LossPlateau"
@@ -73,11 +81,14 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
         progress = head - tail
         if progress >= cfg.noise_multiple * stderr and progress > 1e-12 * abs(head):
             return None
+        lrs = window.values("lr", len(losses))
+        if lrs and window.lr_peak and lrs[-1] < cfg.lr_decayed_fraction * window.lr_peak:
+            return None  # the schedule is annealing: flattening is what it is for
         initial = window.initial_values("loss", k)
         start = median(initial) if initial else head
         if start > 0 and tail > cfg.diverged_loss_factor * start:
             return None  # flat far above where it started: a blown-up run, LossDiverging's finding
-        stuck = start > 0 and tail >= cfg.stuck_fraction * start
+        stuck = start > 0 and tail >= cfg.stuck_fraction * start and not window.meta.fine_tune
         s = window.steps[-1]
         return Finding(
             summary=(f"Loss has plateaued at {fmt(tail)}: {fmt(progress)} progress over the last {len(losses)} "

@@ -25,12 +25,15 @@ class MissingZeroGrad(Rule[RankWindow, MissingZeroGradConfig]):
     Source: "forgot to .zero_grad() (in pytorch) before .backward()", A.
     Karpathy's list of common neural net mistakes as quoted in J. Tobin,
     "Troubleshooting Deep Neural Networks" (Full Stack Deep Learning, 2019).
-    The client checks,
-    at the first backward after each optimizer step (a gradient hook fires before
-    accumulation), whether a gradient is already present and non-zero; that is
-    exactly the case intended accumulation never produces, since it zeroes after
-    each optimizer step (``grad_accumulation_steps`` micro-batches between
-    optimizer steps are fine by construction and named in the alert).
+    The client judges the gradients THIS optimizer's step reads: they are stale
+    when no backward since its previous step saw a reset (a gradient hook fires
+    before accumulation and sees ``None`` or zeros after ``zero_grad``). Gradients
+    another loss leaves on these parameters are not stale: in an alternating GAN
+    the generator's loss flows through the discriminator after the
+    discriminator's step, and its ``zero_grad`` before its own backward clears
+    them. Intended accumulation zeroes after each optimizer step, so its
+    micro-batches are never flagged (``grad_accumulation_steps`` is named in the
+    alert).
     Threshold: ``window_steps`` (3) consecutive measured steps with stale gradients.
     """
 

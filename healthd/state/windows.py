@@ -54,6 +54,10 @@ class JobMeta:
     def grad_accumulation_steps(self) -> int:
         return self.attach.hints.grad_accumulation_steps if self.attach else 1
 
+    @property
+    def fine_tune(self) -> bool:
+        return self.attach.hints.fine_tune if self.attach else False
+
 
 # Scalar step fields the store also keeps as one series each (``RankWindow.column``): rules read
 # these tails many times per evaluation, and a deque of floats slices far faster than getattr

@@ -277,6 +277,9 @@ class Hints(_Model):
     dataset_size: Count | None = None
     num_classes: Count | None = None
     grad_accumulation_steps: Annotated[int, Field(ge=1)] = 1
+    # The job starts from pretrained weights (attach(fine_tune=True), or the client saw a peft
+    # wrapper or a Hugging Face model loaded by name): its first loss is below chance by design.
+    fine_tune: bool = False
 
 
 class StaticFinding(_Model):

@@ -40,7 +40,8 @@ def test_attach_report(make_monitor, transport):
     (attach,) = transport.of_kind("attach")
     assert attach["job"] == "resnet-run-7"
     assert (attach["rank"], attach["world_size"]) == (1, 4)
-    assert attach["hints"] == {"dataset_size": 50_000, "num_classes": 10, "grad_accumulation_steps": 1}
+    assert attach["hints"] == {"dataset_size": 50_000, "num_classes": 10, "grad_accumulation_steps": 1,
+                               "fine_tune": False}
     assert set(attach["versions"]) == {"torch", "python", "healthd_client"}
     assert attach["hostname"]
 

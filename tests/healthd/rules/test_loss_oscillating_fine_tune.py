@@ -1,0 +1,24 @@
+"""LossOscillating on fine-tunes: minibatch noise around a loss far below chance is convergence, not oscillation."""
+
+from __future__ import annotations
+
+import pytest
+
+from healthd.rules.loss_oscillating import LossOscillating
+from healthd.wire.schema import AttachReport, Hints
+from tests.healthd.factories import steps, window
+
+N = 40
+LOW_NOISY = [0.06 if i % 2 else 0.02 for i in range(N)]  # a pretrained model's loss: swings ~ its level
+HIGH_NOISY = [3.0 if i % 2 else 1.0 for i in range(N)]  # above chance ln(10) = 2.3 half the time
+
+
+@pytest.mark.parametrize(("loss", "fine_tune", "classes", "fires"), [
+    (LOW_NOISY, True, 10, False),  # far below chance: the noise regime of a converged model
+    (LOW_NOISY, False, 10, True),  # from scratch the same series never left its (low) start
+    (LOW_NOISY, True, None, True),  # no chance level to judge against: as before
+    (HIGH_NOISY, True, 10, True),  # a fine-tune thrashing around chance is oscillating
+])
+def test_fine_tune_table(loss: list[float], fine_tune: bool, classes: int | None, fires: bool) -> None:
+    attach = AttachReport(job="j", time=1.0, hints=Hints(num_classes=classes, fine_tune=fine_tune))
+    assert (LossOscillating().evaluate(window(steps(N, loss=loss), attach)) is not None) is fires
