@@ -22,6 +22,7 @@ import pytest
 
 from healthd.server.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
+from tests.integration.waiting import after_ticks
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +87,7 @@ def alerts(hd: Embedded, job: str) -> list[str]:
 
 
 def quiet(hd: Embedded, job: str) -> bool:
-    time.sleep(1.0)  # four engine ticks after the job closed, as test_torchrun_ddp does
+    after_ticks(hd, 4)  # every step evaluated, then the job rules run over the closed job a few times
     return alerts(hd, job) == []
 
 

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 from healthd.exposition import catalog as C
 from healthd.server.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
+from tests.integration.waiting import after_ticks, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -81,25 +82,6 @@ def kill_tree(pid: int) -> None:
 
 def alerts(hd: Embedded, job: str) -> list[dict[str, Any]]:
     return httpx.get(f"{hd.url}/v1/alerts", params={"job": job}).json()["alerts"]  # type: ignore[no-any-return]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def after_ticks(hd: Embedded, ticks: int) -> None:
-    """Wait until no rank's steps wait for their rules and the ticker has then run the job rules over
-    every job ``ticks`` more times: what a test needs before asserting that nothing fired."""
-    wait_for(lambda: len(hd.hd.queue) == 0, 30, "rank evaluations to catch up")
-    # A tick counts one evaluation per job (Engine.on_tick_rule); with the queue empty and the
-    # training processes gone, nothing else evaluates.
-    target = hd.hd.engine.evaluation_count + ticks * len(hd.hd.store.jobs)
-    wait_for(lambda: hd.hd.engine.evaluation_count >= target, 30, f"{ticks} engine ticks")
 
 
 def test_healthy_job(healthd: Embedded, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 
 import pytest
 
@@ -112,12 +111,23 @@ def test_rank_desync_groups_as_first_fit(rtol: float, atol: float) -> None:
         assert _group(values, rtol, atol) == _group_direct(values, rtol, atol), values
 
 
-def test_rank_desync_when_every_rank_differs_is_fast() -> None:
-    # A non-broadcast initialisation: 4,096 distinct fingerprints (pairwise comparison took seconds).
+def test_rank_desync_when_every_rank_differs_compares_each_rank_a_few_times(monkeypatch) -> None:
+    # A non-broadcast initialisation: 4,096 distinct fingerprints. Comparing each with every group
+    # would be ~8.4 million comparisons (seconds); counted, not timed: the machine is shared.
+    import healthd.rules.rank_desync as module
+
+    calls = 0
+    close = module._close
+
+    def counting(*args):
+        nonlocal calls
+        calls += 1
+        return close(*args)
+
+    monkeypatch.setattr(module, "_close", counting)
     values = {r: 1.0 + r * 1e-3 for r in range(4096)}
-    t0 = time.perf_counter()
     groups = _group(values, 1e-6, 0.0)
-    assert len(groups) == 4096 and time.perf_counter() - t0 < 1.0
+    assert len(groups) == 4096 and calls <= 3 * len(values)
 
 
 def test_rank_desync_reads_fingerprints_from_the_whole_window() -> None:
