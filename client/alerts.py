@@ -10,6 +10,8 @@ Imports neither torch nor the server: ``import healthd_client`` stays light.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,3 +88,51 @@ def _alert(item: Any) -> FiringAlert | None:
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class AlertActions:
+    """What a job does with the alerts healthd answers with, on the training thread: ``on_alert`` for each
+    newly firing alert, and for the first one named in ``stop_on``: ``on_stop``, then ``TrainingStopped``
+    (unless an integration stops its loop itself: ``raise_on_stop`` False, it reads ``stopped_by``)."""
+
+    def __init__(self, on_alert: Callable[[FiringAlert], object] | None, stop_on: Collection[str],
+                 on_stop: Callable[[FiringAlert], object] | None, *, strict: bool,
+                 warn: Callable[[str], None]) -> None:
+        self.on_alert = on_alert
+        self.stop_on = frozenset(stop_on)
+        self.on_stop = on_stop
+        self.strict = strict
+        self.warn = warn
+        self.listening = on_alert is not None or bool(self.stop_on)  # the monitor sends a NaN step at once
+        self.raise_on_stop = True
+        self.stopped_by: FiringAlert | None = None
+        self._version = 0  # the sender's alerts_version last looked at
+        self._told: set[str] = set()  # ids of the alerts already delivered
+
+    def deliver(self, alerts: tuple[FiringAlert, ...], version: int) -> None:
+        """Act on ``alerts`` (the sender's latest, ``version``) once each: one int comparison when unchanged."""
+        if version == self._version:
+            return
+        self._version = version
+        new = [a for a in alerts if a.id not in self._told]
+        self._told.update(a.id for a in new)
+        if self.on_alert is not None:
+            for alert in new:
+                self._call("on_alert", self.on_alert, alert)
+        stop = next((a for a in new if a.rule in self.stop_on), None) if self.stopped_by is None else None
+        if stop is None:
+            return
+        self.stopped_by = stop
+        logging.getLogger("healthd_client").warning("healthd: stopping training on %s", stop)
+        if self.on_stop is not None:
+            self._call("on_stop", self.on_stop, stop)
+        if self.raise_on_stop:
+            raise TrainingStopped(stop)
+
+    def _call(self, name: str, callback: Callable[[FiringAlert], object], alert: FiringAlert) -> None:
+        try:
+            callback(alert)
+        except Exception as exc:  # a failing callback must not take the run down (nor prevent a stop)
+            if self.strict:
+                raise
+            self.warn(f"healthd: the {name} callback failed on {alert.rule}: {exc!r}")

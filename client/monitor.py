@@ -16,6 +16,11 @@ go on) with one warning. Neither reaches the training loop unless
 Attaching twice to the same optimizer returns the monitor already attached (with
 a warning) rather than replacing it: two monitors would double the hooks, and
 replacing would silently drop the first one's unsent records.
+
+Why this module is over 400 lines: a step record's life cycle (opened by the pre-hook, filled by
+quantities and ``step()``, packed, read back later, turned into a report) is one state machine over
+the Monitor's fields; the parts that stand alone already live elsewhere (alerts' actions in
+``alerts``, arguments in ``attachment``, packing, sending).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any
 
 import torch
 
-from healthd_client.alerts import FiringAlert, TrainingStopped
+from healthd_client.alerts import AlertActions, FiringAlert
 from healthd_client.config import MonitorConfig
 from healthd_client.identity import Identity, git_commit, label_safe
 from healthd_client.layers import build_layer_plan
@@ -115,14 +120,7 @@ class Monitor:
         self._disabled_why: dict[int, str] = {}  # id(quantity) -> reason, sent in every heartbeat
         self._bad_batch_size_warned = False
         self._opened_externally = False  # before_optimizer_step() replaced the optimizer's step pre-hook
-        self._on_alert = on_alert
-        self._stop_on = frozenset(stop_on)
-        self._on_stop = on_stop
-        self._listening = on_alert is not None or bool(self._stop_on)  # send a NaN step at once
-        self._alerts_version = 0  # the sender's alerts_version last looked at
-        self._told: set[str] = set()  # ids of the alerts already delivered
-        self._raise_on_stop = True  # False: an integration stops its loop itself (stop_externally)
-        self.stopped_by: FiringAlert | None = None
+        self._actions = AlertActions(on_alert, stop_on, on_stop, strict=strict, warn=warn_user)
         plan = build_layer_plan(model, optimizer, config.max_layers)
         self.sender = Sender(transport, config, token=token, heartbeat=self._heartbeat)
         self._ctx = QuantityContext(
@@ -166,7 +164,12 @@ class Monitor:
     def stop_externally(self) -> None:
         """Do not raise ``TrainingStopped``: the caller reads ``stopped_by`` after ``step()`` and stops
         its loop itself (Lightning's ``trainer.should_stop``, transformers' ``control.should_training_stop``)."""
-        self._raise_on_stop = False
+        self._actions.raise_on_stop = False
+
+    @property
+    def stopped_by(self) -> FiringAlert | None:
+        """The ``stop_on`` alert that stopped training, once one has."""
+        return self._actions.stopped_by
 
     def step(self, loss: Any = None, batch_size: int | None = None) -> None:
         """Complete the current optimizer step's record with the loss and batch size.
@@ -340,7 +343,7 @@ class Monitor:
         while self._pending and self._pending[0].ready():
             report = self._step_report(self._pending.popleft())
             self.sender.enqueue(report)
-            if self._listening and _non_finite(report):
+            if self._actions.listening and _non_finite(report):
                 self.sender.flush_soon()  # its alert comes back with the answer: do not wait the interval
 
     def _drain_pending(self, deadline: float) -> None:
@@ -422,32 +425,8 @@ class Monitor:
 
     def _deliver_alerts(self) -> None:
         """Act on alerts the sender thread read from healthd's answers since the last call."""
-        sender = self.sender
-        if sender.alerts_version == self._alerts_version or self._forked:
-            return  # the common case: one int comparison per step
-        self._alerts_version = sender.alerts_version
-        new = [a for a in sender.alerts if a.id not in self._told]
-        self._told.update(a.id for a in new)
-        if self._on_alert is not None:
-            for alert in new:
-                self._call_user("on_alert", self._on_alert, alert)
-        stop = next((a for a in new if a.rule in self._stop_on), None) if self.stopped_by is None else None
-        if stop is None:
-            return
-        self.stopped_by = stop
-        logger.warning("healthd: stopping training on %s", stop)
-        if self._on_stop is not None:
-            self._call_user("on_stop", self._on_stop, stop)
-        if self._raise_on_stop:
-            raise TrainingStopped(stop)
-
-    def _call_user(self, name: str, callback: Callable[[FiringAlert], object], alert: FiringAlert) -> None:
-        try:
-            callback(alert)
-        except Exception as exc:  # a failing callback must not take the run down (nor prevent a stop)
-            if self._strict:
-                raise
-            warn_user(f"healthd: the {name} callback failed on {alert.rule}: {exc!r}")
+        if not self._forked:
+            self._actions.deliver(self.sender.alerts, self.sender.alerts_version)
 
     # ------------------------------------------------------------------ failures
 
