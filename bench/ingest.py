@@ -121,7 +121,7 @@ def _serve(target: str, port: int, ready: mp.Event, share: float,  # type: ignor
         from healthd.server.serving import Listen, serve
 
         uvloop.run(serve(app, Listen(host="127.0.0.1", port=port, log_level="warning"), asyncio.Event(),
-                         started=ready.set))  # type: ignore[attr-defined]
+                         started=ready.set))
         return
     # uvicorn with its own httptools protocol and uvloop: a plain ASGI server, no custom protocol.
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
