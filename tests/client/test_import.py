@@ -20,3 +20,14 @@ def test_transport_imports_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == ""
+
+
+def test_the_public_attach_has_the_signature_of_the_one_it_forwards_to() -> None:
+    # healthd_client.attach is written out so that importing the package does not import torch;
+    # healthd_client.attachment.attach does the work. The two signatures are one contract.
+    import inspect
+
+    import healthd_client
+    from healthd_client import attachment
+
+    assert inspect.signature(healthd_client.attach) == inspect.signature(attachment.attach)
