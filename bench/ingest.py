@@ -294,8 +294,12 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
                                                         args.ranks, args.prefill_steps), daemon=True)
     proc.start()
     try:
-        if not ready.wait(600):
-            raise RuntimeError(f"{target} server did not start")
+        deadline = time.monotonic() + 600
+        while not ready.wait(0.2):  # a server that dies at start (a missing module) fails here, not in 600 s
+            if not proc.is_alive():
+                raise RuntimeError(f"{target} server exited with code {proc.exitcode} before it started")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target} server did not start in 600 s")
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)) or {0})
         _load(port, args, args.warmup_seconds, args.prefill_steps)  # warm the server up (windows were filled at start)
         if args.soak_seconds:
