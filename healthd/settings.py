@@ -57,13 +57,16 @@ class ExporterSettings(_Section):
 class EngineSettings(_Section):
     tick_seconds: float = Field(default=1.0, gt=0, description="period of job-scoped (time-based) rules")
     max_steps_per_evaluation: int = Field(
-        default=5, ge=1, description="while the budget allows, a rank's rules run every this many of the steps a "
-        "request brings, and at its end (a request may carry a rank's whole queue): a condition that comes and "
-        "goes inside one request is still seen")
+        default=5, ge=1, description="a rank's rules judge checkpoints: its first step, the step that enters each "
+        "new block of this many step numbers, every NaN/Inf step and the one before it, and its last step when it "
+        "closes; each on the window as of that step, however the steps were split into requests and whenever the "
+        "budget lets the rules run (healthd.engine.scheduler), so a rank's alerts depend on its series alone")
     rank_rules_cpu_share: float = Field(
         default=0.25, gt=0, le=1, description="fraction of one core rank-scoped rules may use under load "
-        "(healthd.engine.scheduler): a rank whose evaluation does not fit waits, and its next evaluation covers every "
-        "step it reported meanwhile; 1 evaluates every request's ranks before answering it, whatever the cost")
+        "(healthd.engine.scheduler): a rank whose checkpoints do not fit waits, and they are judged later on their own "
+        "windows (the alerts come later, not different); a rank that falls more than half of store.detail_steps "
+        "behind sheds its oldest checkpoints (healthd_rank_checkpoints_shed_total), so the share stays a cap; 1 judges "
+        "every request's checkpoints before answering it, whatever the cost")
     rank_rules_burst_seconds: float = Field(
         default=0.5, gt=0, description="CPU seconds rank-scoped rules may spend at once before the share applies "
         "(a burst after a quiet period is evaluated at once)")

@@ -10,11 +10,11 @@ Job-scoped rules count engine ticks instead of steps. When an alert fires,
 ``incident``); a cause stays firing while a consequence it caused fires.
 
 Listeners (Alertmanager push, persistence) hear every pending->firing and
-firing->resolved transition. Rank-scoped rules run when their rank has
-reported steps (``Healthd`` calls ``on_step`` when ``healthd.engine.scheduler``'s
-budget allows, every ``engine.max_steps_per_evaluation`` steps of a request
-and at its end; at once for a step with a NaN/Inf); job-scoped rules run on
-``tick``.
+firing->resolved transition. Rank-scoped rules judge checkpoints
+(``healthd.engine.scheduler``: steps chosen by their step numbers, each judged
+on the window as of it, however late), so a rank's alerts are a function of its
+series alone, up to the scheduler's stated limit (shed checkpoints under
+sustained overload); job-scoped rules run on ``tick`` and count ticks.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class Alert:
     hits: int = 0
     misses: int = 0
     caused_by: str | None = None  # the rule of the firing alert that likely caused this one (incidents)
+    # The checkpoint steps (healthd.engine.scheduler) a rank alert fired and resolved at: a function of
+    # the series alone, unlike the wall times above.
+    fired_step: int | None = None
+    resolved_step: int | None = None
     incident: str | None = None  # id of the incident's root alert; set when it fires
 
 
@@ -131,6 +135,7 @@ class Engine:
         t0 = time.perf_counter()
         now = self.clock()
         weight = max(1, window.new_steps)
+        at_step = window.latest.step if window.latest is not None else None
         book = self._jobs.get(window.job)
         new = window.new if self._gated_fields else []
         arrived = {f for f in self._gated_fields for s in new if getattr(s, f) not in _ABSENT}
@@ -143,7 +148,7 @@ class Engine:
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
             self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key],
-                         weight=weight)
+                         weight=weight, at_step=at_step)
             book = self._jobs.get(window.job)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
@@ -191,7 +196,7 @@ class Engine:
             return None
 
     def _update(self, job: str, rule: Rule[Any, Any], findings: list[tuple[int | None, Finding]], now: float,
-                scope_keys: list[tuple[str, int | None]], weight: int = 1) -> None:
+                scope_keys: list[tuple[str, int | None]], weight: int = 1, at_step: int | None = None) -> None:
         book = self._jobs.setdefault(job, _JobAlerts())
         cfg = rule.config
         seen: set[tuple[str, int | None]] = set()
@@ -224,6 +229,7 @@ class Engine:
             if alert.state is AlertState.PENDING and alert.hits >= cfg.for_steps:
                 alert.state = AlertState.FIRING
                 alert.fired_at = now
+                alert.fired_step = at_step
                 self.incidents.on_firing(alert, book.active.values())
                 self._notify(alert, AlertState.PENDING)
         for key in scope_keys:
@@ -240,6 +246,7 @@ class Engine:
                     alert, book.active.values()):  # a cause waits for the symptoms it caused
                 alert.state = AlertState.RESOLVED
                 alert.resolved_at = alert.updated_at = now
+                alert.resolved_step = at_step
                 del book.active[key]
                 book.history.append(alert)
                 while len(book.history) > self.history_per_job:

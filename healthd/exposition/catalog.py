@@ -204,6 +204,11 @@ RANK_EVALUATIONS_PENDING = Metric(SELF_PREFIX + "rank_evaluations_pending", Metr
 RANK_EVALUATION_DELAY_SECONDS = Metric(SELF_PREFIX + "rank_evaluation_delay_seconds", MetricType.GAUGE,
                                        "How long the oldest step waiting for rank-scoped rules has waited; "
                                        "0 when none waits.", (), "seconds")
+RANK_CHECKPOINTS_SHED_TOTAL = Metric(SELF_PREFIX + "rank_checkpoints_shed_total", MetricType.COUNTER,
+                                     "Checkpoints of rank-scoped rules dropped unjudged because their rank fell "
+                                     "further behind than their windows can be rebuilt (sustained overload past "
+                                     "engine.rank_rules_cpu_share): while it grows, alerts may differ from an "
+                                     "unloaded server's.", ())
 ALERT_TRANSITIONS_TOTAL = Metric(SELF_PREFIX + "alert_transitions_total", MetricType.COUNTER,
                                  "Alert state transitions, by new state.", ("state",))
 CARDINALITY_REJECTIONS_TOTAL = Metric(SELF_PREFIX + "cardinality_rejections_total", MetricType.COUNTER,

@@ -196,6 +196,9 @@ class HealthCollector(Collector):
         delay = _gauge(C.RANK_EVALUATION_DELAY_SECONDS)
         delay.add_metric([], 0.0 if since is None else max(0.0, self.clock() - since))
         yield delay
+        shed = _counter(C.RANK_CHECKPOINTS_SHED_TOTAL)
+        shed.add_metric([], self.queue.shed_total)
+        yield shed
 
 
 # ----------------------------------------------------------------- encoding

@@ -30,7 +30,7 @@ from healthd.settings import Settings
 from healthd.state.store import Store
 from healthd.wire.parse import parse_batch
 from healthd.wire.records import CLEAN, NameCheck, StepRecord
-from healthd.wire.schema import JOB_HEADER, FieldError, IngestResult, Rejection
+from healthd.wire.schema import JOB_HEADER, FieldError, HeartbeatReport, IngestResult, Rejection
 
 
 def _job_mismatch(reports: Sequence[Any], indices: list[int] | None, job: str) -> Rejection | None:
@@ -83,20 +83,16 @@ class Healthd:
         limits = self.settings.limits
         capped: list[Rejection] = []
         accepted = 0
-        every = self.settings.engine.max_steps_per_evaluation
-        queue = self.queue
         # Step reports are applied in runs of one rank's consecutive steps (a request carries a rank's
-        # queue). A run ends where the rank is due for evaluation: while the budget allows, every `every`
-        # of its steps (a condition that came and went inside the request is still seen while it held),
-        # and at once after a NaN/Inf, always. Ranks left waiting are evaluated at the end (evaluate_due).
+        # queue). After a run, its checkpoints (healthd.engine.scheduler: chosen by step numbers alone)
+        # are queued and judged, each on the window as of it, at once when the budget allows (always
+        # after a NaN/Inf); ranks left waiting are judged later (evaluate_due), on the same windows.
         # A report joins the run only when the caps would judge it the same with the run applied: same
         # job and rank, and no layer name the job does not know yet. Such a report is admitted as it is
         # (as the run's first was); any other ends the run, which is applied before it is admitted.
         run: list[StepRecord] = []
         key: tuple[str, int] = ("", -1)
         known: set[str] | frozenset[str] = _NO_NAMES
-        waiting = 0
-        budget: bool | None = None  # queue.has_budget(), asked once until an evaluation spends some
         for pos, report in enumerate(parsed.reports):
             if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
                     and report.layers.keys() <= known and report.activations.keys() <= known):
@@ -116,17 +112,14 @@ class Healthd:
                     accepted += 1
                     self.store.apply(report, now)
                     Counters.inc(self.counters.received, report.kind)
+                    if isinstance(report, HeartbeatReport) and report.closing:  # its last steps: judged now
+                        self._finish((report.job, report.rank), now)
                     continue
                 key = (report.job, report.rank)
-                waiting = queue.waiting(key)
                 job = self.store.jobs.get(report.job)
                 known = job.layer_names if job is not None else _NO_NAMES
             accepted += 1
             run.append(report)
-            if _urgent(report) or waiting + len(run) >= every and (
-                    budget if budget is not None else (budget := queue.has_budget())):
-                self._apply_run(run, key, now, evaluate=True)
-                run, waiting, budget = [], 0, None
         if run:
             self._apply_run(run, key, now)
         self.evaluate_due()
@@ -147,22 +140,42 @@ class Healthd:
             result = self._all_accepted[accepted] = IngestResult(accepted=accepted)
         return 200, result
 
-    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, evaluate: bool = False) -> None:
-        """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
+    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float) -> None:
+        """Apply one rank's consecutive steps, queue their checkpoints, and judge them now if a NaN/Inf
+        is among them or the budget allows."""
         Counters.inc(self.counters.received, "step", len(run))
-        for rank, n in self.store.apply_steps(run, now):  # a sharded job's steps wait for their group
-            self.queue.add((key[0], rank), now, n)
-        if evaluate:
+        job = self.store.jobs.get(key[0])
+        every = self.settings.engine.max_steps_per_evaluation
+        lag = self.store.settings.detail_steps // 2  # a waiting checkpoint's window can be rebuilt this far back
+        for rank, applied in self.store.apply_steps(run, now):  # a sharded job's steps wait for their group
+            job = job or self.store.jobs[key[0]]
+            total = job.ranks[rank].steps_total
+            rank_key = (key[0], rank)
+            urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every)
+            self.queue.shed(rank_key, total - lag)
+            if urgent or self.queue.has_budget():
+                self.evaluate_rank(rank_key)
+
+    def _finish(self, key: tuple[str, int], now: float) -> None:
+        """Judge a rank up to its last step (its monitor closed, or its job is about to expire)."""
+        job = self.store.jobs.get(key[0])
+        st = job.ranks.get(key[1]) if job is not None else None
+        if st is not None:
+            self.queue.finish(key, now, st.steps_total)
             self.evaluate_rank(key)
 
     def evaluate_rank(self, key: tuple[str, int]) -> None:
-        """Run the rank-scoped rules on one queued rank over its waiting steps, charging the budget."""
-        n = self.queue.take(key)
+        """Judge one rank's waiting checkpoints, oldest first, each on the window as of it, charging the
+        budget (healthd.engine.scheduler)."""
+        checkpoints = self.queue.take(key)
         job = self.store.jobs.get(key[0])
-        if not n or job is None or key[1] not in job.ranks:
+        if not checkpoints or job is None or key[1] not in job.ranks:
             return
         t0 = time.perf_counter()
-        self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=n))
+        total = job.ranks[key[1]].steps_total
+        for at, new_steps in checkpoints:
+            self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=new_steps,
+                                                       as_of=at if at < total else None))
         self.queue.charge(time.perf_counter() - t0)
 
     def evaluate_due(self) -> None:
@@ -205,6 +218,8 @@ class Healthd:
         # A job about to expire is judged once more over every report it sent, its closed ranks included
         # (a job whose ranks all closed is judged so on every tick: its windows are final), then forgotten.
         for name in self.store.expiring(self.clock()):
+            for rank in list(self.store.jobs[name].ranks):
+                self._finish((name, rank), self.clock())
             self.settle(name)
             if rules:
                 yield from self._judge(name, rules, per_slice, final=True)

@@ -91,7 +91,8 @@ def read_routes(hd: Healthd) -> list[Route]:
         return _json(200, {"status": "ok", "jobs": len(hd.store.jobs),
                            "rank_evaluations_pending": len(hd.queue),
                            "rank_evaluation_delay_seconds": 0.0 if since is None else max(0.0, hd.clock() - since),
-                           "rule_evaluations_total": hd.engine.evaluation_count})
+                           "rule_evaluations_total": hd.engine.evaluation_count,
+                           "rank_checkpoints_shed_total": hd.queue.shed_total})
 
     openapi = json.dumps(openapi_document()).encode()
 

@@ -10,9 +10,10 @@ window extremes the exporter reads. What does not: rules, alert state.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,7 @@ class RankState:
     steps: deque[StepRecord]
     initial_steps: list[StepRecord] = field(default_factory=list)
     evals: deque[EvalReport] = field(default_factory=deque)
+    eval_totals: deque[int] = field(default_factory=deque)  # steps_total when each of ``evals`` arrived
     gpu: deque[GpuReport] = field(default_factory=deque)
     attach: AttachReport | None = None
     last_step: StepRecord | None = None
@@ -164,6 +166,7 @@ class Store:
                 rank=rank,
                 steps=deque(maxlen=s.detail_steps),
                 evals=deque(maxlen=s.evals_kept),
+                eval_totals=deque(maxlen=s.evals_kept),
                 gpu=deque(maxlen=s.gpu_samples_kept),
                 extremes=extremes,
                 signal_sums=dict.fromkeys(WINDOWED, 0.0),
@@ -188,6 +191,7 @@ class Store:
         st.last_seen = now
         if isinstance(report, EvalReport):
             st.evals.append(report)
+            st.eval_totals.append(st.steps_total)
         elif isinstance(report, HeartbeatReport):
             # A retried request can land after a newer one: never let an older
             # heartbeat (and its smaller drop count) replace a newer one.
@@ -204,29 +208,29 @@ class Store:
             for xid in report.xid_events:
                 st.gpu_xid_totals[xid] = st.gpu_xid_totals.get(xid, 0) + 1
 
-    def apply_steps(self, steps: Sequence[StepRecord], now: float) -> list[tuple[int, int]]:
+    def apply_steps(self, steps: Sequence[StepRecord], now: float) -> list[tuple[int, Sequence[StepRecord]]]:
         """Fold consecutive step reports of one rank (same job and rank, in order) into its state, as
         ``apply`` of each would. A request carries one rank's queue, so the rank's state is looked up
         once per request and each column is extended once (per-step work is what ingest scales with).
 
-        Returns (rank, steps applied) per rank that advanced: the request's rank, or, for a sharded
-        model (``StepRecord.shard``), the ranks whose steps the request completed (healthd.state.shards:
-        a step is applied once every rank of its shard group has reported it)."""
+        Returns (rank, the steps applied, in order) per rank that advanced: the request's rank, or, for
+        a sharded model (``StepRecord.shard``), the ranks whose steps the request completed
+        (healthd.state.shards: a step is applied once every rank of its shard group has reported it)."""
         first = steps[0]
         job = self._job(first.job, now)
         combiner = job.shards
         if combiner is None and first.shard is not None:
             combiner = job.shards = ShardCombiner(max_pending_steps=self.settings.detail_steps)
         if combiner is not None and combiner.sharded(first):
-            applied: dict[int, int] = {}
+            applied: dict[int, list[StepRecord]] = {}
             for s in steps:
                 for done in combiner.add(s):
                     self._apply_rank_steps(job, [done], now)
-                    applied[done.rank] = applied.get(done.rank, 0) + 1
+                    applied.setdefault(done.rank, []).append(done)
             self._rank(job, first.rank).last_seen = now
             return list(applied.items())
         self._apply_rank_steps(job, steps, now)
-        return [(first.rank, len(steps))]
+        return [(first.rank, steps)]
 
     def _apply_rank_steps(self, job: JobState, steps: Sequence[StepRecord], now: float) -> None:
         first = steps[0]
@@ -318,22 +322,40 @@ class Store:
         return gone
 
     # ------------------------------------------------------------- reads
-    def rank_window(self, job_name: str, rank: int, new_steps: int = 1) -> RankWindow:
+    def rank_window(self, job_name: str, rank: int, new_steps: int = 1, as_of: int | None = None) -> RankWindow:
+        """A rank's window. ``as_of``: the window as it was when the rank's ``as_of``-th step (its
+        ``steps_total`` then) had just arrived: later steps are left out of ``steps``, ``columns`` and
+        ``initial_steps``, and evaluation reports that came after that step out of ``evals`` (the engine
+        judges each checkpoint on it, however late its rank's rules run). Other fields (``gpu``,
+        ``lr_peak``, ``noise_scale``, ``meta``) are as of now. As far back as the store still holds: a
+        window cannot be older than its kept whole steps (``detail_steps``), which is why a checkpoint
+        waits only while it is within half of them (``healthd.engine.scheduler``: later ones are shed)."""
         job = self.jobs[job_name]
         st = job.ranks[rank]
+        steps: Sequence[StepRecord] = st.steps
+        columns: Mapping[str, Sequence[float | None]] = st.columns
+        initial = st.initial_steps
+        evals: Sequence[EvalReport] = st.evals
+        later = 0 if as_of is None else min(st.steps_total - as_of, len(st.steps) - 1, len(st.column_lists[0]) - 1)
+        if as_of is not None and st.eval_totals and st.eval_totals[-1] >= as_of:  # came after the checkpoint step
+            evals = [e for e, total in zip(st.evals, st.eval_totals, strict=True) if total < as_of]
+        if later > 0:
+            steps = list(itertools.islice(st.steps, 0, len(st.steps) - later))
+            columns = {k: v[:len(v) - later] for k, v in st.columns.items()}
+            initial = initial[:st.steps_total - later]
         return RankWindow(
             job=job_name,
             rank=rank,
             meta=job.meta,
-            steps=st.steps,
-            evals=st.evals,
-            initial_steps=st.initial_steps,
+            steps=steps,
+            evals=evals,
+            initial_steps=initial,
             gpu=st.gpu,
             lr_peak=st.lr_peak,
             global_batch_size=job.global_batch_size,
             noise_scale=job.noise.noise_scale,
             new_steps=new_steps,
-            columns=st.columns,
+            columns=columns,
         )
 
     def expiring(self, now: float) -> list[str]:

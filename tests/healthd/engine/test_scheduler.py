@@ -1,4 +1,5 @@
-"""healthd.engine.scheduler: rank rules within a CPU budget; no step unseen, NaN at once, the wait exported."""
+"""healthd.engine.scheduler: checkpoints chosen by step numbers, judged within a CPU budget on the window as of
+each; no step unseen, NaN at once, shedding past the lag counted, the wait exported."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import math
 from typing import ClassVar
 
+from prometheus_client import generate_latest
 from starlette.testclient import TestClient
 
 from healthd.engine.scheduler import EvaluationQueue
@@ -46,17 +48,59 @@ def test_share_one_is_no_budget() -> None:
     assert q.has_budget()
 
 
-def test_queue_is_oldest_first_and_counts_steps_per_rank() -> None:
+def _steps(*numbers: int, nan: int | None = None) -> list[tuple[int, bool]]:
+    return [(n, n == nan) for n in numbers]
+
+
+def test_checkpoints_are_the_first_step_each_new_block_and_a_nonfinite_step_with_the_one_before() -> None:
     q = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    assert q.add(("j", 1), 10.0) == 1
-    assert q.add(("j", 0), 11.0) == 1
-    assert q.add(("j", 1), 12.0) == 2  # keeps its place and its oldest arrival
-    assert q.add(("k", 0), 13.0) == 1
+    assert not q.observe(("j", 0), 1.0, 12, _steps(*range(12)), every=5)
+    assert [t for t, _ in q.take(("j", 0))] == [1, 6, 11]  # steps 0, 5, 10 (steps_total 1, 6, 11)
+    assert q.observe(("j", 0), 2.0, 15, _steps(12, 13, 14, nan=13), every=5)
+    assert q.take(("j", 0)) == [(13, 2), (14, 1)]  # step 12 (before the NaN) and 13; steps since the last
+    assert not q.observe(("j", 0), 3.0, 16, _steps(15), every=5)
+    assert q.take(("j", 0)) == [(16, 2)]
+
+
+def test_checkpoints_do_not_depend_on_how_steps_are_split() -> None:
+    whole = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    whole.observe(("j", 0), 1.0, 23, _steps(*range(0, 46, 2), nan=30), every=5)
+    split = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    for i in range(23):
+        split.observe(("j", 0), 1.0, i + 1, _steps(2 * i, nan=30), every=5)
+    assert whole.take(("j", 0)) == split.take(("j", 0))
+
+
+def test_queue_is_oldest_first_and_a_checkpoint_is_queued_once() -> None:
+    q = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    q.observe(("j", 1), 10.0, 1, _steps(0), every=5)
+    q.observe(("j", 0), 11.0, 1, _steps(0), every=5)
+    q.observe(("j", 1), 12.0, 6, _steps(1, 2, 3, 4, 5), every=5)
+    q.finish(("j", 1), 12.5, 6)  # already a checkpoint
+    q.observe(("k", 0), 13.0, 1, _steps(0), every=5)
+    assert q.waiting(("j", 1)) == 2  # keeps its place and its oldest arrival
     assert q.keys() == [("j", 1), ("j", 0), ("k", 0)] and q.keys("k") == [("k", 0)]
     assert q.oldest() == ("j", 1) and q.oldest_since() == 10.0
-    assert q.take(("j", 1)) == 2 and q.take(("j", 1)) == 0
+    assert q.take(("j", 1)) == [(1, 1), (6, 5)] and q.take(("j", 1)) == []
     q.drop_job("j")
     assert q.keys() == [("k", 0)] and len(q) == 1
+
+
+def test_a_rank_too_far_behind_sheds_its_oldest_checkpoints_and_counts_them() -> None:
+    q = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    q.observe(("j", 0), 1.0, 40, _steps(*range(40)), every=5)  # checkpoints at totals 1, 6, ..., 36
+    assert q.shed(("j", 0), before=30) == 6 and q.shed_total == 6
+    assert q.take(("j", 0)) == [(31, 31), (36, 5)]  # the first judged one covers the shed steps
+    q.observe(("j", 0), 2.0, 41, _steps(40), every=5)
+    assert q.shed(("j", 0), before=100) == 1 and len(q) == 0 and q.shed_total == 7
+
+
+def test_a_rank_whose_state_was_reset_starts_over() -> None:
+    q = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    q.observe(("j", 0), 1.0, 10, _steps(*range(10)), every=5)
+    q.take(("j", 0))
+    q.observe(("j", 0), 2.0, 3, _steps(0, 1, 2), every=5)  # the store forgot the rank: totals restart
+    assert q.take(("j", 0)) == [(1, 1)]
 
 
 class Seen(Rule[RankWindow, RuleConfig]):
@@ -91,7 +135,7 @@ def _healthd() -> Healthd:
                  rules=[Seen])
 
 
-def test_without_budget_ranks_wait_and_their_next_evaluation_covers_every_step() -> None:
+def test_without_budget_ranks_wait_and_their_checkpoints_cover_every_step() -> None:
     hd = _healthd()
     _starved(hd)
     hd.ingest(_body(0, 0, 10))
@@ -99,8 +143,14 @@ def test_without_budget_ranks_wait_and_their_next_evaluation_covers_every_step()
     hd.ingest(_body(0, 10, 10))
     assert Seen.calls == [] and hd.queue.keys() == [("j", 0), ("j", 1)]
     hd.settle()
-    assert Seen.calls == [(0, list(range(20))), (1, list(range(10)))]  # oldest first; no step unseen
+    # oldest first, each checkpoint on its own window: what it saw new is what a prompt server saw
+    assert Seen.calls == [(0, [0]), (0, [1, 2, 3, 4, 5]), (0, [6, 7, 8, 9, 10]), (0, [11, 12, 13, 14, 15]),
+                          (1, [0]), (1, [1, 2, 3, 4, 5])]
     assert len(hd.queue) == 0
+    Seen.calls = []
+    closing = {"kind": "heartbeat", "job": "j", "rank": 0, "time": 2.0, "closing": True}
+    hd.ingest(json.dumps({"schema_version": 1, "reports": [closing]}).encode())
+    assert Seen.calls == [(0, [16, 17, 18, 19])]  # a closing rank's last steps: no step unseen
 
 
 def test_a_nan_is_evaluated_at_once_whatever_the_budget() -> None:
@@ -108,8 +158,9 @@ def test_a_nan_is_evaluated_at_once_whatever_the_budget() -> None:
     _starved(hd)
     hd.ingest(_body(0, 0, 10, nan_at=6))
     (alert,) = hd.engine.firing()
-    assert alert.step == 6 and Seen.calls == [(0, list(range(7)))]
-    assert hd.queue.keys() == [("j", 0)]  # steps 7-9 wait for the budget
+    assert alert.step == 6 and alert.fired_step == 6
+    assert Seen.calls == [(0, [0]), (0, [1, 2, 3, 4, 5]), (0, [6])]  # on the window as of each checkpoint
+    assert len(hd.queue) == 0  # steps 7-9 wait for their checkpoint (step 10)
 
 
 def test_an_infinite_gradient_norm_is_evaluated_at_once_too() -> None:
@@ -118,18 +169,34 @@ def test_an_infinite_gradient_norm_is_evaluated_at_once_too() -> None:
     reports = [{"kind": "step", "job": "j", "rank": 0, "time": 1.0, "step": s, "loss": 1.0,
                 "grad_norm": math.inf if s == 3 else 1.0} for s in range(6)]
     hd.ingest(json.dumps({"schema_version": 1, "reports": reports}, allow_nan=True).encode())
-    assert Seen.calls == [(0, [0, 1, 2, 3])]  # the rule's own test; no budget needed
-    assert hd.queue.keys() == [("j", 0)]
+    # the step before it is a checkpoint too; step 5's, in the same request, is judged with them
+    assert Seen.calls == [(0, [0]), (0, [1, 2]), (0, [3]), (0, [4, 5])]
+    assert len(hd.queue) == 0
 
 
 def test_with_budget_a_request_is_evaluated_before_it_is_answered() -> None:
     hd = build(Settings(), rules=[Seen])  # defaults: a share of the core and a burst
     Seen.calls = []
     hd.ingest(_body(0, 0, 7))
-    assert Seen.calls == [(0, [0, 1, 2, 3, 4]), (0, [5, 6])] and len(hd.queue) == 0
+    assert Seen.calls == [(0, [0]), (0, [1, 2, 3, 4, 5])] and len(hd.queue) == 0
 
 
-def test_the_queue_forgets_an_expired_job() -> None:
+def test_a_starved_rank_sheds_what_it_cannot_rebuild_and_the_metric_says_so() -> None:
+    hd = _healthd()
+    _starved(hd)
+    lag = hd.store.settings.detail_steps // 2
+    for start in range(0, 200, 10):
+        hd.ingest(_body(0, start, 10))
+    shed = hd.queue.shed_total
+    assert shed > 0
+    hd.settle()
+    judged_from = Seen.calls[0][1]
+    assert judged_from[-1] + 1 >= 200 - lag and judged_from[0] < judged_from[-1] - 5  # it covers the shed steps
+    assert f"healthd_rank_checkpoints_shed_total {float(shed)}" in generate_latest(hd.registry).decode()
+
+
+def test_the_queue_forgets_an_expired_job_after_judging_its_last_steps() -> None:
+    Seen.calls = []
     now = [0.0]
     hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6}, "store": {"job_ttl_seconds": 60}}),
                rules=[Seen], clock=lambda: now[0])
@@ -137,6 +204,7 @@ def test_the_queue_forgets_an_expired_job() -> None:
     hd.ingest(_body(0, 0, 3))
     now[0] = 1000.0
     hd.tick()
+    assert Seen.calls == [(0, [0]), (0, [1, 2])]
     assert len(hd.queue) == 0
 
 
@@ -151,6 +219,7 @@ def test_metrics_show_the_wait_until_the_queue_is_settled() -> None:
         assert client.post("/v1/reports", content=_body(1, 0, 4)).status_code == 200
         health = client.get("/healthz").json()
         assert health["rank_evaluations_pending"] == 1 and health["rank_evaluation_delay_seconds"] >= 0
+        assert health["rank_checkpoints_shed_total"] == 0
         metrics = client.get("/metrics").text
         assert "healthd_rank_evaluations_pending 1.0" in metrics
         assert "healthd_rank_evaluation_delay_seconds " in metrics
@@ -158,5 +227,5 @@ def test_metrics_show_the_wait_until_the_queue_is_settled() -> None:
         assert [a["step"] for a in alerts] == [9]  # the NaN, evaluated at once; rank 1 still waits
         assert client.portal is not None
         client.portal.call(hd.settle)  # on the event loop, as the sweeper would once budget is back
-        assert (1, [0, 1, 2, 3]) in Seen.calls and len(hd.queue) == 0
+        assert (1, [0]) in Seen.calls and len(hd.queue) == 0
         assert "healthd_rank_evaluations_pending 0.0" in client.get("/metrics").text

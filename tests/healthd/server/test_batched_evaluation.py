@@ -1,4 +1,5 @@
-"""One request carries a rank's queue: rules run every engine.max_steps_per_evaluation steps of it, and at its end."""
+"""One request carries a rank's queue: its rules judge the checkpoints among its steps (every
+engine.max_steps_per_evaluation step numbers), each on the window as of it, however the steps were batched."""
 
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ def _healthd(every: int) -> Healthd:
                  rules=[Seen])
 
 
-def test_a_long_request_is_evaluated_in_chunks_oldest_first() -> None:
+def test_a_long_request_is_judged_at_its_checkpoints_each_on_its_own_window() -> None:
     hd = _healthd(5)
     status, _ = hd.ingest(_body([0.5] * 23))
     assert status == 200
-    # Every step is in exactly one evaluation's `new`; the last one takes the remainder.
-    assert Seen.calls == [(4, [0, 1, 2, 3, 4]), (9, [5, 6, 7, 8, 9]), (14, [10, 11, 12, 13, 14]),
-                          (19, [15, 16, 17, 18, 19]), (22, [20, 21, 22])]
+    # Every step up to the last checkpoint is in exactly one judged window's `new`; 21-22 wait for step 25.
+    assert Seen.calls == [(0, [0]), (5, [1, 2, 3, 4, 5]), (10, [6, 7, 8, 9, 10]), (15, [11, 12, 13, 14, 15]),
+                          (20, [16, 17, 18, 19, 20])]
+    Seen.calls = []
+    hd.ingest(_body([0.5] * 3, start=23))
+    assert Seen.calls == [(25, [21, 22, 23, 24, 25])]
 
 
 def test_a_condition_inside_one_request_is_seen_and_hits_count_steps() -> None:
@@ -58,22 +62,21 @@ def test_a_condition_inside_one_request_is_seen_and_hits_count_steps() -> None:
     alerts = hd.engine.alerts("j")
     assert len(alerts) == 1
     a = alerts[0]
-    # Seen at the chunk ending at step 14 (1 step: the first of a run), then 5 more at step 19: firing
-    # (for_steps=3); the chunk ending at step 24 is 5 clean steps of the 8 needed to resolve.
-    assert a.state is AlertState.FIRING and a.step == 14 and a.last_step == 19
+    # Seen at the checkpoint at step 10 (1 step: the first of a run), then 5 more at step 15: firing
+    # (for_steps=3); the checkpoint at step 20 is 5 clean steps of the 8 needed to resolve.
+    assert a.state is AlertState.FIRING and a.step == 10 and a.last_step == 15 and a.fired_step == 15
     hd.ingest(_body([0.5] * 2, start=25))
-    assert hd.engine.alerts("j")[0].state is AlertState.FIRING  # 7 clean steps
-    hd.ingest(_body([0.5] * 1, start=27))
-    assert hd.engine.alerts("j")[0].state is AlertState.RESOLVED  # 8
+    a = hd.engine.alerts("j")[0]
+    assert a.state is AlertState.RESOLVED and a.resolved_step == 25  # 10 clean steps at the next checkpoint
 
 
-def test_one_step_per_request_is_evaluated_at_every_step() -> None:
-    hd = _healthd(5)
+def test_with_one_step_per_checkpoint_every_step_is_judged() -> None:
+    hd = _healthd(1)
     for i in range(4):
         hd.ingest(_body([2.0], start=i))
     assert [c[0] for c in Seen.calls] == [0, 1, 2, 3]
     a = hd.engine.alerts("j")[0]
-    assert a.state is AlertState.FIRING and a.step == 0  # hits 1, 2, 3: fires at the third step, as before
+    assert a.state is AlertState.FIRING and a.step == 0 and a.fired_step == 2  # hits 1, 2, 3
 
 
 class SampledInputs(Rule[RankWindow, RuleConfig]):

@@ -49,7 +49,7 @@ def test_ingest_reports_the_ranks_a_request_completed() -> None:
     assert store.apply_steps(first, 1.0) == []
     second = [StepRecord(job="j", rank=1, time=1.0, step=i, shard=ShardRecord(index=1, count=2, grad_sq=1.0))
               for i in range(2)]
-    assert sorted(store.apply_steps(second, 1.0)) == [(0, 2), (1, 2)]
+    assert sorted((r, len(s)) for r, s in store.apply_steps(second, 1.0)) == [(0, 2), (1, 2)]
     assert [s.step for s in store.jobs["j"].ranks[0].steps] == [0, 1]
 
 
