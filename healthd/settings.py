@@ -67,6 +67,11 @@ class EngineSettings(_Section):
         "windows (the alerts come later, not different); a rank that falls more than half of store.detail_steps "
         "behind sheds its oldest checkpoints (healthd_rank_checkpoints_shed_total), so the share stays a cap; 1 judges "
         "every request's checkpoints before answering it, whatever the cost")
+    max_checkpoint_lag_seconds: float = Field(
+        default=10.0, gt=0, description="a rank whose oldest waiting checkpoint has waited this long (the server is "
+        "behind its rank_rules_cpu_share) sheds all its waiting checkpoints but the newest, counted in "
+        "healthd_rank_checkpoints_shed_total: alerts come at most about this late, but may then differ from an "
+        "unloaded server's")
     rank_rules_burst_seconds: float = Field(
         default=0.5, gt=0, description="CPU seconds rank-scoped rules may spend at once before the share applies "
         "(a burst after a quiet period is evaluated at once)")

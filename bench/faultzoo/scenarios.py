@@ -177,7 +177,9 @@ def labels_shuffled() -> Setup:
     torch.manual_seed(seed(0))
     _, y, _, _ = digits()
     labels = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed(3)))]
-    return _std(lr=1e-3, labels=labels, steps=120)  # a plateau is judged against 30 steps of noise: room
+    # A plateau is judged against 30 steps of noise, and the finding flickers with it: it must hold at two
+    # checkpoints in a row (every engine.max_steps_per_evaluation = 5 step numbers), 95-115 steps on seeds 0-2.
+    return _std(lr=1e-3, labels=labels, steps=160)
 
 
 def forgot_zero_grad() -> Setup:

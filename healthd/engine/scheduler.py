@@ -16,13 +16,15 @@ is judged before it is answered, as if the budget were not there. Under load ran
 the queue, oldest first, and they are judged later, each on its own window: the alerts come later,
 not different. The delay is exported (``healthd_rank_evaluation_delay_seconds``).
 
-The budget stays a cap: a checkpoint is kept waiting only while its window can still be rebuilt
-(``lag_steps``: the caller passes how far back the store keeps whole steps). A rank that falls
-further behind than that *sheds* its oldest waiting checkpoints (counted,
-``healthd_rank_checkpoints_shed_total``); its next judged checkpoint still covers the shed steps
-as new steps, but the alerts may then differ from an unloaded server's: that is the guarantee's
-limit, and the counter says when it was reached. A NaN/Inf checkpoint is judged at once, budget
-or not.
+The budget stays a cap, and the budget is CPU time (the evaluating thread's), so a machine busy
+with other work does not use it up faster. A checkpoint is kept waiting only while its window can
+still be rebuilt (the caller sheds those more than half of ``store.detail_steps`` behind) and for
+at most ``engine.max_checkpoint_lag_seconds``: past that the server is behind, and a rank's
+checkpoints but its newest are *shed* (counted, ``healthd_rank_checkpoints_shed_total``), so a
+revisit costs one evaluation again, as before checkpoints. The next judged checkpoint still covers
+the shed steps as new steps, but the alerts may then differ from an unloaded server's: that is the
+guarantee's limit, and the counter says when it was reached. A NaN/Inf checkpoint is judged at
+once, budget or not.
 
 What lives here: checkpoints, the queue and the budget (a token bucket of CPU seconds). What does
 not: the rules and alert state (``healthd.engine.alerts``), or who calls it
@@ -146,6 +148,14 @@ class EvaluationQueue:
         if not kept:
             del self._pending[key]
         return dropped
+
+    def shed_stale(self, key: RankKey, now: float, max_seconds: float) -> int:
+        """If ``key``'s oldest waiting checkpoint has waited more than ``max_seconds``, shed all but its
+        newest (the server is behind: judging each would only put it further behind); returns how many."""
+        r = self._pending.get(key)
+        if r is None or len(r.waiting) < 2 or now - r.since <= max_seconds:
+            return 0
+        return self.shed(key, r.waiting[-1])
 
     def oldest(self) -> RankKey | None:
         """The rank that has waited longest, or None."""

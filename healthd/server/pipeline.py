@@ -154,7 +154,7 @@ class Healthd:
             urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every)
             self.queue.shed(rank_key, total - lag)
             if urgent or self.queue.has_budget():
-                self.evaluate_rank(rank_key)
+                self.evaluate_rank(rank_key, now)
 
     def _finish(self, key: tuple[str, int], now: float) -> None:
         """Judge a rank up to its last step (its monitor closed, or its job is about to expire)."""
@@ -164,19 +164,22 @@ class Healthd:
             self.queue.finish(key, now, st.steps_total)
             self.evaluate_rank(key)
 
-    def evaluate_rank(self, key: tuple[str, int]) -> None:
+    def evaluate_rank(self, key: tuple[str, int], now: float | None = None) -> None:
         """Judge one rank's waiting checkpoints, oldest first, each on the window as of it, charging the
-        budget (healthd.engine.scheduler)."""
+        budget (healthd.engine.scheduler) the CPU time it took. Given ``now``, checkpoints that waited
+        longer than engine.max_checkpoint_lag_seconds are shed first, but the newest."""
+        if now is not None:
+            self.queue.shed_stale(key, now, self.settings.engine.max_checkpoint_lag_seconds)
         checkpoints = self.queue.take(key)
         job = self.store.jobs.get(key[0])
         if not checkpoints or job is None or key[1] not in job.ranks:
             return
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         total = job.ranks[key[1]].steps_total
         for at, new_steps in checkpoints:
             self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=new_steps,
                                                        as_of=at if at < total else None))
-        self.queue.charge(time.perf_counter() - t0)
+        self.queue.charge(time.thread_time() - t0)
 
     def evaluate_due(self) -> None:
         """Evaluate queued ranks, oldest first, while the budget (engine.rank_rules_cpu_share) allows."""
@@ -189,7 +192,7 @@ class Healthd:
         while len(queue) and queue.has_budget():
             key = queue.oldest()
             assert key is not None
-            self.evaluate_rank(key)
+            self.evaluate_rank(key, self.clock())
             yield
 
     def settle(self, job: str | None = None) -> None:

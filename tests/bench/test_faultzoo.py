@@ -39,9 +39,10 @@ def test_scenario(scenario) -> None:  # type: ignore[no-untyped-def]
         assert r.false_alarms == [], r.fired
     else:
         assert r.detected, f"{scenario.expected} did not fire; fired: {r.fired}"
-        # LossPlateau on shuffled labels is the slowest (~78 steps): judged over 30 steps of noise,
-        # it needs two evaluations in a row (every engine.max_steps_per_evaluation = 5 steps) to agree.
-        assert r.steps_to_detect is not None and r.steps_to_detect <= 80, r.fired[scenario.expected]
+        # LossPlateau on shuffled labels is the slowest (95-115 steps on seeds 0-2): judged over 30 steps
+        # of noise, its flickering finding must hold at two checkpoints in a row (every
+        # engine.max_steps_per_evaluation = 5 step numbers; healthd.engine.scheduler).
+        assert r.steps_to_detect is not None and r.steps_to_detect <= 120, r.fired[scenario.expected]
 
 
 def test_summary_counts() -> None:

@@ -229,3 +229,32 @@ def test_metrics_show_the_wait_until_the_queue_is_settled() -> None:
         client.portal.call(hd.settle)  # on the event loop, as the sweeper would once budget is back
         assert (1, [0]) in Seen.calls and len(hd.queue) == 0
         assert "healthd_rank_evaluations_pending 0.0" in client.get("/metrics").text
+
+
+def test_a_rank_that_waited_past_the_lag_is_judged_at_its_newest_checkpoint_only() -> None:
+    q = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    q.observe(("j", 0), 100.0, 20, _steps(*range(20)), every=5)  # totals 1, 6, 11, 16
+    assert q.shed_stale(("j", 0), 105.0, max_seconds=10.0) == 0  # not behind yet
+    assert q.shed_stale(("j", 0), 111.0, max_seconds=10.0) == 3
+    assert q.take(("j", 0)) == [(16, 16)]  # one evaluation covering every step since the last judged
+
+
+def test_the_sweeper_sheds_what_waited_too_long_and_settle_never_does() -> None:
+    now = [0.0]
+    hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "max_checkpoint_lag_seconds": 10}}),
+               rules=[Seen], clock=lambda: now[0])
+    Seen.calls = []
+    _starved(hd)
+    hd.ingest(_body(0, 0, 20))
+    hd.ingest(_body(1, 0, 20))
+    now[0] = 30.0
+    hd.queue.share, hd.queue.burst_seconds = 1.0, 1.0  # the budget is back: the sweeper runs
+    hd.evaluate_due()
+    assert Seen.calls == [(0, list(range(16))), (1, list(range(16)))] and hd.queue.shed_total == 6
+    Seen.calls = []
+    hd.queue.share = 1e-6
+    _starved(hd)
+    hd.ingest(_body(0, 20, 20))
+    now[0] = 60.0
+    hd.settle()  # shutdown and tests: everything, on its own window
+    assert [c[1][-1] for c in Seen.calls] == [20, 25, 30, 35] and hd.queue.shed_total == 6
