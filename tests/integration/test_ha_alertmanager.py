@@ -120,7 +120,7 @@ def shards(tmp_path: Path, cluster: list[Alertmanager]) -> Iterator[dict[int, He
             (tmp_path / str(i)).mkdir()
             made[i] = HealthdProcess(tmp_path / str(i), env={"HEALTHD_TOKEN": TOKEN},
                                      extra_args=("--config", str(tmp_path / "healthd.yaml"), *peers))
-            made[i].start()
+            made[i].start()  # one after the other: on two busy cores, side by side is no faster
         yield made
     finally:
         for shard in made.values():
@@ -254,9 +254,11 @@ def test_alerts_survive_a_shard_kill_and_restart_once_each_through_an_alertmanag
         survivors = [s for s in shards.values() if s is not victim]
         assert {first, second} <= set().union(*(_jobs_on(s) for s in survivors))  # taken over, not stale
 
+        restart = time.monotonic()
         victim.start()  # same port and --db: HAProxy's health check (rise 2) puts it back in the ring
         wait_until(lambda: set(per_shard[victim_name]) <= _jobs_on(victim), timeout_seconds=30,
                    what="the restarted shard's jobs moving back to it", log=logs)
+        failback = time.monotonic() - restart
         assert _placement(proxy) == before  # and the others never moved
         last_step = training.steps
         # Two more resend periods of the restarted shard with the jobs back on it, and past the
@@ -273,4 +275,5 @@ def test_alerts_survive_a_shard_kill_and_restart_once_each_through_an_alertmanag
     assert {json.loads(lab)["job"] for lab in labels} == {first, second}
     assert detected_after < DETECTION_LIMIT_SECONDS
     print(f"\nfault after kill -9 visible on both Alertmanagers {detected_after:.1f} s after onset; "
+          f"restart to jobs back on the shard {failback:.1f} s; "
           f"{len(deliveries)} notifications from {sorted({node for _, _, node in deliveries})}")
