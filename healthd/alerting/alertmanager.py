@@ -37,7 +37,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -167,6 +167,18 @@ class AlertmanagerPusher:
                         t.resolved.pop(next(iter(t.resolved)))
                         t.dropped_total += 1
                     t.resolved[key] = payload
+        for t in self._targets:
+            t.wake.set()
+
+    def restore(self, alerts: Iterable[Alert]) -> None:
+        """Re-send the firing alerts a restarted healthd restored from its database (the engine's
+        ``restore`` tells no listener): otherwise they would lapse in Alertmanager at the endsAt of the
+        last push before the restart, shown resolved while healthd still holds them firing. Same labels,
+        so Alertmanager notifies nothing new for an alert it still holds."""
+        with self._lock:
+            for alert in alerts:
+                if alert.state is AlertState.FIRING:
+                    self._firing[(alert.job, alert.rule, alert.rank)] = alert
         for t in self._targets:
             t.wake.set()
 

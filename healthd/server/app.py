@@ -60,6 +60,8 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule[An
                                     base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
         listeners = [*listeners, pusher]
     hd = hd or build(settings, rules=rules, listeners=listeners, clock=clock)
+    if pusher is not None:
+        pusher.restore(hd.engine.firing())  # alerts restored from --db: kept alive in Alertmanager
     reports = Reports(hd)
 
     @contextlib.asynccontextmanager

@@ -120,3 +120,13 @@ def test_a_stalled_peer_does_not_delay_the_other() -> None:
         peers.release.set()
         pusher.stop()
     assert peers.received[B]
+
+
+def test_restored_firing_alerts_are_sent_to_every_peer() -> None:
+    peers = _Peers()
+    pusher = _pusher(peers)
+    pusher.restore([_alert(AlertState.FIRING, rank=1), _alert(AlertState.RESOLVED, rank=2)])
+    assert pusher.pending() == 1  # the resolved one is history, not re-sent
+    assert pusher.flush()
+    for peer in (A, B):
+        assert [a["labels"]["rank"] for a in peers.received[peer]] == ["1"]
