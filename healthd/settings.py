@@ -102,14 +102,27 @@ class PersistenceSettings(_Section):
 
 
 class AlertmanagerSettings(_Section):
-    """Direct push to Alertmanager's v2 API (healthd.alerting.alertmanager). Unset url: no push."""
+    """Direct push to Alertmanager's v2 API (healthd.alerting.alertmanager). No url and no urls: no push.
+
+    Several URLs are the peers of an Alertmanager cluster (``--cluster.peer``): every alert goes to
+    each of them independently, as Prometheus sends to every Alertmanager it lists, so one peer down
+    delays nobody; the peers' gossip makes a notification go out once."""
 
     url: str | None = Field(default=None, description="Alertmanager base URL, e.g. http://alertmanager:9093")
+    urls: tuple[str, ...] = Field(
+        default=(),
+        description="more Alertmanager base URLs (the peers of a cluster); each gets every alert, with url",
+    )
     resend_seconds: float = Field(
         default=60.0, gt=0, description="firing alerts are re-sent this often; endsAt is 4x this ahead"
     )
     timeout_seconds: float = Field(default=5.0, gt=0, description="HTTP timeout of one push")
     max_backoff_seconds: float = Field(default=60.0, gt=0, description="longest wait between retries while down")
+
+    @property
+    def targets(self) -> list[str]:
+        """Every Alertmanager to push to: ``url`` then ``urls``, each once."""
+        return list(dict.fromkeys(u.rstrip("/") for u in [*([self.url] if self.url else []), *self.urls]))
 
 
 class Settings(_Section):

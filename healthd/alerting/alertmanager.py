@@ -10,6 +10,13 @@ that died expires on its own) and every resolved one not yet acknowledged
 sender retries with exponential backoff and keeps everything: a resolved
 alert leaves the outbox only after a 2xx, so an outage delays, never loses.
 
+Several Alertmanagers (``alertmanager.url`` plus ``alertmanager.urls``: the
+peers of a cluster) each get every alert from their own sender thread, with
+their own backoff and their own outbox of unacknowledged resolved alerts, as
+Prometheus sends to each Alertmanager it lists: a peer that is down or slow
+delays no other. Deduplicating the notifications is the cluster's job (its
+peers gossip what they sent); healthd does not pick one peer.
+
 Labels (what users route on): ``alertname`` (the rule), ``severity``,
 ``job``, ``rank`` when the alert is about one rank. Annotations: ``summary``,
 ``description`` (the evidence), ``advice``, ``healthd_url`` (a link back to
@@ -30,7 +37,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
@@ -90,29 +97,58 @@ def alert_payload(alert: Alert, *, base_url: str, now: float, resend_seconds: fl
     }
 
 
+class _Target:
+    """One Alertmanager: its endpoint, HTTP client, counters and outbox of resolved alerts it has not acknowledged."""
+
+    def __init__(self, url: str, client: httpx.Client) -> None:
+        self.endpoint = url.rstrip("/") + "/api/v2/alerts"
+        self.client = client
+        self.wake = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.resolved: dict[AlertKey, dict[str, Any]] = {}  # payload, until this Alertmanager acknowledged it
+        self.sent_total = 0
+        self.failed_total = 0
+        self.dropped_total = 0
+
+
 class AlertmanagerPusher:
-    """Engine listener plus background sender; ``start()``/``stop()`` bracket its thread."""
+    """Engine listener plus one background sender per Alertmanager; ``start()``/``stop()`` bracket the threads."""
 
     def __init__(self, settings: AlertmanagerSettings, *, base_url: str,
                  client: httpx.Client | None = None, clock: Callable[[], float] = time.time,
                  max_resolved_kept: int = 100_000) -> None:
-        if not settings.url:
-            raise ValueError("alertmanager.url is required to push alerts")
+        if not settings.targets:
+            raise ValueError("alertmanager.url or alertmanager.urls is required to push alerts")
         self.settings = settings
         self.base_url = base_url
-        self.endpoint = settings.url.rstrip("/") + "/api/v2/alerts"
         self.clock = clock
         self.max_resolved_kept = max_resolved_kept
-        self._client = client or httpx.Client(timeout=settings.timeout_seconds)
+        # One client per Alertmanager unless one is injected (tests): a peer's slow connection pool
+        # must not hold up another's requests.
+        self._targets = [_Target(url, client or httpx.Client(timeout=settings.timeout_seconds))
+                         for url in settings.targets]
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._firing: dict[AlertKey, Alert] = {}
-        self._resolved: dict[AlertKey, dict[str, Any]] = {}  # payload, until Alertmanager acknowledged it
-        self.sent_total = 0
-        self.failed_total = 0
-        self.dropped_total = 0  # resolved alerts dropped because the outbox was full (never in practice)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [t.endpoint for t in self._targets]
+
+    @property
+    def sent_total(self) -> int:
+        """Alerts acknowledged, summed over the Alertmanagers (one alert sent to two counts twice)."""
+        return sum(t.sent_total for t in self._targets)
+
+    @property
+    def failed_total(self) -> int:
+        """Failed pushes, summed over the Alertmanagers."""
+        return sum(t.failed_total for t in self._targets)
+
+    @property
+    def dropped_total(self) -> int:
+        """Resolved alerts dropped because an outbox was full (never in practice), summed over the Alertmanagers."""
+        return sum(t.dropped_total for t in self._targets)
 
     # ------------------------------------------------------------- engine side (event loop)
     def on_transition(self, alert: Alert, previous: AlertState) -> None:
@@ -120,15 +156,31 @@ class AlertmanagerPusher:
         with self._lock:
             if alert.state is AlertState.FIRING:
                 self._firing[key] = alert
-                self._resolved.pop(key, None)
+                for t in self._targets:
+                    t.resolved.pop(key, None)
             elif alert.state is AlertState.RESOLVED:
                 self._firing.pop(key, None)
-                if len(self._resolved) >= self.max_resolved_kept:
-                    self._resolved.pop(next(iter(self._resolved)))
-                    self.dropped_total += 1
-                self._resolved[key] = alert_payload(alert, base_url=self.base_url, now=self.clock(),
-                                                    resend_seconds=self.settings.resend_seconds)
-        self._wake.set()
+                payload = alert_payload(alert, base_url=self.base_url, now=self.clock(),
+                                        resend_seconds=self.settings.resend_seconds)
+                for t in self._targets:
+                    if key not in t.resolved and len(t.resolved) >= self.max_resolved_kept:
+                        t.resolved.pop(next(iter(t.resolved)))
+                        t.dropped_total += 1
+                    t.resolved[key] = payload
+        for t in self._targets:
+            t.wake.set()
+
+    def restore(self, alerts: Iterable[Alert]) -> None:
+        """Re-send the firing alerts a restarted healthd restored from its database (the engine's
+        ``restore`` tells no listener): otherwise they would lapse in Alertmanager at the endsAt of the
+        last push before the restart, shown resolved while healthd still holds them firing. Same labels,
+        so Alertmanager notifies nothing new for an alert it still holds."""
+        with self._lock:
+            for alert in alerts:
+                if alert.state is AlertState.FIRING:
+                    self._firing[(alert.job, alert.rule, alert.rank)] = alert
+        for t in self._targets:
+            t.wake.set()
 
     def forget(self, job: str) -> None:
         """Stop re-sending a forgotten job's firing alerts (they expire in Alertmanager at their endsAt)."""
@@ -136,45 +188,48 @@ class AlertmanagerPusher:
             for key in [k for k in self._firing if k[0] == job]:
                 del self._firing[key]
 
-    # ------------------------------------------------------------- sender
+    # ------------------------------------------------------------- senders
     def pending(self) -> int:
-        """Alerts waiting to be (re-)sent: firing plus unacknowledged resolved ones."""
+        """Alerts waiting to be (re-)sent: firing plus resolved ones some Alertmanager has not acknowledged."""
         with self._lock:
-            return len(self._firing) + len(self._resolved)
+            return len(self._firing) + len(set().union(*(t.resolved for t in self._targets)))
 
     def flush(self) -> bool:
-        """Send everything now; True when Alertmanager acknowledged it (or there was nothing to send)."""
+        """Send everything now to every Alertmanager; True when all acknowledged it (or there was nothing to send)."""
+        return all([self._flush(t) for t in self._targets])
+
+    def _flush(self, target: _Target) -> bool:
         now = self.clock()
         with self._lock:
             firing = [alert_payload(a, base_url=self.base_url, now=now, resend_seconds=self.settings.resend_seconds)
                       for a in self._firing.values()]
-            resolved = dict(self._resolved)
+            resolved = dict(target.resolved)
         if not firing and not resolved:
             return True
         try:
-            r = self._client.post(self.endpoint, json=[*firing, *resolved.values()])
+            r = target.client.post(target.endpoint, json=[*firing, *resolved.values()])
             r.raise_for_status()
         except httpx.HTTPError as e:
-            self.failed_total += 1
+            target.failed_total += 1
             log.warning("alertmanager push to %s failed (%d alerts kept for retry): %s",
-                        self.endpoint, len(firing) + len(resolved), e)
+                        target.endpoint, len(firing) + len(resolved), e)
             return False
-        self.sent_total += len(firing) + len(resolved)
+        target.sent_total += len(firing) + len(resolved)
         with self._lock:
             for key, payload in resolved.items():
-                if self._resolved.get(key) is payload:
-                    del self._resolved[key]
+                if target.resolved.get(key) is payload:
+                    del target.resolved[key]
         return True
 
-    def _run(self) -> None:
+    def _run(self, target: _Target) -> None:
         backoff = 0.5
         next_due = 0.0
         while not self._stop.is_set():
-            self._wake.wait(timeout=max(0.0, next_due - time.monotonic()))
-            self._wake.clear()
+            target.wake.wait(timeout=max(0.0, next_due - time.monotonic()))
+            target.wake.clear()
             if self._stop.is_set():
                 break
-            if self.flush():
+            if self._flush(target):
                 backoff = 0.5
                 next_due = time.monotonic() + self.settings.resend_seconds
             else:
@@ -182,16 +237,24 @@ class AlertmanagerPusher:
                 backoff = min(backoff * 2, self.settings.max_backoff_seconds)
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="healthd-alertmanager", daemon=True)
-            self._thread.start()
+        for i, t in enumerate(self._targets):
+            if t.thread is None:
+                t.thread = threading.Thread(target=self._run, args=(t,), name=f"healthd-alertmanager-{i}",
+                                            daemon=True)
+                t.thread.start()
 
     def stop(self, timeout_seconds: float = 5.0) -> None:
-        """Stop the sender after one last flush attempt (resolved alerts go out on shutdown)."""
+        """Stop the senders after one last flush attempt each (resolved alerts go out on shutdown)."""
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_seconds)
-            self._thread = None
+        for t in self._targets:
+            t.wake.set()
+        for t in self._targets:
+            if t.thread is not None:
+                t.thread.join(timeout=timeout_seconds)
+                t.thread = None
         self.flush()
-        self._client.close()
+        closed: set[int] = set()
+        for t in self._targets:
+            if id(t.client) not in closed:
+                closed.add(id(t.client))
+                t.client.close()

@@ -55,11 +55,13 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule[An
         settings = hd.settings
     settings = settings or Settings()
     pusher = None
-    if settings.alertmanager.url and hd is None:  # direct push to Alertmanager (healthd.alerting.alertmanager)
+    if settings.alertmanager.targets and hd is None:  # direct push to Alertmanager (healthd.alerting.alertmanager)
         pusher = AlertmanagerPusher(settings.alertmanager, clock=clock,
                                     base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
         listeners = [*listeners, pusher]
     hd = hd or build(settings, rules=rules, listeners=listeners, clock=clock)
+    if pusher is not None:
+        pusher.restore(hd.engine.firing())  # alerts restored from --db: kept alive in Alertmanager
     reports = Reports(hd)
 
     @contextlib.asynccontextmanager

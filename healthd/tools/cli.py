@@ -22,9 +22,10 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings.from_yaml(args.config) if args.config else Settings()
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         settings = settings.model_copy(update=overrides)
-        if args.alertmanager_url:
+        if args.alertmanager_url:  # replaces the file's url and urls: the command line names them all
+            first, *more = args.alertmanager_url
             settings = settings.model_copy(update={"alertmanager": settings.alertmanager.model_copy(
-                update={"url": args.alertmanager_url})})
+                update={"url": first, "urls": tuple(more)})})
         if args.public_url:
             settings = settings.model_copy(update={"public_url": args.public_url})
         settings = _security_overrides(settings, args)
@@ -139,8 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--access-log", action="store_true",
                        help="log every HTTP request (off by default: every rank posts several times a second; "
                             "healthd_ingest_requests_total counts them)")
-    serve.add_argument("--alertmanager-url", default=None,
-                       help="push alerts to this Alertmanager (v2 API), e.g. http://alertmanager:9093")
+    serve.add_argument("--alertmanager-url", action="append", default=None,
+                       help="push alerts to this Alertmanager (v2 API), e.g. http://alertmanager:9093; repeat it "
+                            "for each peer of an Alertmanager cluster (each gets every alert)")
     serve.add_argument("--public-url", default=None, help="healthd's URL as users reach it (links in alerts)")
     serve.add_argument("--token", default=None,
                        help="require 'Authorization: Bearer TOKEN' (prefer $HEALTHD_TOKEN: argv is visible in ps)")

@@ -49,16 +49,23 @@ def test_compose_stack_references_existing_files() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
     shards = {"healthd-1", "healthd-2", "healthd-3"}
-    assert set(services) == {"healthd", *shards, "prometheus", "alertmanager", "grafana"}
+    peers = {"alertmanager-1": "alertmanager-2", "alertmanager-2": "alertmanager-1"}
+    assert set(services) == {"healthd", *shards, "prometheus", *peers, "grafana"}
     assert services["healthd"]["image"].startswith("haproxy:")  # the proxy, on healthd's address
     for shard in shards:
-        assert "--alertmanager-url" in services[shard]["command"]
+        command = services[shard]["command"]
+        pushed_to = [command[i + 1] for i, arg in enumerate(command) if arg == "--alertmanager-url"]
+        assert pushed_to == [f"http://{peer}:9093" for peer in sorted(peers)]  # every alert to both peers
         assert (REPO / services[shard]["build"]["dockerfile"]).is_file()
         assert services["healthd"]["environment"][f"HEALTHD_SHARD{shard[-1]}"] == f"{shard}:9184"
     targets = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
         "scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(targets) == sorted(f"{shard}:9184" for shard in shards)  # each shard, not the proxy
-    assert "--cluster.listen-address=" in services["alertmanager"]["command"]
+    for peer, other in peers.items():  # peered with each other, gossiping on the cluster port
+        assert "--cluster.listen-address=0.0.0.0:9094" in services[peer]["command"]
+        assert f"--cluster.peer={other}:9094" in services[peer]["command"]
+    alerting = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["alerting"]
+    assert alerting["alertmanagers"][0]["static_configs"][0]["targets"] == [f"{p}:9093" for p in sorted(peers)]
     for svc in services.values():
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]

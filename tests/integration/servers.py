@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -224,6 +224,11 @@ class Alertmanager(_Process):
         alerts: list[dict[str, Any]] = self.get("/api/v2/alerts", params=params).json()
         return alerts
 
+    def cluster_peers(self) -> list[dict[str, Any]]:
+        """The cluster members this node sees (``GET /api/v2/status``), itself included."""
+        peers: list[dict[str, Any]] = self.get("/api/v2/status").json()["cluster"].get("peers") or []
+        return peers
+
     def wait_for_alert(self, predicate: Callable[[dict[str, Any]], bool], timeout_seconds: float = 30.0,
                        what: str = "alert", **labels: str) -> dict[str, Any]:
         return wait_until(lambda: next((a for a in self.alerts(**labels) if predicate(a)), None),
@@ -239,8 +244,10 @@ DEFAULT_ALERTMANAGER_CONFIG: dict[str, Any] = {
 
 @contextmanager
 def alertmanager(config: dict[str, Any] | Path | None = None, *, port: int | None = None,
-                 start_timeout_seconds: float = 60.0) -> Iterator[Alertmanager]:
-    """Run Alertmanager on 127.0.0.1 with temporary storage and no cluster listener."""
+                 start_timeout_seconds: float = 60.0,
+                 cluster_args: Sequence[str] = ("--cluster.listen-address=",)) -> Iterator[Alertmanager]:
+    """Run Alertmanager on 127.0.0.1 with temporary storage; no cluster listener unless ``cluster_args``
+    says otherwise (``alertmanager_cluster``)."""
     binary = require_binary(ALERTMANAGER)
     with tempfile.TemporaryDirectory(prefix="healthd-am-") as tmp:
         workdir = Path(tmp)
@@ -251,10 +258,34 @@ def alertmanager(config: dict[str, Any] | Path | None = None, *, port: int | Non
             cfg_path.write_text(yaml.safe_dump(config or DEFAULT_ALERTMANAGER_CONFIG))
         port = port or free_port()
         argv = [binary, f"--config.file={cfg_path}", f"--storage.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=", "--log.level=warn"]
+                f"--web.listen-address=127.0.0.1:{port}", *cluster_args, "--log.level=warn"]
         p = _start(argv, workdir, f"http://127.0.0.1:{port}", "/-/ready", start_timeout_seconds)
         am = Alertmanager(p.proc, p.workdir, p.url)
         try:
             yield am
         finally:
             _stop(am)
+
+
+@contextmanager
+def alertmanager_cluster(config: dict[str, Any], *, size: int = 2, peer_timeout_seconds: float = 2.0,
+                         start_timeout_seconds: float = 60.0) -> Iterator[list[Alertmanager]]:
+    """Run ``size`` Alertmanagers peered as one cluster (gossip on 127.0.0.1 only), until each sees all.
+
+    The peers gossip their notification log: the first in the cluster's order notifies at once, the
+    next waits ``peer_timeout_seconds`` per position and skips what a peer already sent. Short gossip
+    intervals make the cluster form and converge in about a second."""
+    cluster_ports = [free_port() for _ in range(size)]
+    with ExitStack() as stack:
+        nodes = []
+        for i, port in enumerate(cluster_ports):
+            args = [f"--cluster.listen-address=127.0.0.1:{port}",
+                    *(f"--cluster.peer=127.0.0.1:{other}" for j, other in enumerate(cluster_ports) if j != i),
+                    "--cluster.gossip-interval=50ms", "--cluster.pushpull-interval=1s",
+                    f"--cluster.peer-timeout={peer_timeout_seconds:g}s", "--cluster.settle-timeout=5s"]
+            nodes.append(stack.enter_context(alertmanager(config, start_timeout_seconds=start_timeout_seconds,
+                                                          cluster_args=args)))
+        for node in nodes:
+            wait_until(lambda node=node: len(node.cluster_peers()) == size, timeout_seconds=start_timeout_seconds,
+                       what=f"{node.url} to see {size} cluster peers", log=node.log_tail)
+        yield nodes
