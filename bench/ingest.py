@@ -22,6 +22,14 @@ layers). Targets:
 - ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.wire.records``):
   the ceiling parsing leaves.
 
+``--shards 1,2,3`` instead runs N real ``healthd serve`` processes behind a real HAProxy (deploy/haproxy/
+haproxy.cfg's frontend, ``balance hdr(X-Healthd-Job)``, consistent hash and checks, its server lines
+generated for N shards in a temp dir), the ranks split over ``--jobs`` jobs (64) so the hash spreads them,
+every request naming its job in X-Healthd-Job. Printed per N: reports/s, p50/p99, no failed request, the
+reports and jobs each shard got, the CPU the proxy and the shards used (``/proc/<pid>/stat``) and the
+proxy's CPU per request; with N=1 also ``direct-1``, the same load straight to the same shard. Nothing is
+pinned there: proxy, shards and generator share the machine's CPUs, and the output says so.
+
 A ``-asgi`` suffix serves a healthd target through its ASGI door under plain uvicorn (httptools,
 uvloop, no custom protocol) instead: ``healthd-asgi`` against ``healthd`` is what the server costs.
 
