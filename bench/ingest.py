@@ -22,6 +22,14 @@ layers). Targets:
 - ``parse`` (on request): the same with healthd's own ``parse_batch`` (msgspec, ``healthd.wire.records``):
   the ceiling parsing leaves.
 
+``--shards 1,2,3`` instead runs N real ``healthd serve`` processes behind a real HAProxy (deploy/haproxy/
+haproxy.cfg's frontend, ``balance hdr(X-Healthd-Job)``, consistent hash and checks, its server lines
+generated for N shards in a temp dir), the ranks split over ``--jobs`` jobs (64) so the hash spreads them,
+every request naming its job in X-Healthd-Job. Printed per N: reports/s, p50/p99, no failed request, the
+reports and jobs each shard got, the CPU the proxy and the shards used (``/proc/<pid>/stat``) and the
+proxy's CPU per request; with N=1 also ``direct-1``, the same load straight to the same shard. Nothing is
+pinned there: proxy, shards and generator share the machine's CPUs, and the output says so.
+
 A ``-asgi`` suffix serves a healthd target through its ASGI door under plain uvicorn (httptools,
 uvloop, no custom protocol) instead: ``healthd-asgi`` against ``healthd`` is what the server costs.
 
@@ -38,13 +46,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import multiprocessing as mp
 import os
 import random
+import re
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +65,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from healthd.rules import ALL_RULES  # noqa: E402
+from healthd.wire.schema import JOB_HEADER  # noqa: E402
+
+SHARD_HEADER = b"x-healthd-shard"  # deploy/haproxy/haproxy.cfg names the shard that answered in it
+HAPROXY_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
 
 LAYERS = ("embed", "block.0", "block.1", "head")
 
@@ -162,7 +179,7 @@ def _serve_bare_rsgi(port: int, ready: Any) -> None:
     uvloop.run(main())
 
 
-def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> bytes:
+def _body(ranks: range, step: int, per_request: int, rng: random.Random, job: str = "bench") -> bytes:
     """``per_request`` step reports of ``ranks`` round-robin from ``step`` on: one rank and
     ``per_request`` consecutive steps is what a healthd_client sends (a rank's queue per flush)."""
     reports = []
@@ -170,7 +187,7 @@ def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> byte
         rank = ranks[k % len(ranks)]
         s = step + k // len(ranks)
         loss = 2.5 * (1 + s) ** -0.3 + rng.random() * 0.01
-        reports.append({"kind": "step", "job": "bench", "rank": rank, "time": time.time(), "step": s,
+        reports.append({"kind": "step", "job": job, "rank": rank, "time": time.time(), "step": s,
                         "loss": loss, "batch_size": 32, "step_seconds": 0.1, "lr": [3e-4],
                         "grad_norm": 1.0 + rng.random() * 0.1, "update_ratio": 1e-3 * (1 + rng.random() * 0.1),
                         "layers": {name: {"grad_norm": 0.5 + rng.random() * 0.01,
@@ -178,29 +195,38 @@ def _body(ranks: range, step: int, per_request: int, rng: random.Random) -> byte
     return json.dumps({"schema_version": 1, "reports": reports}).encode()
 
 
-async def _connection(port: int, bodies: list[bytes], stop_at: float, latencies: list[float],
-                      counts: list[int], per_request: int) -> None:
+async def _connection(port: int, bodies: list[tuple[str, bytes]], stop_at: float, latencies: list[float],
+                      counts: list[int], per_request: int, by_shard: dict[str, int]) -> None:
+    """POST ``bodies`` (job, body) in turn over one keep-alive connection until ``stop_at``; each request
+    names its job in X-Healthd-Job as healthd_client does (the proxy hashes it). ``by_shard`` counts
+    reports per X-Healthd-Shard the proxy answered with (empty without a proxy)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = 0
     while time.perf_counter() < stop_at:
-        body = bodies[i % len(bodies)]
+        job, body = bodies[i % len(bodies)]
         i += 1
         head = (f"POST /v1/reports HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+                f"{JOB_HEADER}: {job}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         t0 = time.perf_counter()
         writer.write(head + body)
         status_line = await reader.readline()
         length = 0
+        shard = ""
         while True:
             line = await reader.readline()
             if line in (b"\r\n", b""):
                 break
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+            elif name.lower() == SHARD_HEADER:
+                shard = value.strip().decode()
         await reader.readexactly(length)
         latencies.append(time.perf_counter() - t0)
         if status_line.split()[1] in (b"200", b"422"):
             counts[0] += per_request
+            if shard:
+                by_shard[shard] = by_shard.get(shard, 0) + per_request
         else:
             counts[1] += 1
     writer.close()
@@ -225,31 +251,47 @@ async def _sample(port: int, stop_at: float, samples: list[dict[str, float]], sc
         if scrape_seconds and sample["t"] >= next_scrape:
             next_scrape += scrape_seconds
             t0 = time.perf_counter()
-            sample["scrape_bytes"] = len(await _get(port, "/metrics"))
+            text = await _get(port, "/metrics")
+            sample["scrape_bytes"] = len(text)
+            sample["scrape_series"] = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
             sample["scrape_seconds"] = time.perf_counter() - t0
         samples.append(sample)
 
 
+def _jobs(args: argparse.Namespace) -> list[tuple[str, range]]:
+    """(job, its ranks): ``--ranks`` split over ``--jobs`` jobs (one job ``bench`` by default)."""
+    jobs = max(1, getattr(args, "jobs", 1))
+    if jobs == 1:
+        return [("bench", range(args.ranks))]
+    size = -(-args.ranks // jobs)
+    return [(f"bench-{j}", range(min(size, args.ranks - j * size))) for j in range(jobs) if j * size < args.ranks]
+
+
 def _load(port: int, args: argparse.Namespace, seconds: float, step0: int,
-          samples: list[dict[str, float]] | None = None) -> tuple[float, list[float], int]:
+          samples: list[dict[str, float]] | None = None,
+          by_shard: dict[str, int] | None = None) -> tuple[float, list[float], int]:
     """Drive the server for ``seconds``; returns (reports/s, latencies, failed requests)."""
     rng = random.Random(0)
     per = args.reports_per_request
     width = args.ranks_per_request
-    groups = [range(r, min(r + width, args.ranks)) for r in range(0, args.ranks, width)]
-    # Each body carries `width` ranks (default 1, like healthd_client) for `per // width` consecutive
-    # steps each; bodies cycle through the ranks, then the steps advance.
+    groups = [(job, range(r, min(r + width, len(ranks))))
+              for job, ranks in _jobs(args) for r in range(0, len(ranks), width)]
+    # Each body carries `width` ranks of one job (default 1, like healthd_client) for `per // width`
+    # consecutive steps each; bodies cycle through the ranks (of every job), then the steps advance.
     advance = max(1, per // width)
-    bodies = [_body(g, step0 + s * advance, per, rng) for s in range(args.steps_per_cycle) for g in groups]
+    bodies = [(job, _body(g, step0 + s * advance, per, rng, job))
+              for s in range(args.steps_per_cycle) for job, g in groups]
     latencies: list[float] = []
     counts = [0, 0]
+    shards: dict[str, int] = {} if by_shard is None else by_shard
 
     async def run() -> float:
         t0 = time.perf_counter()
         stop_at = t0 + seconds
         per_conn = [bodies[c::args.connections] for c in range(args.connections)]
         sampler = [_sample(port, stop_at, samples, args.scrape_seconds)] if samples is not None else []
-        await asyncio.gather(*(_connection(port, b, stop_at, latencies, counts, per) for b in per_conn), *sampler)
+        await asyncio.gather(*(_connection(port, b, stop_at, latencies, counts, per, shards) for b in per_conn),
+                             *sampler)
         return time.perf_counter() - t0
 
     elapsed = asyncio.run(run())
@@ -324,10 +366,130 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
             if scrapes:
                 out["scrape_ms_max"] = max(scrapes) * 1e3
                 out["scrape_mib"] = max(x["scrape_bytes"] for x in samples if "scrape_bytes" in x) / 2**20
+                out["scrape_series"] = max(x["scrape_series"] for x in samples if "scrape_series" in x)
         return out
     finally:
         proc.terminate()
         proc.join(10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU time of one process so far, from /proc/<pid>/stat (fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _haproxy_config(ports: list[int]) -> str:
+    """deploy/haproxy/haproxy.cfg (the same frontend, balance, hash, checks) with its server lines
+    replaced by one per shard port, ids 1..N as an operator would number them."""
+    text = HAPROXY_CONFIG.read_text()
+    servers = "".join(f'    server shard{i} "127.0.0.1:{port}" id {i}\n' for i, port in enumerate(ports, 1))
+    replaced, n = re.subn(r"(    server shard\d+ .*\n)+", servers, text)
+    if n != 1:
+        raise RuntimeError(f"{HAPROXY_CONFIG}: expected one block of shard server lines")
+    return replaced
+
+
+def _http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        return answer.status, {k.lower(): v for k, v in answer.getheaders()}, answer.read()
+    finally:
+        conn.close()
+
+
+def _wait(what: str, ok: Any, procs: list[subprocess.Popen[bytes]], logs: list[Path], seconds: float = 120) -> None:
+    """Poll ``ok()`` until true; fail at once with the log of a process that exited."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for proc, log in zip(procs, logs, strict=False):  # procs grow as they start
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: {proc.args} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if ok():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready in {seconds} s")
+        time.sleep(0.1)
+
+
+def bench_shards(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, float]]:
+    """``n`` real ``healthd serve`` processes behind a real HAProxy running deploy/haproxy/haproxy.cfg's
+    settings; the load spread over ``--jobs`` jobs so the hash spreads it. Nothing is pinned: the proxy,
+    the shards and this load generator share the machine's CPUs. Returns ``shards-N``, and for ``n == 1``
+    also ``direct-1``: the same load straight to the same shard, so the difference is the proxy's cost."""
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    config = workdir / "healthd.yaml"
+    config.write_text(json.dumps({"limits": {"max_ranks_per_job": 100_000},
+                                  "engine": {"rank_rules_cpu_share": args.rank_rules_cpu_share}}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HAPROXY_CONFIG.parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    env.pop("HEALTHD_TOKEN", None)
+    ports = [_free_port() for _ in range(n)]
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [workdir / f"shard{i}.log" for i in range(1, n + 1)] + [workdir / "haproxy.log"]
+    try:
+        for port, log in zip(ports, logs, strict=False):  # the last log is the proxy's
+            with open(log, "wb") as log_file:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "healthd.tools.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                     "--config", str(config), "--log-level", "warning"], stdout=log_file, stderr=subprocess.STDOUT,
+                    env=env))
+        for port in ports:
+            _wait("healthd serve", lambda port=port: _http_get(port, "/healthz")[0] == 200, procs, logs)
+        proxy_port = _free_port()
+        (workdir / "haproxy.cfg").write_text(_haproxy_config(ports))
+        with open(logs[-1], "wb") as log_file:
+            procs.append(subprocess.Popen([_haproxy_binary(), "-db", "-f", str(workdir / "haproxy.cfg")],
+                                          stdout=log_file, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "HEALTHD_PROXY_BIND": f"127.0.0.1:{proxy_port}"}))
+        seen: set[str] = set()
+
+        def routed() -> bool:  # every shard passed the proxy's health checks
+            status, headers, _ = _http_get(proxy_port, "/healthz")
+            if status == 200 and "x-healthd-shard" in headers:
+                seen.add(headers["x-healthd-shard"])
+            return len(seen) == n
+        _wait("haproxy routing to every shard", routed, procs, logs)
+        shard_pids, proxy_pid = [p.pid for p in procs[:n]], procs[-1].pid
+        _load(proxy_port, args, args.warmup_seconds, 0)
+        out: dict[str, dict[str, float]] = {}
+        targets = [(f"shards-{n}", proxy_port)] + ([("direct-1", ports[0])] if n == 1 else [])
+        for step0, (name, port) in enumerate(targets, 1):
+            load0, proxy0 = os.getloadavg()[0], _cpu_seconds(proxy_pid)
+            shards0, gen0 = sum(_cpu_seconds(p) for p in shard_pids), time.process_time()
+            by_shard: dict[str, int] = {}
+            rate, lat, failed = _load(port, args, args.seconds, step0 * 100_000, by_shard=by_shard)
+            row = {"reports_per_second": rate, "p50_ms": statistics.median(lat) * 1e3,
+                   "p99_ms": _pct(lat, 0.99) * 1e3, "failed_requests": failed, "requests": len(lat),
+                   "shards_cpu_s": sum(_cpu_seconds(p) for p in shard_pids) - shards0,
+                   "proxy_cpu_s": _cpu_seconds(proxy_pid) - proxy0,
+                   "loadgen_cpu_s": time.process_time() - gen0, "loadavg_1m": load0,
+                   "shards_rss_mib": sum(_proc_status(p)["VmRSS"] for p in shard_pids) / 2**20}
+            row["proxy_cpu_us_per_request"] = 1e6 * row["proxy_cpu_s"] / max(1, len(lat))
+            row["shards_cpu_us_per_report"] = 1e6 * row["shards_cpu_s"] / max(1.0, rate * args.seconds)
+            for i, port_i in enumerate(ports, 1):  # what each shard holds, asked of the shard itself
+                row[f"jobs_shard{i}"] = len(json.loads(_http_get(port_i, "/v1/jobs")[2])["jobs"])
+                row[f"reports_shard{i}"] = by_shard.get(f"shard{i}", 0)
+            out[name] = row
+        return out
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+
+
+def _haproxy_binary() -> str:
+    found = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy")
+                                              if os.path.exists(p)), None)
+    if not found:
+        raise RuntimeError("--shards needs HAProxy (>= 2.6) on PATH or in /usr/sbin")
+    return found
 
 
 def _soak(pid: int, port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -366,7 +528,17 @@ def main() -> None:
     p.add_argument("--soak-seconds", type=float, default=0.0, help="soak the healthd target instead")
     p.add_argument("--targets", default="bare,bare-rsgi,healthd")
     p.add_argument("--rank-rules-cpu-share", type=float, default=0.25, help="engine.rank_rules_cpu_share")
+    p.add_argument("--shards", default="",
+                   help="comma-separated shard counts, e.g. 1,2,3: N `healthd serve` processes behind HAProxy "
+                        "(deploy/haproxy/haproxy.cfg) instead of --targets; 1 also measures the shard direct")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="split --ranks over this many jobs (default: 1, or 64 with --shards so the hash spreads)")
+    p.add_argument("--rounds", type=int, default=1, help="with --shards: repeat the shard counts, interleaved")
     args = p.parse_args()
+    if args.shards:
+        _main_shards(args)
+        return
+    args.jobs = args.jobs or 1
     print(f"{args.ranks} ranks, {args.reports_per_request} reports/request from {args.ranks_per_request} rank(s), "
           f"{args.connections} connections, "
           f"server on 1 core ({os.cpu_count()} CPUs here), "
@@ -379,6 +551,22 @@ def main() -> None:
         if ceiling in results and "healthd" in results:
             ratio = results["healthd"]["reports_per_second"] / results[ceiling]["reports_per_second"]
             print(f"healthd / {ceiling} = {ratio:.2f}")
+
+
+def _main_shards(args: argparse.Namespace) -> None:
+    args.jobs = args.jobs or 64
+    counts = [int(x) for x in args.shards.split(",")]
+    print(f"{args.ranks} ranks in {args.jobs} jobs, {args.reports_per_request} reports/request from "
+          f"{args.ranks_per_request} rank(s), {args.connections} connections, shards {counts} behind HAProxy; "
+          f"NOT isolated: the proxy, every shard and this load generator share this machine's "
+          f"{os.cpu_count()} CPUs (load average at start {os.getloadavg()[0]:.2f}); the shards' windows start "
+          f"empty (no prefill)", flush=True)
+    for r in range(args.rounds):
+        for n in counts:
+            with tempfile.TemporaryDirectory(prefix=f"healthd-shards{n}-") as tmp:
+                for name, row in bench_shards(n, args, Path(tmp)).items():
+                    label = f"{name}" + (f"#{r + 1}" if args.rounds > 1 else "")
+                    print(f"{label:10s} " + "  ".join(f"{k}={v:.1f}" for k, v in row.items()), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench.ingest import _cpu_times, _steal_pct
+from tests.integration.servers import require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -39,3 +40,20 @@ def test_steal_is_read_from_proc_stat_for_the_server_core() -> None:
     after = _cpu_times(0)
     assert after[1] >= before[1] > 0 and after[0] >= before[0] >= 0
     assert _steal_pct((5, 100), (15, 200)) == 10.0
+
+
+def test_two_shards_behind_haproxy_both_receive_reports() -> None:
+    """``--shards 2``: the proxy (deploy/haproxy/haproxy.cfg's settings) spreads the jobs over both shards;
+    each shard's own /v1/jobs holds some of them, and no request failed."""
+    require_binary("haproxy")
+    out = subprocess.run(
+        [sys.executable, "bench/ingest.py", "--shards", "2", "--ranks", "32", "--seconds", "2",
+         "--warmup-seconds", "0.5", "--scrape-seconds", "0", "--connections", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=True).stdout
+    rows = {line.split()[0]: dict(kv.split("=") for kv in line.split()[1:])
+            for line in out.splitlines() if "reports_per_second=" in line}
+    row = rows["shards-2"]
+    assert float(row["failed_requests"]) == 0 and float(row["requests"]) > 0, out
+    for shard in ("shard1", "shard2"):
+        assert float(row[f"reports_{shard}"]) > 0 and float(row[f"jobs_{shard}"]) > 0, out
+    assert "share this machine's" in out  # the output says the numbers are not isolated
