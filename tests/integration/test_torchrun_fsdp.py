@@ -35,12 +35,15 @@ def healthd() -> Iterator[Embedded]:
         yield hd
 
 
-def run_job(hd: Embedded, job: str, tmp_path: Path, ranks: int, replicas: int) -> list[dict[str, Any]]:
+def run_job(hd: Embedded, job: str, tmp_path: Path, ranks: int, replicas: int, script: Path = SCRIPT,
+            **extra: str) -> list[dict[str, Any]]:
+    """Run ``script`` under torchrun to its end, wait until healthd has seen every rank close and
+    evaluated every step; return the script's reference lines."""
     ref = tmp_path / f"{job}.jsonl"
     env = {**os.environ, "HEALTHD_SERVER": hd.url, "HEALTHD_JOB": job, "OMP_NUM_THREADS": "1",
-           "FSDP_STEPS": str(STEPS), "FSDP_REF": str(ref), "FSDP_REPLICAS": str(replicas)}
+           "FSDP_STEPS": str(STEPS), "FSDP_REF": str(ref), "FSDP_REPLICAS": str(replicas), **extra}
     cmd = [str(TORCHRUN), f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(SCRIPT)]
+           str(script)]
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
     assert done.returncode == 0, done.stdout.decode()[-4000:]
     assert b"Warning" not in done.stdout or b"healthd" not in done.stdout, done.stdout.decode()[-4000:]
