@@ -41,6 +41,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, cast(Any, t).to_local()) if is_dtensor(t) else t
 
 
+# The most non-finite tensor positions one report lists (healthd.wire.schema.MAX_NONFINITE_TENSORS; the
+# client imports nothing from the server, and a test holds the two equal).
+MAX_NONFINITE_TENSORS = 4096
+
+
 def _linear(coords: Sequence[int], sizes: Sequence[int]) -> int:
     index = 0
     for c, n in zip(coords, sizes, strict=True):
