@@ -39,7 +39,6 @@ from healthd_client.quantities.sharding import (
     ShardLayout,
     counted_here,
     local,
-    shard_layout,
 )
 
 
@@ -51,7 +50,7 @@ class GradNorm(Quantity):
         self._layout: ShardLayout | None = None
 
     def on_attach(self, ctx: QuantityContext) -> None:
-        self._layout = shard_layout(ctx.plan.params)
+        self._layout = ctx.plan.layout
 
     def before_step(self, ctx: QuantityContext) -> None:
         record = ctx.record
@@ -62,8 +61,12 @@ class GradNorm(Quantity):
         for i, p in enumerate(ctx.plan.params):
             grad = p.grad
             if grad is not None:
-                if counted_here(grad, self._layout):
+                if counted_here(p, self._layout):
                     present.append((i, local(grad)))
+                has_grad[ctx.plan.layer_of_param[i]] = True
+            elif self._layout is not None and local(p).numel() == 0:
+                # FSDP1 (use_orig_params=True): a parameter none of whose elements is in this rank's
+                # shard has no gradient here; it is not missing, the other ranks hold it.
                 has_grad[ctx.plan.layer_of_param[i]] = True
         record.put(self, "missing", [name for name, seen in zip(ctx.plan.names, has_grad, strict=True) if not seen])
         put_layer_norms(self, record, ctx.plan, present, positions=self._layout is not None)

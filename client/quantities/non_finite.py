@@ -29,7 +29,7 @@ from typing import Any
 
 from healthd_client.quantities.base import Quantity, QuantityContext
 from healthd_client.quantities.reduce import nonfinite_positions, put_layer_norms, write_layer_norms
-from healthd_client.quantities.sharding import MAX_NONFINITE_TENSORS, ShardLayout, local, shard_layout
+from healthd_client.quantities.sharding import MAX_NONFINITE_TENSORS, ShardLayout, local
 
 
 class NonFiniteParams(Quantity):
@@ -40,7 +40,7 @@ class NonFiniteParams(Quantity):
         self._layout: ShardLayout | None = None
 
     def on_attach(self, ctx: QuantityContext) -> None:
-        self._layout = shard_layout(ctx.plan.params)
+        self._layout = ctx.plan.layout
 
     def after_step(self, ctx: QuantityContext) -> None:
         record = ctx.record

@@ -88,3 +88,15 @@ def test_fsdp2_two_ranks(healthd: Embedded, tmp_path: Path) -> None:
 def test_hsdp_two_replicas_of_two_shards(healthd: Embedded, tmp_path: Path) -> None:
     ref = run_job(healthd, "hsdp", tmp_path, ranks=4, replicas=2)
     check(healthd, "hsdp", ref, ranks=4)
+
+
+@pytest.mark.parametrize("orig_params", [False, True])
+def test_fsdp1_two_ranks(healthd: Embedded, tmp_path: Path, orig_params: bool) -> None:
+    """FSDP1, both parameter modes: the job's values from the ranks' flat shards, under the user's layer
+    names (per wrapped unit: here each Linear is one)."""
+    job = f"fsdp1-orig{int(orig_params)}"
+    ref = run_job(healthd, job, tmp_path, ranks=2, replicas=1, script=SCRIPT.with_name("fsdp1_train.py"),
+                  FSDP1_ORIG_PARAMS=str(int(orig_params)))
+    check(healthd, job, ref, ranks=2)
+    for r in (0, 1):
+        assert set(healthd.hd.store.jobs[job].ranks[r].steps[-1].layers) == {"0", "2", "4"}
