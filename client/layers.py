@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from healthd_client.quantities.sharding import ShardLayout, fsdp1_layout, shard_layout
+
 # Must match healthd.wire.schema.LayerName.
 _LAYER_NAME_MAX_CHARS = 128
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_.:\-\[\]]")
@@ -28,8 +30,14 @@ OTHER = "other"
 _INDEX_CACHE_MAX_ENTRIES = 32
 
 
+# The attribute under which FSDP1 (FullyShardedDataParallel) holds the module it wraps: a path segment the
+# user never wrote, left out so layers keep the user's module names (as in FSDP1's own state_dict keys).
+_FSDP1_WRAPPED = "_fsdp_wrapped_module"
+
+
 def sanitize_layer_name(name: str) -> str:
     """Map a module path onto the schema's LayerName alphabet and length."""
+    name = ".".join(part for part in name.split(".") if part != _FSDP1_WRAPPED)
     name = _NOT_ALLOWED.sub("_", name) or ROOT
     if len(name) > _LAYER_NAME_MAX_CHARS:
         # Keep the tail: it names the module, the head is usually shared.
@@ -76,8 +84,12 @@ class LayerPlan:
     ``layer_of_param[i]`` is the index in ``layers`` of ``params[i]``'s layer.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], layers: Sequence[Layer]) -> None:
+    def __init__(self, params: Sequence[torch.Tensor], layers: Sequence[Layer],
+                 layout: ShardLayout | None = None) -> None:
         self.params = list(params)
+        # Where this rank's parameters sit in a sharded model (FSDP1's comes from the model, given by
+        # build_layer_plan; FSDP2's from the parameters themselves); None when nothing is sharded.
+        self.layout = layout if layout is not None else shard_layout(self.params)
         self.layers = list(layers)
         self.names = [layer.name for layer in self.layers]
         self.layer_of_param = [0] * len(self.params)
@@ -160,7 +172,7 @@ def build_layer_plan(model: torch.nn.Module, optimizer: torch.optim.Optimizer, m
         kept = [layer for li, layer in enumerate(layers) if li in keep]
         other_name = _unique(OTHER, {layer.name: [] for layer in kept})
         layers = [*kept, make(other_name, "folded", sorted(folded))]
-    return LayerPlan(params, layers)
+    return LayerPlan(params, layers, fsdp1_layout(model, params))
 
 
 def _unique(name: str, taken: dict[str, list[int]]) -> str:

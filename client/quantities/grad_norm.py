@@ -17,8 +17,10 @@ needs values near 1e38 and is itself worth reporting).
 Sharded models (FSDP2, HSDP; see ``sharding``): the gradients are the local shards of the
 DTensor ``.grad`` after the reduce-scatter. Their sum of squares is this rank's part, written as
 ``shard.grad_sq``; healthd adds the parts of the shard group and fills ``grad_norm`` (a rank alone
-cannot know the global norm without a collective). Per-layer norms and ``nonfinite.grads`` are then
-this rank's shards' (per-layer norms are not written: they would be partial).
+cannot know the global norm without a collective). Per-layer parts go in ``layers[*].grad_sq``.
+``nonfinite.grads`` is then this rank's own count, and ``shard.grad_nonfinite`` lists which tensors
+(positions in the optimizer's order) are non-finite in this rank's shard: healthd counts the union over
+the group, the full gradient's non-finite tensors, and replaces the count with it on every rank.
 
 Why it matters: exploding/vanishing gradients and the first NaN are the
 earliest signals of a diverging run (Pascanu et al. 2013, "On the difficulty of
@@ -31,8 +33,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from healthd_client.quantities.base import Quantity, QuantityContext, layer_stats
-from healthd_client.quantities.reduce import put_layer_norms, safe_sqrt, write_layer_norms
-from healthd_client.quantities.sharding import ShardLayout, counted_here, local, shard_layout
+from healthd_client.quantities.reduce import nonfinite_positions, put_layer_norms, safe_sqrt, write_layer_norms
+from healthd_client.quantities.sharding import (
+    MAX_NONFINITE_TENSORS,
+    ShardLayout,
+    counted_here,
+    local,
+)
 
 
 class GradNorm(Quantity):
@@ -43,7 +50,7 @@ class GradNorm(Quantity):
         self._layout: ShardLayout | None = None
 
     def on_attach(self, ctx: QuantityContext) -> None:
-        self._layout = shard_layout(ctx.plan.params)
+        self._layout = ctx.plan.layout
 
     def before_step(self, ctx: QuantityContext) -> None:
         record = ctx.record
@@ -54,11 +61,15 @@ class GradNorm(Quantity):
         for i, p in enumerate(ctx.plan.params):
             grad = p.grad
             if grad is not None:
-                if counted_here(grad, self._layout):
+                if counted_here(p, self._layout):
                     present.append((i, local(grad)))
                 has_grad[ctx.plan.layer_of_param[i]] = True
+            elif self._layout is not None and local(p).numel() == 0:
+                # FSDP1 (use_orig_params=True): a parameter none of whose elements is in this rank's
+                # shard has no gradient here; it is not missing, the other ranks hold it.
+                has_grad[ctx.plan.layer_of_param[i]] = True
         record.put(self, "missing", [name for name, seen in zip(ctx.plan.names, has_grad, strict=True) if not seen])
-        put_layer_norms(self, record, ctx.plan, present)
+        put_layer_norms(self, record, ctx.plan, present, positions=self._layout is not None)
         record.put(self, "layout", self._layout)
 
     def write(self, report: dict[str, Any], values: Mapping[str, Any]) -> None:
@@ -69,7 +80,9 @@ class GradNorm(Quantity):
         skip = missing if layout is None else frozenset(values["names"])
         sq = write_layer_norms(report, values, norm_field="grad_norm", nonfinite_field="grads", skip=skip)
         if layout is not None:
-            report.setdefault("shard", layout.part())["grad_sq"] = sum(sq) if sq is not None else 0.0
+            shard = report.setdefault("shard", layout.part())
+            shard["grad_sq"] = sum(sq) if sq is not None else 0.0
+            shard["grad_nonfinite"] = nonfinite_positions(values, MAX_NONFINITE_TENSORS)
             for name, layer_sq in zip(values["names"], sq or [0.0] * len(values["names"]), strict=True):
                 if name not in missing:
                     layer_stats(report, name)["grad_sq"] = layer_sq

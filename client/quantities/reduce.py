@@ -93,14 +93,30 @@ def ratio(numerator_sq: float, denominator_sq: float) -> float:
 
 
 def put_layer_norms(quantity: Any, record: Any, plan: LayerPlan,
-                    indexed: Iterable[tuple[int, torch.Tensor]]) -> None:
+                    indexed: Iterable[tuple[int, torch.Tensor]], *, positions: bool = False) -> None:
     """Put, per device, the per-layer squared norms (``sq``) and the count of non-finite tensors
-    (``nonfinite``) of (param index, tensor) pairs, plus the layer names; ``write_layer_norms`` reads them."""
+    (``nonfinite``) of (param index, tensor) pairs, plus the layer names; ``write_layer_norms`` reads them.
+    With ``positions``, also which tensors were non-finite (one flag per tensor, read by
+    ``nonfinite_positions``): a sharded model's server needs them to count each tensor once."""
     for device, (indices, tensors) in group_by_device(indexed).items():
         tensor_norms = norms(tensors)
         record.put(quantity, device_key("sq", device), layer_square_sums(plan, device, indices, tensor_norms))
         record.put(quantity, device_key("nonfinite", device), count_nonfinite(tensor_norms))
+        if positions:
+            record.put(quantity, device_key("bad", device), ~torch.isfinite(tensor_norms))
+            record.put(quantity, device_key("at", device), indices)
     record.put(quantity, "names", plan.names)
+
+
+def nonfinite_positions(values: Mapping[str, Any], limit: int) -> list[int] | None:
+    """The param indices whose tensor was non-finite, from what ``put_layer_norms(positions=True)`` put,
+    sorted; None when there are more than ``limit`` (the wire's bound)."""
+    out: list[int] = []
+    for key, flags in values.items():
+        if key.startswith("bad@"):
+            at = values["at@" + key[len("bad@"):]]
+            out.extend(i for i, bad in zip(at, flags, strict=True) if bad)
+    return sorted(out) if len(out) <= limit else None
 
 
 def write_layer_norms(report: dict[str, Any], values: Mapping[str, Any], *, norm_field: str, nonfinite_field: str,

@@ -7,8 +7,15 @@ this rank's part of the job's value; healthd adds the parts of the ranks of one 
 ranks that together hold one full copy: the shard dimension of the device mesh; under HSDP the
 replicate dimension holds equal copies, which must not be added).
 
+FSDP1 (``FullyShardedDataParallel``) keeps plain tensors: with ``use_orig_params=False`` the optimizer
+holds one FlatParameter per wrapped unit, a 1-D tensor that is this rank's shard of the unit's
+parameters; with ``use_orig_params=True`` the parameters are 1-D views into that shard (some of size 0).
+Which ones are shards is read from the model (``FullyShardedDataParallel.fsdp_modules``, public), the
+shard group from the unit's process group; ``fsdp1_layout`` gives it, with the ids of those parameters.
+
 What lives here: ``ShardLayout`` (this rank's group, its position in it and the group's size, from
-the parameters' device mesh and placements) and ``local``. What does not: the measurements.
+the parameters' device mesh and placements, or FSDP1's process group) and ``local``. What does not:
+the measurements.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, cast(Any, t).to_local()) if is_dtensor(t) else t
 
 
+# The most non-finite tensor positions one report lists (healthd.wire.schema.MAX_NONFINITE_TENSORS; the
+# client imports nothing from the server, and a test holds the two equal).
+MAX_NONFINITE_TENSORS = 4096
+
+
 def _linear(coords: Sequence[int], sizes: Sequence[int]) -> int:
     index = 0
     for c, n in zip(coords, sizes, strict=True):
@@ -55,6 +67,7 @@ class ShardLayout:
     group: int
     index: int
     count: int
+    flat: frozenset[int] = frozenset()  # FSDP1: ids of the parameters that are this rank's flat shards
 
     def part(self) -> dict[str, Any]:
         """The ``shard`` dict of a StepReport (``healthd.wire.schema.ShardPart``), without values."""
@@ -82,7 +95,30 @@ def shard_layout(params: Iterable[torch.Tensor]) -> ShardLayout | None:
     return None
 
 
-def counted_here(t: torch.Tensor, layout: ShardLayout | None) -> bool:
-    """Whether this rank adds ``t`` into its shard part: a sharded tensor always (its shard), a plain
-    (replicated) tensor of a sharded model on the group's first rank only, so the sum counts it once."""
-    return layout is None or is_dtensor(t) or layout.index == 0
+def fsdp1_layout(model: torch.nn.Module, params: Iterable[torch.Tensor]) -> ShardLayout | None:
+    """The layout of an FSDP1 model whose units shard (not ``NO_SHARD``, which replicates as DDP does);
+    None when ``model`` holds no such unit or no parameter of ``params`` is in one."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    units = [u for u in FullyShardedDataParallel.fsdp_modules(model)
+             if u.sharding_strategy != ShardingStrategy.NO_SHARD]
+    in_units = {id(p) for u in units for p in u.parameters()}
+    flat = frozenset(id(p) for p in params if id(p) in in_units)
+    if not flat:
+        return None
+    group = units[0].process_group
+    count = torch.distributed.get_world_size(group)
+    if count < 2:
+        return None
+    # HYBRID_SHARD: the unit's process group is the shard group; torch's default groups are runs of
+    # ``count`` consecutive ranks (one per node), so the replica is the global rank // count.
+    return ShardLayout(group=torch.distributed.get_rank() // count, index=torch.distributed.get_rank(group),
+                       count=count, flat=flat)
+
+
+def counted_here(p: torch.Tensor, layout: ShardLayout | None) -> bool:
+    """Whether this rank adds parameter ``p`` (or its gradient) into its shard part: a sharded one
+    always (its shard), a plain (replicated) one of a sharded model on the group's first rank only, so
+    the sum counts it once."""
+    return layout is None or is_dtensor(p) or id(p) in layout.flat or layout.index == 0

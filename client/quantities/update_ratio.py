@@ -50,7 +50,7 @@ from healthd_client.quantities.reduce import (
     ratio,
     sum_partials,
 )
-from healthd_client.quantities.sharding import ShardLayout, counted_here, local, shard_layout
+from healthd_client.quantities.sharding import ShardLayout, counted_here, local
 
 
 def _flat_view(t: torch.Tensor) -> torch.Tensor | None:
@@ -107,7 +107,7 @@ class UpdateRatio(Quantity):
 
     def _build(self, plan: LayerPlan) -> None:
         self._plan = plan
-        self._layout = shard_layout(plan.params)
+        self._layout = plan.layout
         rng = random.Random(self._seed)
         groups: dict[torch.device, tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = {}
         sampled_layers: set[int] = set()

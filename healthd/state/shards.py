@@ -8,9 +8,15 @@ under HSDP, whose replicas hold equal values and must not be added); the update 
 sqrt(sum ||dw||^2) / sqrt(sum ||w||^2). This is the identity ``torch.nn.utils.clip_grad_norm_`` relies on
 for DTensor gradients (an all-reduce of the partial squares over the shard dimension).
 
+Non-finite counts (``nonfinite.grads``, ``nonfinite.params``) count tensors, and a tensor split over the
+ranks may hold a NaN in several ranks' shards: they are not added but counted as the union of the tensor
+positions the ranks name (``ShardPart.grad_nonfinite``), i.e. the tensors of the full gradient (of the
+full parameters) that hold a NaN/Inf, the meaning they have on an unsharded job.
+
 What lives here: holding a sharded job's step records until every rank of their group has reported the
-step, then giving them back with ``grad_norm`` and ``update_ratio`` filled in, so the store's columns
-and the rules see the job's value on every rank, as under DDP. What does not: applying them (the store).
+step, then giving them back with ``grad_norm``, ``update_ratio`` and the non-finite counts filled in,
+so the store's columns and the rules see the job's value on every rank, as under DDP. What does not:
+applying them (the store).
 
 Memory is bounded: at most ``max_pending_steps`` steps wait per job; past that the oldest is given
 back incomplete (its combined values None: one rank is missing, and a partial sum would understate).
@@ -24,7 +30,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from healthd.wire.records import StepRecord
+from healthd.wire.records import CLEAN, NonFiniteRecord, StepRecord
 
 
 def _combined_sqrt(parts: Sequence[float | None]) -> float | None:
@@ -49,6 +55,35 @@ def combine(parts: Sequence[StepRecord]) -> tuple[float | None, float | None]:
     else:
         update_ratio = d / w
     return grad_norm, update_ratio
+
+
+def _union_count(parts: Sequence[list[int] | None]) -> int | None:
+    """How many distinct tensors the ranks name; None when some rank did not say (a partial union would
+    understate)."""
+    if not parts or any(p is None for p in parts):
+        return None
+    return len({i for p in parts if p is not None for i in p})
+
+
+def combine_nonfinite(parts: Sequence[StepRecord]) -> tuple[int | None, int | None]:
+    """(non-finite gradient tensors, non-finite parameter tensors) of the full model at one step of one
+    shard group; None where some rank's part did not list them."""
+    shards = [p.shard for p in parts]
+    if any(s is None for s in shards):
+        return None, None
+    return (_union_count([s.grad_nonfinite for s in shards if s is not None]),
+            _union_count([s.param_nonfinite for s in shards if s is not None]))
+
+
+def _with_nonfinite(r: StepRecord, grads: int | None, params: int | None) -> NonFiniteRecord:
+    nf = r.nonfinite
+    new_grads = nf.grads if grads is None else grads
+    new_params = nf.params if params is None else params
+    if (new_grads, new_params) == (nf.grads, nf.params):
+        return nf
+    if not (nf.loss or new_grads or new_params):
+        return CLEAN
+    return NonFiniteRecord(loss=nf.loss, grads=new_grads, params=new_params)
 
 
 @dataclass
@@ -89,11 +124,13 @@ class ShardCombiner:
         parts = self.pending.pop(key)
         records = [parts[r] for r in sorted(parts)]
         grad_norm, update_ratio = combine(records) if complete else (None, None)
+        bad_grads, bad_params = combine_nonfinite(records) if complete else (None, None)
         layers = _combine_layers(records) if complete else {}
         return [msgspec.structs.replace(
             r,
             grad_norm=grad_norm if r.shard is not None and r.shard.grad_sq is not None else r.grad_norm,
             update_ratio=update_ratio if r.shard is not None and r.shard.update_sq is not None else r.update_ratio,
+            nonfinite=_with_nonfinite(r, bad_grads, bad_params),
             layers={name: msgspec.structs.replace(ls, **layers.get(name, {})) for name, ls in r.layers.items()})
             for r in records]
 

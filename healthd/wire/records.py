@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, cast
 import msgspec
 from msgspec import Meta, Struct
 
-from healthd.wire.schema import JobName, LayerName, StepReport
+from healthd.wire.schema import MAX_NONFINITE_TENSORS, JobName, LayerName, StepReport
 
 # The constraints of healthd.wire.schema's types, as msgspec reads them (names: see NameCheck).
 _Count = Annotated[int, Meta(ge=0)]
@@ -65,6 +65,8 @@ class ShardRecord(_Record, frozen=True, kw_only=True):
     grad_sq: float | None = None
     update_sq: float | None = None
     weight_sq: float | None = None
+    grad_nonfinite: Annotated[list[_Count], Meta(max_length=MAX_NONFINITE_TENSORS)] | None = None
+    param_nonfinite: Annotated[list[_Count], Meta(max_length=MAX_NONFINITE_TENSORS)] | None = None
 
 
 class ActivationRecord(_Record, frozen=True):
@@ -236,7 +238,9 @@ def to_record(s: StepReport) -> StepRecord:
         step_seconds=s.step_seconds, lr=list(s.lr), grad_norm=s.grad_norm,
         shard=None if s.shard is None else ShardRecord(
             group=s.shard.group, index=s.shard.index, count=s.shard.count, grad_sq=s.shard.grad_sq,
-            update_sq=s.shard.update_sq, weight_sq=s.shard.weight_sq),
+            update_sq=s.shard.update_sq, weight_sq=s.shard.weight_sq,
+            grad_nonfinite=None if s.shard.grad_nonfinite is None else list(s.shard.grad_nonfinite),
+            param_nonfinite=None if s.shard.param_nonfinite is None else list(s.shard.param_nonfinite)),
         grad_norm_local=s.grad_norm_local,
         grad_norm_allreduced=s.grad_norm_allreduced, comm_seconds=s.comm_seconds, update_ratio=s.update_ratio,
         nonfinite=CLEAN if not (nf.loss or nf.grads or nf.params) else NonFiniteRecord(

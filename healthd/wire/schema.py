@@ -136,6 +136,11 @@ class LayerStats:
     weight_sq: float | None = None
 
 
+# The most tensor positions a ShardPart lists as non-finite (a rank with more sends none: a whole model
+# gone NaN needs no exact union).
+MAX_NONFINITE_TENSORS = 4096
+
+
 @_record
 class ShardPart:
     """This rank's part of quantities that are sums over a sharded model (FSDP2, HSDP).
@@ -154,6 +159,13 @@ class ShardPart:
     grad_sq: float | None = None  # sum of squares of this rank's gradient shards
     update_sq: float | None = None  # ||w_t - w_{t-1}||^2 over this rank's (sampled) parameter shards
     weight_sq: float | None = None  # ||w_{t-1}||^2 over the same elements
+    # Which parameter tensors (positions in the optimizer's parameter order, the same on every rank) have a
+    # NaN/Inf in this rank's shard of their gradient / of the parameter. A tensor split over ranks may be bad
+    # on several of them, so counts cannot be added: healthd counts the union, the tensors of the full
+    # gradient (parameters) holding a NaN/Inf, and writes it into ``nonfinite`` on every rank of the group.
+    # None: not measured this step, or more than MAX_NONFINITE_TENSORS (the rank's own count then stands).
+    grad_nonfinite: list[Count] | None = Field(default=None, max_length=MAX_NONFINITE_TENSORS)
+    param_nonfinite: list[Count] | None = Field(default=None, max_length=MAX_NONFINITE_TENSORS)
 
 
 @_record

@@ -7,7 +7,11 @@ optimizer is about to apply; per layer too) and update ratio ||w_t - w_{t-1}|| /
 as JSON lines ``{"step", "grad_norm", "update_ratio"}`` to FSDP_REF.
 
 Environment: HEALTHD_SERVER, HEALTHD_JOB, FSDP_STEPS, FSDP_REF, FSDP_REPLICAS (1: FSDP over all
-ranks; 2: HSDP on a (replicas, world / replicas) mesh, replicate x shard).
+ranks; 2: HSDP on a (replicas, world / replicas) mesh, replicate x shard), FSDP_FAULT (for the fault
+tests: ``nan_batch``: a NaN in rank 1's batch at step FAULT_STEP; ``nan_shard``: a NaN written into
+rank 1's local shard of the first layer's weight gradient after backward, at FAULT_STEP; ``lr100``: the
+learning rate 100 times the control's; ``frozen``: the middle Linear's parameters ``requires_grad=False``
+but still in the optimizer).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import healthd_client
 from healthd_client import MonitorConfig
 
 D = 16
+FAULT_STEP = 10
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -44,14 +49,17 @@ def main() -> None:
         mesh = init_device_mesh("cpu", (world,))
     else:
         mesh = init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+    fault = os.environ.get("FSDP_FAULT", "")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(D, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8),
                                 torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    if fault == "frozen":
+        model[2].requires_grad_(False)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-1 if fault == "lr100" else 1e-3)
     cfg = MonitorConfig(heartbeat_seconds=0.5, flush_interval_seconds=0.2, heavy_every_steps=1,
                         fingerprint_every_steps=5)
     monitor = healthd_client.attach(model, opt, config=cfg)
@@ -62,9 +70,15 @@ def main() -> None:
     for step in range(steps):
         x = torch.randn(32, D, generator=gen)
         y = x.sum(dim=1, keepdim=True).sin()
+        if fault == "nan_batch" and step == FAULT_STEP and rank == 1:
+            x[0, 0] = math.nan
         loss = (model(x) - y).square().mean()
         opt.zero_grad()
         loss.backward()
+        if fault == "nan_shard" and step == FAULT_STEP and rank == 1:
+            grad = model[0].weight.grad
+            assert isinstance(grad, DTensor)
+            grad.to_local().view(-1)[0] = math.nan  # this rank's shard only: rank 0's stays finite
         params = [p for p in model.parameters()]
         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
         layer_grad = {name: global_norm([p.grad for p in m.parameters() if p.grad is not None])

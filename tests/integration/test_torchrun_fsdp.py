@@ -35,12 +35,15 @@ def healthd() -> Iterator[Embedded]:
         yield hd
 
 
-def run_job(hd: Embedded, job: str, tmp_path: Path, ranks: int, replicas: int) -> list[dict[str, Any]]:
+def run_job(hd: Embedded, job: str, tmp_path: Path, ranks: int, replicas: int, script: Path = SCRIPT,
+            **extra: str) -> list[dict[str, Any]]:
+    """Run ``script`` under torchrun to its end, wait until healthd has seen every rank close and
+    evaluated every step; return the script's reference lines."""
     ref = tmp_path / f"{job}.jsonl"
     env = {**os.environ, "HEALTHD_SERVER": hd.url, "HEALTHD_JOB": job, "OMP_NUM_THREADS": "1",
-           "FSDP_STEPS": str(STEPS), "FSDP_REF": str(ref), "FSDP_REPLICAS": str(replicas)}
+           "FSDP_STEPS": str(STEPS), "FSDP_REF": str(ref), "FSDP_REPLICAS": str(replicas), **extra}
     cmd = [str(TORCHRUN), f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(SCRIPT)]
+           str(script)]
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=240)
     assert done.returncode == 0, done.stdout.decode()[-4000:]
     assert b"Warning" not in done.stdout or b"healthd" not in done.stdout, done.stdout.decode()[-4000:]
@@ -85,3 +88,15 @@ def test_fsdp2_two_ranks(healthd: Embedded, tmp_path: Path) -> None:
 def test_hsdp_two_replicas_of_two_shards(healthd: Embedded, tmp_path: Path) -> None:
     ref = run_job(healthd, "hsdp", tmp_path, ranks=4, replicas=2)
     check(healthd, "hsdp", ref, ranks=4)
+
+
+@pytest.mark.parametrize("orig_params", [False, True])
+def test_fsdp1_two_ranks(healthd: Embedded, tmp_path: Path, orig_params: bool) -> None:
+    """FSDP1, both parameter modes: the job's values from the ranks' flat shards, under the user's layer
+    names (per wrapped unit: here each Linear is one)."""
+    job = f"fsdp1-orig{int(orig_params)}"
+    ref = run_job(healthd, job, tmp_path, ranks=2, replicas=1, script=SCRIPT.with_name("fsdp1_train.py"),
+                  FSDP1_ORIG_PARAMS=str(int(orig_params)))
+    check(healthd, job, ref, ranks=2)
+    for r in (0, 1):
+        assert set(healthd.hd.store.jobs[job].ranks[r].steps[-1].layers) == {"0", "2", "4"}

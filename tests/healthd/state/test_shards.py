@@ -11,7 +11,7 @@ from healthd.settings import StoreSettings
 from healthd.state.shards import ShardCombiner
 from healthd.state.store import Store
 from healthd.wire.records import ShardRecord, StepRecord
-from healthd.wire.schema import LayerStats, ShardPart, StepReport
+from healthd.wire.schema import LayerStats, NonFinite, ShardPart, StepReport
 
 
 def _step(rank: int, step: int, *, group: int = 0, index: int | None = None, count: int = 2,
@@ -84,3 +84,43 @@ def test_layer_parts_combine_into_layer_norms_and_ratios() -> None:
         assert s.layers["fc"].grad_norm == pytest.approx(5.0)
         assert s.layers["fc"].update_ratio == pytest.approx(0.1)
     assert store.jobs["j"].layers["fc"].grad_norm == pytest.approx(5.0)
+
+
+def _nonfinite_step(rank: int, *, grads: int, grad_at: list[int] | None, params: int = 0,
+                    param_at: list[int] | None = None, group: int = 0, index: int | None = None) -> StepReport:
+    return StepReport(job="j", rank=rank, time=1.0, step=0, loss=1.0, nonfinite=NonFinite(grads=grads, params=params),
+                      shard=ShardPart(group=group, index=rank if index is None else index, count=2, grad_sq=1.0,
+                                      grad_nonfinite=grad_at, param_nonfinite=param_at))
+
+
+@pytest.mark.parametrize(("parts", "want_grads", "want_params"), [
+    # rank 1's shard of tensor 0 is bad, rank 0's is clean: the full gradient has one bad tensor, on both ranks
+    ([(0, [], 0, []), (1, [0], 0, [])], 1, 0),
+    # tensor 3 is bad in both ranks' shards: one tensor, not two; tensor 5 only on rank 1
+    ([(1, [3], 1, [3]), (2, [3, 5], 1, [3])], 2, 1),
+    # rank 1 did not list its tensors (too many, or params not measured this step): each keeps its own count
+    ([(1, [3], 0, None), (4, None, 0, None)], None, None),
+])
+def test_non_finite_tensors_are_the_union_over_the_shard_group(
+        parts: list[tuple[int, list[int] | None, int, list[int] | None]], want_grads: int | None,
+        want_params: int | None) -> None:
+    store = Store(StoreSettings())
+    for rank, (grads, grad_at, params, param_at) in enumerate(parts):
+        store.apply(_nonfinite_step(rank, grads=grads, grad_at=grad_at, params=params, param_at=param_at), 1.0)
+    for rank in (0, 1):
+        (s,) = store.jobs["j"].ranks[rank].steps
+        assert s.nonfinite.grads == (parts[rank][0] if want_grads is None else want_grads)
+        assert s.nonfinite.params == (parts[rank][2] if want_params is None else want_params)
+
+
+def test_hsdp_replicas_count_their_non_finite_tensors_apart() -> None:
+    store = Store(StoreSettings())
+    for rank, at in enumerate([[0], [1], [], []]):
+        store.apply(_nonfinite_step(rank, grads=len(at), grad_at=at, group=rank // 2, index=rank % 2), 1.0)
+    assert [store.jobs["j"].ranks[r].steps[0].nonfinite.grads for r in range(4)] == [2, 2, 0, 0]
+
+
+def test_client_and_wire_bound_the_non_finite_positions_alike() -> None:
+    from healthd.wire import schema
+    from healthd_client.quantities import sharding
+    assert sharding.MAX_NONFINITE_TENSORS == schema.MAX_NONFINITE_TENSORS
