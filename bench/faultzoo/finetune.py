@@ -245,11 +245,11 @@ def optimizer_before_peft() -> Setup:
 
 
 def lr_far_too_high() -> Setup:
-    """The full fine-tune at lr 1e-2 instead of 1e-4: it wrecks the pretrained weights (FINAL_LOSS against
-    the healthy fine-tune's)."""
+    """The full fine-tune at lr 0.3 instead of 1e-4 (no clipping): it wrecks the pretrained weights
+    (FINAL_LOSS against the healthy fine-tune's)."""
     model = _load()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return Setup(model, opt, lambda mon: lm_loop("ft_lr_far_too_high", model, opt, mon), 150)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3)
+    return Setup(model, opt, lambda mon: lm_loop("ft_lr_far_too_high", model, opt, mon, clip=None), 150)
 
 
 def nan_in_adapter() -> Setup:
