@@ -7,6 +7,14 @@ There are at most ``max_layers`` layers: beyond that the smallest (by parameter
 count) are folded into one layer named "other", so the number of label values
 healthd sees stays bounded.
 
+Under peft the module paths are long and say little at a glance
+(``base_model.model.transformer.h.0.attn.c_attn.lora_A.default``): ``readable_layer_name``
+names a layer after the module it adapts instead (``h.0.attn.c_attn:lora``; the frozen
+original it wraps is ``h.0.attn.c_attn``), and a module's LoRA A and B matrices are one
+layer. One layer per adapted module groups the adapters the way a person reads them, and
+is also the unit whose numbers mean something: B starts at zero, so B alone has no update
+ratio and A alone gets no gradient on the first step.
+
 Also here: the per-device index tensors (parameter -> layer) the quantities use
 to scatter-add per-tensor values into per-layer sums without a host sync.
 """
@@ -14,7 +22,7 @@ to scatter-add per-tensor values into per-layer sums without a host sync.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +51,73 @@ def sanitize_layer_name(name: str) -> str:
         # Keep the tail: it names the module, the head is usually shared.
         name = name[-_LAYER_NAME_MAX_CHARS:]
     return name
+
+
+# peft's adapter containers, under the module they adapt: LoRA's A/B (Linear/Conv: ModuleDicts keyed by the
+# adapter's name; Embedding: ParameterDicts), DoRA's magnitude; the frozen original is ``base_layer``.
+_ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_DEFAULT_ADAPTER = "default"
+
+
+def peft_prefixes(model: torch.nn.Module) -> tuple[str, ...] | None:
+    """The module-path prefixes a peft wrapper adds, longest first (``base_model.model.`` plus the wrapped
+    Hugging Face model's ``base_model_prefix``, e.g. ``transformer.``; then ``base_model.model.`` alone, for
+    ``lm_head`` and other modules outside the body), or None when ``model`` is no peft model.
+
+    Only peft models are renamed: the layer names of every other model stay the module paths they were,
+    so existing dashboards and alert routes keep matching."""
+    if type(model).__module__.split(".")[0] != "peft" and not hasattr(model, "peft_config"):
+        return None
+    tuner = getattr(model, "base_model", None)
+    inner = getattr(tuner, "model", None)
+    if not isinstance(inner, torch.nn.Module):
+        return None
+    body = getattr(inner, "base_model_prefix", None)
+    if isinstance(body, str) and body and isinstance(getattr(inner, body, None), torch.nn.Module):
+        return (f"base_model.model.{body}.", "base_model.model.")
+    return ("base_model.model.",)
+
+
+def readable_layer_name(path: str, prefixes: Sequence[str]) -> str:
+    """A peft module path as a person reads it: the first of ``prefixes`` it starts with dropped, adapters
+    named after the module they adapt.
+
+    ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default`` -> ``h.0.attn.c_attn:lora`` (and
+    ``lora_B.default`` too: one layer per adapted module); an adapter not named "default" keeps its name
+    (``h.0.attn.c_attn:lora.math``); ``...c_attn.base_layer`` (the frozen original) -> ``h.0.attn.c_attn``;
+    ``modules_to_save.default`` (the trained copy of a module) -> the module's name and its frozen
+    ``original_module`` -> ``name:original``. Other paths only lose the prefix."""
+    for prefix in prefixes:
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+        if prefix.startswith(path + "."):
+            path = ""  # the wrappers themselves (their own parameters, rare)
+            break
+    parts = path.split(".") if path else []
+    for i, part in enumerate(parts):
+        if i == 0:
+            continue
+        module = ".".join(parts[:i])
+        adapter = parts[i + 1] if i + 1 < len(parts) else _DEFAULT_ADAPTER
+        if part in _ADAPTER_PARTS:
+            return f"{module}:lora" if adapter == _DEFAULT_ADAPTER else f"{module}:lora.{adapter}"
+        if part == "base_layer" and i == len(parts) - 1:
+            return module
+        if part == "modules_to_save" and i + 1 == len(parts) - 1:
+            return module if adapter == _DEFAULT_ADAPTER else f"{module}.{adapter}"
+        if part == "original_module" and i == len(parts) - 1:
+            return f"{module}:original"
+    return path or ROOT
+
+
+def layer_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+    """``(layer name, module)`` for each module of the user's model, unsanitized: the module path, or
+    under peft ``readable_layer_name``'s (several modules may share one: a LoRA's A and B)."""
+    model = unwrap_model(model)
+    prefixes = peft_prefixes(model)
+    for path, module in model.named_modules():
+        yield (readable_layer_name(path, prefixes) if prefixes is not None else path or ROOT), module
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -136,7 +211,7 @@ def build_layer_plan(model: torch.nn.Module, optimizer: torch.optim.Optimizer, m
     groups: dict[str, list[int]] = {}
     module_types: dict[str, str] = {}
     claimed: set[int] = set()
-    for module_path, module in unwrap_model(model).named_modules():
+    for readable, module in layer_names(model):
         owned: list[int] = []
         for p in module.parameters(recurse=False):
             i = position.get(id(p))
@@ -145,9 +220,13 @@ def build_layer_plan(model: torch.nn.Module, optimizer: torch.optim.Optimizer, m
                 owned.append(i)
         if not owned:
             continue
-        name = _unique(sanitize_layer_name(module_path or ROOT), groups)
+        name = sanitize_layer_name(readable)
+        if ":lora" in name and name in groups:  # a LoRA's B after its A: one layer per adapted module
+            groups[name].extend(owned)
+            continue
+        name = _unique(name, groups)
         groups[name] = owned
-        module_types[name] = type(module).__name__
+        module_types[name] = "LoRA" if ":lora" in name else type(module).__name__
     unowned = [i for i in range(len(params)) if i not in claimed]
     if unowned:
         name = _unique(UNOWNED, groups)

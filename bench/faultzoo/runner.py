@@ -91,14 +91,17 @@ def _run_one(scenario: Any, seed: int) -> Result:
     hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1.0}}), listeners=[recorder])
     t0 = time.perf_counter()
     setup = scenario.setup()
-    monitor = attach(setup.model, setup.optimizer, job=f"zoo-{scenario.name}", transport=InProcessTransport(hd),
-                     # Batches of 10 reports, whatever the machine's speed: what a rank at 20 steps/s
-                     # sends with the default 0.5 s flush, and the same evaluation points every run.
-                     config=MonitorConfig(flush_interval_seconds=60.0, max_batch_reports=10,
-                                          heartbeat_seconds=60.0),
-                     strict=True, **setup.hints)
-    onset = setup.train(monitor)
-    monitor.close()
+    kwargs = dict(job=f"zoo-{scenario.name}", transport=InProcessTransport(hd),
+                  # Batches of 10 reports, whatever the machine's speed: what a rank at 20 steps/s
+                  # sends with the default 0.5 s flush, and the same evaluation points every run.
+                  config=MonitorConfig(flush_interval_seconds=60.0, max_batch_reports=10, heartbeat_seconds=60.0),
+                  strict=True, **setup.hints)
+    if setup.optimizer is None:  # a Trainer's callback attaches (and closes) the monitor itself
+        onset = setup.train(kwargs)
+    else:
+        monitor = attach(setup.model, setup.optimizer, **kwargs)
+        onset = setup.train(monitor)
+        monitor.close()
     hd.settle()
     onset = scenario.onset if onset is None else onset
     # severities can escalate after firing: take the final one
@@ -161,6 +164,7 @@ def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.std
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.faultzoo.finetune import FINE_TUNE_SCENARIOS
     from bench.faultzoo.scenarios import SCENARIOS
 
     p = argparse.ArgumentParser(prog="python -m bench.faultzoo", description=__doc__)
@@ -174,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # tiny models; the machine's cores are shared
-    chosen = [s for s in SCENARIOS if (not args.only or s.name in args.only)
+    chosen = [s for s in (*SCENARIOS, *FINE_TUNE_SCENARIOS) if (not args.only or s.name in args.only)
               and (args.kind == "all" or (s.expected is None) == (args.kind == "control"))]
     results = run(chosen, Path(args.out), seeds=args.seeds)
     if args.doc:

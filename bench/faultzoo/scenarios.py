@@ -33,7 +33,9 @@ def seed(k: int) -> int:
 @dataclass
 class Setup:
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    # None: the scenario attaches itself (a framework's callback makes the optimizer); ``train`` then gets
+    # attach()'s keyword arguments (job, transport, config, strict, hints) instead of a monitor.
+    optimizer: torch.optim.Optimizer | None
     train: Callable[[Any], int | None]  # returns an onset override, or None
     steps: int
     hints: dict[str, Any] = field(default_factory=dict)

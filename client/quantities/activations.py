@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from healthd_client.layers import sanitize_layer_name, unwrap_model
+from healthd_client.layers import layer_names, sanitize_layer_name
 from healthd_client.quantities.base import Quantity, QuantityContext, inspection_due
 from healthd_client.quantities.forward_tap import ForwardTap
 
@@ -71,7 +71,7 @@ class Activations(Quantity):
 
     def on_attach(self, ctx: QuantityContext) -> None:
         self._tap.watch_root(ctx.model)
-        for path, module in unwrap_model(ctx.model).named_modules():
+        for path, module in layer_names(ctx.model):  # peft: readable names, as the step reports'
             kind = next((k for t, k in _KINDS if type(module) is t), None)
             if kind is None:
                 continue

@@ -8,6 +8,14 @@ Finds (AttachReport ``static_findings``):
 - ``batchnorm`` / ``sync_batchnorm``: each batch-norm layer (SyncBatchNorm
   separately), for healthd's BatchNormSmallBatch (which also needs the batch
   size of the steps).
+- ``frozen_in_optimizer`` + ``trainable_not_in_optimizer`` (one per layer, under the
+  names the step reports use): the optimizer holds tensors whose ``requires_grad``
+  is False while tensors that require a gradient are missing from it: the optimizer
+  was built before ``get_peft_model`` (which freezes the base model and adds the
+  adapters), or before unfreezing a head; healthd's WeightsNotUpdating names the
+  layers that will never train. Either alone is ordinary (a frozen layer left in the
+  optimizer; a GAN's two optimizers each holding half the model), so neither is sent
+  without the other.
 
 Nothing is measured per step.
 """
@@ -16,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from healthd_client.layers import sanitize_layer_name, unwrap_model
+from healthd_client.layers import layer_names, optimizer_params, sanitize_layer_name, unwrap_model
 from healthd_client.quantities.base import Quantity, QuantityContext
 
 _DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
@@ -44,5 +52,33 @@ class StaticChecks(Quantity):
                 check = "sync_batchnorm" if isinstance(module, torch.nn.SyncBatchNorm) else "batchnorm"
                 found.append({"check": check, "layer": sanitize_layer_name(path or "root"),
                               "detail": type(module).__name__})
+        found[:0] = optimizer_coverage(ctx.model, ctx.optimizer)  # first: the cap below never drops them
         if found:
             ctx.attach_report.setdefault("static_findings", []).extend(found[:_MAX_FINDINGS])
+
+
+def optimizer_coverage(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, str]]:
+    """``frozen_in_optimizer`` and ``trainable_not_in_optimizer`` findings, or none unless both hold."""
+    held = optimizer_params(optimizer)
+    frozen = [p for p in held if not p.requires_grad]
+    if not frozen:
+        return []
+    ids = {id(p) for p in held}
+    missing: dict[str, int] = {}  # layer name -> trainable elements the optimizer does not hold
+    seen: set[int] = set()
+    for name, module in layer_names(model):
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad and id(p) not in ids:
+                layer = sanitize_layer_name(name)
+                missing[layer] = missing.get(layer, 0) + p.numel()
+    if not missing:
+        return []
+    summary = (f"{len(frozen)} of the {len(held)} tensors the optimizer holds have requires_grad=False "
+               f"({sum(p.numel() for p in frozen)} elements); {len(missing)} layers with trainable tensors "
+               f"({sum(missing.values())} elements) are not in it")
+    return [{"check": "frozen_in_optimizer", "detail": summary[:256]},
+            *({"check": "trainable_not_in_optimizer", "layer": layer, "detail": f"{n} trainable elements"}
+              for layer, n in missing.items())]

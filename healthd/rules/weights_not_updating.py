@@ -27,6 +27,8 @@ class WeightsNotUpdatingConfig(WindowedConfig):
                                "optimizer got a gradient before it counts")
     zero_update_ratio: float = Field(default=1e-12, ge=0, description="update ratio treated as no update")
     for_steps: ForSteps = 1
+    named_layers: int = Field(default=6, ge=1, description="layers missing from the optimizer named in the "
+                              "summary (all of them, up to the attach report's cap, are in the evidence)")
 
 
 class WeightsNotUpdating(Rule[RankWindow, WeightsNotUpdatingConfig]):
@@ -41,6 +43,15 @@ class WeightsNotUpdating(Rule[RankWindow, WeightsNotUpdatingConfig]):
     (Towards Data Science, 2019). Fires when, for ``window_steps``
     consecutive steps, a layer's gradient norm is > 0 and its update ratio is at
     most ``zero_update_ratio``. Steps skipped by mixed precision do not count.
+
+    Also critical, from the first step: the optimizer holds parameters whose
+    ``requires_grad`` is False while trainable layers are missing from it (the
+    client's attach-time ``frozen_in_optimizer`` / ``trainable_not_in_optimizer``
+    checks). That is an optimizer built before ``peft.get_peft_model`` froze the
+    base model and added the adapters: it updates nothing, and the adapters it
+    does not hold will never train. The alert names them (up to
+    ``named_layers``). Before either of these, it fires when no layer the
+    optimizer holds got a gradient for ``no_grad_steps`` steps.
     """
 
     name: ClassVar[str] = "WeightsNotUpdating"
@@ -48,11 +59,15 @@ class WeightsNotUpdating(Rule[RankWindow, WeightsNotUpdatingConfig]):
     Config = WeightsNotUpdatingConfig
     advice: ClassVar[str] = (
         "Check that the optimizer was built over model.parameters() of the model you train (not a copy or an "
-        "earlier instance), that the learning rate is not 0, and that optimizer.step() runs after backward()."
+        "earlier instance), that the learning rate is not 0, and that optimizer.step() runs after backward(). Under "
+        "peft, build the optimizer after get_peft_model(), over the parameters with requires_grad=True."
     )
 
     def evaluate(self, window: RankWindow) -> Finding | None:
         cfg = self.config
+        missing = self._trainable_not_in_optimizer(window)
+        if missing is not None:
+            return missing
         orphan = self._no_layer_gets_gradients(window)
         if orphan is not None:
             return orphan
@@ -87,6 +102,29 @@ class WeightsNotUpdating(Rule[RankWindow, WeightsNotUpdatingConfig]):
             rank=window.rank,
             layer=layers[0],
             severity=Severity.CRITICAL if len(layers) == total else None,
+        )
+
+    def _trainable_not_in_optimizer(self, window: RankWindow) -> Finding | None:
+        """The attach report says the optimizer holds frozen tensors and lacks trainable layers."""
+        attach, s = window.meta.attach, window.latest
+        if attach is None or s is None:
+            return None
+        frozen = [f for f in attach.static_findings if f.check == "frozen_in_optimizer"]
+        layers = [f.layer for f in attach.static_findings if f.check == "trainable_not_in_optimizer" and f.layer]
+        if not frozen or not layers:
+            return None
+        n = self.config.named_layers
+        named = ", ".join(layers[:n]) + (f" and {len(layers) - n} more" if len(layers) > n else "")
+        return Finding(
+            summary=(f"{len(layers)} trainable layers will never train: the optimizer does not hold them ({named}), "
+                     f"while it holds parameters with requires_grad=False; was it built before get_peft_model() "
+                     f"(rank {window.rank})?"),
+            evidence={"step": s.step, "layers_not_in_optimizer": len(layers), "layer_names": ", ".join(layers)[:1024],
+                      "optimizer": frozen[0].detail},
+            step=s.step,
+            rank=window.rank,
+            layer=layers[0],
+            severity=Severity.CRITICAL,
         )
 
     def _no_layer_gets_gradients(self, window: RankWindow) -> Finding | None:

@@ -297,7 +297,9 @@ class Hints(_Model):
 class StaticFinding(_Model):
     """A structural fact found by inspecting the model at attach time."""
 
-    check: Literal["dropout_before_batchnorm", "batchnorm", "sync_batchnorm"]
+    check: Literal["dropout_before_batchnorm", "batchnorm", "sync_batchnorm",
+                   # the optimizer holds frozen tensors while trainable ones (layer) are missing from it
+                   "frozen_in_optimizer", "trainable_not_in_optimizer"]
     layer: LayerName | None = None
     detail: ShortText = ""
 
