@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-RankKey = tuple[str, int]  # (job, rank)
+RankKey = tuple[str, int, str | None]  # (job, rank, stream)
 
 
 class EvaluationQueue:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from healthd.engine.alerts import AlertListener, Engine
 from healthd.engine.persistence import AlertDb
-from healthd.engine.scheduler import EvaluationQueue
+from healthd.engine.scheduler import EvaluationQueue, RankKey
 from healthd.exposition.collector import Counters, HealthCollector
 from healthd.rules import ALL_RULES, build_rules
 from healthd.rules.base import JobRule, Rule
@@ -82,6 +82,7 @@ class Healthd:
         now = self.clock()
         limits = self.settings.limits
         capped: list[Rejection] = []
+        refused: list[Rejection] = []  # admitted by the caps, refused for another reason (counted as it)
         accepted = 0
         every = self.settings.engine.max_steps_per_evaluation
         queue = self.queue
@@ -93,22 +94,26 @@ class Healthd:
         # job and rank, and no layer name the job does not know yet. Such a report is admitted as it is
         # (as the run's first was); any other ends the run, which is applied before it is admitted.
         run: list[StepRecord] = []
-        key: tuple[str, int] = ("", -1)
+        key: RankKey = ("", -1, None)
         known: set[str] | frozenset[str] = _NO_NAMES
         waiting = 0
         budget: bool | None = None  # queue.has_budget(), asked once until an evaluation spends some
         for pos, report in enumerate(parsed.reports):
             if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
-                    and report.layers.keys() <= known and report.activations.keys() <= known):
+                    and report.stream == key[2] and report.layers.keys() <= known
+                    and report.activations.keys() <= known):
                 if run:
                     self._apply_run(run, key, now)
                     run = []
                 index = parsed.indices[pos] if parsed.indices is not None else pos
-                admission = admit(self.store, limits, report, index)
+                admission = admit(self.store, limits, report, index, now)
                 if admission is not None:  # past a cap: refused, or trimmed of new layer names
                     if admission.cap is not None and admission.error is not None:
                         Counters.inc(self.counters.capped, admission.cap)
                         capped.append(Rejection(index=index, errors=[admission.error]))
+                    elif admission.error is not None:  # not a cap: a stream another monitor holds
+                        Counters.inc(self.counters.rejected, admission.error.type)
+                        refused.append(Rejection(index=index, errors=[admission.error]))
                     report = admission.report
                     if report is None:
                         continue
@@ -117,9 +122,9 @@ class Healthd:
                     self.store.apply(report, now)
                     Counters.inc(self.counters.received, report.kind)
                     continue
-                key = (report.job, report.rank)
+                key = (report.job, report.rank, report.stream)
                 waiting = queue.waiting(key)
-                job = self.store.jobs.get(report.job)
+                job = self.store.state(report.job, report.stream)
                 known = job.layer_names if job is not None else _NO_NAMES
             accepted += 1
             run.append(report)
@@ -133,12 +138,12 @@ class Healthd:
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:
-            Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted)
+            Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted - len(refused))
         # Tell the job (IngestResult.alerts): looked up only while some alert fires anywhere, so the
         # common answer below stays one cached object per count.
         alerts = self.engine.firing_for(_ranks_of(parsed.reports)) if self.engine.firing_count else []
-        if parsed.rejected or capped:
-            rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
+        if parsed.rejected or capped or refused:
+            rejected = sorted([*parsed.rejected, *capped, *refused], key=lambda r: r.index)
             return 422, IngestResult(accepted=accepted, rejected=rejected, alerts=alerts)
         if alerts:
             return 200, IngestResult(accepted=accepted, alerts=alerts)
@@ -147,22 +152,23 @@ class Healthd:
             result = self._all_accepted[accepted] = IngestResult(accepted=accepted)
         return 200, result
 
-    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float, evaluate: bool = False) -> None:
+    def _apply_run(self, run: list[StepRecord], key: RankKey, now: float, evaluate: bool = False) -> None:
         """Apply one rank's consecutive steps, queue them for its rules, and evaluate it if asked."""
         Counters.inc(self.counters.received, "step", len(run))
         for rank, n in self.store.apply_steps(run, now):  # a sharded job's steps wait for their group
-            self.queue.add((key[0], rank), now, n)
+            self.queue.add((key[0], rank, key[2]), now, n)
         if evaluate:
             self.evaluate_rank(key)
 
-    def evaluate_rank(self, key: tuple[str, int]) -> None:
-        """Run the rank-scoped rules on one queued rank over its waiting steps, charging the budget."""
+    def evaluate_rank(self, key: RankKey) -> None:
+        """Run the rank-scoped rules on one queued rank (of one stream) over its waiting steps, charging the
+        budget."""
         n = self.queue.take(key)
-        job = self.store.jobs.get(key[0])
+        job = self.store.state(key[0], key[2])
         if not n or job is None or key[1] not in job.ranks:
             return
         t0 = time.perf_counter()
-        self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=n))
+        self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=n, stream=key[2]))
         self.queue.charge(time.perf_counter() - t0)
 
     def evaluate_due(self) -> None:
@@ -207,20 +213,22 @@ class Healthd:
         for name in self.store.expiring(self.clock()):
             self.settle(name)
             if rules:
-                yield from self._judge(name, rules, per_slice, final=True)
+                for st in self.store.streams_of(name):
+                    yield from self._judge(name, rules, per_slice, final=True, stream=st.stream)
         for name in self.store.expire(self.clock()):
             self.queue.drop_job(name)
             self.engine.forget(name)
         if not rules:
             return
         yield
-        for job in self.store:
-            yield from self._judge(job.name, rules, per_slice)
+        for job in self.store:  # every stream of every job: rules compare one stream's ranks
+            if job.ranks or not job.streams:  # not the empty unnamed stream of a job of named streams only
+                yield from self._judge(job.name, rules, per_slice, stream=job.stream)
 
     def _judge(self, job: str, rules: Sequence[JobRule], per_slice: int,
-               final: bool = False) -> Iterator[None]:
-        """Run the job-scoped rules on one job's window, pausing as ``tick_slices`` says."""
-        window = yield from self.store.job_window_slices(job, self.clock(), per_slice, final=final)
+               final: bool = False, stream: str | None = None) -> Iterator[None]:
+        """Run the job-scoped rules on one stream's window of a job, pausing as ``tick_slices`` says."""
+        window = yield from self.store.job_window_slices(job, self.clock(), per_slice, final=final, stream=stream)
         yield
         for rule in rules:
             if rule.hints.summarized:

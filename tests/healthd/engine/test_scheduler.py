@@ -97,7 +97,7 @@ def test_without_budget_ranks_wait_and_their_next_evaluation_covers_every_step()
     hd.ingest(_body(0, 0, 10))
     hd.ingest(_body(1, 0, 10))
     hd.ingest(_body(0, 10, 10))
-    assert Seen.calls == [] and hd.queue.keys() == [("j", 0), ("j", 1)]
+    assert Seen.calls == [] and hd.queue.keys() == [("j", 0, None), ("j", 1, None)]
     hd.settle()
     assert Seen.calls == [(0, list(range(20))), (1, list(range(10)))]  # oldest first; no step unseen
     assert len(hd.queue) == 0
@@ -109,7 +109,7 @@ def test_a_nan_is_evaluated_at_once_whatever_the_budget() -> None:
     hd.ingest(_body(0, 0, 10, nan_at=6))
     (alert,) = hd.engine.firing()
     assert alert.step == 6 and Seen.calls == [(0, list(range(7)))]
-    assert hd.queue.keys() == [("j", 0)]  # steps 7-9 wait for the budget
+    assert hd.queue.keys() == [("j", 0, None)]  # steps 7-9 wait for the budget
 
 
 def test_an_infinite_gradient_norm_is_evaluated_at_once_too() -> None:
@@ -119,7 +119,7 @@ def test_an_infinite_gradient_norm_is_evaluated_at_once_too() -> None:
                 "grad_norm": math.inf if s == 3 else 1.0} for s in range(6)]
     hd.ingest(json.dumps({"schema_version": 1, "reports": reports}, allow_nan=True).encode())
     assert Seen.calls == [(0, [0, 1, 2, 3])]  # the rule's own test; no budget needed
-    assert hd.queue.keys() == [("j", 0)]
+    assert hd.queue.keys() == [("j", 0, None)]
 
 
 def test_with_budget_a_request_is_evaluated_before_it_is_answered() -> None:
