@@ -53,6 +53,8 @@ def attach(
     num_classes: int | None = None,
     grad_accumulation_steps: int = 1,
     fine_tune: bool | None = None,
+    stream: str | None = None,
+    loss_kind: str = "minimized",
     rank: int | None = None,
     world_size: int | None = None,
     config: MonitorConfig | None = None,
@@ -70,6 +72,12 @@ def attach(
     token). ``dataset_size``, ``num_classes`` and ``grad_accumulation_steps`` are
     sent as hints, and so is ``fine_tune`` (the job starts from pretrained weights; when
     None, it is inferred: a peft wrapper or a Hugging Face model loaded by name).
+    ``stream`` names this monitor's stream when one process trains several models or
+    optimizers (a GAN: ``stream="generator"`` and ``stream="discriminator"``, one attach
+    each, same job): healthd keeps windows and alerts per (job, rank, stream), and a second
+    open monitor of the same (job, rank, stream) raises ``ValueError``. ``loss_kind="adversarial"``
+    says the stream's loss is not driven down (a GAN player's): healthd's loss-shape rules
+    (plateau, divergence, oscillation, initial loss) leave it alone.
     ``rank``/``world_size`` override torch.distributed and the
     RANK/WORLD_SIZE environment. ``extra_quantities`` are measured in addition
     to the built-in ones. ``strict=True`` lets exceptions inside measurements
@@ -100,6 +108,8 @@ def attach(
         num_classes=num_classes,
         grad_accumulation_steps=grad_accumulation_steps,
         fine_tune=fine_tune,
+        stream=stream,
+        loss_kind=loss_kind,
         rank=rank,
         world_size=world_size,
         config=config,

@@ -31,9 +31,12 @@ class FiringAlert:
     summary: str
     layer: str | None = None
     evidence: dict[str, EvidenceValue] = field(default_factory=dict)
+    stream: str | None = None  # the named stream it is about (attach(stream=...)); None: the unnamed one
 
     def __str__(self) -> str:
         where = "job-wide" if self.rank is None else f"rank {self.rank}"
+        if self.stream is not None:
+            where += f", stream {self.stream}"
         return f"{self.rule} ({self.severity}, {where}, step {self.step}): {self.summary}"
 
 
@@ -75,10 +78,12 @@ def _alert(item: Any) -> FiringAlert | None:
     try:
         evidence = item.get("evidence") or {}
         layer = item.get("layer")
+        stream = item.get("stream")
         return FiringAlert(
             id=str(item["id"]), rule=str(item["rule"]), severity=str(item["severity"]), job=str(item["job"]),
             rank=_int_or_none(item.get("rank")), step=_int_or_none(item.get("step")),
             summary=str(item.get("summary", "")), layer=layer if isinstance(layer, str) else None,
+            stream=stream if isinstance(stream, str) else None,
             evidence={str(k): v for k, v in evidence.items() if v is None or isinstance(v, float | int | str | bool)}
             if isinstance(evidence, dict) else {},
         )

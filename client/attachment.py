@@ -5,6 +5,11 @@ than replacing it: two monitors would double the hooks, and replacing would sile
 one's unsent records (``healthd_client.monitor.attached`` is the registry). The exception is a monitor
 that auto-attach made (``yielding``): an explicit attach replaces it silently, since the script's own
 arguments (job, hints, config) say more than the environment.
+
+Several models and optimizers in one process (a GAN's generator and discriminator, actor and critic)
+are one monitor each, and each names its stream (``stream="generator"``): healthd keeps windows per
+(job, rank, stream). A second open monitor for the same (job, rank, stream) would interleave its steps
+with the first's in one window; attach() refuses it with a ``ValueError`` that says to pass ``stream``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ yielding: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 _RULE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # healthd's rule names: "NonFiniteValues"
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
+_STREAM = re.compile(r"^[a-z0-9_.\-]{1,32}$")  # healthd.wire.schema.STREAM_PATTERN
+LOSS_KINDS = ("minimized", "adversarial")  # healthd.wire.schema.Hints.loss_kind
 
 
 def _optional_count(name: str, value: Any, minimum: int = 0) -> int | None:
@@ -75,6 +82,29 @@ def _check_alert_args(on_alert: Any, stop_on: Any, on_stop: Any) -> tuple[str, .
     return names
 
 
+def _check_stream(stream: Any, loss_kind: Any) -> None:
+    if stream is not None and (not isinstance(stream, str) or not _STREAM.fullmatch(stream)):
+        raise ValueError(f'stream must be None or 1-32 chars of [a-z0-9_.-], e.g. "generator", got {stream!r}')
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {', '.join(map(repr, LOSS_KINDS))}, got {loss_kind!r}")
+
+
+def _claim(job: str, rank: int, stream: str | None) -> None:
+    """Refuse a second open monitor of one (job, rank, stream) in this process; an auto-attached one yields."""
+    for other in list(attached.values()):
+        if other.closed or (other.job, other.identity.rank, other.stream) != (job, rank, stream):
+            continue
+        if other in yielding:
+            other.close()
+            continue
+        named = "the unnamed stream" if stream is None else f"stream {stream!r}"
+        raise ValueError(
+            f"healthd: another monitor is already attached for job {job!r}, rank {rank}, {named}: two monitors "
+            f"reporting the same (job, rank, stream) would interleave their steps in one window. Give each "
+            f'model/optimizer its own stream, e.g. attach(generator, opt_g, job, stream="generator") and '
+            f'attach(discriminator, opt_d, job, stream="discriminator")')
+
+
 def looks_pretrained(model: torch.nn.Module) -> bool:
     """Whether ``model`` shows that it starts from pretrained weights: a peft wrapper (LoRA and
     friends only ever wrap a pretrained model), or a Hugging Face model loaded by name
@@ -104,6 +134,8 @@ def attach(
     num_classes: int | None = None,
     grad_accumulation_steps: int = 1,
     fine_tune: bool | None = None,
+    stream: str | None = None,
+    loss_kind: str = "minimized",
     rank: int | None = None,
     world_size: int | None = None,
     config: MonitorConfig | None = None,
@@ -138,13 +170,16 @@ def attach(
         )
     if fine_tune is not None and not isinstance(fine_tune, bool):
         raise ValueError(f"fine_tune must be True, False or None, got {fine_tune!r}")
-    hints: dict[str, int | bool | None] = {
+    _check_stream(stream, loss_kind)
+    hints: dict[str, int | bool | str | None] = {
         "fine_tune": looks_pretrained(model) if fine_tune is None else fine_tune,
         "dataset_size": _optional_count("dataset_size", dataset_size),
         "num_classes": _optional_count("num_classes", num_classes),
         "grad_accumulation_steps": _optional_count("grad_accumulation_steps", grad_accumulation_steps, 1),
+        "loss_kind": None if loss_kind == "minimized" else loss_kind,  # the default is not sent (older servers)
     }
     identity = detect_identity(rank, world_size)
+    _claim(job, identity.rank, stream)
     if transport is None:
         server = server if server is not None else os.environ.get("HEALTHD_SERVER")
         if not server:
@@ -156,6 +191,7 @@ def attach(
         model,
         optimizer,
         job=job,
+        stream=stream,
         identity=identity,
         transport=transport,
         token=token,

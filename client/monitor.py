@@ -33,6 +33,7 @@ import operator
 import os
 import platform
 import time
+import uuid
 import warnings
 import weakref
 from collections import deque
@@ -96,14 +97,17 @@ class Monitor:
         transport: Transport,
         token: str | None,
         config: MonitorConfig,
-        hints: dict[str, int | bool],
+        hints: dict[str, int | bool | str],
         quantities: Sequence[Quantity],
         strict: bool,
         on_alert: Callable[[FiringAlert], object] | None = None,
         stop_on: Collection[str] = (),
         on_stop: Callable[[FiringAlert], object] | None = None,
+        stream: str | None = None,
     ) -> None:
         self.job = job
+        self.stream = stream  # healthd keeps windows per (job, rank, stream); None: the unnamed stream
+        self.monitor_id = uuid.uuid4().hex[:16]  # tells healthd this monitor from another claiming its stream
         self.identity = identity
         self.config = config
         self._model = model
@@ -130,6 +134,7 @@ class Monitor:
             config=config,
             identity=identity,
             job=job,
+            stream=stream,
             enqueue=self.sender.enqueue,
         )
         self.quantities = list(quantities)
@@ -381,12 +386,16 @@ class Monitor:
     # ------------------------------------------------------------------ other reports
 
     def _base(self, kind: str) -> dict[str, Any]:
-        return {"kind": kind, "job": self.job, "rank": self.identity.rank, "time": time.time()}
+        base = {"kind": kind, "job": self.job, "rank": self.identity.rank, "time": time.time()}
+        if self.stream is not None:  # absent for the unnamed stream: what a server without streams reads
+            base["stream"] = self.stream
+        return base
 
-    def _send_attach_report(self, hints: dict[str, int | bool]) -> None:
+    def _send_attach_report(self, hints: dict[str, int | bool | str]) -> None:
         identity = self.identity
         report = self._base("attach")
         report.update(
+            monitor_id=self.monitor_id,
             world_size=identity.world_size,
             local_rank=identity.local_rank,
             hostname=identity.hostname,

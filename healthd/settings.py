@@ -85,6 +85,13 @@ class LimitSettings(_Section):
     max_jobs: int = Field(default=1_000, ge=1, description="jobs tracked at once")
     max_ranks_per_job: int = Field(default=16_384, ge=1, description="ranks tracked per job")
     max_layers_per_job: int = Field(default=1_024, ge=1, description="distinct layer names per job")
+    max_streams_per_job: int = Field(
+        default=8, ge=1, description="named streams per job (attach(stream=...): one monitor per model or "
+        "optimizer of a GAN, actor-critic or distillation job); the unnamed stream is not counted")
+    stream_owner_live_seconds: float = Field(
+        default=60.0, gt=0, description="a second monitor attaching to a (job, rank, stream) is refused while the "
+        "first one is open and was heard from this recently (a restarted job's new monitor is accepted once the "
+        "old one closed or went silent)")
 
 
 class AuthSettings(_Section):

@@ -131,6 +131,7 @@ class QuantityContext:
         identity: Identity,
         job: str,
         enqueue: Callable[[dict[str, Any]], None],
+        stream: str | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -138,6 +139,7 @@ class QuantityContext:
         self.config = config
         self.identity = identity
         self.job = job
+        self.stream = stream
         self.record: StepRecord | None = None
         self.attach_report: dict[str, Any] = {}
         self._enqueue = enqueue
@@ -147,9 +149,11 @@ class QuantityContext:
         return None if self.record is None else self.record.step
 
     def emit(self, report: dict[str, Any]) -> None:
-        """Send a report of any kind; job, rank and time are filled in when absent."""
+        """Send a report of any kind; job, rank, stream and time are filled in when absent."""
         report.setdefault("job", self.job)
         report.setdefault("rank", self.identity.rank)
+        if self.stream is not None:
+            report.setdefault("stream", self.stream)
         report.setdefault("time", time.time())
         self._enqueue(report)
 

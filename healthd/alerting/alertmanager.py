@@ -18,7 +18,8 @@ delays no other. Deduplicating the notifications is the cluster's job (its
 peers gossip what they sent); healthd does not pick one peer.
 
 Labels (what users route on): ``alertname`` (the rule), ``severity``,
-``job``, ``rank`` when the alert is about one rank. Annotations: ``summary``,
+``job``, ``rank`` when the alert is about one rank, ``stream`` when it is about a named stream
+(``attach(stream=...)``). Annotations: ``summary``,
 ``description`` (the evidence), ``advice``, ``healthd_url`` (a link back to
 the job's alerts), and once it fired ``incident`` (the id of the incident's root
 alert) and ``caused_by`` (the likely cause's alertname, when another alert of
@@ -50,7 +51,7 @@ from healthd.wire.schema import AlertState
 
 log = logging.getLogger(__name__)
 
-AlertKey = tuple[str, str, int | None]  # (job, rule, rank)
+AlertKey = tuple[str, str, int | None, str | None]  # (job, rule, rank, stream)
 EXPIRY_FACTOR = 4  # endsAt of a firing alert, in resend periods ahead (Prometheus uses a similar margin)
 
 
@@ -69,6 +70,8 @@ def alert_labels(alert: Alert) -> dict[str, str]:
     labels = {"alertname": alert.rule, "severity": alert.severity.value, "job": alert.job}
     if alert.rank is not None:
         labels["rank"] = str(alert.rank)
+    if alert.stream is not None:  # absent for a job's unnamed stream: its alerts keep their identity
+        labels["stream"] = alert.stream
     return labels
 
 
@@ -152,7 +155,7 @@ class AlertmanagerPusher:
 
     # ------------------------------------------------------------- engine side (event loop)
     def on_transition(self, alert: Alert, previous: AlertState) -> None:
-        key = (alert.job, alert.rule, alert.rank)
+        key = (alert.job, alert.rule, alert.rank, alert.stream)
         with self._lock:
             if alert.state is AlertState.FIRING:
                 self._firing[key] = alert
@@ -178,7 +181,7 @@ class AlertmanagerPusher:
         with self._lock:
             for alert in alerts:
                 if alert.state is AlertState.FIRING:
-                    self._firing[(alert.job, alert.rule, alert.rank)] = alert
+                    self._firing[(alert.job, alert.rule, alert.rank, alert.stream)] = alert
         for t in self._targets:
             t.wake.set()
 

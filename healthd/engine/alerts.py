@@ -1,6 +1,7 @@
 """The rules engine: runs rules over windows and owns alert state.
 
-An alert is keyed by (job, rule, rank). Its lifecycle follows Prometheus'
+An alert is keyed by (job, rule, rank, stream) (stream: ``attach(stream=...)``, None for a job's
+unnamed stream, so a job without named streams keeps the identities it always had). Its lifecycle follows Prometheus'
 alerting rules: a finding makes it *pending*; findings over ``for_steps``
 steps in a row make it *firing*; ``resolve_after_steps`` steps in a row
 without a finding (the cool-down) make it *resolved*, so a noisy signal does
@@ -55,6 +56,7 @@ class Alert:
     advice: str
     started_at: float
     updated_at: float
+    stream: str | None = None  # the rank's named stream; None: the job's unnamed stream (no label)
     fired_at: float | None = None
     resolved_at: float | None = None
     hits: int = 0
@@ -70,7 +72,7 @@ class Alert:
     def out(self) -> AlertOut:
         return AlertOut(
             id=self.id, rule=self.rule, severity=self.severity, state=self.state, job=self.job, rank=self.rank,
-            layer=self.layer, step=self.step, last_step=self.last_step, summary=self.summary,
+            stream=self.stream, layer=self.layer, step=self.step, last_step=self.last_step, summary=self.summary,
             evidence=dict(self.evidence), advice=self.advice, started_at=self.started_at,
             updated_at=self.updated_at, resolved_at=self.resolved_at, caused_by=self.caused_by,
             incident=self.incident,
@@ -78,16 +80,20 @@ class Alert:
 
     def firing_out(self) -> FiringAlert:
         return FiringAlert(id=self.id, rule=self.rule, severity=self.severity, job=self.job, rank=self.rank,
-                           layer=self.layer, step=self.step, summary=self.summary, evidence=dict(self.evidence))
+                           stream=self.stream, layer=self.layer, step=self.step, summary=self.summary,
+                           evidence=dict(self.evidence))
 
 
 class AlertListener(Protocol):
     def on_transition(self, alert: Alert, previous: AlertState) -> None: ...
 
 
+AlertKey = tuple[str, int | None, str | None]  # (rule, rank, stream) within a job
+
+
 @dataclass
 class _JobAlerts:
-    active: dict[tuple[str, int | None], Alert] = field(default_factory=dict)
+    active: dict[AlertKey, Alert] = field(default_factory=dict)
     history: deque[Alert] = field(default_factory=deque)
 
 
@@ -140,7 +146,7 @@ class Engine:
         new = window.new if self._gated_fields else []
         arrived = {f for f in self._gated_fields for s in new if getattr(s, f) not in _ABSENT}
         for rule in self.rank_rules:
-            key = (rule.name, window.rank)
+            key = (rule.name, window.rank, window.stream)
             reads = rule.hints.reads
             if reads and arrived.isdisjoint(reads) and (book is None or key not in book.active):
                 continue  # none of what it reads arrived: its answer stands (Hints.reads)
@@ -148,7 +154,7 @@ class Engine:
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
             self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key],
-                         weight=weight, at_step=at_step)
+                         weight=weight, at_step=at_step, stream=window.stream)
             book = self._jobs.get(window.job)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
@@ -159,8 +165,9 @@ class Engine:
         for rule in self.job_rules:
             findings = _all(self._evaluate(rule, window))
             book = self._jobs.get(window.job)
-            keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
-            self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
+            keys = [k for k in (book.active if book else {}) if k[0] == rule.name and k[2] == window.stream]
+            self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys,
+                         stream=window.stream)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
 
@@ -181,8 +188,9 @@ class Engine:
         t0 = time.perf_counter()
         findings = _all(self._evaluate(rule, window))
         book = self._jobs.get(window.job)
-        keys = [k for k in (book.active if book else {}) if k[0] == rule.name]
-        self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys)
+        keys = [k for k in (book.active if book else {}) if k[0] == rule.name and k[2] == window.stream]
+        self._update(window.job, rule, [(f.rank, f) for f in findings], window.now, scope_keys=keys,
+                     stream=window.stream)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         if rule is self.job_rules[-1]:
             self.evaluation_count += 1
@@ -196,13 +204,14 @@ class Engine:
             return None
 
     def _update(self, job: str, rule: Rule[Any, Any], findings: list[tuple[int | None, Finding]], now: float,
-                scope_keys: list[tuple[str, int | None]], weight: int = 1, at_step: int | None = None) -> None:
+                scope_keys: list[AlertKey], weight: int = 1, at_step: int | None = None,
+                stream: str | None = None) -> None:
         book = self._jobs.setdefault(job, _JobAlerts())
         cfg = rule.config
-        seen: set[tuple[str, int | None]] = set()
+        seen: set[AlertKey] = set()
         for rank, f in findings:
             rank = f.rank if f.rank is not None else rank
-            key = (rule.name, rank)
+            key = (rule.name, rank, stream)
             seen.add(key)
             severity = f.severity or cfg.severity or rule.severity
             alert = book.active.get(key)
@@ -210,8 +219,10 @@ class Engine:
                 alert = Alert(
                     id=uuid.uuid4().hex[:16], rule=rule.name, severity=severity, state=AlertState.PENDING,
                     job=job, rank=rank, layer=f.layer, step=f.step, last_step=f.step, summary=f.summary,
-                    evidence=dict(f.evidence), advice=rule.advice, started_at=now, updated_at=now,
+                    evidence=dict(f.evidence), advice=rule.advice, started_at=now, updated_at=now, stream=stream,
                 )
+                if stream is not None:  # the summary says which model of the job it is about
+                    alert.summary = f"[stream {stream}] {f.summary}"
                 book.active[key] = alert
             else:
                 escalated = severity.level > alert.severity.level
@@ -220,7 +231,8 @@ class Engine:
                 if alert.state is AlertState.PENDING or escalated:
                     # Once firing, the evidence is what made it fire (the on-call wants the onset, not
                     # step 10,000 of the same NaN); only an escalation brings new evidence.
-                    alert.summary, alert.evidence = f.summary, dict(f.evidence)
+                    alert.summary = f.summary if stream is None else f"[stream {stream}] {f.summary}"
+                    alert.evidence = dict(f.evidence)
                     alert.layer = f.layer or alert.layer
                 alert.last_step = f.step if f.step is not None else alert.last_step
                 alert.updated_at = now
@@ -284,11 +296,11 @@ class Engine:
     def firing_for(self, ranks: Mapping[str, Collection[int]]) -> list[FiringAlert]:
         """The firing alerts to tell the jobs in ``ranks`` (job -> the ranks that reported), for the
         report push's answer (``IngestResult.alerts``): every firing alert of those jobs, one per
-        (job, rule): a reporting rank's when there is one, else the first started; most severe first,
+        (job, rule, stream): a reporting rank's when there is one, else the first started; most severe first,
         then oldest; at most ``MAX_ALERTS_IN_ANSWER``. All ranks' alerts, not only the reporting
         one's: the ranks of a distributed job must stop together, or the others hang in a collective.
         """
-        chosen: dict[tuple[str, str], Alert] = {}
+        chosen: dict[tuple[str, str, str | None], Alert] = {}
         for job, reporting in ranks.items():
             book = self._jobs.get(job)
             if book is None:
@@ -296,7 +308,7 @@ class Engine:
             for alert in book.active.values():
                 if alert.state is not AlertState.FIRING:
                     continue
-                key = (job, alert.rule)
+                key = (job, alert.rule, alert.stream)
                 held = chosen.get(key)
                 if held is None or (held.rank not in reporting and (
                         alert.rank in reporting or alert.started_at < held.started_at)):
@@ -311,7 +323,7 @@ class Engine:
             if a.state is AlertState.RESOLVED:
                 book.history.append(a)
             else:
-                book.active[(a.rule, a.rank)] = a
+                book.active[(a.rule, a.rank, a.stream)] = a
                 self.firing_count += a.state is AlertState.FIRING
 
     def forget(self, job: str) -> None:

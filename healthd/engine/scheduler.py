@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-RankKey = tuple[str, int]  # (job, rank)
+RankKey = tuple[str, int, str | None]  # (job, rank, stream)
 
 
 @dataclass(slots=True)

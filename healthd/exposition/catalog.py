@@ -8,6 +8,9 @@ Label conventions (bounded by construction):
 - ``job``: the training job (healthd's own scrape job must use
   ``honor_labels: true``, as with the Pushgateway, so this label survives);
 - ``rank``: the process rank within the job (0..world_size-1);
+- ``stream``: the named stream of a rank (``attach(stream="generator")``: one of several monitors in
+  one process, at most ``limits.max_streams_per_job`` per job), empty for the job's unnamed stream
+  (Prometheus' convention for an absent label, so a job without streams keeps its series);
 - ``layer``: a parameter group of the model, capped by the client
   (``max_layers``) with the rest folded into ``other``;
 - a step number is never a label: it is the value of ``trainhealth_step``.
@@ -58,8 +61,8 @@ class Metric:
         return self.name[: -len("_total")] if self.type is MetricType.COUNTER else self.name
 
 
-JOB_RANK = ("job", "rank")
-JOB_LAYER = ("job", "layer")
+JOB_RANK = ("job", "rank", "stream")
+JOB_LAYER = ("job", "layer", "stream")
 
 
 def _g(name: str, help: str, labels: tuple[str, ...] = JOB_RANK, unit: str = "") -> Metric:
@@ -129,7 +132,7 @@ CLIENT_DROPPED_TOTAL = _c(
 )
 
 # ----------------------------------------------------------------- per-job (distributed)
-JOB = ("job",)
+JOB = ("job", "stream")
 GLOBAL_BATCH_SIZE = _g("global_batch_size",
                        "Examples per optimizer step over the whole job: per-rank batch x world size x "
                        "gradient accumulation steps.", JOB)
@@ -184,8 +187,8 @@ GPU_XID_EVENTS = _c("gpu_xid_events_total", "XID critical error events the rank'
 # ----------------------------------------------------------------- alerts
 ALERT = _g(
     "alert",
-    "1 while a healthd alert is firing. rank is empty for job-wide alerts.",
-    ("job", "rule", "severity", "rank"),
+    "1 while a healthd alert is firing. rank is empty for job-wide alerts, stream for a job's unnamed stream.",
+    ("job", "rule", "severity", "rank", "stream"),
 )
 
 # ----------------------------------------------------------------- healthd self-metrics

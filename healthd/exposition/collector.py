@@ -110,11 +110,11 @@ class HealthCollector(Collector):
             for metric, value in ((C.GLOBAL_BATCH_SIZE, job.global_batch_size),
                                   (C.GRADIENT_NOISE_SCALE, job.noise.noise_scale)):
                 if value is not None:
-                    per_job[metric.name].add_metric([job.name], float(value))
+                    per_job[metric.name].add_metric([job.name, job.stream or ""], float(value))
             for i, (rank, st) in enumerate(list(job.ranks.items())):  # a copy: ranks may join between slices
                 if i and i % self.RANKS_PER_SLICE == 0:
                     yield None
-                lv = [job.name, str(rank)]
+                lv = [job.name, str(rank), job.stream or ""]
                 last[C.LAST_REPORT_TIMESTAMP.name].add_metric(lv, st.last_seen)
                 s = st.last_step
                 if s is not None:
@@ -144,7 +144,7 @@ class HealthCollector(Collector):
                 if st.last_heartbeat is not None:
                     dropped.add_metric(lv, st.last_heartbeat.reports_dropped_total)
             for name, ls in job.layers.items():
-                lv = [job.name, name]
+                lv = [job.name, name, job.stream or ""]
                 for metric, value in ((C.LAYER_GRAD_NORM, ls.grad_norm), (C.LAYER_UPDATE_RATIO, ls.update_ratio),
                                       (C.LAYER_PARAM_NORM, ls.param_norm)):
                     if value is not None and not math.isnan(value):
@@ -164,7 +164,7 @@ class HealthCollector(Collector):
     def _alerts(self) -> Iterator[Metric]:
         g = _gauge(C.ALERT)
         for a in self.engine.firing():
-            g.add_metric([a.job, a.rule, a.severity.value, "" if a.rank is None else str(a.rank)], 1.0)
+            g.add_metric([a.job, a.rule, a.severity.value, "" if a.rank is None else str(a.rank), a.stream or ""], 1.0)
         yield g
 
     def _self_metrics(self) -> Iterator[Metric]:

@@ -37,10 +37,10 @@ _COUNTERS: tuple[tuple[C.Metric, str], ...] = (
 )
 
 
-def gpu_labels(job: str, rank: int, s: GpuReport) -> list[str]:
-    """Label values in ``catalog.GPU_LABELS`` order."""
+def gpu_labels(job: str, rank: int, stream: str | None, s: GpuReport) -> list[str]:
+    """Label values in ``catalog.GPU_LABELS`` order (``stream`` empty for the job's unnamed stream)."""
     gi = "" if s.gpu_instance_id is None else str(s.gpu_instance_id)
-    return [job, str(rank), str(s.gpu), s.uuid, gi, s.hostname]
+    return [job, str(rank), stream or "", str(s.gpu), s.uuid, gi, s.hostname]
 
 
 def _latest_per_device(samples: list[GpuReport]) -> list[GpuReport]:
@@ -62,7 +62,7 @@ def gpu_metrics(store: Store) -> Iterator[Metric]:
             if not st.gpu:
                 continue
             for s in _latest_per_device(list(st.gpu)):
-                lv = gpu_labels(job.name, rank, s)
+                lv = gpu_labels(job.name, rank, job.stream, s)
                 for metric, attr in _GAUGES:
                     v = getattr(s, attr)
                     if v is not None:
@@ -73,7 +73,7 @@ def gpu_metrics(store: Store) -> Iterator[Metric]:
                         counters[metric.name].add_metric(lv, float(v))
                 for reason in s.throttle_reasons:
                     clock.add_metric([*lv, reason], 1.0)
-            lv = gpu_labels(job.name, rank, st.gpu[-1])
+            lv = gpu_labels(job.name, rank, job.stream, st.gpu[-1])
             for xid, n in sorted(st.gpu_xid_totals.items()):
                 xids.add_metric([*lv, str(xid)], n)
     yield from gauges.values()

@@ -51,6 +51,9 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     pretrained weights did not load (a wrong checkpoint path, mismatched keys
     dropped by ``strict=False``) and warns. With fewer classes a fresh
     classification head on a pretrained body legitimately starts at chance.
+
+    Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
+    a GAN's generator or discriminator loss rises whenever the other player improves): not judged.
     """
 
     name: ClassVar[str] = "InitialLossUnexpected"
@@ -73,6 +76,8 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
         return None
 
     def evaluate(self, window: RankWindow) -> Finding | None:
+        if not window.meta.loss_minimized:
+            return None  # an adversarial loss (a GAN player's) has no shape to judge
         cfg = self.config
         s = window.latest
         if s is None or window.new[0].step > cfg.report_until_step:

@@ -56,6 +56,9 @@ class LossDiverging(Rule[RankWindow, LossDivergingConfig]):
     hold, so minibatch noise on a small, converged loss does not count). Steps
     before the last NaN/Inf are not read. Critical once it is above the loss the
     run started at.
+
+    Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
+    a GAN's generator or discriminator loss rises whenever the other player improves): not judged.
     """
 
     name: ClassVar[str] = "LossDiverging"
@@ -67,6 +70,8 @@ class LossDiverging(Rule[RankWindow, LossDivergingConfig]):
     )
 
     def evaluate(self, window: RankWindow) -> Finding | None:
+        if not window.meta.loss_minimized:
+            return None  # an adversarial loss (a GAN player's) has no shape to judge
         cfg = self.config
         # Only the steps since the last NaN/Inf: a window straddling one compares two different runs.
         losses = window.values_from_step("loss", sound_steps(window, cfg.window_steps), cfg.warmup_steps)

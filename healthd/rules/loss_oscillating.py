@@ -45,6 +45,9 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     since near convergence minibatch noise is large relative to a small loss. A
     fine-tune (the attach hint ``fine_tune``) starts near convergence, so with
     ``num_classes`` known its level is judged against chance, ln(C), when that is higher.
+
+    Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
+    a GAN's generator or discriminator loss rises whenever the other player improves): not judged.
     """
 
     name: ClassVar[str] = "LossOscillating"
@@ -55,6 +58,8 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     )
 
     def evaluate(self, window: RankWindow) -> Finding | None:
+        if not window.meta.loss_minimized:
+            return None  # an adversarial loss (a GAN player's) has no shape to judge
         cfg = self.config
         # only the steps since any NaN/Inf: a window straddling one says nothing about its shape
         losses = window.values_from_step("loss", sound_steps(window, cfg.window_steps), cfg.warmup_steps)

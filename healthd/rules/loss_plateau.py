@@ -56,6 +56,9 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     of a cosine or linear schedule), and a fine-tune's slow loss (the attach hint
     ``fine_tune``: it starts from trained weights, so slow progress near its
     initial level is its normal course; info at most).
+
+    Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
+    a GAN's generator or discriminator loss rises whenever the other player improves): not judged.
     """
 
     name: ClassVar[str] = "LossPlateau"
@@ -68,6 +71,8 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     )
 
     def evaluate(self, window: RankWindow) -> Finding | None:
+        if not window.meta.loss_minimized:
+            return None  # an adversarial loss (a GAN player's) has no shape to judge
         cfg = self.config
         losses = window.values("loss", sound_steps(window, cfg.window_steps))  # since any NaN
         if len(losses) < cfg.window_steps:

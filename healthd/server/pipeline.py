@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from healthd.engine.alerts import AlertListener, Engine
 from healthd.engine.persistence import AlertDb
-from healthd.engine.scheduler import EvaluationQueue
+from healthd.engine.scheduler import EvaluationQueue, RankKey
 from healthd.exposition.collector import Counters, HealthCollector
 from healthd.rules import ALL_RULES, build_rules
 from healthd.rules.base import JobRule, Rule
@@ -82,6 +82,7 @@ class Healthd:
         now = self.clock()
         limits = self.settings.limits
         capped: list[Rejection] = []
+        refused: list[Rejection] = []  # admitted by the caps, refused for another reason (counted as it)
         accepted = 0
         # Step reports are applied in runs of one rank's consecutive steps (a request carries a rank's
         # queue). After a run, its checkpoints (healthd.engine.scheduler: chosen by step numbers alone)
@@ -91,20 +92,24 @@ class Healthd:
         # job and rank, and no layer name the job does not know yet. Such a report is admitted as it is
         # (as the run's first was); any other ends the run, which is applied before it is admitted.
         run: list[StepRecord] = []
-        key: tuple[str, int] = ("", -1)
+        key: RankKey = ("", -1, None)
         known: set[str] | frozenset[str] = _NO_NAMES
         for pos, report in enumerate(parsed.reports):
             if not (run and isinstance(report, StepRecord) and report.rank == key[1] and report.job == key[0]
-                    and report.layers.keys() <= known and report.activations.keys() <= known):
+                    and report.stream == key[2] and report.layers.keys() <= known
+                    and report.activations.keys() <= known):
                 if run:
                     self._apply_run(run, key, now)
                     run = []
                 index = parsed.indices[pos] if parsed.indices is not None else pos
-                admission = admit(self.store, limits, report, index)
+                admission = admit(self.store, limits, report, index, now)
                 if admission is not None:  # past a cap: refused, or trimmed of new layer names
                     if admission.cap is not None and admission.error is not None:
                         Counters.inc(self.counters.capped, admission.cap)
                         capped.append(Rejection(index=index, errors=[admission.error]))
+                    elif admission.error is not None:  # not a cap: a stream another monitor holds
+                        Counters.inc(self.counters.rejected, admission.error.type)
+                        refused.append(Rejection(index=index, errors=[admission.error]))
                     report = admission.report
                     if report is None:
                         continue
@@ -113,10 +118,10 @@ class Healthd:
                     self.store.apply(report, now)
                     Counters.inc(self.counters.received, report.kind)
                     if isinstance(report, HeartbeatReport) and report.closing:  # its last steps: judged now
-                        self._finish((report.job, report.rank), now)
+                        self._finish((report.job, report.rank, report.stream), now)
                     continue
-                key = (report.job, report.rank)
-                job = self.store.jobs.get(report.job)
+                key = (report.job, report.rank, report.stream)
+                job = self.store.state(report.job, report.stream)
                 known = job.layer_names if job is not None else _NO_NAMES
             accepted += 1
             run.append(report)
@@ -126,12 +131,12 @@ class Healthd:
         if parsed.rejected:
             Counters.inc(self.counters.rejected, "invalid", len(parsed.rejected))
         if capped:
-            Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted)
+            Counters.inc(self.counters.rejected, "cardinality_cap", len(parsed.reports) - accepted - len(refused))
         # Tell the job (IngestResult.alerts): looked up only while some alert fires anywhere, so the
         # common answer below stays one cached object per count.
         alerts = self.engine.firing_for(_ranks_of(parsed.reports)) if self.engine.firing_count else []
-        if parsed.rejected or capped:
-            rejected = sorted([*parsed.rejected, *capped], key=lambda r: r.index)
+        if parsed.rejected or capped or refused:
+            rejected = sorted([*parsed.rejected, *capped, *refused], key=lambda r: r.index)
             return 422, IngestResult(accepted=accepted, rejected=rejected, alerts=alerts)
         if alerts:
             return 200, IngestResult(accepted=accepted, alerts=alerts)
@@ -140,45 +145,45 @@ class Healthd:
             result = self._all_accepted[accepted] = IngestResult(accepted=accepted)
         return 200, result
 
-    def _apply_run(self, run: list[StepRecord], key: tuple[str, int], now: float) -> None:
+    def _apply_run(self, run: list[StepRecord], key: RankKey, now: float) -> None:
         """Apply one rank's consecutive steps, queue their checkpoints, and judge them now if a NaN/Inf
         is among them or the budget allows."""
         Counters.inc(self.counters.received, "step", len(run))
-        job = self.store.jobs.get(key[0])
         every = self.settings.engine.max_steps_per_evaluation
         lag = self.store.settings.detail_steps // 2  # a waiting checkpoint's window can be rebuilt this far back
         for rank, applied in self.store.apply_steps(run, now):  # a sharded job's steps wait for their group
-            job = job or self.store.jobs[key[0]]
+            job = self.store.state(key[0], key[2])
+            assert job is not None  # apply_steps made it
             total = job.ranks[rank].steps_total
-            rank_key = (key[0], rank)
+            rank_key = (key[0], rank, key[2])
             urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every)
             self.queue.shed(rank_key, total - lag)
             if urgent or self.queue.has_budget():
                 self.evaluate_rank(rank_key, now)
 
-    def _finish(self, key: tuple[str, int], now: float) -> None:
+    def _finish(self, key: RankKey, now: float) -> None:
         """Judge a rank up to its last step (its monitor closed, or its job is about to expire)."""
-        job = self.store.jobs.get(key[0])
+        job = self.store.state(key[0], key[2])
         st = job.ranks.get(key[1]) if job is not None else None
         if st is not None:
             self.queue.finish(key, now, st.steps_total)
             self.evaluate_rank(key)
 
-    def evaluate_rank(self, key: tuple[str, int], now: float | None = None) -> None:
-        """Judge one rank's waiting checkpoints, oldest first, each on the window as of it, charging the
-        budget (healthd.engine.scheduler) the CPU time it took. Given ``now``, checkpoints that waited
-        longer than engine.max_checkpoint_lag_seconds are shed first, but the newest."""
+    def evaluate_rank(self, key: RankKey, now: float | None = None) -> None:
+        """Judge one rank's (of one stream) waiting checkpoints, oldest first, each on the window as of it,
+        charging the budget (healthd.engine.scheduler) the CPU time it took. Given ``now``, checkpoints that
+        waited longer than engine.max_checkpoint_lag_seconds are shed first, but the newest."""
         if now is not None:
             self.queue.shed_stale(key, now, self.settings.engine.max_checkpoint_lag_seconds)
         checkpoints = self.queue.take(key)
-        job = self.store.jobs.get(key[0])
+        job = self.store.state(key[0], key[2])
         if not checkpoints or job is None or key[1] not in job.ranks:
             return
         t0 = time.thread_time()
         total = job.ranks[key[1]].steps_total
         for at, new_steps in checkpoints:
             self.engine.on_step(self.store.rank_window(key[0], key[1], new_steps=new_steps,
-                                                       as_of=at if at < total else None))
+                                                       as_of=at if at < total else None, stream=key[2]))
         self.queue.charge(time.thread_time() - t0)
 
     def evaluate_due(self) -> None:
@@ -221,24 +226,27 @@ class Healthd:
         # A job about to expire is judged once more over every report it sent, its closed ranks included
         # (a job whose ranks all closed is judged so on every tick: its windows are final), then forgotten.
         for name in self.store.expiring(self.clock()):
-            for rank in list(self.store.jobs[name].ranks):
-                self._finish((name, rank), self.clock())
+            for state in self.store.streams_of(name):
+                for rank in list(state.ranks):
+                    self._finish((name, rank, state.stream), self.clock())
             self.settle(name)
             if rules:
-                yield from self._judge(name, rules, per_slice, final=True)
+                for st in self.store.streams_of(name):
+                    yield from self._judge(name, rules, per_slice, final=True, stream=st.stream)
         for name in self.store.expire(self.clock()):
             self.queue.drop_job(name)
             self.engine.forget(name)
         if not rules:
             return
         yield
-        for job in self.store:
-            yield from self._judge(job.name, rules, per_slice)
+        for job in self.store:  # every stream of every job: rules compare one stream's ranks
+            if job.ranks or not job.streams:  # not the empty unnamed stream of a job of named streams only
+                yield from self._judge(job.name, rules, per_slice, stream=job.stream)
 
     def _judge(self, job: str, rules: Sequence[JobRule], per_slice: int,
-               final: bool = False) -> Iterator[None]:
-        """Run the job-scoped rules on one job's window, pausing as ``tick_slices`` says."""
-        window = yield from self.store.job_window_slices(job, self.clock(), per_slice, final=final)
+               final: bool = False, stream: str | None = None) -> Iterator[None]:
+        """Run the job-scoped rules on one stream's window of a job, pausing as ``tick_slices`` says."""
+        window = yield from self.store.job_window_slices(job, self.clock(), per_slice, final=final, stream=stream)
         yield
         for rule in rules:
             if rule.hints.summarized:

@@ -130,6 +130,10 @@ def _job_summary(hd: Healthd, name: str) -> dict[str, object]:
         "last_step": max((st.last_step.step for st in job.ranks.values() if st.last_step), default=None),
         "firing": len(firing),
         "global_batch_size": job.global_batch_size,
+        # Named streams (attach(stream=...)): each its own ranks and steps; the fields above are the unnamed one's.
+        "streams": {k: {"ranks": sorted(sub.ranks), "last_step": max(
+            (st.last_step.step for st in sub.ranks.values() if st.last_step), default=None)}
+            for k, sub in sorted(job.streams.items())},
     }
 
 

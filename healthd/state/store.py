@@ -4,6 +4,12 @@ Each job's state is independent of every other job's (nothing here is shared
 across jobs), so jobs can later be sharded across healthd instances. Memory is
 bounded per rank (``window_steps`` and friends), never by run length.
 
+A job's rank may carry several named streams (``attach(stream=...)``: a GAN's generator and
+discriminator, one monitor each). Each named stream is a ``JobState`` of its own, kept under its
+job's (``JobState.streams``): its windows, attach hints, shard groups and layers are its own, so rules
+that compare ranks compare one stream's ranks only, and a job's unnamed stream (``store.jobs[name]``)
+is what it always was. Expiry and the job caps count jobs, not streams.
+
 What lives here: applying reports, the windows rules read, counters and
 window extremes the exporter reads. What does not: rules, alert state.
 """
@@ -124,6 +130,8 @@ _consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 @dataclass
 class JobState:
     name: str
+    stream: str | None = None  # None: the job's unnamed stream, which holds the named ones in ``streams``
+    streams: dict[str, JobState] = field(default_factory=dict)
     ranks: dict[int, RankState] = field(default_factory=dict)
     attach: AttachReport | None = None  # rank 0's, or the first seen
     meta: JobMeta = field(default_factory=JobMeta)  # of ``attach``, built when it changes (read every step)
@@ -148,13 +156,36 @@ class Store:
         self._trim_at = settings.window_steps + settings.window_steps // 4  # columns' amortised trim
 
     # ------------------------------------------------------------- writes
-    def _job(self, name: str, now: float) -> JobState:
+    def _job(self, name: str, now: float, stream: str | None = None) -> JobState:
+        """The state of stream ``stream`` of job ``name`` (made when new); a report of any stream keeps the
+        job alive (``expire``)."""
         job = self.jobs.get(name)
         if job is None:
-            job = self.jobs[name] = JobState(
-                name=name, created=now, noise=NoiseScaleEstimator(alpha=self.settings.noise_scale_ema_alpha))
+            job = self.jobs[name] = self._new_state(name, None, now)
         job.last_seen = now
-        return job
+        if stream is None:
+            return job
+        sub = job.streams.get(stream)
+        if sub is None:
+            sub = job.streams[stream] = self._new_state(name, stream, now)
+        sub.last_seen = now
+        return sub
+
+    def _new_state(self, name: str, stream: str | None, now: float) -> JobState:
+        return JobState(name=name, stream=stream, created=now,
+                        noise=NoiseScaleEstimator(alpha=self.settings.noise_scale_ema_alpha))
+
+    def state(self, name: str, stream: str | None = None) -> JobState | None:
+        """The state of one stream of a job (None when healthd has not seen it)."""
+        job = self.jobs.get(name)
+        if job is None or stream is None:
+            return job
+        return job.streams.get(stream)
+
+    def streams_of(self, name: str) -> list[JobState]:
+        """Every stream's state of a job: the unnamed stream's first, then the named ones by name."""
+        job = self.jobs.get(name)
+        return [] if job is None else [job, *(job.streams[k] for k in sorted(job.streams))]
 
     def _rank(self, job: JobState, rank: int) -> RankState:
         st = job.ranks.get(rank)
@@ -186,7 +217,7 @@ class Store:
         if isinstance(report, StepReport):
             self.apply_steps([to_record(report)], now)
             return
-        job = self._job(report.job, now)
+        job = self._job(report.job, now, report.stream)
         st = self._rank(job, report.rank)
         st.last_seen = now
         if isinstance(report, EvalReport):
@@ -217,7 +248,7 @@ class Store:
         a sharded model (``StepRecord.shard``), the ranks whose steps the request completed
         (healthd.state.shards: a step is applied once every rank of its shard group has reported it)."""
         first = steps[0]
-        job = self._job(first.job, now)
+        job = self._job(first.job, now, first.stream)
         combiner = job.shards
         if combiner is None and first.shard is not None:
             combiner = job.shards = ShardCombiner(max_pending_steps=self.settings.detail_steps)
@@ -322,15 +353,17 @@ class Store:
         return gone
 
     # ------------------------------------------------------------- reads
-    def rank_window(self, job_name: str, rank: int, new_steps: int = 1, as_of: int | None = None) -> RankWindow:
+    def rank_window(self, job_name: str, rank: int, new_steps: int = 1, as_of: int | None = None,
+                    stream: str | None = None) -> RankWindow:
         """A rank's window. ``as_of``: the window as it was when the rank's ``as_of``-th step (its
         ``steps_total`` then) had just arrived: later steps are left out of ``steps``, ``columns`` and
         ``initial_steps``, and evaluation reports that came after that step out of ``evals`` (the engine
         judges each checkpoint on it, however late its rank's rules run). Other fields (``gpu``,
-        ``lr_peak``, ``noise_scale``, ``meta``) are as of now. As far back as the store still holds: a
+        ``lr_peak``, ``noise_scale``, ``meta``) are as of now.
+        ``stream``: one named stream's rank (None: the unnamed). As far back as the store still holds: a
         window cannot be older than its kept whole steps (``detail_steps``), which is why a checkpoint
         waits only while it is within half of them (``healthd.engine.scheduler``: later ones are shed)."""
-        job = self.jobs[job_name]
+        job = self.jobs[job_name] if stream is None else self.jobs[job_name].streams[stream]
         st = job.ranks[rank]
         steps: Sequence[StepRecord] = st.steps
         columns: Mapping[str, Sequence[float | None]] = st.columns
@@ -346,6 +379,7 @@ class Store:
         return RankWindow(
             job=job_name,
             rank=rank,
+            stream=stream,
             meta=job.meta,
             steps=steps,
             evals=evals,
@@ -363,9 +397,10 @@ class Store:
         ttl = self.settings.job_ttl_seconds
         return [name for name, j in self.jobs.items() if now - j.last_seen > ttl]
 
-    def job_window(self, job_name: str, now: float, final: bool = False) -> JobWindow:
-        slices = self.job_window_slices(job_name, now, ranks_per_slice=len(self.jobs[job_name].ranks) + 1,
-                                        final=final)
+    def job_window(self, job_name: str, now: float, final: bool = False, stream: str | None = None) -> JobWindow:
+        job = self.jobs[job_name] if stream is None else self.jobs[job_name].streams[stream]
+        slices = self.job_window_slices(job_name, now, ranks_per_slice=len(job.ranks) + 1, final=final,
+                                        stream=stream)
         try:
             while True:
                 next(slices)
@@ -374,11 +409,11 @@ class Store:
             return window
 
     def job_window_slices(self, job_name: str, now: float, ranks_per_slice: int,
-                          final: bool = False) -> Generator[None, None, JobWindow]:
-        """``job_window``, pausing (yielding) every ``ranks_per_slice`` ranks; returns the window. Each
-        rank is as it is when its slice is built. The window is ``final`` when asked (the job is about
-        to expire) or when every rank has closed."""
-        job = self.jobs[job_name]
+                          final: bool = False, stream: str | None = None) -> Generator[None, None, JobWindow]:
+        """``job_window``, pausing (yielding) every ``ranks_per_slice`` ranks; returns the window (of one
+        stream's ranks). Each rank is as it is when its slice is built. The window is ``final`` when asked
+        (the job is about to expire) or when every rank has closed."""
+        job = self.jobs[job_name] if stream is None else self.jobs[job_name].streams[stream]
         ranks: dict[int, RankStatus] = {}
         for i, (r, st) in enumerate(list(job.ranks.items())):
             if i and i % ranks_per_slice == 0:
@@ -396,8 +431,9 @@ class Store:
                 shard_index=None if job.shards is None else job.shards.shard_index(r),
             )
         final = final or bool(ranks) and all(st.closed for st in ranks.values())
-        return JobWindow(job=job_name, meta=job.meta, now=now, ranks=ranks,
+        return JobWindow(job=job_name, stream=stream, meta=job.meta, now=now, ranks=ranks,
                          global_batch_size=job.global_batch_size, noise_scale=job.noise.noise_scale, final=final)
 
     def __iter__(self) -> Iterator[JobState]:
-        return iter(list(self.jobs.values()))
+        """Every stream's state of every job (a job's unnamed stream first, then its named ones)."""
+        return iter([st for name in list(self.jobs) for st in self.streams_of(name)])

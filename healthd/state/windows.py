@@ -58,6 +58,12 @@ class JobMeta:
     def fine_tune(self) -> bool:
         return self.attach.hints.fine_tune if self.attach else False
 
+    @property
+    def loss_minimized(self) -> bool:
+        """Whether the stream's loss is one training drives down (``Hints.loss_kind``): a GAN player's
+        adversarial loss is not, and the loss-shape rules leave it alone."""
+        return self.attach.hints.loss_kind == "minimized" if self.attach else True
+
 
 # Scalar step fields the store also keeps as one series each (``RankWindow.column``): rules read
 # these tails many times per evaluation, and a deque of floats slices far faster than getattr
@@ -129,6 +135,7 @@ class RankWindow(_ColumnReader):
     rank: int
     meta: JobMeta
     steps: Sequence[StepRecord]
+    stream: str | None = None  # the named stream (attach(stream=...)); None: the job's unnamed stream
     evals: Sequence[EvalReport] = ()
     initial_steps: Sequence[StepRecord] = ()  # the first steps the rank ever reported
     gpu: Sequence[GpuReport] = ()
@@ -214,6 +221,7 @@ class JobWindow:
     job: str
     meta: JobMeta
     now: float
+    stream: str | None = None  # the ranks are this stream's (attach(stream=...)); None: the unnamed stream
     ranks: Mapping[int, RankStatus] = field(default_factory=dict)
     global_batch_size: int | None = None  # per-rank batch x world size x grad accumulation (examples)
     noise_scale: float | None = None  # gradient noise scale B_simple (examples), DDP only

@@ -134,19 +134,22 @@ def alerting_group(rules: Sequence[type[Rule[Any, Any]]] = ALL_RULES, *, healthd
 
 
 def recording_group() -> dict[str, Any]:
-    """Per-job pre-aggregations (names follow level:metric:operations)."""
+    """Per-job pre-aggregations (names follow level:metric:operations), one per named stream: a GAN's
+    generator and discriminator losses are not one series (``stream`` is absent for a job's unnamed
+    stream, so a job without streams keeps its recorded series)."""
     rules: list[dict[str, Any]] = []
     for key, base in C.WINDOWED_SIGNALS.items():
         hi, lo, per = C.WINDOW_MAX[key].name, C.WINDOW_MIN[key].name, C.PER_STEP[key].name
-        rules.append({"record": f"job:{hi}:max5m", "expr": f"max by (job) (max_over_time({hi}[5m]))"})
-        rules.append({"record": f"job:{lo}:min5m", "expr": f"min by (job) (min_over_time({lo}[5m]))"})
+        rules.append({"record": f"job:{hi}:max5m", "expr": f"max by (job, stream) (max_over_time({hi}[5m]))"})
+        rules.append({"record": f"job:{lo}:min5m", "expr": f"min by (job, stream) (min_over_time({lo}[5m]))"})
         rules.append({"record": f"job:{base.name}:mean5m",
-                      "expr": f"sum by (job) (rate({per}_sum[5m])) / sum by (job) (rate({per}_count[5m]))"})
+                      "expr": f"sum by (job, stream) (rate({per}_sum[5m])) "
+                              f"/ sum by (job, stream) (rate({per}_count[5m]))"})
     steps = C.STEPS_TOTAL.name
-    rules.append({"record": "job:trainhealth_steps:rate5m", "expr": f"min by (job) (rate({steps}[5m]))"})
-    rules.append({"record": f"job:{C.STEP.name}:max", "expr": f"max by (job) ({C.STEP.name})"})
+    rules.append({"record": "job:trainhealth_steps:rate5m", "expr": f"min by (job, stream) (rate({steps}[5m]))"})
+    rules.append({"record": f"job:{C.STEP.name}:max", "expr": f"max by (job, stream) ({C.STEP.name})"})
     rules.append({"record": f"job:{C.NONFINITE_TOTAL.name}:increase5m",
-                  "expr": f"sum by (job, kind) (increase({C.NONFINITE_TOTAL.name}[5m]))"})
+                  "expr": f"sum by (job, stream, kind) (increase({C.NONFINITE_TOTAL.name}[5m]))"})
     return {"name": "healthd-recording", "rules": rules}
 
 

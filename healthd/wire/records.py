@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, cast
 import msgspec
 from msgspec import Meta, Struct
 
-from healthd.wire.schema import MAX_NONFINITE_TENSORS, JobName, LayerName, StepReport
+from healthd.wire.schema import MAX_NONFINITE_TENSORS, JobName, LayerName, StepReport, StreamName
 
 # The constraints of healthd.wire.schema's types, as msgspec reads them (names: see NameCheck).
 _Count = Annotated[int, Meta(ge=0)]
@@ -101,6 +101,7 @@ class StepRecord(_Record, frozen=True, kw_only=True, tag_field="kind", tag="step
 
     job: str  # NameCheck
     rank: _Rank = 0
+    stream: str | None = None  # NameCheck
     time: _Seconds
     step: _Count
     loss: float | None = None
@@ -148,16 +149,18 @@ def _name_rule(name_type: Any) -> tuple[re.Pattern[str], int, int]:
 
 
 class NameCheck:
-    """Job and layer names against healthd.wire.schema's ``JobName`` and ``LayerName``, remembering up to
-    ``capacity`` names that passed (forgotten all at once past that: names are bounded by the
-    cardinality caps in practice, the capacity bounds memory whatever the input)."""
+    """Job, stream and layer names against healthd.wire.schema's ``JobName``, ``StreamName`` and
+    ``LayerName``, remembering up to ``capacity`` names that passed (forgotten all at once past that:
+    names are bounded by the cardinality caps in practice, the capacity bounds memory whatever the input)."""
 
     def __init__(self, capacity: int = 65_536) -> None:
         self.capacity = capacity
         self._jobs: set[str] = set()
         self._layers: set[str] = set()
+        self._streams: set[str] = set()
         self._job_rule = _name_rule(JobName)
         self._layer_rule = _name_rule(LayerName)
+        self._stream_rule = _name_rule(StreamName)
 
     @staticmethod
     def _valid(name: str, rule: tuple[re.Pattern[str], int, int]) -> bool:
@@ -176,6 +179,10 @@ class NameCheck:
             if not self._valid(r.job, self._job_rule):
                 return False
             self._remember(self._jobs, r.job)
+        if r.stream is not None and r.stream not in self._streams:
+            if not self._valid(r.stream, self._stream_rule):
+                return False
+            self._remember(self._streams, r.stream)
         known = self._layers
         for names in (r.layers, r.activations):
             if names and not names.keys() <= known:
@@ -234,7 +241,7 @@ def to_record(s: StepReport) -> StepRecord:
     """A validated ``StepReport`` (pydantic's) as the record the store keeps."""
     nf = s.nonfinite
     return StepRecord(
-        job=s.job, rank=s.rank, time=s.time, step=s.step, loss=s.loss, batch_size=s.batch_size,
+        job=s.job, rank=s.rank, stream=s.stream, time=s.time, step=s.step, loss=s.loss, batch_size=s.batch_size,
         step_seconds=s.step_seconds, lr=list(s.lr), grad_norm=s.grad_norm,
         shard=None if s.shard is None else ShardRecord(
             group=s.shard.group, index=s.shard.index, count=s.shard.count, grad_sq=s.shard.grad_sq,

@@ -49,6 +49,11 @@ HostName = Annotated[str, StringConstraints(max_length=253, pattern=r"^[A-Za-z0-
 MetricName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=LABEL_SAFE_PATTERN)]
 ReasonName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")]
 Rank = Annotated[int, Field(ge=0, le=1_000_000)]
+# A named stream of a job's rank: one monitor of several in one process (a GAN's generator and
+# discriminator, each with its optimizer). It becomes an alert and series label, so it is a short
+# identifier; absent (None) is the job's single unnamed stream, the identity a job had before streams.
+STREAM_PATTERN = r"^[a-z0-9_.\-]{1,32}$"
+StreamName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=STREAM_PATTERN)]
 Count = Annotated[int, Field(ge=0)]
 Step = Annotated[int, Field(ge=0)]
 UnixTime = Annotated[float, Field(allow_inf_nan=False, ge=0)]
@@ -107,6 +112,7 @@ def _record(cls: type[_T]) -> type[_T]:
 class _ReportBase(_Model):
     job: JobName
     rank: Rank = 0
+    stream: StreamName | None = None  # healthd keeps windows per (job, rank, stream)
     time: UnixTime
 
 
@@ -205,6 +211,7 @@ class StepReport:
 
     job: JobName
     rank: Rank = 0
+    stream: StreamName | None = None
     time: UnixTime
     kind: Literal["step"] = "step"
     step: Step
@@ -292,6 +299,10 @@ class Hints(_Model):
     # The job starts from pretrained weights (attach(fine_tune=True), or the client saw a peft
     # wrapper or a Hugging Face model loaded by name): its first loss is below chance by design.
     fine_tune: bool = False
+    # What the training loop does with this stream's loss. "adversarial": a GAN's generator or
+    # discriminator loss, which goes up when the other player improves; the loss-shape rules
+    # (LossPlateau, LossDiverging, LossOscillating, InitialLossUnexpected) do not judge it.
+    loss_kind: Literal["minimized", "adversarial"] = "minimized"
 
 
 class StaticFinding(_Model):
@@ -318,6 +329,9 @@ class AttachReport(_ReportBase):
     static_findings: list[StaticFinding] = Field(default_factory=list, max_length=256)
     versions: dict[ShortText, ShortText] = Field(default_factory=dict)
     git_commit: ShortText | None = None
+    # Random per monitor (per attach() call): a second monitor claiming a (job, rank, stream) another
+    # live monitor holds is refused, so two step streams never silently interleave in one window.
+    monitor_id: Annotated[str, StringConstraints(max_length=64, pattern=r"^[A-Za-z0-9_\-]*$")] | None = None
 
 
 class GpuReport(_ReportBase):
@@ -382,6 +396,7 @@ class FiringAlert(_Model):
     severity: Severity
     job: str
     rank: int | None  # None for a job-scoped rule
+    stream: str | None = None  # the rank's named stream (attach(stream=...)); None: the unnamed one
     layer: str | None = None
     step: int | None  # step at which the condition was first seen
     summary: str
@@ -415,6 +430,7 @@ class AlertOut(_Model):
     state: AlertState
     job: str
     rank: int | None
+    stream: str | None = None  # the named stream (attach(stream=...)); None: the job's unnamed stream
     layer: str | None = None
     step: int | None  # step at which the condition was first seen
     last_step: int | None = None

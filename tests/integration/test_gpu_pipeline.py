@@ -99,7 +99,7 @@ def test_fake_gpus_drive_rules_and_metrics_through_a_real_healthd() -> None:
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     util0 = samples[("trainhealth_gpu_utilization_ratio", "0", None, None)]
     assert util0.value == pytest.approx(0.30)
-    assert util0.labels == {"job": JOB, "rank": "0", "gpu": "0", "UUID": f"GPU-{U0}", "GPU_I_ID": "",
+    assert util0.labels == {"job": JOB, "rank": "0", "stream": "", "gpu": "0", "UUID": f"GPU-{U0}", "GPU_I_ID": "",
                             "hostname": util0.labels["hostname"]}
     assert samples[("trainhealth_gpu_utilization_ratio", "1", None, None)].labels["UUID"] == f"GPU-{U1}"
     assert samples[("trainhealth_gpu_memory_used_bytes", "0", None, None)].value == 77 * GIB

@@ -54,53 +54,53 @@ def _steps(*numbers: int, nan: int | None = None) -> list[tuple[int, bool]]:
 
 def test_checkpoints_are_the_first_step_each_new_block_and_a_nonfinite_step_with_the_one_before() -> None:
     q = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    assert not q.observe(("j", 0), 1.0, 12, _steps(*range(12)), every=5)
-    assert [t for t, _ in q.take(("j", 0))] == [1, 6, 11]  # steps 0, 5, 10 (steps_total 1, 6, 11)
-    assert q.observe(("j", 0), 2.0, 15, _steps(12, 13, 14, nan=13), every=5)
-    assert q.take(("j", 0)) == [(13, 2), (14, 1)]  # step 12 (before the NaN) and 13; steps since the last
-    assert not q.observe(("j", 0), 3.0, 16, _steps(15), every=5)
-    assert q.take(("j", 0)) == [(16, 2)]
+    assert not q.observe(("j", 0, None), 1.0, 12, _steps(*range(12)), every=5)
+    assert [t for t, _ in q.take(("j", 0, None))] == [1, 6, 11]  # steps 0, 5, 10 (steps_total 1, 6, 11)
+    assert q.observe(("j", 0, None), 2.0, 15, _steps(12, 13, 14, nan=13), every=5)
+    assert q.take(("j", 0, None)) == [(13, 2), (14, 1)]  # step 12 (before the NaN) and 13; steps since the last
+    assert not q.observe(("j", 0, None), 3.0, 16, _steps(15), every=5)
+    assert q.take(("j", 0, None)) == [(16, 2)]
 
 
 def test_checkpoints_do_not_depend_on_how_steps_are_split() -> None:
     whole = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    whole.observe(("j", 0), 1.0, 23, _steps(*range(0, 46, 2), nan=30), every=5)
+    whole.observe(("j", 0, None), 1.0, 23, _steps(*range(0, 46, 2), nan=30), every=5)
     split = EvaluationQueue(share=1.0, burst_seconds=1.0)
     for i in range(23):
-        split.observe(("j", 0), 1.0, i + 1, _steps(2 * i, nan=30), every=5)
-    assert whole.take(("j", 0)) == split.take(("j", 0))
+        split.observe(("j", 0, None), 1.0, i + 1, _steps(2 * i, nan=30), every=5)
+    assert whole.take(("j", 0, None)) == split.take(("j", 0, None))
 
 
 def test_queue_is_oldest_first_and_a_checkpoint_is_queued_once() -> None:
     q = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    q.observe(("j", 1), 10.0, 1, _steps(0), every=5)
-    q.observe(("j", 0), 11.0, 1, _steps(0), every=5)
-    q.observe(("j", 1), 12.0, 6, _steps(1, 2, 3, 4, 5), every=5)
-    q.finish(("j", 1), 12.5, 6)  # already a checkpoint
-    q.observe(("k", 0), 13.0, 1, _steps(0), every=5)
-    assert q.waiting(("j", 1)) == 2  # keeps its place and its oldest arrival
-    assert q.keys() == [("j", 1), ("j", 0), ("k", 0)] and q.keys("k") == [("k", 0)]
-    assert q.oldest() == ("j", 1) and q.oldest_since() == 10.0
-    assert q.take(("j", 1)) == [(1, 1), (6, 5)] and q.take(("j", 1)) == []
+    q.observe(("j", 1, None), 10.0, 1, _steps(0), every=5)
+    q.observe(("j", 0, None), 11.0, 1, _steps(0), every=5)
+    q.observe(("j", 1, None), 12.0, 6, _steps(1, 2, 3, 4, 5), every=5)
+    q.finish(("j", 1, None), 12.5, 6)  # already a checkpoint
+    q.observe(("k", 0, None), 13.0, 1, _steps(0), every=5)
+    assert q.waiting(("j", 1, None)) == 2  # keeps its place and its oldest arrival
+    assert q.keys() == [("j", 1, None), ("j", 0, None), ("k", 0, None)] and q.keys("k") == [("k", 0, None)]
+    assert q.oldest() == ("j", 1, None) and q.oldest_since() == 10.0
+    assert q.take(("j", 1, None)) == [(1, 1), (6, 5)] and q.take(("j", 1, None)) == []
     q.drop_job("j")
-    assert q.keys() == [("k", 0)] and len(q) == 1
+    assert q.keys() == [("k", 0, None)] and len(q) == 1
 
 
 def test_a_rank_too_far_behind_sheds_its_oldest_checkpoints_and_counts_them() -> None:
     q = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    q.observe(("j", 0), 1.0, 40, _steps(*range(40)), every=5)  # checkpoints at totals 1, 6, ..., 36
-    assert q.shed(("j", 0), before=30) == 6 and q.shed_total == 6
-    assert q.take(("j", 0)) == [(31, 31), (36, 5)]  # the first judged one covers the shed steps
-    q.observe(("j", 0), 2.0, 41, _steps(40), every=5)
-    assert q.shed(("j", 0), before=100) == 1 and len(q) == 0 and q.shed_total == 7
+    q.observe(("j", 0, None), 1.0, 40, _steps(*range(40)), every=5)  # checkpoints at totals 1, 6, ..., 36
+    assert q.shed(("j", 0, None), before=30) == 6 and q.shed_total == 6
+    assert q.take(("j", 0, None)) == [(31, 31), (36, 5)]  # the first judged one covers the shed steps
+    q.observe(("j", 0, None), 2.0, 41, _steps(40), every=5)
+    assert q.shed(("j", 0, None), before=100) == 1 and len(q) == 0 and q.shed_total == 7
 
 
 def test_a_rank_whose_state_was_reset_starts_over() -> None:
     q = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    q.observe(("j", 0), 1.0, 10, _steps(*range(10)), every=5)
-    q.take(("j", 0))
-    q.observe(("j", 0), 2.0, 3, _steps(0, 1, 2), every=5)  # the store forgot the rank: totals restart
-    assert q.take(("j", 0)) == [(1, 1)]
+    q.observe(("j", 0, None), 1.0, 10, _steps(*range(10)), every=5)
+    q.take(("j", 0, None))
+    q.observe(("j", 0, None), 2.0, 3, _steps(0, 1, 2), every=5)  # the store forgot the rank: totals restart
+    assert q.take(("j", 0, None)) == [(1, 1)]
 
 
 class Seen(Rule[RankWindow, RuleConfig]):
@@ -141,7 +141,7 @@ def test_without_budget_ranks_wait_and_their_checkpoints_cover_every_step() -> N
     hd.ingest(_body(0, 0, 10))
     hd.ingest(_body(1, 0, 10))
     hd.ingest(_body(0, 10, 10))
-    assert Seen.calls == [] and hd.queue.keys() == [("j", 0), ("j", 1)]
+    assert Seen.calls == [] and hd.queue.keys() == [("j", 0, None), ("j", 1, None)]
     hd.settle()
     # oldest first, each checkpoint on its own window: what it saw new is what a prompt server saw
     assert Seen.calls == [(0, [0]), (0, [1, 2, 3, 4, 5]), (0, [6, 7, 8, 9, 10]), (0, [11, 12, 13, 14, 15]),
@@ -233,10 +233,10 @@ def test_metrics_show_the_wait_until_the_queue_is_settled() -> None:
 
 def test_a_rank_that_waited_past_the_lag_is_judged_at_its_newest_checkpoint_only() -> None:
     q = EvaluationQueue(share=1.0, burst_seconds=1.0)
-    q.observe(("j", 0), 100.0, 20, _steps(*range(20)), every=5)  # totals 1, 6, 11, 16
-    assert q.shed_stale(("j", 0), 105.0, max_seconds=10.0) == 0  # not behind yet
-    assert q.shed_stale(("j", 0), 111.0, max_seconds=10.0) == 3
-    assert q.take(("j", 0)) == [(16, 16)]  # one evaluation covering every step since the last judged
+    q.observe(("j", 0, None), 100.0, 20, _steps(*range(20)), every=5)  # totals 1, 6, 11, 16
+    assert q.shed_stale(("j", 0, None), 105.0, max_seconds=10.0) == 0  # not behind yet
+    assert q.shed_stale(("j", 0, None), 111.0, max_seconds=10.0) == 3
+    assert q.take(("j", 0, None)) == [(16, 16)]  # one evaluation covering every step since the last judged
 
 
 def test_the_sweeper_sheds_what_waited_too_long_and_settle_never_does() -> None:

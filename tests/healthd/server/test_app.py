@@ -47,12 +47,13 @@ def test_nan_survives_the_trip_and_fires_at_its_step(healthd_server: LiveHealthd
 
     m = scrape(healthd_server)
     (loss,) = m[C.LOSS.name]
-    assert math.isnan(loss.value) and loss.labels == {"job": "run-1", "rank": "0"}
+    assert math.isnan(loss.value) and loss.labels == {"job": "run-1", "rank": "0", "stream": ""}
     assert m[C.STEP.name][0].value == 10
     nonfinite = {s.labels["kind"]: s.value for s in m[C.NONFINITE_TOTAL.name]}
     assert nonfinite == {"loss": 1, "grads": 3, "params": 0}
     (alert,) = m[C.ALERT.name]
-    assert alert.labels == {"job": "run-1", "rule": "NonFiniteValues", "severity": "critical", "rank": "0"}
+    assert alert.labels == {"job": "run-1", "rule": "NonFiniteValues", "severity": "critical", "rank": "0",
+                            "stream": ""}
     assert m[C.LOSS.name + "_window_max"][0].value == 2.0  # the max over the window, NaN left out
     assert m["healthd_reports_received_total"][0].labels == {"kind": "step"}
 
@@ -105,7 +106,7 @@ def test_per_rank_and_per_layer_series_and_expiry() -> None:
         assert {(s.labels["param_group"], s.value) for s in m[C.LEARNING_RATE.name] if s.labels["rank"] == "0"} \
             == {("0", 0.1), ("1", 0.01)}
         (lg,) = m[C.LAYER_GRAD_NORM.name]
-        assert lg.labels == {"job": "run-1", "layer": "fc1"}  # per-layer: one series per job, no rank
+        assert lg.labels == {"job": "run-1", "layer": "fc1", "stream": ""}  # per-layer: one series per job, no rank
         assert [s.value for s in m["trainhealth_steps_total"] if s.labels["rank"] == "1"] == [3]
         now[0] += 61  # past the TTL: the server's ticker expires the job, and the next scrape has none of it
         deadline = time.monotonic() + 30
@@ -158,7 +159,7 @@ def test_metrics_are_collected_in_slices_that_let_other_work_in_and_read_as_one_
         app_module._SLICE_SECONDS = slice_seconds
     assert ticks >= 600 // hd.collector.RANKS_PER_SLICE, "the event loop ran other work during the scrape"
     assert text == generate_latest(hd.registry)
-    assert text.count(b'trainhealth_loss{job="big",rank="599"}') == 1
+    assert text.count(b'trainhealth_loss{job="big",rank="599",stream=""}') == 1
 
 
 

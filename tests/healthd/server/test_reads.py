@@ -63,7 +63,7 @@ def queued() -> tuple[TestClient, Healthd, Heard]:
     assert client.post("/v1/reports", content=_body(0, range(4, 9))).status_code == 200
     assert client.post("/v1/reports", content=_body(1, range(5))).status_code == 200
     assert [a.step for a in hd.engine.firing()] == [3] and len(heard.calls) == 1  # a NaN is evaluated at once
-    assert hd.queue.keys() == [("j", 0), ("j", 1)]
+    assert hd.queue.keys() == [("j", 0, None), ("j", 1, None)]
     heard.calls.clear()
     return client, hd, heard
 
