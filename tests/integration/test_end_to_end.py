@@ -136,7 +136,7 @@ def test_series_reach_metrics(server: LiveHealthd) -> None:
     for name in ("trainhealth_loss", "trainhealth_grad_norm", "trainhealth_update_ratio", "trainhealth_learning_rate",
                  "trainhealth_step_seconds", "trainhealth_layer_grad_norm", "trainhealth_layer_update_ratio"):
         assert f'{name}{{job="e2e-metrics"' in text, name
-    assert 'trainhealth_step{job="e2e-metrics",rank="0"} 19.0' in text
+    assert 'trainhealth_step{job="e2e-metrics",rank="0",stream=""} 19.0' in text
 
 
 def test_demo_catches_its_fault() -> None:

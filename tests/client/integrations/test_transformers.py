@@ -85,7 +85,7 @@ def test_metrics_arrive_per_optimizer_step(tmp_path: Path) -> None:
     assert attach["model"]["param_count"] == sum(p.numel() for p in BertForSequenceClassification(
         BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                    max_position_embeddings=16, num_labels=2)).parameters())
-    assert f'{C.LOSS.name}{{job="hf-ok",rank="0"}}' in metrics
+    assert f'{C.LOSS.name}{{job="hf-ok",rank="0",stream=""}}' in metrics
     assert not [a for a in data["alerts"] if a["severity"] == "critical"]
 
 
