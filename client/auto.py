@@ -33,6 +33,12 @@ output, it is the scaled loss (``scaler.scale(loss)`` is what ``backward()`` is 
 size is the first dimension of the model's first tensor argument, summed over the forward calls of a
 step (gradient accumulation).
 
+``HEALTHD_STOP_ON=NonFiniteValues[,Rule...]`` (``healthd-run --stop-on``) is ``attach(stop_on=...)``:
+when healthd answers that one of those alerts fires, the next ``optimizer.step()`` raises
+``healthd_client.TrainingStopped`` (from the monitor's pre-hook, before the update, or from the
+post-hook that completes the step, as an explicit ``monitor.step()`` would). A name that is not an alert
+name is logged and ignored: a typo must not cost the job its monitoring.
+
 One monitor per process: the first optimizer to step. Another optimizer stepping is logged once and
 not monitored. An explicit ``attach`` wins: auto-attach leaves an optimizer alone that already has a
 monitor, and an explicit ``attach`` on an optimizer auto-attach monitors replaces that monitor
@@ -59,6 +65,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from healthd_client.alerts import ALERT_NAME, TrainingStopped
 from healthd_client.identity import label_safe
 
 logger = logging.getLogger("healthd_client.auto")
@@ -80,6 +87,18 @@ def default_job(argv: list[str] | None = None, environ: Mapping[str, str] | None
                    if environ.get(n) and environ[n] != "none"), None)
     name = label_safe(f"{script}-{run_id}" if run_id else script).lstrip("_.:/@+-")
     return name or "python"
+
+
+def stop_on_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The alert names in HEALTHD_STOP_ON (comma- or space-separated); names that cannot be alerts are
+    logged and dropped."""
+    environ = os.environ if environ is None else environ
+    names = [n for n in environ.get("HEALTHD_STOP_ON", "").replace(",", " ").split() if n]
+    bad = [n for n in names if not ALERT_NAME.match(n)]
+    if bad:
+        logger.warning("healthd: HEALTHD_STOP_ON: %s not alert names (e.g. NonFiniteValues); ignored",
+                       ", ".join(repr(n) for n in bad))
+    return tuple(dict.fromkeys(n for n in names if n not in bad))
 
 
 def _scalar_loss(value: Any) -> torch.Tensor | None:
@@ -322,6 +341,9 @@ class AutoAttach:
         kwargs: dict[str, Any] = {"job": os.environ.get("HEALTHD_JOB") or default_job(), "server": server}
         if self._config is not None:
             kwargs["config"] = self._config
+        stop_on = stop_on_from_env()
+        if stop_on:
+            kwargs["stop_on"] = stop_on
         monitor = attach(model, optimizer, **kwargs)
         from healthd_client.attachment import yielding
 
@@ -423,6 +445,8 @@ class AutoAttach:
                 self._module_handles = []
                 return
             monitor.step(loss=loss, batch_size=batch)
+        except TrainingStopped:
+            raise  # HEALTHD_STOP_ON: the job asked for this; it leaves optimizer.step() as from monitor.step()
         except Exception as exc:
             self._fail("the optimizer step post-hook", exc)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 import healthd_client
 from healthd_client import MonitorConfig, auto, bootstrap, launcher
 from tests.client.conftest import FAST, RecordingTransport
+from tests.client.test_monitor_alerts import NAN_ALERT, Answering
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,7 +157,51 @@ def test_launcher_help_explains_the_options(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         launcher.main(["--help"])
     out = capsys.readouterr().out
-    assert all(word in out for word in ("--server", "--job", "--token", "HEALTHD_AUTO=1", "torchrun"))
+    assert all(word in out for word in ("--server", "--job", "--token", "HEALTHD_AUTO=1", "torchrun", "--stop-on",
+                                        "HEALTHD_STOP_ON", "TrainingStopped"))
+
+
+def test_launcher_stop_on_sets_the_switch_and_refuses_non_names() -> None:
+    args = launcher.parser().parse_args(["--server", "h", "--stop-on", "NonFiniteValues, LossPlateau", "--", "x"])
+    assert launcher.environment(args, ["x"], {})["HEALTHD_STOP_ON"] == "NonFiniteValues,LossPlateau"
+    assert "HEALTHD_STOP_ON" not in launcher.environment(launcher.parser().parse_args(["--server", "h", "--", "x"]),
+                                                         ["x"], {})
+    with pytest.raises(ValueError, match="--stop-on"):
+        launcher.environment(launcher.parser().parse_args(["--server", "h", "--stop-on", "nan!", "--", "x"]), ["x"], {})
+
+
+def test_stop_on_from_env_drops_what_cannot_be_an_alert(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="healthd_client.auto"):
+        names = auto.stop_on_from_env({"HEALTHD_STOP_ON": "NonFiniteValues,,9bad ExplodingGradients,NonFiniteValues"})
+    assert names == ("NonFiniteValues", "ExplodingGradients")
+    assert sum("'9bad'" in r.message for r in caplog.records) == 1
+    assert auto.stop_on_from_env({}) == ()
+
+
+def test_healthd_stop_on_stops_at_the_next_step_as_explicit_stop_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
+    monkeypatch.setenv("HEALTHD_JOB", "test-job")
+    monkeypatch.setenv("HEALTHD_STOP_ON", "NonFiniteValues")
+    answering = Answering()
+    a = auto.AutoAttach(attach=functools.partial(healthd_client.attach, transport=answering),
+                        config=MonitorConfig(**FAST))
+    a.install()
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    try:
+        loop(model, opt, 2)
+        assert a.monitor is not None
+        answering.firing = [NAN_ALERT]
+        with pytest.raises(healthd_client.TrainingStopped, match="NonFiniteValues") as stopped:
+            for _ in range(3000):  # each step pushes its report; the answer names the alert
+                loop(model, opt, 1)
+                time.sleep(0.01)
+        assert stopped.value.alert.rule == "NonFiniteValues" and a.monitor.stopped_by is not None
+        assert not a.failed  # the stop is the job's request, not a failure of auto-attach
+    finally:
+        a.remove()
+        if a.monitor is not None:
+            a.monitor.close()
 
 
 def test_kubernetes_example_sets_what_auto_attach_reads() -> None:
