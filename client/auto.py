@@ -260,7 +260,7 @@ class AutoAttach:
         if self.done:
             self._watched_forward(module, args, kwargs, output)
         else:
-            self._global_forward(module, args, output)
+            self._global_forward(module, args, kwargs, output)
 
     def _global_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
         depth = getattr(self._local, "depth", 0)
@@ -268,7 +268,7 @@ class AutoAttach:
             self._close_window()
         self._local.depth = depth + 1
 
-    def _global_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _global_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         depth = getattr(self._local, "depth", 1) - 1
         self._local.depth = depth
         if depth != 0 or self.done:
@@ -277,7 +277,7 @@ class AutoAttach:
             self._roots[module] = None
             if not torch.is_grad_enabled():
                 return
-            self._root_batch[module] = _batch_size(args, {})  # for the first step, measured before our hooks
+            self._root_batch[module] = _batch_size(args, kwargs)  # for the first step, measured before our hooks
             loss = _scalar_loss(output)
             if loss is not None:
                 self._loss_roots[module] = None
