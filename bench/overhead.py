@@ -10,11 +10,20 @@ median over blocks of block time / steps; overhead = monitored / baseline - 1.
 Reports go to a null transport (the sender thread still JSON-encodes every batch) unless
 ``--server URL`` names a real healthd. The monitor's own memory is ``monitor.memory_overhead_bytes()``.
 
+``--auto``: auto-attach (``HEALTHD_AUTO=1``, the unmodified loop) against an explicit ``attach`` (the
+same loop plus ``monitor.step``) and against no healthd. Auto-attach's hooks are process-global, so
+each way runs in a process of its own (``--child``), in interleaved rounds (none, explicit, auto, then
+rotated), all sending to one local HTTP sink that accepts every batch. Per process: the median step time
+over blocks after warm-up, and the start-up cost (spawn to the end of the first step: interpreter,
+imports, building the model, attaching, the first step). Overheads are per round against that round's
+no-healthd run; the medians over rounds are printed with the load average.
+
 Usage::
 
     python bench/overhead.py                       # CPU models
     python bench/overhead.py --device cuda         # GPU models (GPT-2-small-sized, ResNet-ish CNN)
     python bench/overhead.py --json out.json --blocks 20 --block-steps 10
+    python bench/overhead.py --auto --workloads mlp --rounds 5   # auto-attach vs explicit attach
 """
 
 from __future__ import annotations
@@ -242,6 +251,115 @@ def measure(w: Workload, device: torch.device, config: Mapping[str, Any], *, blo
     )
 
 
+# ---------------------------------------------------------------- auto-attach vs explicit attach
+WAYS = ("none", "explicit", "auto")
+
+
+def child(way: str, w: Workload, *, blocks: int, block_steps: int, warmup_steps: int = 5) -> dict[str, float]:
+    """One way in this process (``--child``): the training loop as a script would write it."""
+    torch.manual_seed(0)
+    model = w.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=w.lr)
+    monitor = healthd_client.attach(model, opt, job="bench-overhead") if way == "explicit" else None
+    g = torch.Generator().manual_seed(1)
+    batches = [w.make_batch(torch.device("cpu"), g) for _ in range(4)]
+
+    def run(steps: int, start: int) -> None:
+        for i in range(steps):
+            x, y = batches[(start + i) % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss = w.loss(model(x), y)
+            loss.backward()
+            opt.step()
+            if monitor is not None:
+                monitor.step(loss=loss, batch_size=len(x))
+
+    run(1, 0)
+    first_step_done = time.time()
+    run(warmup_steps, 1)
+    times = []
+    for b in range(blocks):
+        t0 = time.perf_counter()
+        run(block_steps, b * block_steps)
+        times.append((time.perf_counter() - t0) / block_steps)
+    auto_on = sys.modules.get("healthd_client.auto")
+    attached = monitor is not None or (auto_on is not None and getattr(auto_on, "_installed", None) is not None
+                                       and auto_on._installed.monitor is not None)
+    if monitor is not None:
+        monitor.close()
+    return {"first_step_done": first_step_done, "step_ms": statistics.median(times) * 1e3, "attached": attached}
+
+
+def _sink() -> tuple[str, Callable[[], None]]:
+    """A local HTTP server that accepts every report batch, as a fast healthd would."""
+    import http.server
+    import threading
+
+    class Accept(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            answer = json.dumps({"accepted": len(json.loads(body or b'{"reports": []}')["reports"])}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Accept)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server.shutdown
+
+
+def auto_vs_explicit(name: str, *, rounds: int, blocks: int, block_steps: int, threads: int) -> dict[str, Any]:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from healthd_client import launcher
+
+    url, stop = _sink()
+    here = Path(__file__).resolve()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHD_")}
+    base["PYTHONPATH"] = os.pathsep.join(p for p in (str(here.parents[1]), base.get("PYTHONPATH", "")) if p)
+    base.update(HEALTHD_SERVER=url, HEALTHD_JOB="bench-overhead")
+    auto_env = launcher.environment(launcher.parser().parse_args(["--", "python"]), ["python"], base)
+    rows: list[dict[str, dict[str, float]]] = []
+    try:
+        for r in range(rounds):
+            row = {}
+            for way in WAYS[r % 3:] + WAYS[:r % 3]:
+                cmd = [sys.executable, str(here), "--child", way, "--workloads", name, "--blocks", str(blocks),
+                       "--block-steps", str(block_steps), "--threads", str(threads)]
+                spawned = time.time()
+                out = subprocess.run(cmd, env=auto_env if way == "auto" else base, capture_output=True, text=True,
+                                     check=True, timeout=600).stdout
+                got = json.loads(out.strip().splitlines()[-1])
+                if way != "none" and not got["attached"]:
+                    raise RuntimeError(f"{way}: no monitor attached")
+                row[way] = {"step_ms": got["step_ms"], "startup_s": got["first_step_done"] - spawned}
+            rows.append(row)
+    finally:
+        stop()
+
+    def med(f: Callable[[dict[str, dict[str, float]]], float]) -> float:
+        return statistics.median(f(row) for row in rows)
+
+    return {
+        "workload": CPU_WORKLOADS[name].name, "rounds": rounds, "blocks": blocks, "block_steps": block_steps,
+        "step_ms": {way: med(lambda row, way=way: row[way]["step_ms"]) for way in WAYS},
+        "startup_s": {way: med(lambda row, way=way: row[way]["startup_s"]) for way in WAYS},
+        "explicit_overhead_pct": med(lambda row: 100 * (row["explicit"]["step_ms"] / row["none"]["step_ms"] - 1)),
+        "auto_overhead_pct": med(lambda row: 100 * (row["auto"]["step_ms"] / row["none"]["step_ms"] - 1)),
+        "auto_minus_explicit_pp": med(lambda row: 100 * (row["auto"]["step_ms"] - row["explicit"]["step_ms"])
+                                      / row["none"]["step_ms"]),
+        "load_average": os.getloadavg(),
+        "rows": rows,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -252,9 +370,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--server", default=None, help="send to this healthd instead of a null transport")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--auto", action="store_true", help="auto-attach vs explicit attach vs none (CPU, processes)")
+    ap.add_argument("--rounds", type=int, default=5, help="--auto: rounds of (none, explicit, auto)")
+    ap.add_argument("--child", choices=WAYS, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(child(args.child, CPU_WORKLOADS[args.workloads], blocks=args.blocks,
+                               block_steps=args.block_steps)))
+        return 0
+    if args.auto:
+        out = [auto_vs_explicit(n, rounds=args.rounds, blocks=args.blocks, block_steps=args.block_steps,
+                                threads=args.threads)
+               for n in ([n for n in args.workloads.split(",") if n] or ["mlp"])]
+        for o in out:
+            steps = "/".join(f"{o['step_ms'][w]:.2f}" for w in WAYS)
+            starts = "/".join(f"{o['startup_s'][w]:.2f}" for w in WAYS)
+            print(f"{o['workload']}: step ms none/explicit/auto "
+                  f"{steps}; overhead explicit "
+                  f"{o['explicit_overhead_pct']:+.2f}% auto {o['auto_overhead_pct']:+.2f}% "
+                  f"(auto - explicit {o['auto_minus_explicit_pp']:+.2f} pp); start-up s none/explicit/auto "
+                  f"{starts}; load average {o['load_average']}",
+                  flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "auto": out}, f, indent=2)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 EvidenceValue = float | int | str | bool | None
+
+# What an alert (rule) name looks like ("NonFiniteValues"): attach(stop_on=), HEALTHD_STOP_ON, --stop-on.
+ALERT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)

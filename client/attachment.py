@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from healthd_client.alerts import FiringAlert
+from healthd_client.alerts import ALERT_NAME, FiringAlert
 from healthd_client.config import MonitorConfig
 from healthd_client.identity import detect_identity
 from healthd_client.monitor import Monitor, attached, warn_user
@@ -33,7 +33,6 @@ from healthd_client.transport import HttpTransport, Transport
 # Monitors made by healthd_client.auto: an explicit attach() on their optimizer closes and replaces them.
 yielding: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
-_RULE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")  # healthd's rule names: "NonFiniteValues"
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
 _STREAM = re.compile(r"^[a-z0-9_.\-]{1,32}$")  # healthd.wire.schema.STREAM_PATTERN
 LOSS_KINDS = ("minimized", "adversarial")  # healthd.wire.schema.Hints.loss_kind
@@ -74,7 +73,7 @@ def _check_alert_args(on_alert: Any, stop_on: Any, on_stop: Any) -> tuple[str, .
     if isinstance(stop_on, str) or not isinstance(stop_on, Collection):
         raise ValueError(f'stop_on must be a tuple of alert names, e.g. ("NonFiniteValues",), got {stop_on!r}')
     names = tuple(stop_on)
-    bad = [n for n in names if not isinstance(n, str) or not _RULE_NAME.match(n)]
+    bad = [n for n in names if not isinstance(n, str) or not ALERT_NAME.match(n)]
     if bad:
         raise ValueError(f'stop_on must hold alert names such as "NonFiniteValues", got {bad[0]!r}')
     if on_stop is not None and not names:

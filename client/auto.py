@@ -9,18 +9,35 @@ PyTorch hooks are used:
 - global optimizer step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``..._post_hook``)
   see the first step: the model is the root module holding most of that optimizer's parameters, and
   ``healthd_client.attach`` runs there with the job, server and token from the environment;
-- then those global module hooks go (one global forward hook stays, filtered to the model and, if
-  there is one, the loss module: nothing of healthd is put on the user's modules, so checkpoints and
-  deep copies never carry it), and after a few steps the global optimizer hooks go too.
+- then the same two global module hooks stay, filtered to the model and, if there is one, the loss
+  module (nothing of healthd is put on the user's modules, so checkpoints and deep copies never carry
+  it; and the global hook dicts, which dynamo guards on, do not change at attach, so a
+  ``torch.compile``d model does not recompile then), and after a few steps the global optimizer hooks go.
 
 Each step is completed with ``monitor.step(loss=, batch_size=)`` from an optimizer step post-hook.
-The loss is the last scalar that requires grad returned by the model (a tensor, ``.loss`` or
-``["loss"]``, as Hugging Face models return) or by a root loss module. PyTorch has no supported
-hook that shows the tensor ``backward()`` is called on, so a loss computed by plain functions
-(``F.mse_loss(model(x), y)``) is not seen: such reports carry no loss (gradients, parameters and
-updates are measured all the same; a NaN loss still shows as non-finite gradients). The batch size is
-the first dimension of the model's first tensor argument, summed over the forward calls of a step
-(gradient accumulation).
+The loss is what ``backward()`` is called on: from the end of the model's forward until its next
+forward or the next optimizer step, a ``torch.overrides.TorchFunctionMode`` (``_BackwardRoots``) is
+pushed; ``Tensor.backward`` and ``torch.autograd.backward`` pass through ``__torch_function__``
+while a mode is active (that is their documented override point), so the mode sees the tensor
+whatever computed it: a loss module, ``F.mse_loss``, a plain function, a sum of several losses. Only a
+one-element float tensor is taken (``out.backward(grad)`` is not a loss); it is kept detached, on
+its device (no host sync). The window is short: the loss computation and the backward call (Python
+hooks that run during backward, FSDP's say, pass through the mode too, one Python call per torch
+function); the model's own forward never runs under it, so a ``torch.compile``d model starts its
+frame with the same mode stack every step (no recompiles). When no ``backward()`` is seen (a loss
+inside a compiled training step, ``torch.autograd.grad``) the loss is the last scalar that requires
+grad returned by the model (a tensor, ``.loss`` or ``["loss"]``, as Hugging Face models return) or by
+a root loss module; otherwise the report carries no loss. Under gradient accumulation it is the last
+micro-batch's. With ``torch.amp.GradScaler`` and a loss that is neither a module's nor the model's
+output, it is the scaled loss (``scaler.scale(loss)`` is what ``backward()`` is called on). The batch
+size is the first dimension of the model's first tensor argument, summed over the forward calls of a
+step (gradient accumulation).
+
+``HEALTHD_STOP_ON=NonFiniteValues[,Rule...]`` (``healthd-run --stop-on``) is ``attach(stop_on=...)``:
+when healthd answers that one of those alerts fires, the next ``optimizer.step()`` raises
+``healthd_client.TrainingStopped`` (from the monitor's pre-hook, before the update, or from the
+post-hook that completes the step, as an explicit ``monitor.step()`` would). A name that is not an alert
+name is logged and ignored: a typo must not cost the job its monitoring.
 
 One monitor per process: the first optimizer to step. Another optimizer stepping is logged once and
 not monitored. An explicit ``attach`` wins: auto-attach leaves an optimizer alone that already has a
@@ -45,8 +62,10 @@ from typing import Any
 import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
+from healthd_client.alerts import ALERT_NAME, TrainingStopped
 from healthd_client.identity import label_safe
 
 logger = logging.getLogger("healthd_client.auto")
@@ -70,6 +89,18 @@ def default_job(argv: list[str] | None = None, environ: Mapping[str, str] | None
     return name or "python"
 
 
+def stop_on_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The alert names in HEALTHD_STOP_ON (comma- or space-separated); names that cannot be alerts are
+    logged and dropped."""
+    environ = os.environ if environ is None else environ
+    names = [n for n in environ.get("HEALTHD_STOP_ON", "").replace(",", " ").split() if n]
+    bad = [n for n in names if not ALERT_NAME.match(n)]
+    if bad:
+        logger.warning("healthd: HEALTHD_STOP_ON: %s not alert names (e.g. NonFiniteValues); ignored",
+                       ", ".join(repr(n) for n in bad))
+    return tuple(dict.fromkeys(n for n in names if n not in bad))
+
+
 def _scalar_loss(value: Any) -> torch.Tensor | None:
     """``value`` if it looks like a training loss (a one-element float tensor that requires grad), or
     its ``.loss`` / ``["loss"]`` if that does (Hugging Face ``ModelOutput``)."""
@@ -87,6 +118,37 @@ def _batch_size(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _backward_root(func: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    """The tensor a ``Tensor.backward`` / ``torch.autograd.backward`` call differentiates, if it is one."""
+    if func is torch.Tensor.backward:
+        root = args[0] if args else None
+    elif func is torch.autograd.backward:
+        root = args[0] if args else kwargs.get("tensors")
+        if isinstance(root, list | tuple) and len(root) == 1:
+            root = root[0]
+    else:
+        return None
+    if isinstance(root, torch.Tensor) and root.numel() == 1 and root.is_floating_point():
+        return root
+    return None
+
+
+class _BackwardRoots(TorchFunctionMode):
+    """Hands ``on_backward`` the loss of each ``backward()`` call made while pushed; passes everything on."""
+
+    def __init__(self, on_backward: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self.on_backward = on_backward
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
+            root = _backward_root(func, args, kwargs)
+            if root is not None:
+                self.on_backward(root)
+        return func(*args, **kwargs)
+
+
 class AutoAttach:
     """The global hooks and what they learnt. One per process (``install``); tests build their own."""
 
@@ -99,7 +161,6 @@ class AutoAttach:
         self._root_batch: weakref.WeakKeyDictionary[torch.nn.Module, int | None] = weakref.WeakKeyDictionary()
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
-        self._forward_handles: list[RemovableHandle] = []  # a global forward hook, once attached
         # The model and the loss module, each with its hook (weak: a model the job drops is not kept alive).
         self._watched: weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., None]] = weakref.WeakKeyDictionary()
         self._complete_handle: RemovableHandle | None = None  # the monitored optimizer's step post-hook
@@ -111,13 +172,19 @@ class AutoAttach:
         self.failed = False
         self._loss: torch.Tensor | None = None
         self._batch: int | None = None
+        self._spy = _BackwardRoots(self._on_backward)
+        self._spy_pushed = False
+        self._close_handle: RemovableHandle | None = None  # closes the backward window before any step
 
     # ------------------------------------------------------------------ life cycle
 
     def install(self) -> None:
+        # First of the global step pre-hooks (they run in registration order, before the optimizer's own,
+        # where LossInputs pops its mode: ours, pushed after it, must go first). It stays: one call per step.
+        self._close_handle = register_optimizer_step_pre_hook(self._close_before_step)
         self._module_handles = [
-            register_module_forward_pre_hook(self._global_forward_pre),
-            register_module_forward_hook(self._global_forward, always_call=True),
+            register_module_forward_pre_hook(self._forward_pre),
+            register_module_forward_hook(self._forward_post, with_kwargs=True, always_call=True),
         ]
         self._optimizer_handles = [
             register_optimizer_step_pre_hook(self._global_step_pre),
@@ -127,29 +194,81 @@ class AutoAttach:
     def remove(self) -> None:
         """Remove every hook of ours (not the monitor's: ``monitor.close()`` does that). Not from inside an
         optimizer step hook: torch loops over those dicts and a dict may not shrink while it is iterated."""
-        for handle in (*self._module_handles, *self._optimizer_handles, *self._forward_handles):
+        self._close_window()
+        for handle in (*self._module_handles, *self._optimizer_handles):
             handle.remove()
-        if self._complete_handle is not None:
-            self._complete_handle.remove()
-        self._module_handles, self._optimizer_handles, self._forward_handles = [], [], []
-        self._complete_handle = None
+        for one in (self._complete_handle, self._close_handle):
+            if one is not None:
+                one.remove()
+        self._module_handles, self._optimizer_handles = [], []
+        self._complete_handle = self._close_handle = None
 
     def _fail(self, where: str, exc: BaseException) -> None:
         if not self.failed:
             logger.warning("healthd: auto-attach failed in %s and is off for this process: %r", where, exc)
         self.failed = self.done = True
+        self._close_window()
         # Module hooks may go at once (torch copies them before calling); the optimizer hooks stay and
         # return at once (see remove()).
-        for handle in (*self._module_handles, *self._forward_handles):
+        for handle in self._module_handles:
             handle.remove()
-        self._module_handles, self._forward_handles = [], []
+        self._module_handles = []
+
+    # ------------------------------------------------------------------ the backward window
+
+    def _open_window(self) -> None:
+        """After a root (the model) ran its forward with grad on: what follows is the loss and backward()."""
+        if self._spy_pushed or self.failed or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return
+        self._spy.__enter__()
+        self._spy_pushed = True
+
+    def _close_window(self) -> None:
+        """Before the model's next forward and before any optimizer step: nothing else runs under our mode.
+        (Not from inside ``__torch_function__``: the mode is off the stack while it runs.)"""
+        if not self._spy_pushed:
+            return
+        self._spy_pushed = False
+        try:
+            self._spy.__exit__(None, None, None)
+        except Exception as exc:  # another thread's or a user mode pushed on top and already gone
+            self._fail("closing the backward window", exc)
+
+    def _on_backward(self, loss: torch.Tensor) -> None:
+        if not self.failed:
+            self._loss = loss.detach()
+
+    def _close_before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._close_window()
 
     # ------------------------------------------------------------------ global module hooks (until attached)
 
-    def _global_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
-        self._local.depth = getattr(self._local, "depth", 0) + 1
+    # Every module hook of ours returns at once while dynamo traces (torch.compile traces global hooks into
+    # the graph of a compiled forward): the compiled frame holds nothing of healthd.
 
-    def _global_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self.done:
+            self._watched_forward_pre(module, args)
+        else:
+            self._global_forward_pre(module, args)
+
+    def _forward_post(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        if self.done:
+            self._watched_forward(module, args, kwargs, output)
+        else:
+            self._global_forward(module, args, kwargs, output)
+
+    def _global_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            self._close_window()
+        self._local.depth = depth + 1
+
+    def _global_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         depth = getattr(self._local, "depth", 1) - 1
         self._local.depth = depth
         if depth != 0 or self.done:
@@ -158,11 +277,12 @@ class AutoAttach:
             self._roots[module] = None
             if not torch.is_grad_enabled():
                 return
-            self._root_batch[module] = _batch_size(args, {})  # for the first step, measured before our hooks
+            self._root_batch[module] = _batch_size(args, kwargs)  # for the first step, measured before our hooks
             loss = _scalar_loss(output)
             if loss is not None:
                 self._loss_roots[module] = None
                 self._loss = loss.detach()
+            self._open_window()  # a loss module (a root too) closed it at its start: reopen for backward()
         except Exception as exc:
             self._fail("a module forward hook", exc)
 
@@ -221,19 +341,21 @@ class AutoAttach:
         kwargs: dict[str, Any] = {"job": os.environ.get("HEALTHD_JOB") or default_job(), "server": server}
         if self._config is not None:
             kwargs["config"] = self._config
+        stop_on = stop_on_from_env()
+        if stop_on:
+            kwargs["stop_on"] = stop_on
         monitor = attach(model, optimizer, **kwargs)
         from healthd_client.attachment import yielding
 
         yielding.add(monitor)
         self.monitor = monitor
-        # A global forward hook that looks for the model and the loss module, not a hook on them: a hook
+        # The global forward hooks look for the model and the loss module, not hooks on them: a hook
         # on a module is pickled with it (torch.save(model) would carry healthd into the checkpoint, and a
         # weights-only load would refuse it) and copied by deepcopy. The price: every module call in the
         # process goes through one more Python call (auto-attach is opt-in; explicit attach has none).
         self._watched = weakref.WeakKeyDictionary({model: self._model_forward})
         if loss_module is not None:
             self._watched[loss_module] = self._loss_forward_kw
-        self._forward_handles = [register_module_forward_hook(self._watched_forward, with_kwargs=True)]
         # After the monitor's own post-hook (hooks run in registration order): the step's record is open.
         self._complete_handle = optimizer.register_step_post_hook(self._complete_step)
         if not before_step:
@@ -245,9 +367,10 @@ class AutoAttach:
     def _settle(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.done = True
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
-        for handle in self._module_handles:
-            handle.remove()
-        self._module_handles = []
+        if optimizer is None:  # nothing to watch: the module hooks go (a compiled model recompiles once)
+            for handle in self._module_handles:
+                handle.remove()
+            self._module_handles = []
         self._roots, self._root_batch = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()
         if optimizer is None:
             self._loss = None
@@ -278,8 +401,13 @@ class AutoAttach:
             batch = _batch_size(args, kwargs)
             if batch is not None:
                 self._batch = batch + (self._batch or 0)
+            self._open_window()
         except Exception as exc:
             self._fail("the model's forward hook", exc)
+
+    def _watched_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        if self._spy_pushed and self._watched.get(module) == self._model_forward:
+            self._close_window()  # the model's forward never runs under our mode (nor does a compiled frame start)
 
     def _watched_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         hook = self._watched.get(module)
@@ -311,11 +439,14 @@ class AutoAttach:
             monitor = self.monitor
             loss, batch, self._loss, self._batch = self._loss, self._batch, None, None
             if monitor is None or monitor.closed:  # closed, or replaced by an explicit attach()
-                for handle in self._forward_handles:
+                self._close_window()
+                for handle in self._module_handles:
                     handle.remove()
-                self._forward_handles = []
+                self._module_handles = []
                 return
             monitor.step(loss=loss, batch_size=batch)
+        except TrainingStopped:
+            raise  # HEALTHD_STOP_ON: the job asked for this; it leaves optimizer.step() as from monitor.step()
         except Exception as exc:
             self._fail("the optimizer step post-hook", exc)
 

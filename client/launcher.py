@@ -2,7 +2,7 @@
 
 It only sets the environment and execs the command (it is not a parent process, so signals, exit
 codes and job control are the command's own): HEALTHD_AUTO=1, HEALTHD_SERVER, HEALTHD_JOB (one name
-for all ranks, chosen here when not given), HEALTHD_TOKEN if given, and PYTHONPATH with
+for all ranks, chosen here when not given), HEALTHD_TOKEN and HEALTHD_STOP_ON if given, and PYTHONPATH with
 ``healthd_client/autostart`` first, whose ``sitecustomize`` arms auto-attach even where the
 ``healthd_auto.pth`` start-up line is not installed. Children inherit all of it: torchrun's workers,
 a plain ``python train.py``, Ray workers started from the same environment.
@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from healthd_client.alerts import ALERT_NAME
 from healthd_client.identity import label_safe
 
 AUTOSTART_DIR = Path(__file__).resolve().with_name("autostart")
@@ -33,6 +34,10 @@ The same without the launcher (a Kubernetes Job, a Slurm script), with the packa
 In every Python process of the command that imports torch, the first optimizer to step gets a
 monitor (model: the module holding its parameters; rank and world size from torchrun, Ray, Slurm or
 RANK/WORLD_SIZE). A script that calls healthd_client.attach itself keeps its own monitor.
+With --stop-on (or HEALTHD_STOP_ON=NonFiniteValues,ExplodingGradients), when healthd reports one
+of those alerts for the job, the next optimizer.step() in every monitored process raises
+healthd_client.TrainingStopped, as attach(stop_on=...) does: the run ends with an error naming the
+alert instead of training on. Unset, alerts only go to healthd and Alertmanager.
 Processes that never step an optimizer are left alone; a failure inside auto-attach is logged once
 and the job runs as if healthd were absent.
 """
@@ -51,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
                    help="job name shared by all ranks (default: $HEALTHD_JOB, else the script's name and start time)")
     p.add_argument("--token", default=None,
                    help="bearer token for healthd (default: $HEALTHD_TOKEN; prefer the variable: arguments show in ps)")
+    p.add_argument("--stop-on", default=None, metavar="ALERT[,ALERT...]",
+                   help="stop training (TrainingStopped at the next optimizer step) when healthd reports one of "
+                        "these alerts, e.g. NonFiniteValues (default: $HEALTHD_STOP_ON; none)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
     return p
 
@@ -73,6 +81,12 @@ def environment(args: argparse.Namespace, command: Sequence[str], base: Mapping[
     env["HEALTHD_JOB"] = args.job or env.get("HEALTHD_JOB") or default_job(command)
     if args.token:
         env["HEALTHD_TOKEN"] = args.token
+    if args.stop_on is not None:
+        names = [n for n in args.stop_on.replace(",", " ").split() if n]
+        bad = [n for n in names if not ALERT_NAME.match(n)]
+        if bad:
+            raise ValueError(f"--stop-on takes alert names such as NonFiniteValues, got {bad[0]!r}")
+        env["HEALTHD_STOP_ON"] = ",".join(names)
     # Our sitecustomize first. (Not site-packages itself: before the standard library it could shadow it.)
     paths = [str(AUTOSTART_DIR), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))

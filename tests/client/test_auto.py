@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import yaml
 import healthd_client
 from healthd_client import MonitorConfig, auto, bootstrap, launcher
 from tests.client.conftest import FAST, RecordingTransport
+from tests.client.test_monitor_alerts import NAN_ALERT, Answering
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,7 +157,51 @@ def test_launcher_help_explains_the_options(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         launcher.main(["--help"])
     out = capsys.readouterr().out
-    assert all(word in out for word in ("--server", "--job", "--token", "HEALTHD_AUTO=1", "torchrun"))
+    assert all(word in out for word in ("--server", "--job", "--token", "HEALTHD_AUTO=1", "torchrun", "--stop-on",
+                                        "HEALTHD_STOP_ON", "TrainingStopped"))
+
+
+def test_launcher_stop_on_sets_the_switch_and_refuses_non_names() -> None:
+    args = launcher.parser().parse_args(["--server", "h", "--stop-on", "NonFiniteValues, LossPlateau", "--", "x"])
+    assert launcher.environment(args, ["x"], {})["HEALTHD_STOP_ON"] == "NonFiniteValues,LossPlateau"
+    assert "HEALTHD_STOP_ON" not in launcher.environment(launcher.parser().parse_args(["--server", "h", "--", "x"]),
+                                                         ["x"], {})
+    with pytest.raises(ValueError, match="--stop-on"):
+        launcher.environment(launcher.parser().parse_args(["--server", "h", "--stop-on", "nan!", "--", "x"]), ["x"], {})
+
+
+def test_stop_on_from_env_drops_what_cannot_be_an_alert(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="healthd_client.auto"):
+        names = auto.stop_on_from_env({"HEALTHD_STOP_ON": "NonFiniteValues,,9bad ExplodingGradients,NonFiniteValues"})
+    assert names == ("NonFiniteValues", "ExplodingGradients")
+    assert sum("'9bad'" in r.message for r in caplog.records) == 1
+    assert auto.stop_on_from_env({}) == ()
+
+
+def test_healthd_stop_on_stops_at_the_next_step_as_explicit_stop_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
+    monkeypatch.setenv("HEALTHD_JOB", "test-job")
+    monkeypatch.setenv("HEALTHD_STOP_ON", "NonFiniteValues")
+    answering = Answering()
+    a = auto.AutoAttach(attach=functools.partial(healthd_client.attach, transport=answering),
+                        config=MonitorConfig(**FAST))
+    a.install()
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    try:
+        loop(model, opt, 2)
+        assert a.monitor is not None
+        answering.firing = [NAN_ALERT]
+        with pytest.raises(healthd_client.TrainingStopped, match="NonFiniteValues") as stopped:
+            for _ in range(3000):  # each step pushes its report; the answer names the alert
+                loop(model, opt, 1)
+                time.sleep(0.01)
+        assert stopped.value.alert.rule == "NonFiniteValues" and a.monitor.stopped_by is not None
+        assert not a.failed  # the stop is the job's request, not a failure of auto-attach
+    finally:
+        a.remove()
+        if a.monitor is not None:
+            a.monitor.close()
 
 
 def test_kubernetes_example_sets_what_auto_attach_reads() -> None:
@@ -183,3 +229,90 @@ def test_checkpoints_and_copies_carry_nothing_of_auto_attach(armed: auto.AutoAtt
     before = armed._loss
     twin(torch.randn(2, 4)).sum()  # the copy's forward is not the watched model's
     assert armed._loss is before
+
+
+def squared_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A loss no module computes: auto-attach sees it only as what backward() is called on."""
+    return ((pred - y) ** 2).mean()
+
+
+def test_a_plain_function_loss_is_what_backward_is_called_on(armed: auto.AutoAttach,
+                                                              transport: RecordingTransport) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    seen = []
+    for _ in range(4):
+        x = torch.randn(8, 4)
+        loss = squared_error(model(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(loss.item())
+    assert armed.monitor is not None
+    armed.monitor.close()
+    steps = transport.of_kind("step")
+    assert [s["step"] for s in steps] == [0, 1, 2, 3]  # step 0 too: the window opens before attaching
+    assert [s["loss"] for s in steps] == pytest.approx(seen)
+
+
+def test_a_sum_of_losses_is_reported_as_the_sum(armed: auto.AutoAttach, transport: RecordingTransport) -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    criterion = torch.nn.MSELoss()  # one term is a loss module's output: the sum, not that term, is the loss
+    seen = []
+    for step in range(4):
+        x = torch.randn(8, 4)
+        out = model(x)
+        loss_a = criterion(out[:, 0], x.sum(1))
+        loss_b = torch.nn.functional.l1_loss(out[:, 1], x.mean(1))
+        opt.zero_grad()
+        if step % 2:
+            torch.autograd.backward(loss_a + 0.5 * loss_b)
+        else:
+            (loss_a + 0.5 * loss_b).backward()
+        opt.step()
+        seen.append((loss_a + 0.5 * loss_b).item())
+    assert armed.monitor is not None
+    armed.monitor.close()
+    assert [s["loss"] for s in transport.of_kind("step")] == pytest.approx(seen)
+
+
+def test_the_backward_window_leaves_the_mode_stack_as_it_found_it(armed: auto.AutoAttach) -> None:
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    depth = torch._C._len_torch_function_stack()
+    loop(model, opt, 3)
+    with torch.no_grad():
+        model(torch.randn(2, 4))  # evaluation opens no window
+    assert torch._C._len_torch_function_stack() == depth
+    x = torch.randn(2, 4)
+    model(x).sum()  # a forward with grad on and no backward yet: the window is open until the next step
+    assert torch._C._len_torch_function_stack() == depth + 1
+    opt.step()
+    assert torch._C._len_torch_function_stack() == depth
+
+
+def test_a_compiled_model_compiles_once_and_its_loss_is_seen(armed: auto.AutoAttach,
+                                                             transport: RecordingTransport) -> None:
+    frames = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> object:
+        frames.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+    compiled = torch.compile(model, backend=counting_backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    seen = []
+    for _ in range(5):
+        x = torch.randn(8, 4)
+        loss = squared_error(compiled(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(loss.item())
+    assert armed.monitor is not None
+    armed.monitor.close()
+    assert len(frames) == 1  # the model's frame starts with the same mode stack every step: no recompile
+    assert [s["loss"] for s in transport.of_kind("step")] == pytest.approx(seen)
