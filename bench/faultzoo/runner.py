@@ -5,6 +5,8 @@ transport hands each batch to ``Healthd.ingest`` directly (no HTTP; the same
 code path behind ``POST /v1/reports``). An engine listener records, for every
 alert that reaches *firing*, the step of the finding that made it fire, so the
 detection delay is measured in training steps, independent of batching.
+The DDP cases (``bench.faultzoo.ddp``) run under real ``torchrun`` instead, their
+two ranks reporting over HTTP to the same kind of healthd served on a free port.
 
 Scoring: a fault is detected when its expected alert fired (other alerts may
 fire too; they are listed). Steps to detect = firing step - the fault's onset.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -73,8 +77,11 @@ class Result:
 
 def run_one(scenario: Any, seed: int = 0) -> Result:
     """Train one scenario with a fresh healthd and score it (``seed``: see ``scenarios.SEED``)."""
+    from bench.faultzoo.ddp import DdpScenario
     from bench.faultzoo.scenarios import SEED
 
+    if isinstance(scenario, DdpScenario):
+        return _run_torchrun(scenario, seed)
     token = SEED.set(seed)
     try:
         return _run_one(scenario, seed)
@@ -82,13 +89,17 @@ def run_one(scenario: Any, seed: int = 0) -> Result:
         SEED.reset(token)
 
 
+def _zoo_healthd(recorder: FiringRecorder) -> Healthd:
+    # Every request's ranks evaluated before it is answered (rank_rules_cpu_share = 1): the zoo measures
+    # the rules, at the same evaluation points every run; under load the budget only delays them.
+    return build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1.0}}), listeners=[recorder])
+
+
 def _run_one(scenario: Any, seed: int) -> Result:
     from healthd_client import MonitorConfig, attach
 
     recorder = FiringRecorder()
-    # Every request's ranks evaluated before it is answered (rank_rules_cpu_share = 1): the zoo measures
-    # the rules, at the same evaluation points every run; under load the budget only delays them.
-    hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1.0}}), listeners=[recorder])
+    hd = _zoo_healthd(recorder)
     t0 = time.perf_counter()
     setup = scenario.setup()
     kwargs = dict(job=f"zoo-{scenario.name}", transport=InProcessTransport(hd),
@@ -103,14 +114,55 @@ def _run_one(scenario: Any, seed: int) -> Result:
         onset = setup.train(monitor)
         monitor.close()
     hd.settle()
-    onset = scenario.onset if onset is None else onset
+    return _score(scenario, seed, hd, recorder, scenario.onset if onset is None else onset, setup.steps, t0)
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+def _run_torchrun(scenario: Any, seed: int) -> Result:
+    """A DDP case (``bench.faultzoo.ddp``): 2 ranks under torchrun report over HTTP to a healthd served here.
+
+    The healthd is the zoo's (same settings and recorder) behind a real server: the ranks' reports take
+    the route ``healthd serve`` gives them. After the job ends (its ranks sent their closing heartbeats),
+    the server stops (which evaluates what it accepted) and one tick judges the ended job's job-scoped
+    rules (RankDesync, StragglerRank) over its final windows.
+    """
+    from bench.faultzoo.ddp import WORLD
+    from healthd.server.embedded import free_port, serve_in_thread
+
+    recorder = FiringRecorder()
+    hd = _zoo_healthd(recorder)
+    job = f"zoo-{scenario.name}"
+    root = Path(__file__).resolve().parents[2]
+    t0 = time.perf_counter()
+    with serve_in_thread(hd=hd) as server:
+        env = {**os.environ, "HEALTHD_SERVER": server.url, "HEALTHD_JOB": job, "FAULTZOO_SEED": str(seed),
+               "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+        cmd = [*_torchrun(), "--nproc-per-node", str(WORLD), "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "bench.faultzoo.ddp", scenario.name]
+        proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, timeout=600, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun {scenario.name} exited {proc.returncode}:\n"
+                               f"{proc.stdout.decode(errors='replace')[-3000:]}{proc.stderr.decode(errors='replace')[-3000:]}")
+    # Each rank's close() returns after its closing heartbeat was answered: the job's ranks are closed here.
+    hd.settle()
+    hd.tick()
+    return _score(scenario, seed, hd, recorder, scenario.onset, scenario.ddp.steps, t0)
+
+
+def _score(scenario: Any, seed: int, hd: Healthd, recorder: FiringRecorder, onset: int, steps: int,
+           t0: float) -> Result:
     # severities can escalate after firing: take the final one
     for alert in hd.engine.alerts(f"zoo-{scenario.name}"):
         if alert.rule in recorder.fired and alert.fired_at is not None:
             recorder.fired[alert.rule]["severity"] = alert.severity.value
     res = Result(name=scenario.name if seed == 0 else f"{scenario.name}@{seed}",
                  kind="control" if scenario.expected is None else "fault",
-                 expected=scenario.expected, onset=onset, steps=setup.steps, fired=recorder.fired,
+                 expected=scenario.expected, onset=onset, steps=steps, fired=recorder.fired,
                  seconds=round(time.perf_counter() - t0, 2))
     if scenario.expected is not None and scenario.expected in recorder.fired:
         res.detected = True
@@ -164,6 +216,7 @@ def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.std
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from bench.faultzoo.ddp import DDP_SCENARIOS
     from bench.faultzoo.finetune import FINE_TUNE_SCENARIOS
     from bench.faultzoo.scenarios import SCENARIOS
 
@@ -178,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # tiny models; the machine's cores are shared
-    chosen = [s for s in (*SCENARIOS, *FINE_TUNE_SCENARIOS) if (not args.only or s.name in args.only)
+    every: tuple[Any, ...] = (*SCENARIOS, *FINE_TUNE_SCENARIOS, *DDP_SCENARIOS)
+    chosen = [s for s in every if (not args.only or s.name in args.only)
               and (args.kind == "all" or (s.expected is None) == (args.kind == "control"))]
     results = run(chosen, Path(args.out), seeds=args.seeds)
     if args.doc:

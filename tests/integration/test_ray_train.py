@@ -65,7 +65,7 @@ def test_torch_trainer_two_workers(ray_session: Path, healthd: Embedded) -> None
         assert st.last_step is not None and st.last_step.grad_norm_local is not None  # DDP hook via prepare_model
     assert state.global_batch_size == 128
     found = httpx.get(f"{healthd.url}/v1/alerts", params={"job": EXPERIMENT}).json()["alerts"]
-    # A healthy job raises nothing but, on this shared 2-core machine under load, StragglerRank: it measures
-    # the workers' wall-clock work time, and a worker that gets less CPU really is slower.
-    found = [a for a in found if a["rule"] != "StragglerRank"]
+    # A healthy job raises nothing above info. On this shared 2-core machine a worker starved of CPU for a
+    # while can show as a StragglerRank candidate, which the rule keeps at info (healthd.rules.straggler_rank).
+    found = [a for a in found if a["severity"] != "info"]
     assert found == [], [(a["rule"], a["rank"], a["summary"]) for a in found]

@@ -36,7 +36,7 @@ SETTINGS = Settings(
     engine={"tick_seconds": 0.25},
     store={"noise_scale_ema_alpha": 0.01},
     rules={
-        "StragglerRank": {"for_steps": 2, "window_steps": 15},
+        "StragglerRank": {"for_steps": 2},
         "RankStalled": {"stall_seconds": 3.0, "heartbeat_timeout_seconds": 10.0},
         "TrainingStalled": {"stall_seconds": 3.0, "heartbeat_timeout_seconds": 10.0},
     },
@@ -91,10 +91,11 @@ def test_healthy_job(healthd: Embedded, tmp_path: Path) -> None:
     wait_for(lambda: all(st.closed for st in healthd.hd.store.jobs[job].ranks.values()), 10, "closing heartbeats")
     after_ticks(healthd, 4)  # every step evaluated, then job rules run over the ended job a few times
 
-    # StragglerRank measures the ranks' wall-clock work time: on this shared 2-core machine, when other
-    # processes compete for the cores, one rank really does run slower (the rule is right about the
-    # host, not the program). It has its own fault test below with an injected delay.
-    assert [a for a in alerts(healthd, job) if a["rule"] != "StragglerRank"] == []
+    # Nothing above info: on this shared 2-core machine a rank starved of CPU for a while can be a
+    # StragglerRank candidate, which the rule keeps at info without sustained, stable evidence
+    # (healthd.rules.straggler_rank); the fault test below injects a real straggler.
+    found = [a for a in alerts(healthd, job) if a["severity"] != "info"]
+    assert found == [], [(a["rule"], a["rank"], a["summary"]) for a in found]
     state = healthd.hd.store.jobs[job]
     assert sorted(state.ranks) == [0, 1] and state.meta.world_size == 2
     assert state.global_batch_size == 128
@@ -106,10 +107,10 @@ def test_healthy_job(healthd: Embedded, tmp_path: Path) -> None:
 
     text = httpx.get(f"{healthd.url}/metrics").text
     for r in ("0", "1"):
-        assert f'{C.STEP.name}{{job="{job}",rank="{r}"}} 299.0' in text
-        assert f'{C.GRAD_NORM_LOCAL.name}{{job="{job}",rank="{r}"}}' in text
-    assert f'{C.GLOBAL_BATCH_SIZE.name}{{job="{job}"}} 128.0' in text
-    assert f'{C.GRADIENT_NOISE_SCALE.name}{{job="{job}"}}' in text
+        assert f'{C.STEP.name}{{job="{job}",rank="{r}",stream=""}} 299.0' in text
+        assert f'{C.GRAD_NORM_LOCAL.name}{{job="{job}",rank="{r}",stream=""}}' in text
+    assert f'{C.GLOBAL_BATCH_SIZE.name}{{job="{job}",stream=""}} 128.0' in text
+    assert f'{C.GRADIENT_NOISE_SCALE.name}{{job="{job}",stream=""}}' in text
 
 
 def test_straggler_then_desync_then_hang(healthd: Embedded, tmp_path: Path) -> None:
@@ -127,6 +128,7 @@ def test_straggler_then_desync_then_hang(healthd: Embedded, tmp_path: Path) -> N
         # Within the configured stall timeout (3 s) plus ticks and the time it took to notice the desync.
         assert time.monotonic() - hang_seen < 30
 
+        wait_for(lambda: any(a["severity"] == "warning" for a in firing("StragglerRank")), 60, "StragglerRank warning")
         assert [a["rank"] for a in firing("StragglerRank")] == [1]
         assert firing("StragglerRank")[0]["evidence"]["score"] < 0.75
         desync = firing("RankDesync")
