@@ -61,6 +61,10 @@ class EngineSettings(_Section):
         "new block of this many step numbers, every NaN/Inf step and the one before it, and its last step when it "
         "closes; each on the window as of that step, however the steps were split into requests and whenever the "
         "budget lets the rules run (healthd.engine.scheduler), so a rank's alerts depend on its series alone")
+    dense_checkpoint_steps: int = Field(
+        default=10, ge=0, description="each of a rank's first this many steps is a checkpoint too, whatever "
+        "max_steps_per_evaluation: mistakes made at the start (a missing zero_grad, a wrong initial loss, an "
+        "optimizer that misses parameters) are judged at the step they show")
     rank_rules_cpu_share: float = Field(
         default=0.25, gt=0, le=1, description="fraction of one core rank-scoped rules may use under load "
         "(healthd.engine.scheduler): a rank whose checkpoints do not fit waits, and they are judged later on their own "

@@ -1,8 +1,9 @@
 """When rank-scoped rules run: checkpoints that depend on the steps alone, a queue, and a CPU budget.
 
 Alerts are a function of the series alone. A rank's rules judge *checkpoints*, steps chosen by
-their step numbers only: the rank's first step, each step that enters a new block of
-``engine.max_steps_per_evaluation`` step numbers, and each NaN/Inf step and the step before it.
+their step numbers only: the rank's first ``engine.dense_checkpoint_steps`` steps (mistakes made at
+the start, a missing ``zero_grad`` or a wrong initial loss, show there), each step that enters a new
+block of ``engine.max_steps_per_evaluation`` step numbers, and each NaN/Inf step and the step before it.
 Each checkpoint is judged on the window as it was when that step arrived
 (``Store.rank_window(as_of=...)``), and it counts the steps since the previous judged checkpoint
 (a rank's last step is one too once its monitor closes or its job expires)
@@ -75,10 +76,10 @@ class EvaluationQueue:
 
     # ------------------------------------------------------------- checkpoints
     def observe(self, key: RankKey, now: float, steps_total: int, steps: Iterable[tuple[int, bool]],
-                every: int) -> bool:
+                every: int, dense: int = 0) -> bool:
         """Queue the checkpoints among a rank's newly applied steps, given as (step number, has a
-        NaN/Inf) in order, the last being its ``steps_total``-th step. Returns whether one is urgent
-        (a NaN/Inf: judge the rank now, budget or not)."""
+        NaN/Inf) in order, the last being its ``steps_total``-th step; each of its first ``dense`` steps
+        is one. Returns whether one is urgent (a NaN/Inf: judge the rank now, budget or not)."""
         steps = list(steps)
         total = steps_total - len(steps)
         r = self._ranks.get(key)
@@ -94,7 +95,7 @@ class EvaluationQueue:
                 if previous is not None:  # after a NaN the shape rules go quiet: judge the step before it too
                     self._queue(key, r, total - 1, now)
                 self._queue(key, r, total, now)
-            elif previous is None or step // every != previous // every:
+            elif previous is None or total <= dense or step // every != previous // every:
                 self._queue(key, r, total, now)
             previous = step
         r.last_step = previous

@@ -156,7 +156,8 @@ class Healthd:
             assert job is not None  # apply_steps made it
             total = job.ranks[rank].steps_total
             rank_key = (key[0], rank, key[2])
-            urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every)
+            urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every,
+                                        self.settings.engine.dense_checkpoint_steps)
             self.queue.shed(rank_key, total - lag)
             if urgent or self.queue.has_budget():
                 self.evaluate_rank(rank_key, now)

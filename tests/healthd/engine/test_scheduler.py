@@ -62,6 +62,12 @@ def test_checkpoints_are_the_first_step_each_new_block_and_a_nonfinite_step_with
     assert q.take(("j", 0, None)) == [(16, 2)]
 
 
+def test_a_ranks_first_steps_are_each_a_checkpoint() -> None:
+    q = EvaluationQueue(share=1.0, burst_seconds=1.0)
+    q.observe(("j", 0, None), 1.0, 14, _steps(*range(14)), every=5, dense=3)
+    assert [t for t, _ in q.take(("j", 0, None))] == [1, 2, 3, 6, 11]  # steps 0, 1, 2, then 5, 10
+
+
 def test_checkpoints_do_not_depend_on_how_steps_are_split() -> None:
     whole = EvaluationQueue(share=1.0, burst_seconds=1.0)
     whole.observe(("j", 0, None), 1.0, 23, _steps(*range(0, 46, 2), nan=30), every=5)
@@ -131,7 +137,8 @@ def _starved(hd: Healthd) -> None:
 
 def _healthd() -> Healthd:
     Seen.calls = []
-    return build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "max_steps_per_evaluation": 5}}),
+    return build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "max_steps_per_evaluation": 5,
+                                                   "dense_checkpoint_steps": 0}}),
                  rules=[Seen])
 
 
@@ -175,7 +182,7 @@ def test_an_infinite_gradient_norm_is_evaluated_at_once_too() -> None:
 
 
 def test_with_budget_a_request_is_evaluated_before_it_is_answered() -> None:
-    hd = build(Settings(), rules=[Seen])  # defaults: a share of the core and a burst
+    hd = build(Settings.from_mapping({"engine": {"dense_checkpoint_steps": 0}}), rules=[Seen])  # a share and a burst
     Seen.calls = []
     hd.ingest(_body(0, 0, 7))
     assert Seen.calls == [(0, [0]), (0, [1, 2, 3, 4, 5])] and len(hd.queue) == 0
@@ -198,7 +205,8 @@ def test_a_starved_rank_sheds_what_it_cannot_rebuild_and_the_metric_says_so() ->
 def test_the_queue_forgets_an_expired_job_after_judging_its_last_steps() -> None:
     Seen.calls = []
     now = [0.0]
-    hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6}, "store": {"job_ttl_seconds": 60}}),
+    hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "dense_checkpoint_steps": 0},
+                                      "store": {"job_ttl_seconds": 60}}),
                rules=[Seen], clock=lambda: now[0])
     _starved(hd)
     hd.ingest(_body(0, 0, 3))
@@ -210,7 +218,8 @@ def test_the_queue_forgets_an_expired_job_after_judging_its_last_steps() -> None
 
 def test_metrics_show_the_wait_until_the_queue_is_settled() -> None:
     Seen.calls = []
-    app = create_app(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6}}), rules=[Seen])
+    app = create_app(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "dense_checkpoint_steps": 0}}),
+                     rules=[Seen])
     hd: Healthd = app.state.healthd
     _starved(hd)
     with TestClient(app) as client:
@@ -241,7 +250,8 @@ def test_a_rank_that_waited_past_the_lag_is_judged_at_its_newest_checkpoint_only
 
 def test_the_sweeper_sheds_what_waited_too_long_and_settle_never_does() -> None:
     now = [0.0]
-    hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "max_checkpoint_lag_seconds": 10}}),
+    hd = build(Settings.from_mapping({"engine": {"rank_rules_cpu_share": 1e-6, "max_checkpoint_lag_seconds": 10,
+                                                 "dense_checkpoint_steps": 0}}),
                rules=[Seen], clock=lambda: now[0])
     Seen.calls = []
     _starved(hd)

@@ -38,7 +38,8 @@ def _body(losses: list[float], start: int = 0) -> bytes:
 
 def _healthd(every: int) -> Healthd:
     Seen.calls = []
-    return build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": every, "rank_rules_cpu_share": 1.0},
+    return build(Settings.from_mapping({"engine": {"max_steps_per_evaluation": every, "rank_rules_cpu_share": 1.0,
+                                                   "dense_checkpoint_steps": 0},
                                         "rules": {"Seen": {"for_steps": 3, "resolve_after_steps": 8}}}),
                  rules=[Seen])
 
