@@ -11,7 +11,9 @@ are one monitor each, and each names its stream (``stream="generator"``): health
 (job, rank, stream). A second open monitor for the same (job, rank, stream) would interleave its steps
 with the first's in one window; attach() refuses it with a ``ValueError`` that says to pass ``stream``.
 The GPU is the process's, not a stream's: only the first open monitor of a (job, rank) samples it
-(``_gpu_quantities``), so its series and GPU alerts exist once, under that monitor's stream.
+(``_gpu_quantities``), so its series and GPU alerts exist once, under that monitor's stream. When that
+monitor closes while another stream's stays open, GPU series stop (no live hand-over): a monitor
+attached after the close samples again.
 """
 
 from __future__ import annotations
