@@ -17,9 +17,17 @@ rotated), all sending to one local HTTP sink that accepts every batch. Per proce
 over blocks after warm-up, and the start-up cost (spawn to the end of the first step: interpreter,
 imports, building the model, attaching, the first step). Overheads are per round against that round's
 no-healthd run; the medians over rounds are printed with the load average.
+``--gan``: several models and optimizers in one process (a GAN's alternating step: the discriminator
+steps on real and detached fake batches, then the generator's loss flows back through the
+discriminator). Three identical copies (same seed) run in rotating block order, each block's arms back
+to back: unmonitored, one monitor (the generator's stream), two monitors (generator and discriminator
+streams, as ``attach(stream=...)`` documents). Overheads are medians over blocks of the paired ratio
+arm / unmonitored in the same block, so load that drifts between blocks cancels; the 1-minute load
+average before and after is printed, since other processes on the machine inflate everything.
 
 Usage::
 
+    python bench/overhead.py --gan --blocks 12     # one vs two monitors on a GAN step
     python bench/overhead.py                       # CPU models
     python bench/overhead.py --device cuda         # GPU models (GPT-2-small-sized, ResNet-ish CNN)
     python bench/overhead.py --json out.json --blocks 20 --block-steps 10
@@ -30,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -359,6 +369,129 @@ def auto_vs_explicit(name: str, *, rounds: int, blocks: int, block_steps: int, t
         "rows": rows,
     }
 
+# ---------------------------------------------------------------- a GAN: two models, two optimizers, one process
+class _Generator(nn.Module):
+    def __init__(self, z: int = 64, width: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(z, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                 nn.Linear(width, 784), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class _Discriminator(nn.Module):
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, width), nn.LeakyReLU(0.2), nn.Linear(width, width),
+                                 nn.LeakyReLU(0.2), nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class GanResult:
+    device: str
+    config: str
+    params: int
+    none_ms: float
+    one_monitor_ms: float
+    two_monitors_ms: float
+    one_monitor_pct: float  # median over blocks of one / none - 1 in the same block
+    two_monitors_pct: float
+    second_monitor_pct: float  # median over blocks of two / one - 1: what the second stream adds
+    blocks: int
+    block_steps: int
+    load_avg_1m_before: float
+    load_avg_1m_after: float
+
+
+class _GanArm:
+    """One copy of the GAN with 0, 1 (generator) or 2 (generator, discriminator) monitors."""
+
+    def __init__(self, device: torch.device, monitors: int, config: Mapping[str, Any], server: str | None,
+                 transport: NullTransport) -> None:
+        torch.manual_seed(0)
+        self.g, self.d = _Generator().to(device), _Discriminator().to(device)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        cfg = MonitorConfig(**{"heartbeat_seconds": 5.0, **config})
+        job = f"bench-overhead-gan-{monitors}"
+
+        def attach(model: nn.Module, opt: torch.optim.Optimizer, stream: str) -> Any:
+            return healthd_client.attach(model, opt, job=job, server=server, transport=None if server else transport,
+                                         stream=stream, loss_kind="adversarial", config=cfg)
+
+        self.mon_g = attach(self.g, self.opt_g, "generator") if monitors >= 1 else None
+        self.mon_d = attach(self.d, self.opt_d, "discriminator") if monitors >= 2 else None
+
+    def step(self, real: torch.Tensor, z: torch.Tensor) -> None:
+        bce = nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1, device=real.device), torch.zeros(len(real), 1, device=real.device)
+        fake = self.g(z)
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d = bce(self.d(real), ones) + bce(self.d(fake.detach()), zeros)
+        loss_d.backward()
+        self.opt_d.step()
+        if self.mon_d is not None:
+            self.mon_d.step(loss=loss_d, batch_size=len(real))
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g = bce(self.d(fake), ones)  # through the discriminator: its grads are the generator's loss's
+        loss_g.backward()
+        self.opt_g.step()
+        if self.mon_g is not None:
+            self.mon_g.step(loss=loss_g, batch_size=len(real))
+
+    def close(self) -> None:
+        for m in (self.mon_d, self.mon_g):
+            if m is not None:
+                m.close()
+
+
+def measure_gan(device: torch.device, config: Mapping[str, Any], *, blocks: int, block_steps: int,
+                warmup_steps: int = 5, server: str | None = None, config_name: str = "",
+                batch: int = 64) -> GanResult:
+    """No monitor vs one vs two on the same GAN step; see the module docstring."""
+    load_before = os.getloadavg()[0]
+    transport = NullTransport()
+    arms = {n: _GanArm(device, n, config, server, transport) for n in (0, 1, 2)}
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.rand(batch, 784, generator=g).mul(2).sub(1).to(device), torch.randn(batch, 64, generator=g)
+             .to(device)) for _ in range(4)]
+
+    def run(arm: _GanArm, steps: int, start: int) -> None:
+        for i in range(steps):
+            arm.step(*data[(start + i) % len(data)])
+
+    for arm in arms.values():
+        run(arm, warmup_steps, 0)
+    _sync(device)
+    orders = list(itertools.permutations(arms))  # every arm takes every position equally often
+    times: dict[int, list[float]] = {n: [] for n in arms}
+    for b in range(blocks):
+        for n in orders[b % len(orders)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            run(arms[n], block_steps, b * block_steps)
+            _sync(device)
+            times[n].append((time.perf_counter() - t0) / block_steps)
+    for arm in arms.values():
+        arm.close()
+
+    def paired(a: int, b: int) -> float:
+        return 100.0 * (statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)) - 1.0)
+
+    ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+    return GanResult(
+        device=str(device), config=config_name,
+        params=sum(p.numel() for m in (arms[0].g, arms[0].d) for p in m.parameters()),
+        none_ms=ms[0], one_monitor_ms=ms[1], two_monitors_ms=ms[2],
+        one_monitor_pct=paired(1, 0), two_monitors_pct=paired(2, 0), second_monitor_pct=paired(2, 1),
+        blocks=blocks, block_steps=block_steps, load_avg_1m_before=load_before,
+        load_avg_1m_after=os.getloadavg()[0],
+    )
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -373,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--auto", action="store_true", help="auto-attach vs explicit attach vs none (CPU, processes)")
     ap.add_argument("--rounds", type=int, default=5, help="--auto: rounds of (none, explicit, auto)")
     ap.add_argument("--child", choices=WAYS, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gan", action="store_true", help="only the GAN step: no monitor vs one vs two")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -401,9 +535,24 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
+    configs = {"default": {}, "every-step": EVERY_STEP}
+    if args.gan:
+        gan = []
+        for cname in args.configs.split(","):
+            r = measure_gan(device, configs[cname], blocks=args.blocks, block_steps=args.block_steps,
+                            server=args.server, config_name=cname)
+            gan.append(r)
+            print(f"gan ({r.params} params, {device}) {cname:<10} none {r.none_ms:7.2f} ms  one monitor "
+                  f"{r.one_monitor_ms:7.2f} ms ({r.one_monitor_pct:+.1f}%)  two monitors {r.two_monitors_ms:7.2f} ms "
+                  f"({r.two_monitors_pct:+.1f}%)  second monitor {r.second_monitor_pct:+.1f}%  "
+                  f"load avg {r.load_avg_1m_before:.2f} -> {r.load_avg_1m_after:.2f}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "gan": [asdict(r) for r in gan]}, f, indent=2)
+        return 0
     table = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
     names = [n for n in args.workloads.split(",") if n] or list(table)
-    configs = {"default": {}, "every-step": EVERY_STEP}
     results = []
     for name in names:
         for cname in args.configs.split(","):

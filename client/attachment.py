@@ -10,6 +10,10 @@ Several models and optimizers in one process (a GAN's generator and discriminato
 are one monitor each, and each names its stream (``stream="generator"``): healthd keeps windows per
 (job, rank, stream). A second open monitor for the same (job, rank, stream) would interleave its steps
 with the first's in one window; attach() refuses it with a ``ValueError`` that says to pass ``stream``.
+The GPU is the process's, not a stream's: only the first open monitor of a (job, rank) samples it
+(``_gpu_quantities``), so its series and GPU alerts exist once, under that monitor's stream. When that
+monitor closes while another stream's stays open, GPU series stop (no live hand-over): a monitor
+attached after the close samples again.
 """
 
 from __future__ import annotations
@@ -102,6 +106,15 @@ def _claim(job: str, rank: int, stream: str | None) -> None:
             f"reporting the same (job, rank, stream) would interleave their steps in one window. Give each "
             f'model/optimizer its own stream, e.g. attach(generator, opt_g, job, stream="generator") and '
             f'attach(discriminator, opt_d, job, stream="discriminator")')
+
+
+def _gpu_quantities(job: str, rank: int, quantities: list[Quantity]) -> list[Quantity]:
+    """``quantities`` without the GPU sampler when another open monitor of this (job, rank) in this process
+    already samples the GPU: each stream's sampler would report the same device again, doubling its
+    series and firing every GPU rule once per stream."""
+    sampled = any(not m.closed and (m.job, m.identity.rank) == (job, rank)
+                  and any(q.name == "gpu" for q in m.quantities) for m in list(attached.values()))
+    return [q for q in quantities if q.name != "gpu"] if sampled else quantities
 
 
 def looks_pretrained(model: torch.nn.Module) -> bool:
@@ -197,8 +210,9 @@ def attach(
         config=config,
         hints={k: v for k, v in hints.items() if v is not None},
         # An extra quantity replaces the built-in one of the same name (e.g. a GpuMonitor with a test NVML).
-        quantities=[*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
-                    *extra_quantities],
+        quantities=_gpu_quantities(job, identity.rank, [
+            *(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
+            *extra_quantities]),
         strict=strict,
         on_alert=on_alert,
         stop_on=stop_names,

@@ -1,6 +1,6 @@
 """healthd's Grafana dashboards as code (grafana-foundation-sdk 11.6), named through healthd.exposition.catalog.
 
-Three dashboards, each with the variables datasource, job and rank:
+Three dashboards, each with the variables datasource, job, rank (not on layers) and stream:
 
 - ``healthd-job``: one job at a glance: loss and validation loss, gradient norm
   and update ratio (window max, so a spike between two scrapes is drawn, plus
@@ -11,6 +11,11 @@ Three dashboards, each with the variables datasource, job and rank:
   temperature.
 - ``healthd-layers``: per layer: gradient norm and update ratio as top-k lines
   and a heatmap.
+
+Every trainhealth_* family carries ``stream`` (a named stream of a rank, ``attach(stream="generator")``;
+empty for the unnamed one). Selectors filter on ``$stream`` (its "All" is ``.*``, which matches the empty
+stream too), aggregations keep it, and per-rank and per-layer legends show ``{{stream}}``: a GAN's
+generator and discriminator are two lines, never one sawtooth.
 
 ``python -m healthd_dashboards`` or ``healthd dashboards export DIR`` writes the
 JSON; ``dashboards/json/`` holds the committed copy, checked by a test.
@@ -31,8 +36,10 @@ from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 from healthd.exposition import catalog as C
 
 DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
-JOB_SEL = 'job=~"$job"'
-RANK_SEL = 'job=~"$job", rank=~"$rank"'
+JOB_SEL = 'job=~"$job", stream=~"$stream"'
+RANK_SEL = 'job=~"$job", rank=~"$rank", stream=~"$stream"'
+# A process samples its GPU once, under its first monitor's stream: GPU panels are per rank, not per stream.
+GPU_SEL = 'job=~"$job", rank=~"$rank"'
 TAGS = ["healthd", "training"]
 RATE = "$__rate_interval"
 
@@ -62,7 +69,7 @@ def _ts(title: str, unit: str, *queries: prometheus.Dataquery, description: str 
     return p
 
 
-def _mean(per_step: C.Metric, sel: str, by: str = "rank") -> str:
+def _mean(per_step: C.Metric, sel: str, by: str = "rank, stream") -> str:
     return (f"sum by ({by}) (rate({per_step.name}_sum{{{sel}}}[{RATE}])) / "
             f"sum by ({by}) (rate({per_step.name}_count{{{sel}}}[{RATE}]))")
 
@@ -81,13 +88,22 @@ def _variables(d: db.Dashboard, with_rank: bool = True) -> db.Dashboard:
             .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.NUMERICAL_ASC)
             .multi(True).include_all(True).all_value(".*")
         )
+    # A stream's series exist only once a monitor named it; the unnamed stream has no value to list,
+    # so "All" (.*, which matches the empty label) is the default and shows it.
+    d = d.with_variable(
+        db.QueryVariable("stream").label("Stream").datasource(DS)
+        .query(f'label_values({C.STEP.name}{{job=~"$job"}}, stream)')
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(True).include_all(True).all_value(".*")
+        .current(dm.VariableOption(selected=True, text="All", value="$__all"))
+    )
     return d
 
 
 def _alert_annotations(d: db.Dashboard) -> db.Dashboard:
     return d.annotation(
         db.AnnotationQuery().name("healthd alerts").datasource(DS).enable(True).icon_color("red")
-        .expr(f'{C.ALERT.name}{{job=~"$job"}} > 0')
+        .expr(f'{C.ALERT.name}{{{JOB_SEL}}} > 0')
     )
 
 
@@ -110,57 +126,61 @@ def job_overview() -> db.Dashboard:
     )
     d = d.with_panel(
         stat.Panel().title("Step").datasource(DS).span(6).height(4).unit("none")
-        .with_target(_q(f"max by (job) ({C.STEP.name}{{{JOB_SEL}}})", "{{job}}"))
+        .with_target(_q(f"max by (job, stream) ({C.STEP.name}{{{JOB_SEL}}})", "{{job}} {{stream}}"))
     )
     d = d.with_panel(
         stat.Panel().title("Steps per second").datasource(DS).span(6).height(4).unit("none")
-        .with_target(_q(f"min by (job) (rate({C.STEPS_TOTAL.name}{{{JOB_SEL}}}[{RATE}]))", "{{job}}"))
+        .with_target(_q(f"min by (job, stream) (rate({C.STEPS_TOTAL.name}{{{JOB_SEL}}}[{RATE}]))",
+                        "{{job}} {{stream}}"))
     )
     d = d.with_panel(
         stat.Panel().title("Global batch (examples)").datasource(DS).span(6).height(4).unit("none")
-        .with_target(_q(f"{C.GLOBAL_BATCH_SIZE.name}{{{JOB_SEL}}}", "{{job}}"))
+        .with_target(_q(f"{C.GLOBAL_BATCH_SIZE.name}{{{JOB_SEL}}}", "{{job}} {{stream}}"))
     )
     d = d.with_panel(
         stat.Panel().title("Gradient noise scale (examples)").datasource(DS).span(6).height(4).unit("none")
         .description("B_simple (McCandlish et al. 2018): batch sizes well below it waste little; far above "
                      "it, extra examples per step buy little. DDP jobs only.")
-        .with_target(_q(f"{C.GRADIENT_NOISE_SCALE.name}{{{JOB_SEL}}}", "{{job}}"))
+        .with_target(_q(f"{C.GRADIENT_NOISE_SCALE.name}{{{JOB_SEL}}}", "{{job}} {{stream}}"))
     )
     d = d.with_panel(_ts(
         "Loss", "none",
-        _q(f"{C.LOSS.name}{{{RANK_SEL}}}", "last rank {{rank}}", "A"),
-        _q(_mean(per["loss"], RANK_SEL), "mean/step rank {{rank}}", "B"),
-        _q(f"{C.EVAL_LOSS.name}{{{RANK_SEL}}}", "validation rank {{rank}}", "C"),
+        _q(f"{C.LOSS.name}{{{RANK_SEL}}}", "last rank {{rank}} {{stream}}", "A"),
+        _q(_mean(per["loss"], RANK_SEL), "mean/step rank {{rank}} {{stream}}", "B"),
+        _q(f"{C.EVAL_LOSS.name}{{{RANK_SEL}}}", "validation rank {{rank}} {{stream}}", "C"),
         description="Last value at each scrape, the mean per step between scrapes (from _per_step sums), "
                     "and the validation loss at the last monitor.eval().",
     ))
     d = d.with_panel(_ts(
         "Gradient norm", "none",
-        _q(f"max_over_time({wmax['grad_norm'].name}{{{RANK_SEL}}}[$__interval])", "max rank {{rank}}", "A"),
-        _q(_mean(per["grad_norm"], RANK_SEL), "mean/step rank {{rank}}", "B"),
+        _q(f"max_over_time({wmax['grad_norm'].name}{{{RANK_SEL}}}[$__interval])",
+           "max rank {{rank}} {{stream}}", "A"),
+        _q(_mean(per["grad_norm"], RANK_SEL), "mean/step rank {{rank}} {{stream}}", "B"),
         description="Max over the exporter window: a spike between two scrapes is still drawn.",
         log_scale=True,
     ))
     d = d.with_panel(_ts(
         "Update ratio |Δw|/|w|", "percentunit",
-        _q(f"max_over_time({wmax['update_ratio'].name}{{{RANK_SEL}}}[$__interval])", "max rank {{rank}}", "A"),
-        _q(f"min_over_time({wmin['update_ratio'].name}{{{RANK_SEL}}}[$__interval])", "min rank {{rank}}", "B"),
+        _q(f"max_over_time({wmax['update_ratio'].name}{{{RANK_SEL}}}[$__interval])",
+           "max rank {{rank}} {{stream}}", "A"),
+        _q(f"min_over_time({wmin['update_ratio'].name}{{{RANK_SEL}}}[$__interval])",
+           "min rank {{rank}} {{stream}}", "B"),
         description="Around 1e-3 is healthy for most optimizers; far above: learning rate too high, "
                     "far below: too low.",
         log_scale=True,
     ))
     d = d.with_panel(_ts(
         "Learning rate", "none",
-        _q(f"{C.LEARNING_RATE.name}{{{RANK_SEL}}}", "rank {{rank}} group {{param_group}}"),
+        _q(f"{C.LEARNING_RATE.name}{{{RANK_SEL}}}", "rank {{rank}} {{stream}} group {{param_group}}"),
     ))
     d = d.with_panel(_ts(
         "Non-finite tensors", "none",
-        _q(f"sum by (kind) (increase({C.NONFINITE_TOTAL.name}{{{RANK_SEL}}}[{RATE}]))", "{{kind}}"),
+        _q(f"sum by (kind, stream) (increase({C.NONFINITE_TOTAL.name}{{{RANK_SEL}}}[{RATE}]))", "{{stream}} {{kind}}"),
         description="Tensors holding NaN/Inf, by kind (loss, grads, params), per rate interval.",
     ))
     d = d.with_panel(_ts(
         "Validation accuracy", "percentunit",
-        _q(f"{C.EVAL_ACCURACY.name}{{{RANK_SEL}}}", "rank {{rank}}"),
+        _q(f"{C.EVAL_ACCURACY.name}{{{RANK_SEL}}}", "rank {{rank}} {{stream}}"),
     ))
     return d
 
@@ -170,42 +190,43 @@ def ranks() -> db.Dashboard:
                          "Per-rank view of a distributed job: step time, stragglers, stalls and GPUs."))
     d = _alert_annotations(d)
     per = C.PER_STEP["step_seconds"]
-    mean_rank = _mean(per, RANK_SEL, by="job, rank")
-    mean_job = _mean(per, JOB_SEL, by="job, rank")
+    mean_rank = _mean(per, RANK_SEL, by="job, rank, stream")
+    mean_job = _mean(per, JOB_SEL, by="job, rank, stream")
     d = d.with_panel(_ts(
         "Step time", "s",
-        _q(f"max_over_time({C.WINDOW_MAX['step_seconds'].name}{{{RANK_SEL}}}[$__interval])", "max rank {{rank}}",
-           "A"),
-        _q(mean_rank, "mean rank {{rank}}", "B"),
+        _q(f"max_over_time({C.WINDOW_MAX['step_seconds'].name}{{{RANK_SEL}}}[$__interval])",
+           "max rank {{rank}} {{stream}}", "A"),
+        _q(mean_rank, "mean rank {{rank}} {{stream}}", "B"),
     ))
     d = d.with_panel(_ts(
         "Straggler score", "none",
-        _q(f"({mean_rank}) / on (job) group_left () min by (job) ({mean_job})", "rank {{rank}}"),
+        _q(f"({mean_rank}) / on (job, stream) group_left () min by (job, stream) ({mean_job})",
+           "rank {{rank}} {{stream}}"),
         description="Mean step time of the rank / the fastest rank's. 1 is the fastest; StragglerRank fires "
                     "well above it.",
     ))
     d = d.with_panel(_ts(
         "Steps per second", "none",
-        _q(f"rate({C.STEPS_TOTAL.name}{{{RANK_SEL}}}[{RATE}])", "rank {{rank}}"),
+        _q(f"rate({C.STEPS_TOTAL.name}{{{RANK_SEL}}}[{RATE}])", "rank {{rank}} {{stream}}"),
         description="Zero means the rank stalled (RankStalled / TrainingStalled alerts).",
     ))
     d = d.with_panel(_ts(
         "Seconds since last report", "s",
-        _q(f"time() - {C.LAST_REPORT_TIMESTAMP.name}{{{RANK_SEL}}}", "rank {{rank}}"),
+        _q(f"time() - {C.LAST_REPORT_TIMESTAMP.name}{{{RANK_SEL}}}", "rank {{rank}} {{stream}}"),
     ))
     d = d.with_panel(_ts(
         "GPU memory", "bytes",
-        _q(f"{C.GPU_MEMORY_USED.name}{{{RANK_SEL}}}", "used rank {{rank}}", "A"),
-        _q(f"{C.GPU_TORCH_ALLOCATED.name}{{{RANK_SEL}}}", "torch allocated rank {{rank}}", "B"),
-        _q(f"{C.GPU_MEMORY_TOTAL.name}{{{RANK_SEL}}}", "total rank {{rank}}", "C"),
+        _q(f"{C.GPU_MEMORY_USED.name}{{{GPU_SEL}}}", "used rank {{rank}}", "A"),
+        _q(f"{C.GPU_TORCH_ALLOCATED.name}{{{GPU_SEL}}}", "torch allocated rank {{rank}}", "B"),
+        _q(f"{C.GPU_MEMORY_TOTAL.name}{{{GPU_SEL}}}", "total rank {{rank}}", "C"),
     ))
     d = d.with_panel(_ts(
         "GPU utilization", "percentunit",
-        _q(f"{C.GPU_UTILIZATION.name}{{{RANK_SEL}}}", "rank {{rank}}"),
+        _q(f"{C.GPU_UTILIZATION.name}{{{GPU_SEL}}}", "rank {{rank}}"),
     ))
     d = d.with_panel(_ts(
         "GPU temperature", "celsius",
-        _q(f"{C.GPU_TEMPERATURE.name}{{{RANK_SEL}}}", "rank {{rank}}"),
+        _q(f"{C.GPU_TEMPERATURE.name}{{{GPU_SEL}}}", "rank {{rank}}"),
     ))
     return d
 
@@ -221,11 +242,11 @@ def layers() -> db.Dashboard:
     for metric, unit in ((C.LAYER_GRAD_NORM, "none"), (C.LAYER_UPDATE_RATIO, "percentunit")):
         title = "gradient norm" if metric is C.LAYER_GRAD_NORM else "update ratio"
         d = d.with_panel(_ts(f"Top $topk layers by {title}", unit,
-                             _q(f"topk($topk, {metric.name}{{{JOB_SEL}}})", "{{layer}}"), log_scale=True))
+                             _q(f"topk($topk, {metric.name}{{{JOB_SEL}}})", "{{stream}} {{layer}}"), log_scale=True))
         d = d.with_panel(
             heatmap.Panel().title(f"Layer {title} (heatmap)").datasource(DS).span(12).height(10).unit(unit)
             .calculate(False)
-            .with_target(_q(f"{metric.name}{{{JOB_SEL}}}", "{{layer}}", fmt=PromQueryFormat.HEATMAP))
+            .with_target(_q(f"{metric.name}{{{JOB_SEL}}}", "{{stream}} {{layer}}", fmt=PromQueryFormat.HEATMAP))
         )
     return d
 

@@ -11,19 +11,26 @@ Alertmanager ``inhibit_rules`` that mute a consequence while its cause fires.
 
 The engine uses it for alert-state bookkeeping only (rules stay pure): when an
 alert fires and a cause of it is firing for the same job (the same rank when
-both rules are about one rank, ``equal_labels``), it carries ``caused_by`` (the
+both rules are about one rank, and the same stream, ``equal_labels``), it carries ``caused_by`` (the
 cause's rule) and the cause's ``incident`` id; an alert with no firing cause
 opens an incident of its own (its id). A cause that fires after its
 consequences adopts them. A cause stays firing while a consequence it adopted
 fires (``holds_open``): the incident's page stays open until its last symptom
 clears, instead of the cause resolving first and the symptoms paging on their
 own. The incident's root takes its incident's worst severity, so that muting the consequences never
-mutes a page. What does not live here: when alerts fire (``healthd.engine.alerts``).
+mutes a page.
+
+Streams (``attach(stream="generator")``: a GAN's generator and discriminator are two streams of one
+rank) are separate models with separate optimizers: a learning rate too high on the discriminator
+explains the discriminator's diverging loss, not the generator's. A cause explains a consequence on
+another stream only when ``CROSS_STREAM`` says its condition belongs to the process, not to one of its
+models: the GPU rules (a process samples its GPU once, under its first monitor's stream, and a failing
+or throttled GPU slows every stream it runs). What does not live here: when alerts fire (``healthd.engine.alerts``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from healthd.rules import ALL_RULES
@@ -35,6 +42,13 @@ if TYPE_CHECKING:
 
 _LOSS_SHAPE = ("LossDiverging", "LossOscillating", "LossPlateau")
 _GRADIENT_SHAPE = ("ExplodingGradients", "VanishingGradients", "GradientsNotFlowing")
+
+# Causes whose condition is the process's (its GPU), not one stream's: they explain consequences on every
+# stream of their rank (or job). Every other cause explains its own stream's consequences only.
+CROSS_STREAM: frozenset[str] = frozenset({
+    "GPUHardwareErrors", "GPUThrottling", "GPUMemoryLeak", "GPUMemoryNearLimit", "SmallBatchUnderutilization",
+    "LowGPUUtilization", "GPUImbalance",
+})
 
 # cause -> the rules whose condition it commonly brings about. Every rule of ALL_RULES is a key.
 CONSEQUENCES: Mapping[str, tuple[str, ...]] = {
@@ -85,8 +99,14 @@ CONSEQUENCES: Mapping[str, tuple[str, ...]] = {
 class IncidentGraph:
     """``CONSEQUENCES`` checked against a rule catalog, with the lookups the engine and generators need."""
 
-    def __init__(self, consequences: Mapping[str, Sequence[str]], rules: Sequence[type[Rule[Any, Any]]]) -> None:
+    def __init__(self, consequences: Mapping[str, Sequence[str]], rules: Sequence[type[Rule[Any, Any]]],
+                 cross_stream: Collection[str] = ()) -> None:
         scopes = {r.name: r.scope for r in rules}
+        unknown_cross = sorted(set(cross_stream) - set(scopes))
+        if unknown_cross:
+            raise ValueError(f"incident graph: cross-stream cause(s) {', '.join(unknown_cross)} "
+                             "not in the rule catalog")
+        self.cross_stream = frozenset(cross_stream)
         missing = sorted(set(scopes) - set(consequences))
         if missing:
             raise ValueError(f"incident graph: rule(s) {', '.join(missing)} have no entry in CONSEQUENCES "
@@ -128,14 +148,20 @@ class IncidentGraph:
 
     def equal_labels(self, cause: str, consequence: str) -> tuple[str, ...]:
         """Labels a cause's alert and a consequence's alert share when one explains the other: the rank too
-        when both rules are about one rank, the job only when either looks at the whole job."""
+        when both rules are about one rank, the job only when either looks at the whole job; the stream
+        too unless the cause is the process's (``cross_stream``)."""
         both_rank = self._scopes.get(cause) is Scope.RANK and self._scopes.get(consequence) is Scope.RANK
-        return ("job", "rank") if both_rank else ("job",)
+        labels = ("job", "rank") if both_rank else ("job",)
+        return labels if cause in self.cross_stream else (*labels, "stream")
+
+    def _same_place(self, cause: Alert, effect: Alert) -> bool:
+        """Whether the two alerts agree on the labels the edge cause -> effect joins on."""
+        return all(getattr(cause, label) == getattr(effect, label)
+                   for label in self.equal_labels(cause.rule, effect.rule))
 
     def _explains(self, cause: Alert, alert: Alert) -> bool:
         return (cause.state is AlertState.FIRING and cause.rule in self.causes(alert.rule)
-                and cause.job == alert.job
-                and ("rank" not in self.equal_labels(cause.rule, alert.rule) or cause.rank == alert.rank))
+                and self._same_place(cause, alert))
 
     def on_firing(self, alert: Alert, active: Iterable[Alert]) -> None:
         """Place ``alert`` (just fired) in an incident of its job's ``active`` alerts, and make it the
@@ -171,12 +197,11 @@ class IncidentGraph:
     def holds_open(self, alert: Alert, active: Iterable[Alert]) -> bool:
         """Whether ``alert`` must stay firing: a consequence it caused still fires."""
         return any(a is not alert and a.state is AlertState.FIRING and a.caused_by == alert.rule
-                   and a.incident == alert.incident and a.job == alert.job
-                   and ("rank" not in self.equal_labels(alert.rule, a.rule) or a.rank == alert.rank)
+                   and a.incident == alert.incident and self._same_place(alert, a)
                    for a in active)
 
 
-GRAPH = IncidentGraph(CONSEQUENCES, ALL_RULES)
+GRAPH = IncidentGraph(CONSEQUENCES, ALL_RULES, CROSS_STREAM)
 
 T = TypeVar("T")
 

@@ -196,7 +196,7 @@ def inhibit_rules(graph: IncidentGraph = GRAPH) -> list[dict[str, Any]]:
         # (source="prometheus"): while the direct one is active, the copy is muted, so nobody is paged twice.
         "source_matchers": ['source=""', 'alertname!="HealthdDown"'],
         "target_matchers": ['source="prometheus"'],
-        "equal": ["alertname", "job", "rank"],
+        "equal": ["alertname", "job", "rank", "stream"],  # a GAN's two streams are two alerts each
     }]
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for cause, effect in graph.edges():

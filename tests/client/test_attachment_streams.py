@@ -57,3 +57,30 @@ def test_a_bad_stream_or_loss_kind_is_a_value_error(kwargs: dict, match: str) ->
     model, opt = _pair()
     with pytest.raises(ValueError, match=match):
         healthd_client.attach(model, opt, "gan", transport=RecordingTransport(), **kwargs)
+
+
+def test_only_the_first_open_monitor_of_a_job_and_rank_samples_the_gpu() -> None:
+    """Two streams of one process share its GPU: a second sampler would report the same device again."""
+    from healthd_client.quantities.gpu import GpuMonitor
+
+    def gpu() -> GpuMonitor:
+        return GpuMonitor(60.0, nvml_loader=lambda: None, cuda=None)
+
+    (g, opt_g), (d, opt_d), (o, opt_o) = _pair(), _pair(), _pair()
+    kw = {"transport": RecordingTransport(), "config": MonitorConfig(**FAST)}
+    first = healthd_client.attach(g, opt_g, "gan", stream="generator", extra_quantities=[gpu()], **kw)
+    second = healthd_client.attach(d, opt_d, "gan", stream="discriminator", extra_quantities=[gpu()], **kw)
+    other_job = healthd_client.attach(o, opt_o, "other", extra_quantities=[gpu()], **kw)
+    try:
+        assert [q.name for q in first.quantities].count("gpu") == 1
+        assert "gpu" not in [q.name for q in second.quantities]
+        assert [q.name for q in other_job.quantities].count("gpu") == 1  # another job reports its own
+    finally:
+        for m in (second, other_job, first):
+            m.close(timeout=5.0)
+    (d2, opt_d2) = _pair()
+    third = healthd_client.attach(d2, opt_d2, "gan", stream="discriminator", extra_quantities=[gpu()], **kw)
+    try:  # the first one closed: the next monitor samples the GPU
+        assert [q.name for q in third.quantities].count("gpu") == 1
+    finally:
+        third.close(timeout=5.0)

@@ -59,3 +59,23 @@ def test_spikes_are_drawn_from_window_max_not_the_last_value() -> None:
     assert any(C.WINDOW_MAX["grad_norm"].name in t["expr"] and "max_over_time" in t["expr"]
                for t in grad["targets"])
     assert any(a.get("expr", "").startswith(C.ALERT.name) for a in job["annotations"]["list"])
+
+
+def test_stream_variable_and_legends_tell_streams_apart() -> None:
+    """A GAN's generator and discriminator are two streams of one rank: every dashboard can pick them
+    (multi, All = .*, which also matches the unnamed stream's empty label) and per-rank and per-layer
+    lines name their stream. GPU panels are per rank: a process samples its GPU once."""
+    gpu = {m.name for m in C.ALL if "gpu" in m.labels}
+    for uid, model in dashboards().items():
+        var = next(v for v in model["templating"]["list"] if v["name"] == "stream")
+        assert var["multi"] and var["includeAll"] and var["allValue"] == ".*", uid
+        assert "$job" in var["query"] and C.STEP.name in var["query"]
+        for p in model["panels"]:
+            for t in p.get("targets", []):
+                expr, legend = t["expr"], t.get("legendFormat", "")
+                if set(NAME.findall(expr)) & gpu:
+                    assert "$stream" not in expr and "{{stream}}" not in legend, (uid, p["title"])
+                    continue
+                assert 'stream=~"$stream"' in expr, (uid, p["title"], expr)
+                if "{{rank}}" in legend or "{{layer}}" in legend:
+                    assert "{{stream}}" in legend, (uid, p["title"], legend)

@@ -52,7 +52,7 @@ def _post_ddp_and_gpu(hd: LiveHealthd, start: int, n: int) -> None:
 
 def _panel_queries() -> list[tuple[str, str, str]]:
     subs = {"$__rate_interval": "10s", "$__interval": "5s", "$topk": "5", "$job": f"{JOB}|{DDP_JOB}",
-            "$rank": ".*"}
+            "$rank": ".*", "$stream": ".*"}
     out = []
     for uid, model in dashboards().items():
         for title, expr in expressions(model):

@@ -63,8 +63,10 @@ def _by_rule(eng: Engine) -> dict[str, Alert]:
 def test_every_rule_has_a_place_and_the_graph_is_acyclic() -> None:
     assert set(CONSEQUENCES) == {r.name for r in ALL_RULES}
     assert set(GRAPH.causes("LossDiverging")) >= {"LearningRateTooHigh", "NonFiniteValues"}
-    assert GRAPH.equal_labels("LearningRateTooHigh", "LossDiverging") == ("job", "rank")
-    assert GRAPH.equal_labels("RankStalled", "StragglerRank") == ("job",)
+    assert GRAPH.equal_labels("LearningRateTooHigh", "LossDiverging") == ("job", "rank", "stream")
+    assert GRAPH.equal_labels("RankStalled", "StragglerRank") == ("job", "stream")
+    assert GRAPH.equal_labels("GPUMemoryLeak", "GPUMemoryNearLimit") == ("job", "rank")  # the process's GPU
+    assert GRAPH.equal_labels("GPUHardwareErrors", "RankStalled") == ("job",)
 
 
 @pytest.mark.parametrize(("graph", "message"), [
@@ -76,6 +78,11 @@ def test_every_rule_has_a_place_and_the_graph_is_acyclic() -> None:
 def test_a_bad_graph_is_refused(graph: dict[str, tuple[str, ...]], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         IncidentGraph(graph, [Cause, Symptom])
+
+
+def test_a_cross_stream_cause_must_be_a_rule() -> None:
+    with pytest.raises(ValueError, match="cross-stream cause"):
+        IncidentGraph({"Cause": ("Symptom",), "Symptom": ()}, [Cause, Symptom], cross_stream=("Nope",))
 
 
 def test_consequence_firing_while_its_cause_fires_joins_the_cause_incident() -> None:
@@ -114,10 +121,10 @@ def test_an_unrelated_alert_opens_its_own_incident() -> None:
     assert symptom.caused_by is None and symptom.incident == symptom.id
 
 
-def _alert(rule: str, rank: int | None, state: AlertState = AlertState.FIRING) -> Alert:
-    return Alert(id=f"{rule}-{rank}", rule=rule, severity=Severity.WARNING, state=state, job="j", rank=rank,
-                 layer=None, step=0, last_step=0, summary="", evidence={}, advice="", started_at=0.0,
-                 updated_at=0.0, fired_at=0.0)
+def _alert(rule: str, rank: int | None, state: AlertState = AlertState.FIRING, stream: str | None = None) -> Alert:
+    return Alert(id=f"{rule}-{rank}-{stream}", rule=rule, severity=Severity.WARNING, state=state, job="j",
+                 rank=rank, layer=None, step=0, last_step=0, summary="", evidence={}, advice="", started_at=0.0,
+                 updated_at=0.0, fired_at=0.0, stream=stream)
 
 
 def test_rank_rules_link_on_the_same_rank_only() -> None:
@@ -149,3 +156,65 @@ def test_a_cause_takes_its_incidents_worst_severity_so_muting_consequences_never
     info = firing("LossPlateau", Severity.INFO, "i")
     GRAPH.on_firing(info, [cause, effect, info])
     assert cause.severity is Severity.CRITICAL  # escalate only
+
+
+def test_a_cause_on_one_stream_does_not_explain_a_consequence_on_another_stream_of_its_rank() -> None:
+    """A GAN: the discriminator's learning rate is too high; the generator's loss diverging on the same
+    rank is the generator's own incident (and does not hold the discriminator's cause open)."""
+    cause = _alert("LearningRateTooHigh", 0, stream="discriminator")
+    GRAPH.on_firing(cause, [cause])
+    other = _alert("LossDiverging", 0, stream="generator")
+    GRAPH.on_firing(other, [cause, other])
+    assert other.caused_by is None and other.incident == other.id
+    assert not GRAPH.holds_open(cause, [cause, other])
+    own = _alert("LossDiverging", 0, stream="discriminator")
+    GRAPH.on_firing(own, [cause, other, own])
+    assert own.caused_by == "LearningRateTooHigh" and own.incident == cause.id
+    assert GRAPH.holds_open(cause, [cause, other, own])
+    unnamed = _alert("LossDiverging", 0)  # the unnamed stream is a stream of its own
+    GRAPH.on_firing(unnamed, [cause, other, own, unnamed])
+    assert unnamed.caused_by is None
+
+
+def test_a_cause_on_one_stream_does_not_adopt_another_streams_consequence() -> None:
+    effect = _alert("LossDiverging", 0, stream="generator")
+    GRAPH.on_firing(effect, [effect])
+    cause = _alert("LearningRateTooHigh", 0, stream="discriminator")
+    GRAPH.on_firing(cause, [effect, cause])
+    assert effect.caused_by is None and effect.incident == effect.id
+
+
+def test_the_process_gpu_explains_consequences_on_every_stream_of_its_rank() -> None:
+    """The GPU is sampled once per process (under its first monitor's stream): a failing GPU stalls
+    every stream on it, so the graph lets GPU causes cross streams (still on the same rank when both
+    rules are about one rank)."""
+    gpu = _alert("GPUHardwareErrors", 0, stream="generator")
+    GRAPH.on_firing(gpu, [gpu])
+    stalled = _alert("RankStalled", 0, stream="discriminator")
+    GRAPH.on_firing(stalled, [gpu, stalled])
+    assert stalled.caused_by == "GPUHardwareErrors" and stalled.incident == gpu.id
+    assert GRAPH.holds_open(gpu, [gpu, stalled])
+    leak = _alert("GPUMemoryLeak", 0, stream="generator")
+    GRAPH.on_firing(leak, [leak])
+    near_other_rank = _alert("GPUMemoryNearLimit", 1, stream="discriminator")
+    GRAPH.on_firing(near_other_rank, [leak, near_other_rank])
+    assert near_other_rank.caused_by is None
+    near = _alert("GPUMemoryNearLimit", 0, stream="discriminator")
+    GRAPH.on_firing(near, [leak, near_other_rank, near])
+    assert near.caused_by == "GPUMemoryLeak"
+
+
+def test_engine_groups_incidents_per_stream() -> None:
+    """Through the engine: the cause fires on one stream of rank 0, the symptom on both; only the
+    cause's own stream joins its incident."""
+    eng = _engine()
+    d = steps(3, loss=[2, 2, 2], grad_norm=[0, 2, 2])
+    g = steps(3, loss=[0, 0, 0], grad_norm=[0, 2, 2])
+    for i in range(3):
+        eng.on_step(window(d[: i + 1], stream="discriminator"))
+        eng.on_step(window(g[: i + 1], stream="generator"))
+    alerts = {(a.rule, a.stream): a for a in eng.alerts("j", include_resolved=False)}
+    cause = alerts[("Cause", "discriminator")]
+    assert alerts[("Symptom", "discriminator")].incident == cause.id
+    gen = alerts[("Symptom", "generator")]
+    assert gen.caused_by is None and gen.incident == gen.id
