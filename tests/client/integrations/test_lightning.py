@@ -83,7 +83,7 @@ def test_metrics_arrive_with_the_gradients_of_the_step_they_belong_to() -> None:
     evals = data["ranks"]["0"]["evals"]
     assert [e["step"] for e in evals] == [4, 9, 14, 19] and all(math.isfinite(e["loss"]) for e in evals)
     assert all(0 <= e["accuracy"] <= 1 for e in evals)
-    assert f'{C.GRAD_NORM.name}{{job="lit-ok",rank="0"}}' in metrics
+    assert f'{C.GRAD_NORM.name}{{job="lit-ok",rank="0",stream=""}}' in metrics
     assert not [a for a in data["alerts"] if a["severity"] == "critical"]
 
 
