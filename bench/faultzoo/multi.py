@@ -13,9 +13,10 @@ under ``transformers.Trainer`` at its default ``TrainingArguments`` (only output
 model and the data given); the GAN as a Lightning module in manual optimization (two optimizers,
 ``HealthdCallback(streams=...)``).
 Faults: the generator's ``zero_grad()`` missing (MissingZeroGrad on the generator); the
-discriminator's learning rate x100 (LearningRateTooHigh on the discriminator; its harm is measured
-in ``QUALITY``); a NaN weight under the Trainer (NonFiniteValues at its step); a generator layer
-frozen after the optimizer was built, in Lightning.
+discriminator's learning rate x100 (LearningRateTooHigh on the discriminator; ``QUALITY`` measures
+the generator's samples against the data, and after 150 steps it shows no harm yet: 5.01 against the
+healthy GAN's 5.39 on seed 0, both far from the data); a NaN weight under the Trainer (NonFiniteValues
+at its step); a generator layer frozen after the optimizer was built, in Lightning.
 """
 
 from __future__ import annotations
