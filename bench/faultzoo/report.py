@@ -7,6 +7,8 @@
   it did not fire at warning or above), the median and the worst, and the other alerts above info
   that fired with it (the size of the page an on-call engineer gets);
 - per healthy control: the alerts above info that fired, for each seed (a false alarm);
+- an alert of a named stream reads ``Rule[stream]`` (a fault's expected alert too, when it names the
+  stream it must fire on);
 - totals: recall at warning or above, median and worst steps to detect, false alarms per healthy run.
 
 A scenario whose verdict differs between seeds is marked: a case that flips between seeds is a
@@ -31,9 +33,15 @@ def _above_info(fired: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted(rule for rule, a in fired.items() if _LEVEL.get(a["severity"], 0) > 0)
 
 
+def _expected(r: Mapping[str, Any]) -> str:
+    """The expected alert's key in ``fired`` (``runner.alert_key``): ``Rule[stream]`` when the fault names a stream."""
+    stream = r.get("stream")
+    return r["expected"] if stream is None else f"{r['expected']}[{stream}]"
+
+
 def _delay(r: Mapping[str, Any]) -> int | None:
-    """Steps from onset to the expected alert firing at warning or above; None when it did not."""
-    a = r["fired"].get(r["expected"])
+    """Steps from onset to the expected alert firing at warning or above (on its stream); None when it did not."""
+    a = r["fired"].get(_expected(r))
     if a is None or _LEVEL.get(a["severity"], 0) < 1 or a["step"] is None:
         return None
     return max(0, int(a["step"]) - int(r["onset"]))
@@ -71,8 +79,8 @@ def render(results: Sequence[Mapping[str, Any]]) -> str:
         ds = [_delay(r) for r in rs]
         got = [d for d in ds if d is not None]
         flips = " (flips between seeds)" if got and len(got) != len(ds) else ""
-        others = sorted({x for r in rs for x in _above_info(r["fired"]) if x != r["expected"]})
-        out.append(f"| {name}{flips} | {rs[0]['expected']} | {', '.join('-' if d is None else f'+{d}' for d in ds)} "
+        others = sorted({x for r in rs for x in _above_info(r["fired"]) if x != _expected(r)})
+        out.append(f"| {name}{flips} | {_expected(rs[0])} | {', '.join('-' if d is None else f'+{d}' for d in ds)} "
                    f"| {statistics.median(got) if got else '-'} | {max(got) if got else '-'} "
                    f"| {', '.join(others) or '-'} |\n")
     out += ["\n## Healthy controls\n\n", "| scenario | alerts above info, by seed |\n", "|---|---|\n"]

@@ -11,6 +11,10 @@ two ranks reporting over HTTP to the same kind of healthd served on a free port.
 Scoring: a fault is detected when its expected alert fired (other alerts may
 fire too; they are listed). Steps to detect = firing step - the fault's onset.
 A control raises a false alarm when any alert above ``info`` fired.
+
+Alerts are recorded per (rule, stream): ``fired`` is keyed by ``alert_key`` (the rule's name on the
+unnamed stream, ``Rule[stream]`` on a named one) and each entry carries its ``stream``. A fault of a
+scenario with ``stream`` is detected only by its alert on that stream.
 """
 
 from __future__ import annotations
@@ -44,16 +48,22 @@ class InProcessTransport:
         return status, result.model_dump_json()
 
 
+def alert_key(rule: str, stream: str | None) -> str:
+    """The key of a (rule, stream) in a result's ``fired``: ``MissingZeroGrad[generator]``, or the rule alone."""
+    return rule if stream is None else f"{rule}[{stream}]"
+
+
 class FiringRecorder:
-    """Engine listener: first firing step and the highest severity per rule."""
+    """Engine listener: first firing step and the highest severity per rule and stream."""
 
     def __init__(self) -> None:
         self.fired: dict[str, dict[str, Any]] = {}
 
     def on_transition(self, alert: Alert, previous: AlertState) -> None:
-        if alert.state is AlertState.FIRING and alert.rule not in self.fired:
-            self.fired[alert.rule] = {"step": alert.last_step, "severity": alert.severity.value,
-                                      "summary": alert.summary}
+        key = alert_key(alert.rule, alert.stream)
+        if alert.state is AlertState.FIRING and key not in self.fired:
+            self.fired[key] = {"step": alert.last_step, "severity": alert.severity.value,
+                               "summary": alert.summary, "stream": alert.stream}
 
 
 @dataclass
@@ -63,6 +73,7 @@ class Result:
     expected: str | None
     onset: int
     steps: int
+    stream: str | None = None  # the stream the expected alert must fire on
     fired: dict[str, dict[str, Any]] = field(default_factory=dict)
     detected: bool = False
     detect_step: int | None = None
@@ -158,15 +169,18 @@ def _score(scenario: Any, seed: int, hd: Healthd, recorder: FiringRecorder, onse
            t0: float) -> Result:
     # severities can escalate after firing: take the final one
     for alert in hd.engine.alerts(f"zoo-{scenario.name}"):
-        if alert.rule in recorder.fired and alert.fired_at is not None:
-            recorder.fired[alert.rule]["severity"] = alert.severity.value
+        key = alert_key(alert.rule, alert.stream)
+        if key in recorder.fired and alert.fired_at is not None:
+            recorder.fired[key]["severity"] = alert.severity.value
     res = Result(name=scenario.name if seed == 0 else f"{scenario.name}@{seed}",
                  kind="control" if scenario.expected is None else "fault",
-                 expected=scenario.expected, onset=onset, steps=steps, fired=recorder.fired,
-                 seconds=round(time.perf_counter() - t0, 2))
-    if scenario.expected is not None and scenario.expected in recorder.fired:
+                 expected=scenario.expected, onset=onset, steps=steps, stream=getattr(scenario, "stream", None),
+                 fired=recorder.fired, seconds=round(time.perf_counter() - t0, 2))
+    stream = getattr(scenario, "stream", None)
+    expected = None if scenario.expected is None else alert_key(scenario.expected, stream)
+    if expected is not None and expected in recorder.fired:
         res.detected = True
-        res.detect_step = recorder.fired[scenario.expected]["step"]
+        res.detect_step = recorder.fired[expected]["step"]
         res.steps_to_detect = None if res.detect_step is None else max(0, res.detect_step - onset)
     res.false_alarms = sorted(r for r, a in recorder.fired.items()
                               if scenario.expected is None and Severity(a["severity"]).level > Severity.INFO.level)
@@ -195,7 +209,8 @@ def format_row(r: Result) -> str:
         verdict = f"detected at step {r.detect_step} (+{r.steps_to_detect})" if r.detected else "MISSED"
     else:
         verdict = "quiet" if not r.false_alarms else "FALSE ALARM: " + ", ".join(r.false_alarms)
-    return f"{r.name:<28} {r.expected or '(control)':<26} {verdict:<32} {fired}"
+    expected = "(control)" if r.expected is None else alert_key(r.expected, r.stream)
+    return f"{r.name:<28} {expected:<26} {verdict:<32} {fired}"
 
 
 def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.stdout, seeds: int = 1) -> list[Result]:
@@ -218,6 +233,7 @@ def run(scenarios: Iterable[Any], out: Path | None = None, stream: Any = sys.std
 def main(argv: Sequence[str] | None = None) -> int:
     from bench.faultzoo.ddp import DDP_SCENARIOS
     from bench.faultzoo.finetune import FINE_TUNE_SCENARIOS
+    from bench.faultzoo.multi import MULTI_SCENARIOS
     from bench.faultzoo.scenarios import SCENARIOS
 
     p = argparse.ArgumentParser(prog="python -m bench.faultzoo", description=__doc__)
@@ -231,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # tiny models; the machine's cores are shared
-    every: tuple[Any, ...] = (*SCENARIOS, *FINE_TUNE_SCENARIOS, *DDP_SCENARIOS)
+    every: tuple[Any, ...] = (*SCENARIOS, *FINE_TUNE_SCENARIOS, *MULTI_SCENARIOS, *DDP_SCENARIOS)
     chosen = [s for s in every if (not args.only or s.name in args.only)
               and (args.kind == "all" or (s.expected is None) == (args.kind == "control"))]
     results = run(chosen, Path(args.out), seeds=args.seeds)

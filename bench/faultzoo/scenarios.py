@@ -48,6 +48,7 @@ class Scenario:
     setup: Callable[[], Setup]
     onset: int = 0
     fast: bool = False  # part of the test suite's subset
+    stream: str | None = None  # the stream the expected alert must fire on (None: the unnamed stream)
 
 
 @cache
