@@ -32,6 +32,11 @@ Usage::
     python bench/overhead.py --device cuda         # GPU models (GPT-2-small-sized, ResNet-ish CNN)
     python bench/overhead.py --json out.json --blocks 20 --block-steps 10
     python bench/overhead.py --auto --workloads mlp --rounds 5   # auto-attach vs explicit attach
+    python bench/overhead.py --compile both        # each workload eager, then compiled (model.compile())
+
+Compiled case: both copies are compiled in place (``model.compile()``, inductor) before attach, and
+warm up (compile) before the first timed block; healthd then measures what it can outside the
+graph (gradients, update ratio, loss) and its forward inspections say they are blind.
 """
 
 from __future__ import annotations
@@ -199,6 +204,7 @@ class Result:
     block_steps: int
     monitor_memory_bytes: int
     reports_bytes_per_step: float
+    compiled: bool = False
 
 
 def _sync(device: torch.device) -> None:
@@ -207,11 +213,16 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(w: Workload, device: torch.device, config: Mapping[str, Any], *, blocks: int, block_steps: int,
-            warmup_steps: int = 5, server: str | None = None, config_name: str = "") -> Result:
+            warmup_steps: int = 5, server: str | None = None, config_name: str = "",
+            compiled: bool = False) -> Result:
     """Alternate monitored / unmonitored blocks; see the module docstring."""
     torch.manual_seed(0)
     base_model = w.make_model().to(device)
     mon_model = copy.deepcopy(base_model)
+    if compiled:
+        base_model.compile()
+        mon_model.compile()
+        warmup_steps = max(warmup_steps, 10)  # the first steps compile (and a step-1 variant may too)
     base_opt = torch.optim.AdamW(base_model.parameters(), lr=w.lr)
     mon_opt = torch.optim.AdamW(mon_model.parameters(), lr=w.lr)
     transport = NullTransport()
@@ -257,7 +268,7 @@ def measure(w: Workload, device: torch.device, config: Mapping[str, Any], *, blo
         params=sum(p.numel() for p in base_model.parameters()),
         baseline_ms=base_ms, monitored_ms=mon_ms, overhead_pct=100.0 * (mon_ms / base_ms - 1.0),
         blocks=blocks, block_steps=block_steps, monitor_memory_bytes=memory,
-        reports_bytes_per_step=transport.bytes / steps_monitored,
+        reports_bytes_per_step=transport.bytes / steps_monitored, compiled=compiled,
     )
 
 
@@ -498,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workloads", default="", help="comma-separated names (default: all for the device)")
     ap.add_argument("--configs", default="default,every-step", help="default and/or every-step")
+    ap.add_argument("--compile", default="none", choices=["none", "model", "both"],
+                    help="model: compile both copies in place; both: eager, then compiled")
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--block-steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -554,12 +567,15 @@ def main(argv: list[str] | None = None) -> int:
     table = GPU_WORKLOADS if device.type == "cuda" else CPU_WORKLOADS
     names = [n for n in args.workloads.split(",") if n] or list(table)
     results = []
+    modes = {"none": [False], "model": [True], "both": [False, True]}[args.compile]
     for name in names:
-        for cname in args.configs.split(","):
+        for cname, compiled in ((c, m) for c in args.configs.split(",") for m in modes):
             r = measure(table[name], device, configs[cname], blocks=args.blocks, block_steps=args.block_steps,
-                        server=args.server, config_name=cname)
+                        server=args.server, config_name=cname, compiled=compiled)
             results.append(r)
-            print(f"{r.workload:<62} {cname:<10} base {r.baseline_ms:8.2f} ms  monitored {r.monitored_ms:8.2f} ms"
+            mode = "compiled" if compiled else "eager"
+            print(f"{r.workload:<62} {cname:<10} {mode:<8} base {r.baseline_ms:8.2f} ms"
+                  f"  monitored {r.monitored_ms:8.2f} ms"
                   f"  overhead {r.overhead_pct:+6.2f}%  monitor memory {r.monitor_memory_bytes / 1024:.0f} KiB"
                   f"  {r.reports_bytes_per_step:.0f} B/step", flush=True)
     if args.json:

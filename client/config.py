@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+_MAY_BE_ZERO = frozenset({"inspect_first_steps"})
+
 
 @dataclass(frozen=True)
 class MonitorConfig:
@@ -25,6 +27,9 @@ class MonitorConfig:
     # Forward/loss inspection (activation stats, input stats, loss-input checks) re-reads
     # activations and wraps torch calls: the costliest measurements, so sampled rarely,
     # but on each of the first steps too, where mistakes like softmax-before-loss show first.
+    # inspect_first_steps=0 samples no step before the first inspect_every_steps-th: a
+    # torch.compile'd training-step function then compiles exactly as often as without healthd
+    # (an inspection armed at attach is on the stack when its first graph is built).
     inspect_every_steps: int = 25
     inspect_first_steps: int = 3
     # Per-layer statistics of all-reduced gradients are the same on every DDP rank: only ranks
@@ -52,8 +57,9 @@ class MonitorConfig:
             if f.type == "int":
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"{f.name} must be an int, got {value!r}")
-                if value < 1:
-                    raise ValueError(f"{f.name} must be >= 1, got {value}")
+                least = 0 if f.name in _MAY_BE_ZERO else 1
+                if value < least:
+                    raise ValueError(f"{f.name} must be >= {least}, got {value}")
             else:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"{f.name} must be a number of seconds, got {value!r}")

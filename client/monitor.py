@@ -136,12 +136,13 @@ class Monitor:
             job=job,
             stream=stream,
             enqueue=self.sender.enqueue,
+            degrade=self._degrade,
         )
         self.quantities = list(quantities)
         self._send_attach_report(hints)
         self._handles = [
-            optimizer.register_step_pre_hook(self._pre_hook),
-            optimizer.register_step_post_hook(self._post_hook),
+            optimizer.register_step_pre_hook(_outside_compiled(self._pre_hook)),
+            optimizer.register_step_post_hook(_outside_compiled(self._post_hook)),
         ]
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _monitor_after_fork(ref))
@@ -291,9 +292,12 @@ class Monitor:
 
     # ------------------------------------------------------------------ hooks
 
-    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _pre_hook(self, optimizer: Any, args: Any, kwargs: Any, compiled: bool = False) -> None:
         if self._closed:
             return
+        if compiled and not self._ctx.compiled_step:
+            self._ctx.compiled_step = True
+            logger.info("healthd: the optimizer step runs inside a torch.compile'd function")
         self._deliver_alerts()  # a TrainingStopped here comes before the update
         if not self._active:
             return
@@ -304,7 +308,7 @@ class Monitor:
             self._open = self._new_record()
             self._run("before_step", self._open)
 
-    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _post_hook(self, optimizer: Any, args: Any, kwargs: Any, compiled: bool = False) -> None:
         if not self._active or self._closed or self._open is None:
             return
         with self._guard("optimizer step post-hook"):
@@ -448,6 +452,16 @@ class Monitor:
         with contextlib.suppress(Exception):
             q.close()
 
+    def _degrade(self, q: Quantity, reason: str) -> None:
+        """``q`` cannot measure in this job (not a failure): stop it, and say why in every heartbeat."""
+        if id(q) in self._disabled:
+            return
+        self._disabled[id(q)] = q.name
+        self._disabled_why[id(q)] = reason
+        logger.info("healthd: quantity %r is not measured: %s", q.name, reason)
+        with contextlib.suppress(Exception):
+            q.close()
+
     @contextlib.contextmanager
     def _guard(self, where: str, disable: bool = True) -> Iterator[None]:
         try:
@@ -461,6 +475,24 @@ class Monitor:
                 warn_user(f"healthd: monitor failed in {where}; it stops measuring (heartbeats go on): {exc!r}")
             else:
                 warn_user(f"healthd: {where} failed and was not reported: {exc!r}")
+
+
+def _outside_compiled(hook: Callable[[Any, Any, Any, bool], None]) -> Callable[[Any, Any, Any], None]:
+    """An optimizer step hook that dynamo does not trace, told whether the step is being compiled.
+
+    In a ``torch.compile``d training-step function dynamo inlines the optimizer's step hooks; traced,
+    the monitor's bookkeeping (records, queues, weak maps) breaks the graph in many places and adds
+    guards on its own state, which recompile the step. ``torch.compiler.disable`` makes dynamo call
+    the hook as it is, in eager, between the graphs it builds around it (``Optimizer.step`` already
+    breaks the graph on both sides of the update, so no graph is split). ``torch.compiler.is_compiling()``
+    is evaluated in the traced wrapper and passed on as a constant: True only from compiled code.
+    """
+    eager = torch.compiler.disable(hook)
+
+    def run(optimizer: Any, args: Any, kwargs: Any) -> None:
+        eager(optimizer, args, kwargs, torch.compiler.is_compiling())
+
+    return run
 
 
 def _non_finite(report: dict[str, Any]) -> bool:

@@ -69,8 +69,16 @@ class Activations(Quantity):
         self._tap = ForwardTap(post=self._hook)
         self._seen: dict[str, tuple[str, torch.Tensor]] = {}
 
+    def _blind(self, ctx: QuantityContext) -> bool:
+        reason = self._tap.blind(ctx.compiled_step, layers=True)
+        if reason is not None:
+            ctx.degrade(self, reason)
+        return reason is not None
+
     def on_attach(self, ctx: QuantityContext) -> None:
         self._tap.watch_root(ctx.model)
+        if self._blind(ctx):
+            return
         for path, module in layer_names(ctx.model):  # peft: readable names, as the step reports'
             kind = next((k for t, k in _KINDS if type(module) is t), None)
             if kind is None:
@@ -80,7 +88,7 @@ class Activations(Quantity):
             name = sanitize_layer_name(path)
             self._kinds[name] = kind
             self._tap.watch(module, name)
-        if self._kinds:
+        if self._kinds and inspection_due(0, self.sample_every_steps, self.first_steps):
             self._tap.arm()  # step 0 is sampled
 
     def _hook(self, name: str, output: Any) -> None:
@@ -100,6 +108,8 @@ class Activations(Quantity):
         self._tap.disarm()
 
     def after_step(self, ctx: QuantityContext) -> None:
+        if self._blind(ctx):
+            return
         if self._kinds and ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps,
                                                                    self.first_steps):
             self._tap.arm()

@@ -132,6 +132,7 @@ class QuantityContext:
         job: str,
         enqueue: Callable[[dict[str, Any]], None],
         stream: str | None = None,
+        degrade: Callable[[Quantity, str], None] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -142,11 +143,22 @@ class QuantityContext:
         self.stream = stream
         self.record: StepRecord | None = None
         self.attach_report: dict[str, Any] = {}
+        # True once the optimizer step was seen running inside a torch.compile'd function: the
+        # forward and the loss of such a step run inside graphs, where no forward hook or
+        # TorchFunctionMode of ours sees them.
+        self.compiled_step = False
         self._enqueue = enqueue
+        self._degrade = degrade
 
     @property
     def step(self) -> int | None:
         return None if self.record is None else self.record.step
+
+    def degrade(self, quantity: Quantity, reason: str) -> None:
+        """``quantity`` cannot measure in this job (a compiled model hides what it reads): it stops,
+        and every heartbeat says so with ``reason`` (healthd's MonitoringDegraded shows it to on-call)."""
+        if self._degrade is not None:
+            self._degrade(quantity, reason)
 
     def emit(self, report: dict[str, Any]) -> None:
         """Send a report of any kind; job, rank, stream and time are filled in when absent."""

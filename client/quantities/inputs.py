@@ -51,10 +51,17 @@ class Inputs(Quantity):
         self._tap = ForwardTap(pre=self._hook)
         self._stats: torch.Tensor | None = None
 
+    def _blind(self, ctx: QuantityContext) -> bool:
+        reason = self._tap.blind(ctx.compiled_step, layers=False)
+        if reason is not None:
+            ctx.degrade(self, reason)
+        return reason is not None
+
     def on_attach(self, ctx: QuantityContext) -> None:
         self._tap.watch_root(ctx.model)
         self._tap.watch(unwrap_model(ctx.model), "root")
-        self._tap.arm()  # step 0 is sampled
+        if not self._blind(ctx) and inspection_due(0, self.sample_every_steps, self.first_steps):
+            self._tap.arm()  # step 0 is sampled
 
     def _hook(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._stats is not None or not torch.is_grad_enabled():
@@ -72,6 +79,8 @@ class Inputs(Quantity):
         self._tap.disarm()
 
     def after_step(self, ctx: QuantityContext) -> None:
+        if self._blind(ctx):
+            return
         if ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps, self.first_steps):
             self._tap.arm()
 

@@ -85,6 +85,8 @@ class _LossSpy(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # traced into a graph: inspecting would add ops and guards to it
+            return func(*args, **kwargs)
         owner = self.owner
         if (func in _CLASS_LOSSES or func in _ELEMENTWISE_LOSSES) and len(owner.calls) < owner.max_calls \
                 and torch.is_grad_enabled():
@@ -123,8 +125,15 @@ class LossInputs(Quantity):
                 mode.__exit__(None, None, None)
 
     def _arm(self) -> None:
-        self._push()
+        if not self._tap.compiled_in_place:  # on the stack when the compiled call starts: guarded, recompiled
+            self._push()
         self._tap.arm()
+
+    def _blind(self, ctx: QuantityContext) -> bool:
+        reason = self._tap.blind(ctx.compiled_step, layers=False)
+        if reason is not None:
+            ctx.degrade(self, reason)
+        return reason is not None
 
     def _disarm(self) -> None:
         self._tap.disarm()
@@ -132,7 +141,8 @@ class LossInputs(Quantity):
 
     def on_attach(self, ctx: QuantityContext) -> None:
         self._tap.watch_root(ctx.model)
-        self._arm()
+        if not self._blind(ctx) and inspection_due(0, self.sample_every_steps, self.first_steps):
+            self._arm()
 
     def before_step(self, ctx: QuantityContext) -> None:
         self._disarm()
@@ -143,6 +153,8 @@ class LossInputs(Quantity):
         self.calls = []
 
     def after_step(self, ctx: QuantityContext) -> None:
+        if self._blind(ctx):
+            return
         if ctx.step is not None and inspection_due(ctx.step + 1, self.sample_every_steps, self.first_steps):
             self._arm()
 

@@ -35,6 +35,15 @@ def test_zero_close_timeout_is_allowed():
     assert MonitorConfig(close_timeout_seconds=0).close_timeout_seconds == 0
 
 
+def test_no_first_inspections_is_allowed():
+    # for a torch.compile'd training step: nothing armed at attach, no extra graph (test_forward_tap)
+    assert MonitorConfig(inspect_first_steps=0).inspect_first_steps == 0
+    with pytest.raises(ValueError, match="inspect_first_steps must be >= 0"):
+        MonitorConfig(inspect_first_steps=-1)
+    with pytest.raises(ValueError, match="inspect_every_steps must be >= 1"):
+        MonitorConfig(inspect_every_steps=0)
+
+
 def test_frozen():
     with pytest.raises(AttributeError):
         MonitorConfig().max_layers = 3  # type: ignore[misc]

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import healthd_client
 from tests.client.conftest import FAST, RecordingTransport, step_reports
@@ -169,3 +170,111 @@ def test_torch_compile_compiles_as_often_with_healthd_as_without(micro_batches):
     sampled = [s for s, r in steps.items() if "loss_inputs" in r]
     assert sampled == [s for s in range(60) if s < 1 or (s + 1) % 5 == 0]
     assert all("inputs" in steps[s] for s in sampled)  # read from the compiled wrapper's call
+
+
+def _counted_training(with_healthd: bool, compiled: str, steps: int = 60, backend="eager", first_steps: int = 1):
+    """Train the MLP ``steps`` steps with the model (``compiled="model"``: ``model.compile()``) or the
+    whole training step (``compiled="step"``: ``torch.compile(train_step)``) compiled; return the graphs
+    the backend compiled, the final parameters, the step reports and the closing heartbeat."""
+    torch.compiler.reset()
+    counter = CompileCounterWithBackend(backend)
+    torch.manual_seed(0)
+    model = MLP()
+    if compiled == "model":
+        model.compile(backend=counter)  # before attach, as most programs do
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    transport = RecordingTransport()
+    monitor = None
+    if with_healthd:
+        config = healthd_client.MonitorConfig(**FAST, inspect_every_steps=5, inspect_first_steps=first_steps,
+                                              heavy_every_steps=3)
+        monitor = healthd_client.attach(model, optimizer, job="j", transport=transport, config=config, strict=True)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    step = torch.compile(train_step, backend=counter) if compiled == "step" else train_step
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # healthd's own warnings (a failed quantity)
+        warnings.filterwarnings("error", message=".*global hooks", category=UserWarning)
+        for _ in range(steps):
+            loss = step(torch.randn(8, 16), torch.randint(0, 4, (8,)))
+            if monitor is not None:
+                monitor.step(loss=loss, batch_size=8)
+    heartbeat: dict = {}
+    if monitor is not None:
+        monitor.close()
+        heartbeat = transport.of_kind("heartbeat")[-1]
+    torch.compiler.reset()
+    return counter.frame_count, [p.detach().clone() for p in model.parameters()], step_reports(transport), heartbeat
+
+
+def _assert_same_training_and_still_measured(without, with_healthd, steps=60):
+    assert len(with_healthd[1]) == len(without[1])
+    for a, b in zip(without[1], with_healthd[1], strict=True):
+        torch.testing.assert_close(a, b)
+    reports = with_healthd[2]
+    assert sorted(reports) == list(range(steps))
+    assert all(r["grad_norm"] > 0 and r["loss"] > 0 for r in reports.values())
+    assert [s for s, r in reports.items() if "update_ratio" in r] == list(range(0, steps, 3))
+    # forward and loss ran inside graphs: the inspections say they are blind instead of reporting nothing
+    assert all(k not in r for r in reports.values() for k in ("activations", "inputs", "loss_inputs"))
+    degraded = {d["name"]: d["reason"] for d in with_healthd[3]["disabled_quantities"]}
+    assert set(degraded) == {"activations", "inputs", "loss_inputs"}
+    assert all("compile" in reason for reason in degraded.values())
+
+
+def test_model_compiled_in_place_compiles_as_often_with_healthd_as_without():
+    without = _counted_training(False, "model")
+    with_healthd = _counted_training(True, "model")
+    assert with_healthd[0] == without[0] == 1  # one graph: no recompile, no graph break
+    _assert_same_training_and_still_measured(without, with_healthd)
+
+
+def test_compiled_training_step_compiles_as_often_with_healthd_as_without():
+    without = _counted_training(False, "step")
+    # inspect_first_steps=0: nothing is armed at attach, so the step's first graphs are built as without healthd
+    with_healthd = _counted_training(True, "step", first_steps=0)
+    assert with_healthd[0] == without[0]  # backward already splits the step in two graphs
+    _assert_same_training_and_still_measured(without, with_healthd)
+
+
+def test_compiled_training_step_with_the_default_first_inspections_compiles_once_more_at_most():
+    without = _counted_training(False, "step", steps=12)
+    with_healthd = _counted_training(True, "step", steps=12, first_steps=3)
+    # the loss inspection armed at attach is on the stack when step 0's graph is built; once the
+    # compiled step is seen, nothing is armed again: one graph rebuilt at step 1, then none
+    assert without[0] <= with_healthd[0] <= without[0] + 1
+    _assert_same_training_and_still_measured(without, with_healthd, steps=12)
+
+
+def test_torch_compile_wrapper_warns_nothing_and_says_activations_are_not_seen():
+    transport = RecordingTransport()
+    model = MLP()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # as `python -W error::UserWarning` would
+        warnings.filterwarnings("ignore", message="Profiler function", category=UserWarning)
+        monitor = attach(model, optimizer, transport, every=2)  # the inner model: the tap finds the wrapper
+        train(compiled, optimizer, monitor, 4)
+        monitor.close()
+    torch.compiler.reset()
+    steps = step_reports(transport)
+    assert [s for s, r in steps.items() if "inputs" in r] == [0, 1, 3]  # read from the wrapper's call
+    assert all("activations" not in r for r in steps.values())
+    (degraded,) = transport.of_kind("heartbeat")[-1]["disabled_quantities"]
+    assert degraded["name"] == "activations" and "torch.compile" in degraded["reason"]
+
+
+@pytest.mark.parametrize("backend", ["inductor"])
+def test_compiled_model_and_step_with_inductor(backend):
+    without = _counted_training(False, "step", steps=8, backend=backend)
+    with_healthd = _counted_training(True, "step", steps=8, backend=backend, first_steps=0)
+    assert with_healthd[0] == without[0]
+    _assert_same_training_and_still_measured(without, with_healthd, steps=8)
