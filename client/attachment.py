@@ -208,7 +208,7 @@ def attach(
     quantities = [*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
                   *extra_quantities]
     if zero is not None:
-        from healthd_client.integrations.deepspeed import NOT_MEASURED, zero_quantities
+        from healthd_client.integrations.deepspeed import NOT_MEASURED, EngineStepped, zero_quantities
         quantities = zero_quantities(zero, quantities, config.heavy_every_steps, config.update_sample_per_tensor)
     monitor = Monitor(
         model,
@@ -227,6 +227,7 @@ def attach(
         on_stop=on_stop,
         step_hooks=zero is None,
         not_measured=None if zero is None else NOT_MEASURED,
+        stepped=None if zero is None else EngineStepped(zero.engine),
     )
     attached[optimizer] = monitor
     return monitor

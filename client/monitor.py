@@ -106,6 +106,7 @@ class Monitor:
         stream: str | None = None,
         step_hooks: bool = True,
         not_measured: Mapping[str, str] | None = None,
+        stepped: Callable[[], bool] | None = None,
     ) -> None:
         self.job = job
         self.stream = stream  # healthd keeps windows per (job, rank, stream); None: the unnamed stream
@@ -147,6 +148,9 @@ class Monitor:
         # Without step hooks (an engine that owns its optimizer's step, DeepSpeed: see
         # healthd_client.integrations.deepspeed) every phase runs in step(), after the engine's update.
         self._step_hooks = step_hooks
+        # Whether the optimizer stepped since the last step() call (None: always). An engine that is stepped
+        # every micro-batch under gradient accumulation updates at the boundaries only (DeepSpeed).
+        self._stepped = stepped
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -190,7 +194,7 @@ class Monitor:
         Then deliver alerts healthd reported since (may raise ``TrainingStopped``, see the class)."""
         if self._closed:
             return
-        if self._active:
+        if self._active and (self._stepped is None or self._stepped()):
             with self._guard("step"):
                 record = self._open if self._open is not None else self._new_record()
                 self._open = None

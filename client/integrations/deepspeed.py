@@ -10,7 +10,8 @@ norm is not finite: they cannot mark healthd's steps. The module's ``.grad`` is 
 gradients in flat buffers) and, under ZeRO-3, its parameters are empty placeholders.
 
 So the monitor registers no optimizer hook here (``Monitor(step_hooks=False)``): everything is measured in
-``monitor.step()``, which the training loop calls after ``engine.step()``, from what DeepSpeed keeps:
+``monitor.step()``, which the training loop calls after ``engine.step()`` (a call after a micro-batch that
+did not update, under gradient accumulation, is ignored: ``EngineStepped``), from what DeepSpeed keeps:
 
 - ``grad_norm``: ``engine.get_global_grad_norm()``, the norm DeepSpeed computed for its own clipping and
   overflow check (global over all ranks, before clipping; ``inf`` on a step it skipped because a gradient
@@ -18,7 +19,8 @@ So the monitor registers no optimizer hook here (``Monitor(step_hooks=False)``):
   under DDP), read without a collective; a tensor stays on its device until the record is packed.
 - ``update_ratio``: this rank's fp32 master partition (stage 1/2: the flat partitions in the torch
   optimizer's ``param_groups``; stage 3: ``deepspeed.utils.safe_get_local_fp32_param`` per parameter, the
-  documented local-shard view). A sample of it is kept from the previous ``monitor.step()`` (at attach for
+  documented local-shard view, cut at the parameter's end: the last ranks' slices are padded with memory
+  DeepSpeed never initialises). A sample of it is kept from the previous ``monitor.step()`` (at attach for
   the first), so the update is the real one the optimizer made. Its sums of squares are this rank's parts
   (``shard.update_sq``/``weight_sq``), which healthd adds over the data-parallel ranks, as under FSDP: under
   every stage, ZeRO partitions the optimizer's master weights, so each rank holds a different part.
@@ -101,8 +103,17 @@ def master_parts(job: ZeroJob) -> list[torch.Tensor]:
     """This rank's fp32 master weights: views that the optimizer updates in place, step after step."""
     if job.stage == 3:
         from deepspeed.utils import safe_get_local_fp32_param
-        parts = [safe_get_local_fp32_param(p) for p in job.module.parameters() if p.requires_grad]
-        return [t for t in parts if t is not None and t.numel() > 0]
+        parts = []
+        for p in job.module.parameters():
+            local = safe_get_local_fp32_param(p) if p.requires_grad else None
+            if local is None:
+                continue
+            # Each rank holds an equal slice of the flattened parameter (rank i: [i*n, (i+1)*n)), padded at the
+            # end with memory DeepSpeed never writes: only the elements before the parameter's end count.
+            held = max(0, min(local.numel(), int(p.ds_numel) - job.layout.index * local.numel()))
+            if held > 0:
+                parts.append(local.reshape(-1)[:held])
+        return parts
     return [p for group in job.optimizer.param_groups for p in group["params"] if p.numel() > 0]
 
 
@@ -188,6 +199,21 @@ class ZeroUpdateRatio(Quantity):
         self._views, self._buffers = [], []
 
 
+class EngineStepped:
+    """Whether ``engine.step()`` updated the model since the last call: with gradient accumulation the engine
+    is stepped every micro-batch and updates at the boundaries only, where ``engine.global_steps`` counts
+    (a step DeepSpeed skipped for a non-finite gradient counts too: healthd reports it, with its norm)."""
+
+    def __init__(self, engine: Any) -> None:
+        self._engine = engine
+        self._seen = int(engine.global_steps)
+
+    def __call__(self) -> bool:
+        now = int(self._engine.global_steps)
+        stepped, self._seen = now != self._seen, now
+        return stepped
+
+
 def zero_quantities(job: ZeroJob, defaults: list[Quantity], update_every_steps: int,
                     sample_per_tensor: int) -> list[Quantity]:
     """The default quantities with those that need optimizer step hooks replaced by ZeRO's own."""
@@ -196,5 +222,5 @@ def zero_quantities(job: ZeroJob, defaults: list[Quantity], update_every_steps: 
             ZeroUpdateRatio(job, every_steps=update_every_steps, sample_per_tensor=sample_per_tensor)]
 
 
-__all__ = ["NOT_MEASURED", "ZeroGradNorm", "ZeroJob", "ZeroUpdateRatio", "deepspeed_engine", "zero_job",
-           "zero_quantities"]
+__all__ = ["NOT_MEASURED", "EngineStepped", "ZeroGradNorm", "ZeroJob", "ZeroUpdateRatio", "deepspeed_engine",
+           "zero_job", "zero_quantities"]

@@ -9,6 +9,7 @@ measured. Needs ``deepspeed`` (skipped without it) and its JIT-compiled shared-m
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +19,8 @@ from healthd.server.embedded import free_port
 from tests.client.conftest import RecordingTransport, step_reports
 
 deepspeed = pytest.importorskip("deepspeed")
+
+from healthd_client.integrations.deepspeed import EngineStepped  # noqa: E402 (after the skip)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,11 @@ def engine() -> Iterator[Any]:
                                              world_size=1)
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        # Two parameter groups: DeepSpeed calls the torch optimizer once per group in engine.step()
+        groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")]},
+                  {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
         eng, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+            model=model, optimizer=torch.optim.AdamW(groups, lr=1e-2),
             config={"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
                     "train_micro_batch_size_per_gpu": 4})
         try:
@@ -57,7 +63,7 @@ def test_attach_measures_each_engine_step_from_monitor_step(engine: Any, make_mo
         monitor.step(loss=loss, batch_size=4)
     monitor.close(timeout=5.0)
     steps = step_reports(transport)
-    assert sorted(steps) == [0, 1, 2]
+    assert sorted(steps) == [0, 1, 2]  # one step each, though the torch optimizer stepped twice each time
     assert [steps[s]["grad_norm"] for s in range(3)] == pytest.approx(norms, rel=1e-6)
     for s in steps.values():  # one rank holds the whole partition: its part is the job's value
         assert s["shard"]["count"] == 1 and s["shard"]["update_sq"] > 0 and s["shard"]["weight_sq"] > 0
@@ -71,3 +77,13 @@ def test_an_optimizer_that_is_not_the_engines_is_refused(engine: Any, make_monit
     with pytest.raises(ValueError, match="engine.optimizer"):
         make_monitor(engine, other)
 
+
+
+def test_micro_batches_that_did_not_update_are_not_steps() -> None:
+    engine = SimpleNamespace(global_steps=0)
+    stepped = EngineStepped(engine)
+    seen = []
+    for micro in range(6):  # gradient accumulation over 3 micro-batches: updates after the 3rd and 6th
+        engine.global_steps = (micro + 1) // 3
+        seen.append(stepped())
+    assert seen == [False, False, True, False, False, True]
