@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -110,7 +110,7 @@ def master_parts(job: ZeroJob) -> list[torch.Tensor]:
                 continue
             # Each rank holds an equal slice of the flattened parameter (rank i: [i*n, (i+1)*n)), padded at the
             # end with memory DeepSpeed never writes: only the elements before the parameter's end count.
-            held = max(0, min(local.numel(), int(p.ds_numel) - job.layout.index * local.numel()))
+            held = max(0, min(local.numel(), int(cast(Any, p).ds_numel) - job.layout.index * local.numel()))
             if held > 0:
                 parts.append(local.reshape(-1)[:held])
         return parts
