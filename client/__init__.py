@@ -88,6 +88,10 @@ def attach(
     put the update in its ``step()``). Attaching to an
     optimizer that already has an open monitor warns and returns that monitor.
 
+    DeepSpeed ZeRO (stages 1-3): ``attach(engine, engine.optimizer)`` with the engine from
+    ``deepspeed.initialize``; call ``monitor.step(loss=...)`` after ``engine.step()``, where
+    everything is measured (see ``healthd_client.integrations.deepspeed`` for what and what not).
+
     Alerts (off by default; nothing ever waits for healthd): ``monitor.alerts`` is what
     healthd's latest answer to a report push said fires for this job. ``on_alert(alert)``
     is called with each newly firing ``FiringAlert``, on the training thread, at the next

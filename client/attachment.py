@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import weakref
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +34,9 @@ from healthd_client.monitor import Monitor, attached, warn_user
 from healthd_client.quantities import default_quantities
 from healthd_client.quantities.base import Quantity
 from healthd_client.transport import HttpTransport, Transport
+
+if TYPE_CHECKING:
+    from healthd_client.integrations.deepspeed import ZeroJob
 
 # Monitors made by healthd_client.auto: an explicit attach() on their optimizer closes and replaces them.
 yielding: weakref.WeakSet[Monitor] = weakref.WeakSet()
@@ -67,6 +71,15 @@ def _check_optimizer(optimizer: Any) -> None:
         f"class MyOpt(torch.optim.Optimizer): __init__ calls super().__init__(params, defaults) and step() "
         f"does the update over self.param_groups; then pass MyOpt(model.parameters(), ...) to attach()"
     )
+
+
+def _zero_job(model: Any, optimizer: Any) -> ZeroJob | None:
+    """A DeepSpeed ZeRO engine and its optimizer, resolved (see ``integrations.deepspeed``); None otherwise."""
+    if "deepspeed" not in sys.modules:  # not imported: the model cannot be one of its engines
+        return None
+    from healthd_client.integrations.deepspeed import deepspeed_engine, zero_job
+    engine = deepspeed_engine(model)
+    return None if engine is None else zero_job(engine, optimizer)
 
 
 def _check_alert_args(on_alert: Any, stop_on: Any, on_stop: Any) -> tuple[str, ...]:
@@ -163,7 +176,9 @@ def attach(
     config = MonitorConfig() if config is None else config
     if not isinstance(config, MonitorConfig):
         raise ValueError(f"config must be a MonitorConfig, got {type(config).__name__}")
-    _check_optimizer(optimizer)
+    zero = _zero_job(model, optimizer)
+    if zero is None:
+        _check_optimizer(optimizer)
     existing = attached.get(optimizer)
     if existing is not None and existing in yielding:
         existing.close()
@@ -180,6 +195,8 @@ def attach(
             f"job must be 1-128 chars of [A-Za-z0-9_.:/@+-] starting with a letter or digit "
             f"(argument or HEALTHD_JOB), got {job!r}"
         )
+    if zero is not None:
+        model = zero.module
     if fine_tune is not None and not isinstance(fine_tune, bool):
         raise ValueError(f"fine_tune must be True, False or None, got {fine_tune!r}")
     _check_stream(stream, loss_kind)
@@ -199,9 +216,15 @@ def attach(
         transport = HttpTransport(server, config.request_timeout_seconds)
     if token is None:
         token = os.environ.get("HEALTHD_TOKEN") or None
+    # An extra quantity replaces the built-in one of the same name (e.g. a GpuMonitor with a test NVML).
+    quantities = [*(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
+                  *extra_quantities]
+    if zero is not None:
+        from healthd_client.integrations.deepspeed import NOT_MEASURED, EngineStepped, zero_quantities
+        quantities = zero_quantities(zero, quantities, config.heavy_every_steps, config.update_sample_per_tensor)
     monitor = Monitor(
         model,
-        optimizer,
+        optimizer if zero is None else zero.optimizer,
         job=job,
         stream=stream,
         identity=identity,
@@ -209,14 +232,14 @@ def attach(
         token=token,
         config=config,
         hints={k: v for k, v in hints.items() if v is not None},
-        # An extra quantity replaces the built-in one of the same name (e.g. a GpuMonitor with a test NVML).
-        quantities=_gpu_quantities(job, identity.rank, [
-            *(q for q in default_quantities(config) if q.name not in {e.name for e in extra_quantities}),
-            *extra_quantities]),
+        quantities=_gpu_quantities(job, identity.rank, quantities),
         strict=strict,
         on_alert=on_alert,
         stop_on=stop_names,
         on_stop=on_stop,
+        step_hooks=zero is None,
+        not_measured=None if zero is None else NOT_MEASURED,
+        stepped=None if zero is None else EngineStepped(zero.engine),
     )
     attached[optimizer] = monitor
     return monitor

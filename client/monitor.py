@@ -37,7 +37,7 @@ import uuid
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -104,6 +104,9 @@ class Monitor:
         stop_on: Collection[str] = (),
         on_stop: Callable[[FiringAlert], object] | None = None,
         stream: str | None = None,
+        step_hooks: bool = True,
+        not_measured: Mapping[str, str] | None = None,
+        stepped: Callable[[], bool] | None = None,
     ) -> None:
         self.job = job
         self.stream = stream  # healthd keeps windows per (job, rank, stream); None: the unnamed stream
@@ -122,6 +125,9 @@ class Monitor:
         self._pending: deque[PackedRecord] = deque()
         self._disabled: dict[int, str] = {}  # id(quantity) -> name
         self._disabled_why: dict[int, str] = {}  # id(quantity) -> reason, sent in every heartbeat
+        # What this kind of job does not let healthd measure at all (name -> reason, e.g. per-layer values
+        # under DeepSpeed ZeRO): sent with the disabled quantities, so MonitoringDegraded shows it too.
+        self._not_measured = dict(not_measured or {})
         self._bad_batch_size_warned = False
         self._opened_externally = False  # before_optimizer_step() replaced the optimizer's step pre-hook
         self._actions = AlertActions(on_alert, stop_on, on_stop, strict=strict, warn=warn_user)
@@ -140,10 +146,16 @@ class Monitor:
         )
         self.quantities = list(quantities)
         self._send_attach_report(hints)
+        # Without step hooks (an engine that owns its optimizer's step, DeepSpeed: see
+        # healthd_client.integrations.deepspeed) every phase runs in step(), after the engine's update.
+        self._step_hooks = step_hooks
+        # Whether the optimizer stepped since the last step() call (None: always). An engine that is stepped
+        # every micro-batch under gradient accumulation updates at the boundaries only (DeepSpeed).
+        self._stepped = stepped
         self._handles = [
             optimizer.register_step_pre_hook(_outside_compiled(self._pre_hook)),
             optimizer.register_step_post_hook(_outside_compiled(self._post_hook)),
-        ]
+        ] if step_hooks else []
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _monitor_after_fork(ref))
         atexit.register(self.close)
@@ -160,7 +172,7 @@ class Monitor:
 
     @property
     def disabled_quantities(self) -> list[str]:
-        return list(self._disabled.values())
+        return [*self._disabled.values(), *self._not_measured]
 
     @property
     def alerts(self) -> tuple[FiringAlert, ...]:
@@ -183,10 +195,13 @@ class Monitor:
         Then deliver alerts healthd reported since (may raise ``TrainingStopped``, see the class)."""
         if self._closed:
             return
-        if self._active:
+        if self._active and (self._stepped is None or self._stepped()):
             with self._guard("step"):
                 record = self._open if self._open is not None else self._new_record()
                 self._open = None
+                if not self._step_hooks:
+                    self._run("before_step", record)
+                    self._run("after_step", record)
                 record.loss = loss
                 record.batch_size = self._batch_size(batch_size)
                 record.closed_by_user = True
@@ -225,7 +240,8 @@ class Monitor:
         """
         if not self._opened_externally:
             self._opened_externally = True
-            self._handles[0].remove()
+            if self._handles:
+                self._handles[0].remove()
 
     def before_optimizer_step(self) -> None:
         """Open this step's record now: the gradients are final, the parameters not yet updated.
@@ -429,9 +445,11 @@ class Monitor:
             reports_sent_total=sender.sent_total if sender else 0,
             closing=closing,
         )
-        if self._disabled:  # healthd's MonitoringDegraded: on-call sees which signals are blind
-            report["disabled_quantities"] = [{"name": name, "reason": self._disabled_why.get(key, "")[:256]}
-                                             for key, name in list(self._disabled.items())]
+        if self._disabled or self._not_measured:  # healthd's MonitoringDegraded: which signals are blind
+            report["disabled_quantities"] = [
+                *({"name": name, "reason": self._disabled_why.get(key, "")[:256]}
+                  for key, name in list(self._disabled.items())),
+                *({"name": name, "reason": reason[:256]} for name, reason in self._not_measured.items())]
         return report
 
     # ------------------------------------------------------------------ alerts
