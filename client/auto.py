@@ -101,6 +101,11 @@ def stop_on_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...
     return tuple(dict.fromkeys(n for n in names if n not in bad))
 
 
+def _nobody() -> None:
+    """A dead reference: what ``AutoAttach`` watches before it attaches."""
+    return None
+
+
 def _scalar_loss(value: Any) -> torch.Tensor | None:
     """``value`` if it looks like a training loss (a one-element float tensor that requires grad), or
     its ``.loss`` / ``["loss"]`` if that does (Hugging Face ``ModelOutput``)."""
@@ -161,8 +166,10 @@ class AutoAttach:
         self._root_batch: weakref.WeakKeyDictionary[torch.nn.Module, int | None] = weakref.WeakKeyDictionary()
         self._module_handles: list[RemovableHandle] = []
         self._optimizer_handles: list[RemovableHandle] = []
-        # The model and the loss module, each with its hook (weak: a model the job drops is not kept alive).
-        self._watched: weakref.WeakKeyDictionary[torch.nn.Module, Callable[..., None]] = weakref.WeakKeyDictionary()
+        # The model and the loss module (weak: a model the job drops is not kept alive). Compared by identity
+        # in hooks that run on every module call of the process: no weak-dictionary lookup there.
+        self._model_ref: Callable[[], torch.nn.Module | None] = _nobody
+        self._loss_ref: Callable[[], torch.nn.Module | None] = _nobody
         self._complete_handle: RemovableHandle | None = None  # the monitored optimizer's step post-hook
         self._optimizer: weakref.ref[torch.optim.Optimizer] | None = None
         self._others_logged = False
@@ -246,11 +253,15 @@ class AutoAttach:
     # Every module hook of ours returns at once while dynamo traces (torch.compile traces global hooks into
     # the graph of a compiled forward): the compiled frame holds nothing of healthd.
 
+    # After attaching these two run on every module call of the process for a model and a loss module:
+    # the common case (another module, window closed) is decided inline by identity, with no further call.
+
     def _forward_pre(self, module: torch.nn.Module, args: Any) -> None:
         if torch.compiler.is_compiling():
             return
         if self.done:
-            self._watched_forward_pre(module, args)
+            if self._spy_pushed and module is self._model_ref():
+                self._close_window()  # the model's forward never runs under our mode (nor does a compiled frame start)
         else:
             self._global_forward_pre(module, args)
 
@@ -258,7 +269,10 @@ class AutoAttach:
         if torch.compiler.is_compiling():
             return
         if self.done:
-            self._watched_forward(module, args, kwargs, output)
+            if module is self._model_ref():
+                self._model_forward(module, args, kwargs, output)
+            elif module is self._loss_ref():
+                self._loss_forward(module, args, output)
         else:
             self._global_forward(module, args, kwargs, output)
 
@@ -353,9 +367,9 @@ class AutoAttach:
         # on a module is pickled with it (torch.save(model) would carry healthd into the checkpoint, and a
         # weights-only load would refuse it) and copied by deepcopy. The price: every module call in the
         # process goes through one more Python call (auto-attach is opt-in; explicit attach has none).
-        self._watched = weakref.WeakKeyDictionary({model: self._model_forward})
+        self._model_ref = weakref.ref(model)
         if loss_module is not None:
-            self._watched[loss_module] = self._loss_forward_kw
+            self._loss_ref = weakref.ref(loss_module)
         # After the monitor's own post-hook (hooks run in registration order): the step's record is open.
         self._complete_handle = optimizer.register_step_post_hook(self._complete_step)
         if not before_step:
@@ -404,18 +418,6 @@ class AutoAttach:
             self._open_window()
         except Exception as exc:
             self._fail("the model's forward hook", exc)
-
-    def _watched_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
-        if self._spy_pushed and self._watched.get(module) == self._model_forward:
-            self._close_window()  # the model's forward never runs under our mode (nor does a compiled frame start)
-
-    def _watched_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        hook = self._watched.get(module)
-        if hook is not None:
-            hook(module, args, kwargs, output)
-
-    def _loss_forward_kw(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        self._loss_forward(module, args, output)
 
     def _loss_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         try:

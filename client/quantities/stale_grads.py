@@ -27,7 +27,8 @@ optimizer's previous step:
 The step's gradients are stale when no backward since the previous step saw a
 reset. Intended gradient accumulation zeroes after the optimizer step, so its
 first micro-batch sees the reset. Steps with no backward since the previous step
-(and the first step) are not judged. Known blind spot: with
+(and the first step) are not judged. A parameter that holds a gradient when the monitor attaches
+counts as having had one. Known blind spot: with
 ``set_to_none=False``, two backward passes over disjoint parameter sets look like
 one, and a reset between them is missed.
 
@@ -65,6 +66,11 @@ class StaleGrads(Quantity):
         for p in ctx.plan.params:
             if p.requires_grad:
                 self._handles.append(p.register_hook(self._hook_for(p)))
+                if p.grad is not None:
+                    # Attached after a backward (auto-attach attaches in the first step's pre-hook, an
+                    # explicit attach may come mid-training): that gradient is one it had, so a None seen
+                    # at the next backward is a reset, not a first gradient.
+                    self._had_grad.add(id(p))
 
     def _hook_for(self, p: torch.Tensor) -> Any:
         key = id(p)
