@@ -25,7 +25,9 @@ checkpoints but its newest are *shed* (counted, ``healthd_rank_checkpoints_shed_
 revisit costs one evaluation again, as before checkpoints. The next judged checkpoint still covers
 the shed steps as new steps, but the alerts may then differ from an unloaded server's: that is the
 guarantee's limit, and the counter says when it was reached. A NaN/Inf checkpoint is judged at
-once, budget or not.
+once, budget or not; so is a rank's newest checkpoint when the steps since its last judged one would
+no longer fit the store's window (no step goes unseen: at most one evaluation per half window of a
+rank's steps overdraws the budget).
 
 What lives here: checkpoints, the queue and the budget (a token bucket of CPU seconds). What does
 not: the rules and alert state (``healthd.engine.alerts``), or who calls it
@@ -149,6 +151,20 @@ class EvaluationQueue:
         if not kept:
             del self._pending[key]
         return dropped
+
+    def newest_only(self, key: RankKey, now: float, steps_total: int) -> None:
+        """Shed ``key``'s waiting checkpoints but its newest (queue one at its ``steps_total``-th step if
+        none waits): what a judgement that must happen now, budget or not, should cover."""
+        r = self._pending.get(key)
+        if r is None:
+            self.finish(key, now, steps_total)
+        else:
+            self.shed(key, r.waiting[-1])
+
+    def unjudged(self, key: RankKey, steps_total: int) -> int:
+        """How many of ``key``'s steps (it has ``steps_total``) came after its last judged checkpoint."""
+        r = self._ranks.get(key)
+        return steps_total - r.judged if r is not None else steps_total
 
     def shed_stale(self, key: RankKey, now: float, max_seconds: float) -> int:
         """If ``key``'s oldest waiting checkpoint has waited more than ``max_seconds``, shed all but its

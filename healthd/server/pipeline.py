@@ -147,20 +147,31 @@ class Healthd:
 
     def _apply_run(self, run: list[StepRecord], key: RankKey, now: float) -> None:
         """Apply one rank's consecutive steps, queue their checkpoints, and judge them now if a NaN/Inf
-        is among them or the budget allows."""
+        is among them or the budget allows.
+
+        A waiting checkpoint's window can be rebuilt ``lag`` (half of ``store.detail_steps``) steps back,
+        so a run is applied in pieces of at most that many steps, and older checkpoints are shed. So that
+        no step goes unseen even then, a rank whose steps since its last judged checkpoint would no longer
+        fit the kept window is judged at its newest checkpoint, budget or not: at most one evaluation per
+        ``lag`` steps of a rank past the budget (``healthd.engine.scheduler``)."""
         Counters.inc(self.counters.received, "step", len(run))
         every = self.settings.engine.max_steps_per_evaluation
-        lag = self.store.settings.detail_steps // 2  # a waiting checkpoint's window can be rebuilt this far back
-        for rank, applied in self.store.apply_steps(run, now):  # a sharded job's steps wait for their group
-            job = self.store.state(key[0], key[2])
-            assert job is not None  # apply_steps made it
-            total = job.ranks[rank].steps_total
-            rank_key = (key[0], rank, key[2])
-            urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every,
-                                        self.settings.engine.dense_checkpoint_steps)
-            self.queue.shed(rank_key, total - lag)
-            if urgent or self.queue.has_budget():
-                self.evaluate_rank(rank_key, now)
+        dense = self.settings.engine.dense_checkpoint_steps
+        lag = max(1, self.store.settings.detail_steps // 2)
+        for start in range(0, len(run), lag):
+            for rank, applied in self.store.apply_steps(run[start:start + lag], now):  # sharded: per group
+                job = self.store.state(key[0], key[2])
+                assert job is not None  # apply_steps made it
+                total = job.ranks[rank].steps_total
+                rank_key = (key[0], rank, key[2])
+                urgent = self.queue.observe(rank_key, now, total, ((s.step, _urgent(s)) for s in applied), every,
+                                            dense)
+                self.queue.shed(rank_key, total - lag)
+                if urgent or self.queue.has_budget():
+                    self.evaluate_rank(rank_key, now)
+                elif self.queue.unjudged(rank_key, total) >= lag:  # the next piece would push its oldest out
+                    self.queue.newest_only(rank_key, now, total)
+                    self.evaluate_rank(rank_key)
 
     def _finish(self, key: RankKey, now: float) -> None:
         """Judge a rank up to its last step (its monitor closed, or its job is about to expire)."""
