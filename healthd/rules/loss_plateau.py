@@ -32,6 +32,9 @@ class LossPlateauConfig(WindowedConfig):
     lr_decayed_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="a learning rate below this fraction of the run's peak is the end of "
         "a decaying schedule: the loss flattens by design (no finding)")
+    lr_annealing_fraction: float = Field(
+        default=0.25, ge=0, lt=1, description="a learning rate still falling across the window and below this "
+        "fraction of the run's peak is the last stretch of a decaying schedule too (no finding)")
     for_steps: ForSteps = 3
 
 
@@ -52,8 +55,9 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     while the loss is above ``stuck_fraction`` (0.95) of its initial level (near
     it, not a nat below it), info otherwise. Not a plateau: a loss that flattens
     while the learning rate schedule decays towards zero (the window's last
-    learning rate below ``lr_decayed_fraction`` (0.1) of the run's peak: the end
-    of a cosine or linear schedule), and a fine-tune's slow loss (the attach hint
+    learning rate below ``lr_decayed_fraction`` (0.1) of the run's peak, or still
+    falling across the window and below ``lr_annealing_fraction`` (0.25) of it: the
+    end of a cosine or linear schedule), and a fine-tune's slow loss (the attach hint
     ``fine_tune``: it starts from trained weights, so slow progress near its
     initial level is its normal course; info at most).
 
@@ -87,7 +91,8 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
         if progress >= cfg.noise_multiple * stderr and progress > 1e-12 * abs(head):
             return None
         lrs = window.values("lr", len(losses))
-        if lrs and window.lr_peak and lrs[-1] < cfg.lr_decayed_fraction * window.lr_peak:
+        if lrs and window.lr_peak and (lrs[-1] < cfg.lr_decayed_fraction * window.lr_peak or (
+                lrs[-1] < cfg.lr_annealing_fraction * window.lr_peak and lrs[-1] < lrs[0])):
             return None  # the schedule is annealing: flattening is what it is for
         initial = window.initial_values("loss", k)
         start = median(initial) if initial else head

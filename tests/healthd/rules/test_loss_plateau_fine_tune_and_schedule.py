@@ -40,6 +40,11 @@ CASES = [
     ("flat while cosine decays to zero", FLAT, COSINE, False, "quiet"),
     ("fine-tune flat while linear decay ends", FLAT, [1e-4 * (1 - i / N) for i in range(N)], True, "quiet"),
     ("flat at a decayed but not annealed LR", FLAT, [0.3e-3] * N, False, Severity.WARNING),
+    # the last stretch of a linear schedule: 40% -> 10% of the peak over the window (HF Trainer's default)
+    ("flat while linear decay passes a quarter of the peak", FLAT,
+     [1e-3] + [1e-3 * (0.4 - 0.3 * i / (N - 2)) for i in range(N - 1)], False, "quiet"),
+    ("flat at a step schedule's fifth of the peak, not falling", FLAT, [1e-3] + [0.2e-3] * (N - 1), False,
+     Severity.WARNING),
 ]
 
 
