@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.faultzoo.scenarios import SEED, Scenario, Setup, digits, mlp, seed
+from bench.faultzoo.scenarios import SEED, Scenario, Setup, critic_step, digits, mlp, seed
 
 # How far the generator's samples are from the data at the end of a GAN run, by scenario and seed: the
 # distance between the real and fake feature means plus that between their per-feature stds (lower is better).
@@ -73,21 +73,7 @@ def _gan(name: str, critic_steps: int = 1, *, zero_grad_g: bool = True, lr_d_tim
         mon_g = _attach(kwargs, gen, opt_g, "generator", loss_kind="adversarial")
         for _ in range(GAN_STEPS // critic_steps):
             for _ in range(critic_steps):
-                real = x[torch.randint(0, len(x), (64,), generator=g)]
-                fake = gen(torch.randn(64, 16, generator=g))
-                opt_d.zero_grad()
-                if wgan:
-                    loss_d = -disc(real).mean() + disc(fake.detach()).mean()
-                else:
-                    loss_d = (F.binary_cross_entropy_with_logits(disc(real), torch.ones(64, 1))
-                              + F.binary_cross_entropy_with_logits(disc(fake.detach()), torch.zeros(64, 1)))
-                loss_d.backward()
-                opt_d.step()
-                if wgan:
-                    with torch.no_grad():
-                        for p in disc.parameters():
-                            p.clamp_(-0.05, 0.05)
-                mon_d.step(loss=loss_d.detach(), batch_size=64)
+                mon_d.step(loss=critic_step(gen, disc, opt_d, x, g, wgan), batch_size=64)
             if zero_grad_g:
                 opt_g.zero_grad()
             fake = gen(torch.randn(64, 16, generator=g))

@@ -591,6 +591,27 @@ def ctrl_accumulation_epochs() -> Setup:
 # ---------------------------------------------------------------------------- controls with several models
 
 
+def critic_step(gen: nn.Module, disc: nn.Module, opt_d: torch.optim.Optimizer, x: torch.Tensor,
+                g: torch.Generator, wgan: bool) -> torch.Tensor:
+    """One discriminator (critic) step of the digits GAN on a real and a detached fake batch of 64;
+    returns its loss, detached. ``wgan``: the critic loss and weight clipping (WGAN)."""
+    real = x[torch.randint(0, len(x), (64,), generator=g)]
+    fake = gen(torch.randn(64, 16, generator=g))
+    opt_d.zero_grad()
+    if wgan:
+        loss_d = -disc(real).mean() + disc(fake.detach()).mean()  # real first, as in the WGAN paper's code
+    else:
+        loss_d = (F.binary_cross_entropy_with_logits(disc(real), torch.ones(64, 1))
+                  + F.binary_cross_entropy_with_logits(disc(fake.detach()), torch.zeros(64, 1)))
+    loss_d.backward()
+    opt_d.step()
+    if wgan:
+        with torch.no_grad():
+            for p in disc.parameters():
+                p.clamp_(-0.05, 0.05)
+    return loss_d.detach()
+
+
 def _gan(critic_steps: int) -> Setup:
     """A GAN on digits, monitored on its discriminator/critic: the generator's loss flows back through it
     after its step (gradients that are not stale), and its second forward each step is the fake pass."""
@@ -609,21 +630,7 @@ def _gan(critic_steps: int) -> Setup:
     def train(mon: Any) -> None:
         for _ in range(steps // critic_steps):
             for _ in range(critic_steps):
-                real = x[torch.randint(0, len(x), (64,), generator=g)]
-                fake = gen(torch.randn(64, 16, generator=g))
-                disc.zero_grad()
-                if wgan:
-                    loss_d = -disc(real).mean() + disc(fake.detach()).mean()  # real first, as in the WGAN paper's code
-                else:
-                    loss_d = (F.binary_cross_entropy_with_logits(disc(real), torch.ones(64, 1))
-                              + F.binary_cross_entropy_with_logits(disc(fake.detach()), torch.zeros(64, 1)))
-                loss_d.backward()
-                opt_d.step()
-                if wgan:
-                    with torch.no_grad():
-                        for p in disc.parameters():
-                            p.clamp_(-0.05, 0.05)
-                mon.step(loss=loss_d.detach(), batch_size=64)
+                mon.step(loss=critic_step(gen, disc, opt_d, x, g, wgan), batch_size=64)
             gen.zero_grad()
             fake = gen(torch.randn(64, 16, generator=g))
             loss_g = (-disc(fake).mean() if wgan
