@@ -46,6 +46,10 @@ monitor, and an explicit ``attach`` on an optimizer auto-attach monitors replace
 
 Never harm: an exception here is logged once, every hook of ours is removed, and the job runs as if
 healthd were absent.
+
+Why this module is over 400 lines: ``AutoAttach`` is one state machine (find the model from the
+first optimizer step, watch the loss between forward and step, hand both to one monitor, remove every
+hook on failure or close); split across modules its hooks would share that state through globals.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ Guarantees the training loop relies on:
 healthd's answer to each push lists the job's firing alerts (``IngestResult.alerts``); the sender
 thread parses them into ``alerts`` (a tuple replaced whole, ``alerts_version`` bumped on change),
 for the monitor to act on at the next step, on the training thread.
+
+Why this module is over 400 lines: ``Sender`` is one background thread's loop with its bounded queue,
+batching, retries with backoff, drop counting, fork handling and the alerts it reads back; each of
+those touches the same locked state, so they stay in one class.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ is what it always was. Expiry and the job caps count jobs, not streams.
 
 What lives here: applying reports, the windows rules read, counters and
 window extremes the exporter reads. What does not: rules, alert state.
+
+Why this module is over 400 lines: ``Store`` applies every report kind to one job/rank state and
+builds the windows read from it (as of a checkpoint, per stream, per job); both sides must agree on
+that state's layout, so they are kept together.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ Conventions:
   (what Python's ``json`` module writes).
 - Unknown fields are rejected (``extra="forbid"``) so a typo is a 4xx naming
   the field, not silently lost data.
+
+Why this module is over 400 lines: it is the wire contract, one declaration per report kind and
+field (the OpenAPI document and the fast decoder are derived from it); splitting it would put one
+contract in several places.
 """
 
 from __future__ import annotations
