@@ -4,47 +4,26 @@ the only one. The multi-process runs and the fault comparison: tests/integration
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-import healthd_client
 from healthd_client import MonitorConfig, auto
 from healthd_client.integrations import lightning as lightning_callback
 from healthd_client.integrations import transformers as transformers_callback
 from tests.client.conftest import FAST, RecordingTransport
 from tests.client.integrations.test_lightning import TinyClassifier, _loader
 from tests.client.integrations.test_transformers import Tokens
+from tests.client.test_auto import armed, transport
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 STEPS = 8
 
-
-@pytest.fixture
-def transport() -> RecordingTransport:
-    return RecordingTransport()
-
-
-@pytest.fixture
-def armed(transport: RecordingTransport, monkeypatch: pytest.MonkeyPatch) -> Iterator[auto.AutoAttach]:
-    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
-    monkeypatch.setenv("HEALTHD_JOB", "auto-framework")
-    a = auto.AutoAttach(attach=functools.partial(healthd_client.attach, transport=transport),
-                        config=MonitorConfig(**FAST))
-    a.install()
-    try:
-        yield a
-    finally:
-        a.remove()
-        if a.monitor is not None:
-            a.monitor.close()
+__all__ = ["armed", "transport"]  # auto-attach armed in this process, as tests/client/test_auto.py arms it
 
 
 def fit_lightning(callbacks: list[pl.Callback]) -> None:
