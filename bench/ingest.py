@@ -478,10 +478,16 @@ def bench_shards(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, d
             out[name] = row
         return out
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(procs):  # SIGTERM: a shard settles its backlog and saves alert state first
             if proc.poll() is None:
                 proc.terminate()
-                proc.wait(10)
+                t0 = time.monotonic()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                print(f"  pid {proc.pid} stopped {time.monotonic() - t0:.1f} s after SIGTERM", file=sys.stderr)
 
 
 def _haproxy_binary() -> str:
