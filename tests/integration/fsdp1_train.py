@@ -8,7 +8,9 @@ FSDP1's own ``clip_grad_norm_`` (with an infinite max norm it only measures), th
 ``use_orig_params=True``) the per-layer gradient norms from the full parameters and gradients
 (``summon_full_params``). Rank 0 writes them as JSON lines to FSDP_REF, as fsdp_train.py does.
 
-Environment: HEALTHD_SERVER, HEALTHD_JOB, FSDP_STEPS, FSDP_REF, FSDP1_ORIG_PARAMS (0 or 1).
+Environment: HEALTHD_SERVER, HEALTHD_JOB, FSDP_STEPS, FSDP_REF, FSDP1_ORIG_PARAMS (0 or 1), FSDP_REPLICAS
+(1: FULL_SHARD over all ranks; 2: HSDP, ``ShardingStrategy.HYBRID_SHARD`` on a (replicas, world / replicas)
+device mesh, replicate x shard, where FSDP1's ``clip_grad_norm_`` all-reduces over the shard group only).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 import healthd_client
@@ -41,8 +45,13 @@ def main() -> None:
     torch.manual_seed(0)
     inner = torch.nn.Sequential(torch.nn.Linear(D, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8),
                                 torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    replicas = int(os.environ.get("FSDP_REPLICAS", "1"))
+    hybrid: dict[str, object] = {}
+    if replicas > 1:  # HSDP: shard within a replica, all-reduce across replicas
+        hybrid = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD,
+                  "device_mesh": init_device_mesh("cpu", (replicas, dist.get_world_size() // replicas))}
     model = FSDP(inner, device_id=torch.device("cpu"), use_orig_params=orig,
-                 auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}))
+                 auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}), **hybrid)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cfg = MonitorConfig(heartbeat_seconds=0.5, flush_interval_seconds=0.2, heavy_every_steps=1,
                         fingerprint_every_steps=5)

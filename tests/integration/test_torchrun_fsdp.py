@@ -100,3 +100,19 @@ def test_fsdp1_two_ranks(healthd: Embedded, tmp_path: Path, orig_params: bool) -
     check(healthd, job, ref, ranks=2)
     for r in (0, 1):
         assert set(healthd.hd.store.jobs[job].ranks[r].steps[-1].layers) == {"0", "2", "4"}
+
+
+@pytest.mark.parametrize("orig_params", [False, True])
+def test_fsdp1_hybrid_shard_two_replicas_of_two_shards(healthd: Embedded, tmp_path: Path, orig_params: bool) -> None:
+    """FSDP1 HSDP (``ShardingStrategy.HYBRID_SHARD`` on a 2 x 2 device mesh): the parts are added over
+    the shard group only (the replicas hold equal gradients after FSDP1's all-reduce), and the replicas'
+    fingerprints of the same shard agree (RankDesync quiet, checked in ``check``)."""
+    job = f"fsdp1-hsdp-orig{int(orig_params)}"
+    ref = run_job(healthd, job, tmp_path, ranks=4, replicas=2, script=SCRIPT.with_name("fsdp1_train.py"),
+                  FSDP1_ORIG_PARAMS=str(int(orig_params)))
+    check(healthd, job, ref, ranks=4)
+    ranks = healthd.hd.store.jobs[job].ranks
+    assert {r: (st.steps[-1].shard.group, st.steps[-1].shard.index) for r, st in ranks.items()
+            if st.steps[-1].shard is not None} == {0: (0, 0), 1: (0, 1), 2: (2, 0), 3: (2, 1)}
+    assert all(set(st.steps[-1].layers) == {"0", "2", "4"} for st in ranks.values())
+
