@@ -116,3 +116,11 @@ def test_fsdp1_hybrid_shard_two_replicas_of_two_shards(healthd: Embedded, tmp_pa
             if st.steps[-1].shard is not None} == {0: (0, 0), 1: (0, 1), 2: (2, 0), 3: (2, 1)}
     assert all(set(st.steps[-1].layers) == {"0", "2", "4"} for st in ranks.values())
 
+
+def test_lightning_model_parallel_strategy(healthd: Embedded, tmp_path: Path) -> None:
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 via ``fully_shard`` in ``configure_model``) with
+    ``HealthdCallback``: the callback attaches to the LightningModule, whose parameters are the DTensors,
+    and healthd shows the job's values. (Lightning's FSDP1 ``FSDPStrategy`` refuses a CPU accelerator.)"""
+    ref = run_job(healthd, "lightning-fsdp2", tmp_path, ranks=2, replicas=1,
+                  script=SCRIPT.with_name("lightning_fsdp_train.py"))
+    check(healthd, "lightning-fsdp2", ref, ranks=2)
