@@ -8,6 +8,10 @@ FSDP1's own ``clip_grad_norm_`` (with an infinite max norm it only measures), th
 ``use_orig_params=True``) the per-layer gradient norms from the full parameters and gradients
 (``summon_full_params``). Rank 0 writes them as JSON lines to FSDP_REF, as fsdp_train.py does.
 
+FSDP_FAULT=desync: under HSDP, rank 2 (the second replica's first shard) adds 1e-2 to its local part of
+the first non-empty parameter after the optimizer step at FAULT_STEP (a divergence between replicas that
+nothing repairs), as fsdp_train.py does.
+
 Environment: HEALTHD_SERVER, HEALTHD_JOB, FSDP_STEPS, FSDP_REF, FSDP1_ORIG_PARAMS (0 or 1), FSDP_REPLICAS
 (1: FULL_SHARD over all ranks; 2: HSDP, ``ShardingStrategy.HYBRID_SHARD`` on a (replicas, world / replicas)
 device mesh, replicate x shard, where FSDP1's ``clip_grad_norm_`` all-reduces over the shard group only).
@@ -30,6 +34,7 @@ import healthd_client
 from healthd_client import MonitorConfig
 
 D = 16
+FAULT_STEP = 10
 
 
 def full_params(model: FSDP, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -75,6 +80,9 @@ def main() -> None:
                                                  if n.replace("_fsdp_wrapped_module.", "").startswith(name + ".")))
         before = full_params(model)
         opt.step()
+        if os.environ.get("FSDP_FAULT") == "desync" and step == FAULT_STEP and rank == 2:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.numel() > 0).add_(1e-2)
         after = full_params(model)
         d = math.sqrt(sum(float((after[n] - b).double().square().sum()) for n, b in before.items()))
         w = math.sqrt(sum(float(b.double().square().sum()) for b in before.values()))
