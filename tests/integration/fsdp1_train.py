@@ -14,7 +14,9 @@ nothing repairs), as fsdp_train.py does.
 
 Environment: HEALTHD_SERVER, HEALTHD_JOB, FSDP_STEPS, FSDP_REF, FSDP1_ORIG_PARAMS (0 or 1), FSDP_REPLICAS
 (1: FULL_SHARD over all ranks; 2: HSDP, ``ShardingStrategy.HYBRID_SHARD`` on a (replicas, world / replicas)
-device mesh, replicate x shard, where FSDP1's ``clip_grad_norm_`` all-reduces over the shard group only).
+device mesh, replicate x shard, where FSDP1's ``clip_grad_norm_`` all-reduces over the shard group only),
+FSDP1_STRIDED (1: HSDP from a (shard, replicate) pair of process groups whose shard groups are strided,
+{0, 2} and {1, 3}, instead of a device mesh's runs of consecutive ranks).
 """
 
 from __future__ import annotations
@@ -52,9 +54,18 @@ def main() -> None:
                                 torch.nn.Tanh(), torch.nn.Linear(8, 1))
     replicas = int(os.environ.get("FSDP_REPLICAS", "1"))
     hybrid: dict[str, object] = {}
-    if replicas > 1:  # HSDP: shard within a replica, all-reduce across replicas
+    world = dist.get_world_size()
+    if replicas > 1 and os.environ.get("FSDP1_STRIDED") == "1":
+        # The user's (shard, replicate) pair of groups, laid out across the ranks: shard groups {0, 2} and
+        # {1, 3}, replicas {0, 1} and {2, 3} (every rank creates every group, in the same order).
+        shard_groups = [dist.new_group(list(range(i, world, replicas))) for i in range(replicas)]
+        replica_groups = [dist.new_group(list(range(j * replicas, (j + 1) * replicas)))
+                          for j in range(world // replicas)]
         hybrid = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD,
-                  "device_mesh": init_device_mesh("cpu", (replicas, dist.get_world_size() // replicas))}
+                  "process_group": (shard_groups[rank % replicas], replica_groups[rank // replicas])}
+    elif replicas > 1:  # HSDP: shard within a replica, all-reduce across replicas
+        hybrid = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD,
+                  "device_mesh": init_device_mesh("cpu", (replicas, world // replicas))}
     model = FSDP(inner, device_id=torch.device("cpu"), use_orig_params=orig,
                  auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}), **hybrid)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -117,6 +117,19 @@ def test_fsdp1_hybrid_shard_two_replicas_of_two_shards(healthd: Embedded, tmp_pa
     assert all(set(st.steps[-1].layers) == {"0", "2", "4"} for st in ranks.values())
 
 
+def test_fsdp1_hybrid_shard_strided_groups(healthd: Embedded, tmp_path: Path) -> None:
+    """HYBRID_SHARD from the user's (shard, replicate) pair of process groups, the shard groups strided
+    ({0, 2}, {1, 3}): the parts are added within each shard group, named by its lowest rank (a replica
+    number from the rank // 2 of consecutive groups would add ranks 0 and 1, two copies of one shard)."""
+    job = "fsdp1-hsdp-strided"
+    ref = run_job(healthd, job, tmp_path, ranks=4, replicas=2, script=SCRIPT.with_name("fsdp1_train.py"),
+                  FSDP1_STRIDED="1")
+    check(healthd, job, ref, ranks=4)
+    ranks = healthd.hd.store.jobs[job].ranks
+    assert {r: (st.steps[-1].shard.group, st.steps[-1].shard.index) for r, st in ranks.items()
+            if st.steps[-1].shard is not None} == {0: (0, 0), 2: (0, 1), 1: (1, 0), 3: (1, 1)}
+
+
 @pytest.mark.parametrize("strategy", ["model_parallel", "fsdp", "fsdp_wrap"])
 def test_lightning_sharded_strategies(healthd: Embedded, tmp_path: Path, strategy: str) -> None:
     """``HealthdCallback`` under Lightning's sharded strategies: ``ModelParallelStrategy`` (FSDP2 via
