@@ -8,7 +8,8 @@ Usage::
 What it does at Lightning's hook points (no measurement code of its own; the
 quantities are ``healthd_client``'s):
 
-- ``on_train_start``: ``healthd_client.attach(pl_module, optimizer, ...)`` for every optimizer of
+- ``on_train_start``: ``healthd_client.attach(pl_module, optimizer, ...)`` (under ``FSDPStrategy``, the
+  root FSDP unit around ``pl_module``, which says which parameters are shards) for every optimizer of
   ``configure_optimizers`` (at most ``MAX_OPTIMIZERS``), with the trainer's global rank, world size
   and ``accumulate_grad_batches``, the train set's size when it has one, and Lightning's version in
   the setup report. One optimizer reports on the unnamed stream (or ``stream=``), as before;
@@ -116,6 +117,25 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def _sharding_root(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
+    """The module to attach: the LightningModule, or ``FSDPStrategy``'s root FSDP1 unit around it.
+
+    FSDP1 keeps what says a parameter is a shard (the unit, its process group, its sharding strategy) on
+    the wrapper. ``FSDPStrategy`` wraps the LightningModule itself in the root unit, so the module alone
+    shows no unit holding the parameters left to the root (all of them without an ``auto_wrap_policy``),
+    and each rank's shard would be reported as the job's value. ``ModelParallelStrategy`` (FSDP2) needs
+    nothing: its parameters are DTensors that say so themselves.
+    """
+    wrapped = trainer.model  # public: the module as the strategy wrapped it
+    if wrapped is None or wrapped is pl_module or not torch.distributed.is_available():
+        return pl_module
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(wrapped, FullyShardedDataParallel) and wrapped.module is pl_module:
+        return wrapped
+    return pl_module
+
+
 class HealthdCallback(pl.Callback):
     """Report a Lightning run to healthd. Arguments are ``healthd_client.attach``'s.
 
@@ -191,9 +211,10 @@ class HealthdCallback(pl.Callback):
         self._manual = not pl_module.automatic_optimization
         # A GradScaler scales the loss before on_before_backward sees it (see the module docstring).
         self._scaled_backward = getattr(trainer.precision_plugin, "scaler", None) is not None
+        model = _sharding_root(trainer, pl_module)
         for optimizer, name in zip(optimizers, _stream_names(self.streams, len(optimizers), single), strict=True):
             monitor = healthd_client.attach(
-                pl_module, optimizer, self.job, self.server, rank=trainer.global_rank,
+                model, optimizer, self.job, self.server, rank=trainer.global_rank,
                 world_size=trainer.world_size, grad_accumulation_steps=max(1, int(trainer.accumulate_grad_batches)),
                 extra_quantities=extra, stream=name, **kwargs,
             )

@@ -11,7 +11,8 @@ FSDP1 (``FullyShardedDataParallel``) keeps plain tensors: with ``use_orig_params
 holds one FlatParameter per wrapped unit, a 1-D tensor that is this rank's shard of the unit's
 parameters; with ``use_orig_params=True`` the parameters are 1-D views into that shard (some of size 0).
 Which ones are shards is read from the model (``FullyShardedDataParallel.fsdp_modules``, public), the
-shard group from the unit's process group; ``fsdp1_layout`` gives it, with the ids of those parameters.
+shard group from the unit's process group (under ``HYBRID_SHARD`` the ranks of one replica; the replicas
+are not added); ``fsdp1_layout`` gives it, with the ids of those parameters.
 
 What lives here: ``ShardLayout`` (this rank's group, its position in it and the group's size, from
 the parameters' device mesh and placements, or FSDP1's process group) and ``local``. What does not:
@@ -111,10 +112,12 @@ def fsdp1_layout(model: torch.nn.Module, params: Iterable[torch.Tensor]) -> Shar
     count = torch.distributed.get_world_size(group)
     if count < 2:
         return None
-    # HYBRID_SHARD: the unit's process group is the shard group; torch's default groups are runs of
-    # ``count`` consecutive ranks (one per node), so the replica is the global rank // count.
-    return ShardLayout(group=torch.distributed.get_rank() // count, index=torch.distributed.get_rank(group),
-                       count=count, flat=flat)
+    # HYBRID_SHARD: the unit's process group is the shard group (a device mesh's inner dimension, or the
+    # first of the user's (shard, replicate) pair of groups, laid out as the user chose). Shard groups are
+    # disjoint, so the lowest global rank in one names it; the replicate coordinate is only known through
+    # FSDP1's private ``_inter_node_pg``.
+    return ShardLayout(group=min(torch.distributed.get_process_group_ranks(group)),
+                       index=torch.distributed.get_rank(group), count=count, flat=flat)
 
 
 def counted_here(p: torch.Tensor, layout: ShardLayout | None) -> bool:

@@ -163,7 +163,7 @@ class ShardPart:
     the replicate dimension of the device mesh); under FSDP there is one group.
     """
 
-    group: Count = 0  # which shard group (replica) this rank belongs to
+    group: Count = 0  # which shard group (replica): FSDP2's replicate coordinate, FSDP1's lowest rank in it
     index: Count  # this rank's position in its group (coordinate along the shard dimension)
     count: Annotated[int, Field(ge=1)]  # how many ranks the group has
     grad_sq: float | None = None  # sum of squares of this rank's gradient shards

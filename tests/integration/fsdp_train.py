@@ -11,7 +11,9 @@ ranks; 2: HSDP on a (replicas, world / replicas) mesh, replicate x shard), FSDP_
 tests: ``nan_batch``: a NaN in rank 1's batch at step FAULT_STEP; ``nan_shard``: a NaN written into
 rank 1's local shard of the first layer's weight gradient after backward, at FAULT_STEP; ``lr100``: the
 learning rate 100 times the control's; ``frozen``: the middle Linear's parameters ``requires_grad=False``
-but still in the optimizer).
+but still in the optimizer; ``desync``: under HSDP, rank 2 (the second replica's first shard) adds 1e-2 to
+its local shard of the first layer's weight after the optimizer step at FAULT_STEP, a divergence between
+replicas that nothing repairs).
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ def main() -> None:
                       for name, m in model.named_children() if isinstance(m, torch.nn.Linear)}
         before = [full(p.detach()).clone() for p in params]
         opt.step()
+        if fault == "desync" and step == FAULT_STEP and rank == 2:
+            with torch.no_grad():
+                weight = model[0].weight
+                assert isinstance(weight, DTensor)
+                weight.to_local().add_(1e-2)
         after = [full(p.detach()) for p in params]
         d = math.sqrt(sum(float((a - b).double().square().sum()) for a, b in zip(after, before, strict=True)))
         w = math.sqrt(sum(float(b.double().square().sum()) for b in before))

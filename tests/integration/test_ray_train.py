@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,3 +70,29 @@ def test_torch_trainer_two_workers(ray_session: Path, healthd: Embedded) -> None
     # while can show as a StragglerRank candidate, which the rule keeps at info (healthd.rules.straggler_rank).
     found = [a for a in found if a["severity"] != "info"]
     assert found == [], [(a["rule"], a["rank"], a["summary"]) for a in found]
+
+
+def test_fsdp2_in_torch_trainer(ray_session: Path, healthd: Embedded, tmp_path: Path) -> None:
+    """FSDP2 in a 2-worker TorchTrainer (the user's ``fully_shard``; Ray's ``prepare_model(...,
+    parallel_strategy="fsdp")`` wraps FSDP1 and refuses CPU workers, which this test also pins): healthd
+    shows the job's global values, against references from full tensors in the workers."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tests.integration.test_torchrun_ddp import after_ticks, wait_for
+    from tests.integration.test_torchrun_fsdp import STEPS, check
+
+    job = "healthd-ray-fsdp2"
+    ref, refused = tmp_path / "ref.jsonl", tmp_path / "refused.txt"
+    TorchTrainer(
+        ray_train_job.fsdp_train_func,
+        train_loop_config={"server": healthd.url, "steps": STEPS, "ref": str(ref), "refused": str(refused)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        run_config=RunConfig(name=job, storage_path=str(ray_session / "storage")),
+    ).fit()
+
+    assert "FSDP is only available with GPU-enabled training" in refused.read_text()
+    wait_for(lambda: job in healthd.hd.store.jobs and len(healthd.hd.store.jobs[job].ranks) == 2
+             and all(st.closed for st in healthd.hd.store.jobs[job].ranks.values()), 20, "closing heartbeats")
+    after_ticks(healthd, 2)
+    check(healthd, job, [json.loads(line) for line in ref.read_text().splitlines()], ranks=2)

@@ -3,7 +3,8 @@
 fsdp_train.py injects the fault (FSDP_FAULT); healthd gets only each rank's shard parts. A NaN in one
 rank's batch poisons both ranks' gradient shards (the reduce-scatter adds it in); a NaN written into
 one rank's own gradient shard is seen by that rank alone, and healthd combines the ranks' non-finite
-tensors so both ranks report the full gradient's count at that step.
+tensors so both ranks report the full gradient's count at that step. Under HSDP (4 ranks, 2 x 2), one
+replica's shard nudged away from the other's is ``RankDesync`` on that rank, in FSDP2 and FSDP1 alike.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from healthd.server.embedded import Embedded, serve_in_thread
 from healthd.settings import Settings
 from healthd.wire.schema import Severity
 from tests.integration.test_torchrun_ddp import alerts
-from tests.integration.test_torchrun_fsdp import run_job
+from tests.integration.test_torchrun_fsdp import SCRIPT, run_job
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +74,14 @@ def test_control_is_quiet(healthd: Embedded, tmp_path: Path) -> None:
     # LossPlateau left out, as in test_torchrun_fsdp: 30 steps at lr 1e-3 learn slowly, which that rule
     # rightly says (the faults above are caught by their own rules, not by it).
     assert [(a["rule"], a["rank"]) for a in loud(healthd, job) if a["rule"] != "LossPlateau"] == []
+
+
+@pytest.mark.parametrize("script", ["fsdp_train.py", "fsdp1_train.py"])
+def test_hsdp_replica_divergence_is_rank_desync(healthd: Embedded, tmp_path: Path, script: str) -> None:
+    """Rank 2 holds the same shard as rank 0 in the other replica: only that pair disagrees, and the rule
+    names rank 2 against rank 0 (the group of the lowest rank is the reference in a tie)."""
+    job = f"hsdp-desync-{script.split('_')[0]}"
+    run_job(healthd, job, tmp_path, ranks=4, replicas=2, script=SCRIPT.with_name(script), FSDP_FAULT="desync")
+    found = [a for a in alerts(healthd, job) if a["rule"] == "RankDesync"]
+    assert found and {a["rank"] for a in found} == {2}, alerts(healthd, job)
+    assert all(a["evidence"]["reference_rank"] == 0 and a["step"] >= FAULT_STEP for a in found), found
