@@ -49,7 +49,7 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     trace on the model; most training today is fine-tuning); the info says so and
     how to tell healthd (``attach(fine_tune=True)``), and names the rarer reading (a
     loss not over C balanced classes, labels leaking into the inputs). A step-0
-    loss below half of chance also makes the other loss rules treat the run as a
+    loss below 2/3 of chance also makes the other loss rules treat the run as a
     fine-tune (``healthd.rules.base.trained_start``).
 
     Fine-tunes (the attach hint ``fine_tune``: ``attach(fine_tune=True)``, a peft

@@ -49,7 +49,7 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     inspected cross-entropy input) its level is judged against chance, ln(C), when
     that is higher. A run is a fine-tune by the attach hint ``fine_tune`` or, when
     nothing told healthd (a plain ``load_state_dict`` before training), by its
-    step-0 loss below half of chance (``healthd.rules.base.trained_start``).
+    step-0 loss below 2/3 of chance (``healthd.rules.base.trained_start``).
 
     Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
     a GAN's generator or discriminator loss rises whenever the other player improves): not judged.

@@ -62,7 +62,7 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     trained weights, so slow progress near its initial level is its normal course;
     info at most). A run is a fine-tune by the attach hint ``fine_tune`` or, when
     nothing told healthd (a plain ``load_state_dict`` before training), by its
-    step-0 loss below half of chance ln(C) for a C-class cross-entropy loss
+    step-0 loss below 2/3 of chance ln(C) for a C-class cross-entropy loss
     (``healthd.rules.base.trained_start``).
 
     Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:

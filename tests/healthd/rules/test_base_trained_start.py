@@ -21,7 +21,8 @@ def _attach(**hints: object) -> AttachReport:
 CASES = [
     ([0.4 * CHANCE, 0.3], {"num_classes": 10}, 0, "0.4x the chance level ln(10)"),  # a plain load_state_dict
     ([CHANCE, 0.3], {"num_classes": 10}, 0, None),  # from scratch: at chance
-    ([0.6 * CHANCE, 0.3], {"num_classes": 10}, 0, None),  # below chance, not by half
+    ([0.6 * CHANCE, 0.3], {"num_classes": 10}, 0, "0.6x"),  # 0.6x: below 2/3 of chance
+    ([0.7 * CHANCE, 0.3], {"num_classes": 10}, 0, None),  # below chance, not by a third
     ([3 * CHANCE, 0.3], {"num_classes": 10}, 0, None),  # above chance
     ([CHANCE, 0.3], {"num_classes": 10, "fine_tune": True}, 0, "the attach hint fine_tune"),
     ([0.1, 0.1], {}, 0, None),  # no C: no chance level to compare with
@@ -43,4 +44,4 @@ def test_classes_come_from_the_inspected_cross_entropy_input_without_a_hint() ->
     w = window([step(0, loss=0.3 * CHANCE, loss_inputs=[ce()]), step(1, loss=0.5)], _attach())
     assert loss_classes(w) == 10
     assert trained_start(w) is not None
-    assert TRAINED_START_RATIO == 0.5
+    assert TRAINED_START_RATIO == pytest.approx(2 / 3)
