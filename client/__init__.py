@@ -71,7 +71,9 @@ def attach(
     when ``transport`` is given), ``token`` to $HEALTHD_TOKEN (sent as a Bearer
     token). ``dataset_size``, ``num_classes`` and ``grad_accumulation_steps`` are
     sent as hints, and so is ``fine_tune`` (the job starts from pretrained weights; when
-    None, it is inferred: a peft wrapper or a Hugging Face model loaded by name).
+    None, it is inferred: a peft wrapper or a Hugging Face model loaded by name; weights
+    from a plain ``load_state_dict`` leave no trace, and healthd then reads a step-0 loss
+    below 2/3 of chance ln(C) as the sign of trained weights).
     ``stream`` names this monitor's stream when one process trains several models or
     optimizers (a GAN: ``stream="generator"`` and ``stream="discriminator"``, one attach
     each, same job): healthd keeps windows and alerts per (job, rank, stream), and a second

@@ -11,9 +11,9 @@ are one monitor each, and each names its stream (``stream="generator"``): health
 (job, rank, stream). A second open monitor for the same (job, rank, stream) would interleave its steps
 with the first's in one window; attach() refuses it with a ``ValueError`` that says to pass ``stream``.
 The GPU is the process's, not a stream's: only the first open monitor of a (job, rank) samples it
-(``_gpu_quantities``), so its series and GPU alerts exist once, under that monitor's stream. When that
-monitor closes while another stream's stays open, GPU series stop (no live hand-over): a monitor
-attached after the close samples again.
+(``_per_process_quantities``), so its series and GPU alerts exist once, under that monitor's stream.
+When that monitor closes while another stream's stays open, the running sampler is handed to that one
+(``Monitor.adopt``): the series go on under its stream without a gap, from the same one sampler.
 """
 
 from __future__ import annotations
@@ -121,13 +121,13 @@ def _claim(job: str, rank: int, stream: str | None) -> None:
             f'attach(discriminator, opt_d, job, stream="discriminator")')
 
 
-def _gpu_quantities(job: str, rank: int, quantities: list[Quantity]) -> list[Quantity]:
-    """``quantities`` without the GPU sampler when another open monitor of this (job, rank) in this process
-    already samples the GPU: each stream's sampler would report the same device again, doubling its
-    series and firing every GPU rule once per stream."""
-    sampled = any(not m.closed and (m.job, m.identity.rank) == (job, rank)
-                  and any(q.name == "gpu" for q in m.quantities) for m in list(attached.values()))
-    return [q for q in quantities if q.name != "gpu"] if sampled else quantities
+def _per_process_quantities(job: str, rank: int, quantities: list[Quantity]) -> list[Quantity]:
+    """``quantities`` without the ``per_process`` ones (the GPU sampler) that another open monitor of this
+    (job, rank) in this process already runs: each stream's sampler would report the same device again,
+    doubling its series and firing every GPU rule once per stream."""
+    running = {q.name for m in list(attached.values()) if not m.closed and (m.job, m.identity.rank) == (job, rank)
+               for q in m.quantities if q.per_process}
+    return [q for q in quantities if not (q.per_process and q.name in running)]
 
 
 def looks_pretrained(model: torch.nn.Module) -> bool:
@@ -232,7 +232,7 @@ def attach(
         token=token,
         config=config,
         hints={k: v for k, v in hints.items() if v is not None},
-        quantities=_gpu_quantities(job, identity.rank, quantities),
+        quantities=_per_process_quantities(job, identity.rank, quantities),
         strict=strict,
         on_alert=on_alert,
         stop_on=stop_names,

@@ -261,7 +261,10 @@ class Monitor:
         return total
 
     def close(self, timeout: float | None = None) -> None:
-        """Remove the hooks, send what is measured, flush within ``timeout`` seconds. Idempotent."""
+        """Remove the hooks, send what is measured, flush within ``timeout`` seconds. Idempotent.
+
+        A ``per_process`` quantity (the GPU sampler) goes on under another open monitor of this (job, rank)
+        when there is one (``adopt``), before this monitor's sender stops; otherwise it closes."""
         if self._closed:
             return
         self._closed = True
@@ -281,10 +284,32 @@ class Monitor:
                     record, self._open = self._open, None
                     self._finish(record)
                 self._drain_pending(deadline - timeout / 2)  # keep half the time for sending
+        heir = self._heir()
         for q in self.quantities:
+            if q.per_process and heir is not None and id(q) not in self._disabled and heir.adopt(q):
+                continue
             with contextlib.suppress(Exception):
                 q.close()
         self.sender.close(max(0.0, deadline - time.monotonic()))
+
+    def _heir(self) -> Monitor | None:
+        """Another open monitor of this (job, rank) in this process: it takes over the ``per_process``
+        quantities (the GPU sampler) when this one closes, so they go on without a gap."""
+        return next((m for m in list(attached.values()) if m is not self and not m.closed and not m._forked
+                     and (m.job, m.identity.rank) == (self.job, self.identity.rank)), None)
+
+    def adopt(self, q: Quantity) -> bool:
+        """Take over ``q``, a ``per_process`` quantity of a closing monitor of this (job, rank); False (it is
+        not taken) when this monitor closed meanwhile or the hand-over failed (one warning)."""
+        if self._closed:
+            return False
+        try:
+            q.hand_over(self._ctx)
+        except Exception as exc:
+            warn_user(f"healthd: quantity {q.name!r} could not be handed to stream {self.stream!r} and stops: {exc!r}")
+            return False
+        self.quantities.append(q)
+        return True
 
     def __enter__(self) -> Monitor:
         return self

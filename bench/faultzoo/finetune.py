@@ -11,7 +11,10 @@ fine-tune starts well below chance (ln 128 = 4.85) and improves slowly.
 Controls (nothing above info, x3 seeds): LoRA (``peft``) in a plain loop with AdamW,
 warmup and clipping; LoRA under the Hugging Face ``Trainer`` at its default
 ``TrainingArguments``; a full fine-tune at a small learning rate; a frozen pretrained
-body with a new classification head; LoRA with gradient checkpointing.
+body with a new classification head; LoRA with gradient checkpointing; and two that
+healthd cannot see are fine-tunes (no peft, no name, no hint: the weights come from a plain
+``load_state_dict`` of a ``torch.save``d state dict): a full fine-tune at a small learning
+rate, and a frozen body with a new head.
 Faults, each raised by its own rule: the weights did not load (a model built from the
 pretrained config only; a ``strict=False`` load of a checkpoint whose keys do not
 match), an optimizer built before ``get_peft_model``, a learning rate far too high for
@@ -191,7 +194,10 @@ def ctrl_frozen_backbone_head() -> Setup:
     """New classes (which of 4 dialects wrote the sequence) on a frozen pretrained body: a fresh head starts at
     chance ln 4, as it should."""
     torch.manual_seed(seed(12))
-    model = _Classifier(4)
+    return _frozen_backbone_setup(_Classifier(4))
+
+
+def _frozen_backbone_setup(model: _Classifier) -> Setup:
     opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed(13))
 
@@ -206,6 +212,54 @@ def ctrl_frozen_backbone_head() -> Setup:
             opt.step()
             mon.step(loss=loss.detach(), batch_size=BATCH)
     return Setup(model, opt, train, 150)
+
+
+def _checkpoint() -> Path:
+    """The pretrained weights as a plain ``torch.save(model.state_dict())`` file, as a user's own training wrote
+    them (no config, no name: healthd cannot tell from the model that it is pretrained)."""
+    path = pretrained() / "state_dict.pt"
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(_load().state_dict(), tmp)
+        tmp.replace(path)
+    return path
+
+
+def ctrl_full_load_state_dict() -> Setup:
+    """A full fine-tune at a small learning rate (2e-5, the usual range for a full fine-tune) of a model built
+    from a config, whose weights come from ``model.load_state_dict(torch.load(ckpt))``: no hint, no peft, no
+    name; only the first loss, far below chance, says that it starts from trained weights. Its loss moves
+    slowly (without that inference LossPlateau warned "still near its initial" on 2 of 2 seeds)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed(10))
+    model = GPT2LMHeadModel(GPT2Config(**_GPT2))
+    model.load_state_dict(torch.load(_checkpoint()))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    return Setup(model, opt, lambda mon: lm_loop("ft_ctrl_full_load_state_dict", model, opt, mon), 150)
+
+
+class _PlainClassifier(_Classifier):
+    """``_Classifier`` whose body is built from a config and loaded with ``load_state_dict`` (no name)."""
+
+    def __init__(self, classes: int) -> None:
+        nn.Module.__init__(self)
+        from transformers import GPT2Config, GPT2Model
+
+        self.body = GPT2Model(GPT2Config(**_GPT2))
+        body = {k.removeprefix("transformer."): v for k, v in torch.load(_checkpoint()).items()
+                if k.startswith("transformer.")}
+        self.body.load_state_dict(body)
+        self.body.requires_grad_(False)
+        self.head = nn.Linear(self.body.config.n_embd, classes)
+
+
+def ctrl_frozen_backbone_load_state_dict() -> Setup:
+    """``ctrl_frozen_backbone_head`` with a body loaded by ``load_state_dict`` and no hint: a fresh head
+    starts at chance ln 4, a run from scratch as far as healthd can tell, and it is one for the head."""
+    torch.manual_seed(seed(12))
+    model = _PlainClassifier(4)
+    return _frozen_backbone_setup(model)
 
 
 # ---------------------------------------------------------------------------- faults
@@ -277,4 +331,6 @@ FINE_TUNE_SCENARIOS: tuple[Scenario, ...] = (
     Scenario("ft_ctrl_frozen_backbone_head", None, ctrl_frozen_backbone_head),
     Scenario("ft_ctrl_lora_grad_checkpointing", None,
              lambda: ctrl_lora_loop("ft_ctrl_lora_grad_checkpointing", checkpointing=True)),
+    Scenario("ft_ctrl_full_load_state_dict", None, ctrl_full_load_state_dict),
+    Scenario("ft_ctrl_frozen_backbone_load_state_dict", None, ctrl_frozen_backbone_load_state_dict),
 )

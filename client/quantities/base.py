@@ -179,6 +179,10 @@ class Quantity:
     """
 
     name = "quantity"
+    # One per (job, rank) in a process, not one per monitor (the GPU sampler: the device is the process's).
+    # attach() gives it to the first open monitor of the (job, rank) only; when that monitor closes while
+    # another of the (job, rank) stays open, it is handed to that one (``hand_over``) instead of closed.
+    per_process = False
 
     def __init__(self, every_steps: int = 1) -> None:
         if isinstance(every_steps, bool) or not isinstance(every_steps, int) or every_steps < 0:
@@ -206,6 +210,11 @@ class Quantity:
 
     def close(self) -> None:
         """Remove hooks of your own, free buffers."""
+
+    def hand_over(self, ctx: QuantityContext) -> None:
+        """Go on under another monitor's ``ctx`` (``per_process`` quantities only): its monitor closes later
+        and calls ``close`` (or hands it over again). Runs before the closing monitor's sender stops."""
+        raise NotImplementedError(f"{type(self).__name__} is not per_process")
 
     def memory_overhead_bytes(self) -> int:
         """Bytes this quantity holds between steps (buffers, index tensors)."""

@@ -22,6 +22,9 @@ Design notes:
 - No CUDA or no NVML: one log line, no GPU reports, nothing else changes.
 - Every read happens on the sampler thread; the training thread only starts
   and stops it. torch's allocator counters are host-side reads (no sync).
+- One sampler per (job, rank) in a process (``per_process``): with several monitors
+  (streams), the first one's samples, and when it closes while another stays open,
+  ``hand_over`` moves the running sampler to that one (no restart, no gap).
 """
 
 from __future__ import annotations
@@ -235,6 +238,7 @@ class GpuMonitor(Quantity):
     """
 
     name = "gpu"
+    per_process = True  # one sampler per (job, rank) in a process, whatever the number of monitors (streams)
 
     def __init__(self, sample_seconds: float = 5.0, *, nvml_loader: Callable[[], Any] | None = None,
                  cuda: Any = None, device: int | None = None,
@@ -256,6 +260,7 @@ class GpuMonitor(Quantity):
         self._wake = threading.Event()
         self._xids: list[int] = []
         self._lock = threading.Lock()
+        self._emit_lock = threading.Lock()  # an emit in flight finishes before a hand-over swaps the target
         self._threads: list[threading.Thread] = []
         self._emit: Callable[[dict[str, Any]], None] | None = None
         self._hostname = ""
@@ -305,6 +310,15 @@ class GpuMonitor(Quantity):
         self._threads = []
         self._shutdown_nvml()
 
+    def hand_over(self, ctx: QuantityContext) -> None:
+        """Go on sampling for another open monitor of this (job, rank): the sampler thread keeps running and
+        its next sample goes out through ``ctx`` (under that monitor's stream): no gap, no second sampler.
+        An emit in flight through the closing monitor finishes first, while its sender still runs."""
+        with self._emit_lock:
+            if self._emit is not None:  # None: never sampled (no CUDA or NVML here), nothing to move
+                self._emit = ctx.emit
+                self._hostname = ctx.identity.hostname
+
     def memory_overhead_bytes(self) -> int:
         return 0  # no device memory; host: a few dicts per sample
 
@@ -333,8 +347,12 @@ class GpuMonitor(Quantity):
             xids, self._xids = self._xids[:_MAX_XIDS_PER_REPORT], self._xids[_MAX_XIDS_PER_REPORT:]
         if xids:
             report["xid_events"] = xids
-        emit(report)
-        self.samples_total += 1
+        with self._emit_lock:  # through the monitor that owns the sampler now (``hand_over``)
+            emit = self._emit
+            if emit is None:
+                return None
+            emit(report)
+            self.samples_total += 1
         return report
 
     def _sample_loop(self) -> None:

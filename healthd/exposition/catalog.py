@@ -155,7 +155,8 @@ LAYER_PARAM_NORM = _g("layer_param_norm", "Per-layer parameter L2 norm at the la
 # named as dcgm-exporter names them (``UUID``, ``GPU_I_ID``; empty outside MIG) so Grafana joins
 # healthd's series with DCGM's on UUID, and the host. Bounded: one device per rank. ``stream`` is kept
 # (label sets stay as they were) but a process samples its GPU once, in its first open monitor of the
-# rank (healthd_client.attachment): several streams of one rank give one series, under that stream.
+# rank (healthd_client.attachment): several streams of one rank give one series, under that stream; when
+# that monitor closes first, the sampler and the series move to another open stream (exposition.gpu).
 GPU_LABELS = (*JOB_RANK, "gpu", "UUID", "GPU_I_ID", "hostname")
 GPU_MEMORY_USED = _g("gpu_memory_used_bytes", "Device memory in use (NVML; the MIG slice's on MIG).", GPU_LABELS,
                      unit="bytes")

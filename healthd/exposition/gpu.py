@@ -5,6 +5,11 @@ are named as dcgm-exporter names them, so a Grafana query can join healthd's ser
 ``UUID`` (dcgm-exporter's ``gpu`` label is NVML's index, ours CUDA's as the job sees it: never join on
 ``gpu``). ``GPU_I_ID`` is empty (absent, to Prometheus) outside MIG. Values are the rank's latest
 sample; XID events are counted in the store.
+
+Several streams of one (job, rank) share one GPU sampler, which the client hands from a closing
+monitor to an open one (``healthd_client.quantities.gpu``): the device's samples then arrive under
+another stream. A device is exported under the stream with its newest sample only, so a hand-over
+moves its series to the new stream's labels instead of leaving a frozen copy under the old ones.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from healthd.exposition import catalog as C
-from healthd.state.store import Store
+from healthd.state.store import JobState, RankState, Store
 from healthd.wire.schema import GpuReport
 
 # (metric, GpuReport field) for the plain gauges.
@@ -50,6 +55,20 @@ def _latest_per_device(samples: list[GpuReport]) -> list[GpuReport]:
     return list(latest.values())
 
 
+def _sampled(store: Store) -> list[tuple[JobState, int, RankState, list[GpuReport]]]:
+    """(stream state, rank, its state, the latest sample of each device it exports) for every rank with GPU
+    samples; a device that a newer sample of another stream of the same (job, rank) reports is left out."""
+    found = [(job, rank, st, _latest_per_device(list(st.gpu))) for job in store for rank, st in job.ranks.items()
+             if st.gpu]
+    newest: dict[tuple[str, int, int, str], float] = {}
+    for job, rank, _, latest in found:
+        for s in latest:
+            key = (job.name, rank, s.gpu, s.uuid)
+            newest[key] = max(newest.get(key, s.time), s.time)
+    return [(job, rank, st, [s for s in latest if s.time >= newest[(job.name, rank, s.gpu, s.uuid)]])
+            for job, rank, st, latest in found]
+
+
 def gpu_metrics(store: Store) -> Iterator[Metric]:
     """The GPU metric families, read from the store at scrape time."""
     gauges = {m.name: GaugeMetricFamily(m.family_name, m.help, labels=m.labels) for m, _ in _GAUGES}
@@ -57,25 +76,24 @@ def gpu_metrics(store: Store) -> Iterator[Metric]:
     clock = GaugeMetricFamily(C.GPU_CLOCK_EVENT_ACTIVE.family_name, C.GPU_CLOCK_EVENT_ACTIVE.help,
                               labels=C.GPU_CLOCK_EVENT_ACTIVE.labels)
     xids = CounterMetricFamily(C.GPU_XID_EVENTS.family_name, C.GPU_XID_EVENTS.help, labels=C.GPU_XID_EVENTS.labels)
-    for job in store:
-        for rank, st in job.ranks.items():
-            if not st.gpu:
-                continue
-            for s in _latest_per_device(list(st.gpu)):
-                lv = gpu_labels(job.name, rank, job.stream, s)
-                for metric, attr in _GAUGES:
-                    v = getattr(s, attr)
-                    if v is not None:
-                        gauges[metric.name].add_metric(lv, float(v))
-                for metric, attr in _COUNTERS:
-                    v = getattr(s, attr)
-                    if v is not None:
-                        counters[metric.name].add_metric(lv, float(v))
-                for reason in s.throttle_reasons:
-                    clock.add_metric([*lv, reason], 1.0)
-            lv = gpu_labels(job.name, rank, job.stream, st.gpu[-1])
-            for xid, n in sorted(st.gpu_xid_totals.items()):
-                xids.add_metric([*lv, str(xid)], n)
+    for job, rank, st, latest in _sampled(store):
+        if not latest:
+            continue  # its device moved to another stream (a hand-over): exported there
+        for s in latest:
+            lv = gpu_labels(job.name, rank, job.stream, s)
+            for metric, attr in _GAUGES:
+                v = getattr(s, attr)
+                if v is not None:
+                    gauges[metric.name].add_metric(lv, float(v))
+            for metric, attr in _COUNTERS:
+                v = getattr(s, attr)
+                if v is not None:
+                    counters[metric.name].add_metric(lv, float(v))
+            for reason in s.throttle_reasons:
+                clock.add_metric([*lv, reason], 1.0)
+        lv = gpu_labels(job.name, rank, job.stream, st.gpu[-1])
+        for xid, n in sorted(st.gpu_xid_totals.items()):
+            xids.add_metric([*lv, str(xid)], n)
     yield from gauges.values()
     yield from counters.values()
     yield clock

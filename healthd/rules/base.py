@@ -264,6 +264,49 @@ def sound_steps(window: RankWindow, n: int) -> int:
     return len(tail)
 
 
+# A step-0 loss below this fraction of chance, ln(C), comes from trained weights (``trained_start``): the
+# level at which InitialLossUnexpected's default info_factor (1.5x) notes a below-chance start. A tiny LM
+# pretrained for a few hundred steps (bench/faultzoo/finetune.py) starts at 0.43-0.50x; GPT-2 at ~0.3x.
+TRAINED_START_RATIO = 2 / 3
+
+
+def loss_classes(window: RankWindow) -> int | None:
+    """C of a cross-entropy-style loss: the ``num_classes`` hint, else the second dim of an inspected
+    ``cross_entropy``/``nll_loss`` input (a language model's vocabulary); None when unknown."""
+    if window.meta.num_classes:
+        return window.meta.num_classes
+    for s in (*window.initial_steps, *window.last(20)):
+        for c in s.loss_inputs:
+            if c.fn in ("cross_entropy", "nll_loss") and len(c.input_shape) >= 2 and c.input_shape[1] >= 2:
+                return c.input_shape[1]
+    return None
+
+
+def trained_start(window: RankWindow) -> str | None:
+    """Why this rank's run starts from trained weights (a fine-tune), or None: the attach hint
+    ``fine_tune`` (``attach(fine_tune=True)``, a peft wrapper, a Hugging Face model loaded by name), or
+    a step-0 loss below ``TRAINED_START_RATIO`` (2/3) of chance ln(C) for a C-class cross-entropy loss.
+
+    Why the second: a plain ``model.load_state_dict(torch.load(ckpt))`` leaves no trace on the model,
+    but its first loss does. Random weights give a loss near ln(C) at step 0 (A. Karpathy, "A Recipe
+    for Training Neural Networks", 2019: "verify loss @ init"); an update has not happened yet, so no
+    leak of labels into the inputs can have been learned, and a loss far below chance before any update
+    is what trained weights produce (or a loss that is not over C balanced classes: an output bias set to
+    the prior of imbalanced classes starts at the prior's entropy; such a run is judged as a fine-tune)."""
+    if window.meta.fine_tune:
+        return "the attach hint fine_tune"
+    first = window.initial_steps[0] if window.initial_steps else None
+    if first is None or first.step != 0 or first.loss is None or not math.isfinite(first.loss) or first.loss < 0:
+        return None
+    classes = loss_classes(window)
+    if classes is None or classes < 2:
+        return None
+    ratio = first.loss / math.log(classes)
+    if ratio >= TRAINED_START_RATIO:
+        return None
+    return f"its step-0 loss {fmt(first.loss)} is {fmt(ratio)}x the chance level ln({classes})"
+
+
 def worst_activation_layer(window: RankWindow, *, kinds: tuple[str, ...], attr: str, threshold: float,
                            lookback_steps: int, samples: int) -> tuple[str, float, Sequence[StepRecord]] | None:
     """The activation layer of one of ``kinds`` whose ``attr`` (dead/saturated fraction) stayed above

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from healthd.rules.base import Finding, Rule, RuleConfig, fmt, median, series
+from healthd.rules.base import Finding, Rule, RuleConfig, fmt, loss_classes, median, series
 from healthd.state.windows import RankWindow, finite
 from healthd.wire.records import StepRecord
 from healthd.wire.schema import Severity
@@ -40,8 +40,17 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
     (``first_steps``, 1, losses from step 0 on; their median); a loss that blows
     up after updates is the learning rate's finding, not the init's; a rank
     whose first report is not step 0 is not judged. Thresholds:
-    ratio > ``warn_factor`` (2x) or < 1/2 warns; beyond ``info_factor`` (1.5x)
-    informs. Reported until ``report_until_step``, then it resolves.
+    ratio > ``warn_factor`` (2x) warns; beyond ``info_factor`` (1.5x), or below
+    chance by that factor, informs. Reported until ``report_until_step``, then it resolves.
+
+    Below chance is at most an info, with or without the hint: before any update a
+    loss far below ln(C) is what trained weights produce (a fine-tune whose weights
+    came from a plain ``model.load_state_dict(torch.load(ckpt))``, which leaves no
+    trace on the model; most training today is fine-tuning); the info says so and
+    how to tell healthd (``attach(fine_tune=True)``), and names the rarer reading (a
+    loss not over C balanced classes, labels leaking into the inputs). A step-0
+    loss below 2/3 of chance also makes the other loss rules treat the run as a
+    fine-tune (``healthd.rules.base.trained_start``).
 
     Fine-tunes (the attach hint ``fine_tune``: ``attach(fine_tune=True)``, a peft
     wrapper, a Hugging Face model loaded by name) start from trained weights, so
@@ -66,15 +75,6 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
         "the checkpoint loaded (the path, and the missing/unexpected keys load_state_dict returns)."
     )
 
-    def _classes(self, window: RankWindow) -> int | None:
-        if window.meta.num_classes:
-            return window.meta.num_classes
-        for s in (*window.initial_steps, *window.last(20)):
-            for c in s.loss_inputs:
-                if c.fn in ("cross_entropy", "nll_loss") and len(c.input_shape) >= 2 and c.input_shape[1] >= 2:
-                    return c.input_shape[1]
-        return None
-
     def evaluate(self, window: RankWindow) -> Finding | None:
         if not window.meta.loss_minimized:
             return None  # an adversarial loss (a GAN player's) has no shape to judge
@@ -92,7 +92,7 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
         losses = finite(series(first, "loss"))
         if len(losses) < len(first):
             return None
-        classes = self._classes(window)
+        classes = loss_classes(window)
         if classes is None or classes < 2:
             return None
         chance = math.log(classes)
@@ -103,6 +103,8 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
             return self._fine_tune(window, first, initial, chance, classes, ratio, off)
         if off < cfg.info_factor:
             return None
+        if ratio < 1:
+            return self._below_chance(window, first, initial, chance, classes, ratio)
         return Finding(
             summary=(f"Initial loss {fmt(initial)} ({_which(first)}) is {fmt(ratio)}x "
                      f"the chance level ln({classes}) = {fmt(chance)} (rank {window.rank})"),
@@ -111,6 +113,22 @@ class InitialLossUnexpected(Rule[RankWindow, InitialLossUnexpectedConfig]):
             step=s.step,
             rank=window.rank,
             severity=None if off >= cfg.warn_factor else Severity.INFO,
+        )
+
+    def _below_chance(self, window: RankWindow, first: list[StepRecord], initial: float, chance: float,
+                      classes: int, ratio: float) -> Finding:
+        """Below chance without the fine-tune hint: trained weights loaded where healthd cannot see it (a plain
+        ``load_state_dict``), far more often than a loss that is not what it seems. An info that says both."""
+        return Finding(
+            summary=(f"Initial loss {fmt(initial)} ({_which(first)}) is {fmt(ratio)}x the chance level "
+                     f"ln({classes}) = {fmt(chance)} (rank {window.rank}): the model starts from trained weights "
+                     f"(a fine-tune: pass attach(fine_tune=True) to say so), or, less likely before any update, "
+                     f"the loss is not over {classes} balanced classes or labels leak into the inputs"),
+            evidence={"step": first[0].step, "initial_loss": initial, "chance_loss": chance, "classes": classes,
+                      "ratio": ratio, "fine_tune": False},
+            step=window.steps[-1].step,
+            rank=window.rank,
+            severity=Severity.INFO,
         )
 
     def _fine_tune(self, window: RankWindow, first: list[StepRecord], initial: float, chance: float,

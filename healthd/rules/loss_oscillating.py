@@ -13,8 +13,10 @@ from healthd.rules.base import (
     Rule,
     WindowedConfig,
     fmt,
+    loss_classes,
     median,
     sound_steps,
+    trained_start,
 )
 from healthd.state.windows import RankWindow
 
@@ -43,8 +45,11 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
     losses is not lower than the first 5's by more than one median swing; and
     the loss is still above ``min_level_fraction`` (1/4) of its initial level,
     since near convergence minibatch noise is large relative to a small loss. A
-    fine-tune (the attach hint ``fine_tune``) starts near convergence, so with
-    ``num_classes`` known its level is judged against chance, ln(C), when that is higher.
+    fine-tune starts near convergence, so with C known (``num_classes``, or the
+    inspected cross-entropy input) its level is judged against chance, ln(C), when
+    that is higher. A run is a fine-tune by the attach hint ``fine_tune`` or, when
+    nothing told healthd (a plain ``load_state_dict`` before training), by its
+    step-0 loss below 2/3 of chance (``healthd.rules.base.trained_start``).
 
     Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
     a GAN's generator or discriminator loss rises whenever the other player improves): not judged.
@@ -74,9 +79,10 @@ class LossOscillating(Rule[RankWindow, LossOscillatingConfig]):
             return None
         initial = window.initial_values("loss", 5)
         start = median(initial) if initial else 0.0
-        if window.meta.fine_tune and window.meta.num_classes and window.meta.num_classes >= 2:
+        classes = loss_classes(window)
+        if classes and classes >= 2 and trained_start(window) is not None:
             # a fine-tune starts near convergence: the level its noise is judged against is chance's
-            start = max(start, math.log(window.meta.num_classes))
+            start = max(start, math.log(classes))
         if start > 0 and level < cfg.min_level_fraction * start:
             return None
         s = window.steps[-1]

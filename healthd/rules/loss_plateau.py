@@ -15,6 +15,7 @@ from healthd.rules.base import (
     fmt,
     median,
     sound_steps,
+    trained_start,
 )
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import Severity
@@ -57,9 +58,12 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
     while the learning rate schedule decays towards zero (the window's last
     learning rate below ``lr_decayed_fraction`` (0.1) of the run's peak, or still
     falling across the window and below ``lr_annealing_fraction`` (0.25) of it: the
-    end of a cosine or linear schedule), and a fine-tune's slow loss (the attach hint
-    ``fine_tune``: it starts from trained weights, so slow progress near its
-    initial level is its normal course; info at most).
+    end of a cosine or linear schedule), and a fine-tune's slow loss (it starts from
+    trained weights, so slow progress near its initial level is its normal course;
+    info at most). A run is a fine-tune by the attach hint ``fine_tune`` or, when
+    nothing told healthd (a plain ``load_state_dict`` before training), by its
+    step-0 loss below 2/3 of chance ln(C) for a C-class cross-entropy loss
+    (``healthd.rules.base.trained_start``).
 
     Not for a stream whose loss training does not drive down (the attach hint ``loss_kind="adversarial"``:
     a GAN's generator or discriminator loss rises whenever the other player improves): not judged.
@@ -98,7 +102,7 @@ class LossPlateau(Rule[RankWindow, LossPlateauConfig]):
         start = median(initial) if initial else head
         if start > 0 and tail > cfg.diverged_loss_factor * start:
             return None  # flat far above where it started: a blown-up run, LossDiverging's finding
-        stuck = start > 0 and tail >= cfg.stuck_fraction * start and not window.meta.fine_tune
+        stuck = start > 0 and tail >= cfg.stuck_fraction * start and trained_start(window) is None
         s = window.steps[-1]
         return Finding(
             summary=(f"Loss has plateaued at {fmt(tail)}: {fmt(progress)} progress over the last {len(losses)} "

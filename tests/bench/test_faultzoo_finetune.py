@@ -33,7 +33,7 @@ def _result(name: str) -> Result:
 def test_the_cases_are_the_issues() -> None:
     controls = {s.name for s in FINE_TUNE_SCENARIOS if s.expected is None}
     faults = {s.expected for s in FINE_TUNE_SCENARIOS if s.expected}
-    assert len(controls) == 5
+    assert len(controls) == 7
     assert faults == {"InitialLossUnexpected", "WeightsNotUpdating", "LearningRateTooHigh", "NonFiniteValues"}
 
 

@@ -17,8 +17,9 @@ def _noisy(level: list[float], amp: float = 0.05) -> list[float]:
     return [v + amp * math.sin(1.7 * i) for i, v in enumerate(level)]
 
 
-def _run(loss: list[float], lr: list[float], fine_tune: bool = False) -> Severity | None | str:
-    attach = AttachReport(job="j", time=1.0, hints=Hints(fine_tune=fine_tune))
+def _run(loss: list[float], lr: list[float], fine_tune: bool = False, classes: int | None = None
+         ) -> Severity | None | str:
+    attach = AttachReport(job="j", time=1.0, hints=Hints(fine_tune=fine_tune, num_classes=classes))
     w = window(steps(len(loss), loss=loss, lr=[[v] for v in lr]), attach, lr_peak=max(lr))
     f = LossPlateau().evaluate(w)
     if f is None:
@@ -63,3 +64,25 @@ def test_near_means_near_in_the_summary() -> None:
     w = window(steps(N, loss=FLAT_A_NAT_BELOW, lr=[[1e-3]] * N), attach, lr_peak=1e-3)
     f = LossPlateau().evaluate(w)
     assert f is not None and "near its initial" not in f.summary
+
+
+# Fine-tunes nothing told healthd about (a plain load_state_dict, no hint): the step-0 loss says it.
+UNSEEN = [
+    # an LM over 256 tokens starting at 2.38 = 0.43x ln(256), the run: slow, as a fine-tune is
+    ("unseen LM fine-tune, slow", LORA_SLOW, 256, "info-or-quiet"),
+    ("unseen fine-tune flat at its start", FLAT, 256, "info-or-quiet"),
+    # the same series over 10 classes starts at chance (ln 10 = 2.30): a run from scratch that never left it
+    ("flat at chance from scratch", FLAT, 10, Severity.WARNING),
+    ("no class count: from scratch as before", FLAT, None, Severity.WARNING),
+]
+
+
+@pytest.mark.parametrize(("name", "loss", "classes", "expected"), UNSEEN, ids=[c[0] for c in UNSEEN])
+def test_a_fine_tune_healthd_cannot_see_is_known_by_its_first_loss(name: str, loss: list[float],
+                                                                   classes: int | None,
+                                                                   expected: Severity | str) -> None:
+    got = _run(loss, CONST, classes=classes)
+    if expected == "info-or-quiet":
+        assert got in ("quiet", Severity.INFO), name
+    else:
+        assert got == expected, name
