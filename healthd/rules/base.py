@@ -168,6 +168,9 @@ class Rule(Generic[W, C]):
     scope: ClassVar[Scope] = Scope.RANK  # derived from W when the subclass is made
     advice: ClassVar[str] = ""
     hints: ClassVar[Hints] = Hints()
+    # True for a rule whose condition is the job's silence (a stall): its alerts are still sent for a job
+    # that stopped reporting to this healthd, whose other alerts lapse (alertmanager.silent_job_seconds).
+    fires_on_silence: ClassVar[bool] = False
     # The config class (a class attribute in every subclass; not a ClassVar only because a ClassVar
     # cannot name the type variable C).
     Config: type[C]
