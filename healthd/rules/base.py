@@ -195,6 +195,15 @@ class Rule(Generic[W, C]):
         if cls.hints.reads and cls.scope is not Scope.RANK:
             raise TypeError(f"{cls.__name__}: Hints(reads=...) applies to rank rules only")
 
+    @property
+    def judging_steps(self) -> int:
+        """How many of a rank's steps this rule reads at most (its config's ``window_steps`` or
+        ``lookback_steps``, the larger; 1 for a rule of single steps). Before a rank has that many, a
+        ``None`` may mean "cannot judge yet" rather than "nothing wrong": the engine does not let such
+        a ``None`` resolve an alert it restored from before a restart or a failover."""
+        cfg = self.config
+        return max(1, getattr(cfg, "window_steps", 1), getattr(cfg, "lookback_steps", 1))
+
     def evaluate(self, window: W) -> Finding | Sequence[Finding] | None:  # pragma: no cover - abstract
         """What the rule sees in ``window``: a finding, none, or (job rules) one per rank."""
         raise NotImplementedError

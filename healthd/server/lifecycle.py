@@ -90,13 +90,25 @@ async def _gc_keeper(policy: ServingGC) -> None:
             log.exception("garbage collector policy failed")
 
 
+def silent_jobs(hd: Healthd, since: float) -> list[str]:
+    """The jobs this healthd has not heard from for ``alertmanager.silent_job_seconds``: the store's
+    silent jobs, and, that long after ``since`` (the start), the jobs of alerts restored from --db
+    that never reported here again (moved to another shard while this one was down)."""
+    now, seconds = hd.clock(), hd.settings.alertmanager.silent_job_seconds
+    silent = hd.store.silent(now, seconds)
+    if now - since > seconds:
+        silent += sorted({a.job for a in hd.engine.firing()} - set(hd.store.jobs))
+    return silent
+
+
 async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None) -> None:
     period = hd.settings.engine.tick_seconds
+    started = hd.clock()
     while True:
         await asyncio.sleep(period)
         try:
             if pusher is not None:  # before the tick, whose expiry resolves jobs the pusher must know silent
-                pusher.hold(hd.store.silent(hd.clock(), hd.settings.alertmanager.silent_job_seconds))
+                pusher.hold(silent_jobs(hd, started))
             for _ in hd.tick_slices():
                 await asyncio.sleep(0)  # requests waiting on the event loop go first
         except Exception:
