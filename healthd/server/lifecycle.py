@@ -101,7 +101,7 @@ def silent_jobs(hd: Healthd, since: float) -> list[str]:
     return silent
 
 
-async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None) -> None:
+async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None = None) -> None:
     period = hd.settings.engine.tick_seconds
     started = hd.clock()
     while True:
