@@ -112,6 +112,9 @@ class PersistenceSettings(_Section):
     )
 
 
+MIN_EXPIRY_RESENDS = 4  # a firing alert's endsAt is at least this many resend periods ahead, as in Prometheus
+
+
 class AlertmanagerSettings(_Section):
     """Direct push to Alertmanager's v2 API (healthd.alerting.alertmanager). No url and no urls: no push.
 
@@ -124,11 +127,28 @@ class AlertmanagerSettings(_Section):
         default=(),
         description="more Alertmanager base URLs (the peers of a cluster); each gets every alert, with url",
     )
-    resend_seconds: float = Field(
-        default=60.0, gt=0, description="firing alerts are re-sent this often; endsAt is 4x this ahead"
-    )
+    resend_seconds: float = Field(default=60.0, gt=0, description="firing alerts are re-sent this often")
+    firing_expiry_seconds: float = Field(
+        default=900.0, gt=0, description="endsAt of a firing alert is this far ahead (at least "
+        f"{MIN_EXPIRY_RESENDS} x resend_seconds): how long Alertmanager keeps it if its healthd dies. A resolved "
+        "alert is sent with endsAt = when it resolved, so this matters only when the sender is gone: it must cover "
+        "the time the shard that takes a dead shard's jobs needs to fill a rule's window and fire the alert again "
+        "(LossPlateau: 30+ steps), else the alert shows resolved, then fires again; the price: an alert whose fault "
+        "ended while no healthd judged it stays active this long")
+    silent_job_seconds: float = Field(
+        default=60.0, gt=0, description="a job that sent nothing to this healthd (heartbeats included: the client "
+        "sends one every few seconds) for this long was handed over to another shard, or is gone: its alerts are "
+        "no longer sent, neither re-sent as firing nor resolved, and lapse in Alertmanager at their endsAt unless "
+        "the shard that has the job now sends them; except the alerts of rules that fire because a job went silent "
+        "(RankStalled, TrainingStalled)")
     timeout_seconds: float = Field(default=5.0, gt=0, description="HTTP timeout of one push")
     max_backoff_seconds: float = Field(default=60.0, gt=0, description="longest wait between retries while down")
+
+    @property
+    def expiry_seconds(self) -> float:
+        """How far ahead a firing alert's endsAt is: ``firing_expiry_seconds``, at least ``MIN_EXPIRY_RESENDS``
+        resend periods (a push or two may fail without the alert lapsing)."""
+        return max(self.firing_expiry_seconds, MIN_EXPIRY_RESENDS * self.resend_seconds)
 
     @property
     def targets(self) -> list[str]:

@@ -3,8 +3,9 @@
 ``AlertmanagerPusher`` is an engine ``AlertListener``: a transition only
 records the alert and wakes a background sender thread, so the event loop that
 ingests reports never waits on Alertmanager. The sender posts every firing
-alert (``endsAt`` = now + 4 x ``resend_seconds``, so an alert from a healthd
-that died expires on its own) and every resolved one not yet acknowledged
+alert (``endsAt`` = now + ``firing_expiry_seconds``, at least 4 x ``resend_seconds``, so an
+alert from a healthd that died expires on its own, but only after the shard that took its jobs
+had time to fill its windows and fire it again) and every resolved one not yet acknowledged
 (``endsAt`` = when it resolved). Firing alerts are re-sent every
 ``resend_seconds``, well before they expire. While Alertmanager is down the
 sender retries with exponential backoff and keeps everything: a resolved
@@ -16,6 +17,12 @@ their own backoff and their own outbox of unacknowledged resolved alerts, as
 Prometheus sends to each Alertmanager it lists: a peer that is down or slow
 delays no other. Deduplicating the notifications is the cluster's job (its
 peers gossip what they sent); healthd does not pick one peer.
+
+A job silent past ``silent_job_seconds`` (``hold``: no report, not even a heartbeat) was handed over
+to another shard, or is gone: nothing more is sent for it, firing or resolved, except the alerts of
+rules that fire *because* it is silent (``Rule.fires_on_silence``: the stalls). Otherwise the
+shard that had the job while its owner was down would keep re-opening in Alertmanager an alert
+that the owner, back, resolved; its alerts lapse at the endsAt they have.
 
 Labels (what users route on): ``alertname`` (the rule), ``severity``,
 ``job``, ``rank`` when the alert is about one rank, ``stream`` when it is about a named stream
@@ -46,13 +53,13 @@ from urllib.parse import quote
 import httpx
 
 from healthd.engine.alerts import Alert
-from healthd.settings import AlertmanagerSettings
+from healthd.settings import MIN_EXPIRY_RESENDS, AlertmanagerSettings
 from healthd.wire.schema import AlertState
 
 log = logging.getLogger(__name__)
 
 AlertKey = tuple[str, str, int | None, str | None]  # (job, rule, rank, stream)
-EXPIRY_FACTOR = 4  # endsAt of a firing alert, in resend periods ahead (Prometheus uses a similar margin)
+EXPIRY_FACTOR = MIN_EXPIRY_RESENDS  # endsAt of a firing alert, at least this many resend periods ahead
 
 
 def _iso(t: float) -> str:
@@ -75,12 +82,13 @@ def alert_labels(alert: Alert) -> dict[str, str]:
     return labels
 
 
-def alert_payload(alert: Alert, *, base_url: str, now: float, resend_seconds: float) -> dict[str, Any]:
-    """One alert in Alertmanager's v2 ``postableAlert`` shape."""
+def alert_payload(alert: Alert, *, base_url: str, now: float, expiry_seconds: float) -> dict[str, Any]:
+    """One alert in Alertmanager's v2 ``postableAlert`` shape; a firing one ends ``expiry_seconds`` from
+    ``now`` unless re-sent (``AlertmanagerSettings.expiry_seconds``)."""
     link = f"{base_url.rstrip('/')}/v1/alerts?job={quote(alert.job, safe='')}"
     evidence = ", ".join(f"{k}={_value(v)}" for k, v in alert.evidence.items() if v is not None)
     resolved = alert.state is AlertState.RESOLVED
-    ends = (alert.resolved_at or now) if resolved else now + EXPIRY_FACTOR * resend_seconds
+    ends = (alert.resolved_at or now) if resolved else now + expiry_seconds
     annotations = {
         "summary": alert.summary,
         "description": evidence or alert.summary,
@@ -119,7 +127,7 @@ class AlertmanagerPusher:
 
     def __init__(self, settings: AlertmanagerSettings, *, base_url: str,
                  client: httpx.Client | None = None, clock: Callable[[], float] = time.time,
-                 max_resolved_kept: int = 100_000) -> None:
+                 max_resolved_kept: int = 100_000, silence_rules: Iterable[str] = ()) -> None:
         if not settings.targets:
             raise ValueError("alertmanager.url or alertmanager.urls is required to push alerts")
         self.settings = settings
@@ -133,6 +141,8 @@ class AlertmanagerPusher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._firing: dict[AlertKey, Alert] = {}
+        self._silence_rules = frozenset(silence_rules)  # rules still sent for a silent job (fires_on_silence)
+        self._silent: frozenset[str] = frozenset()  # jobs silent past silent_job_seconds (``hold``)
 
     @property
     def endpoints(self) -> list[str]:
@@ -163,8 +173,10 @@ class AlertmanagerPusher:
                     t.resolved.pop(key, None)
             elif alert.state is AlertState.RESOLVED:
                 self._firing.pop(key, None)
+                if self._held(alert):
+                    return  # a handed-over job's alert: the shard that has the job now is the one to judge it
                 payload = alert_payload(alert, base_url=self.base_url, now=self.clock(),
-                                        resend_seconds=self.settings.resend_seconds)
+                                        expiry_seconds=self.settings.expiry_seconds)
                 for t in self._targets:
                     if key not in t.resolved and len(t.resolved) >= self.max_resolved_kept:
                         t.resolved.pop(next(iter(t.resolved)))
@@ -185,6 +197,17 @@ class AlertmanagerPusher:
         for t in self._targets:
             t.wake.set()
 
+    def hold(self, silent_jobs: Iterable[str]) -> None:
+        """The jobs silent past ``silent_job_seconds`` now (the server's ticker says, each tick): their
+        alerts are no longer sent (firing or resolved), except the stalls'; a job that reports again
+        is sent for again at the next push."""
+        silent = frozenset(silent_jobs)
+        with self._lock:
+            self._silent = silent
+
+    def _held(self, alert: Alert) -> bool:
+        return alert.job in self._silent and alert.rule not in self._silence_rules
+
     def forget(self, job: str) -> None:
         """Stop re-sending a forgotten job's firing alerts (they expire in Alertmanager at their endsAt)."""
         with self._lock:
@@ -204,8 +227,8 @@ class AlertmanagerPusher:
     def _flush(self, target: _Target) -> bool:
         now = self.clock()
         with self._lock:
-            firing = [alert_payload(a, base_url=self.base_url, now=now, resend_seconds=self.settings.resend_seconds)
-                      for a in self._firing.values()]
+            firing = [alert_payload(a, base_url=self.base_url, now=now, expiry_seconds=self.settings.expiry_seconds)
+                      for a in self._firing.values() if not self._held(a)]
             resolved = dict(target.resolved)
         if not firing and not resolved:
             return True

@@ -67,6 +67,9 @@ class Alert:
     fired_step: int | None = None
     resolved_step: int | None = None
     incident: str | None = None  # id of the incident's root alert; set when it fires
+    # Restored (``Engine.restore``: from --db after a restart) and not yet found again by this engine's own
+    # windows: a rank rule's silence counts as a miss only once the rank has a window's worth of steps here.
+    restored: bool = False
 
 
     def out(self) -> AlertOut:
@@ -153,8 +156,11 @@ class Engine:
             finding = _first(self._evaluate(rule, window))
             if finding is None and (book is None or key not in book.active):
                 continue  # the common case: nothing seen, nothing to resolve
+            # A restored alert's rule must see a full window before its silence may resolve it: else a
+            # restarted healthd resolves (and soon fires again) every windowed alert it restored.
+            judged = finding is not None or len(window.steps) >= rule.judging_steps
             self._update(window.job, rule, [(window.rank, finding)] if finding else [], now, scope_keys=[key],
-                         weight=weight, at_step=at_step, stream=window.stream)
+                         weight=weight, at_step=at_step, stream=window.stream, judged=judged)
             book = self._jobs.get(window.job)
         self.evaluation_seconds_sum += time.perf_counter() - t0
         self.evaluation_count += 1
@@ -205,7 +211,7 @@ class Engine:
 
     def _update(self, job: str, rule: Rule[Any, Any], findings: list[tuple[int | None, Finding]], now: float,
                 scope_keys: list[AlertKey], weight: int = 1, at_step: int | None = None,
-                stream: str | None = None) -> None:
+                stream: str | None = None, judged: bool = True) -> None:
         book = self._jobs.setdefault(job, _JobAlerts())
         cfg = rule.config
         seen: set[AlertKey] = set()
@@ -238,6 +244,7 @@ class Engine:
                 alert.updated_at = now
             alert.hits += weight if alert.hits else 1
             alert.misses = 0
+            alert.restored = False
             if alert.state is AlertState.PENDING and alert.hits >= cfg.for_steps:
                 alert.state = AlertState.FIRING
                 alert.fired_at = now
@@ -253,6 +260,8 @@ class Engine:
             if alert.state is AlertState.PENDING:
                 del book.active[key]
                 continue
+            if alert.restored and not judged:
+                continue  # its rule cannot judge yet on this engine's data: no evidence either way
             alert.misses += weight
             if alert.misses >= cfg.resolve_after_steps and not self.incidents.holds_open(
                     alert, book.active.values()):  # a cause waits for the symptoms it caused
@@ -317,12 +326,14 @@ class Engine:
         return [a.firing_out() for a in best[:MAX_ALERTS_IN_ANSWER]]
 
     def restore(self, alerts: Iterable[Alert]) -> None:
-        """Load alert state (e.g. from persistence) without notifying."""
+        """Load alert state (e.g. from persistence) without notifying. A restored rank alert resolves
+        only once its rule has had a full window of the rank's new steps to judge (``Rule.judging_steps``)."""
         for a in alerts:
             book = self._jobs.setdefault(a.job, _JobAlerts())
             if a.state is AlertState.RESOLVED:
                 book.history.append(a)
             else:
+                a.restored = True
                 book.active[(a.rule, a.rank, a.stream)] = a
                 self.firing_count += a.state is AlertState.FIRING
 

@@ -168,6 +168,9 @@ class Rule(Generic[W, C]):
     scope: ClassVar[Scope] = Scope.RANK  # derived from W when the subclass is made
     advice: ClassVar[str] = ""
     hints: ClassVar[Hints] = Hints()
+    # True for a rule whose condition is the job's silence (a stall): its alerts are still sent for a job
+    # that stopped reporting to this healthd, whose other alerts lapse (alertmanager.silent_job_seconds).
+    fires_on_silence: ClassVar[bool] = False
     # The config class (a class attribute in every subclass; not a ClassVar only because a ClassVar
     # cannot name the type variable C).
     Config: type[C]
@@ -191,6 +194,15 @@ class Rule(Generic[W, C]):
             raise TypeError(f"{cls.__name__}: Hints(summarized=True) needs a job rule with a rank_summary")
         if cls.hints.reads and cls.scope is not Scope.RANK:
             raise TypeError(f"{cls.__name__}: Hints(reads=...) applies to rank rules only")
+
+    @property
+    def judging_steps(self) -> int:
+        """How many of a rank's steps this rule reads at most (its config's ``window_steps`` or
+        ``lookback_steps``, the larger; 1 for a rule of single steps). Before a rank has that many, a
+        ``None`` may mean "cannot judge yet" rather than "nothing wrong": the engine does not let such
+        a ``None`` resolve an alert it restored from before a restart or a failover."""
+        cfg = self.config
+        return max(1, getattr(cfg, "window_steps", 1), getattr(cfg, "lookback_steps", 1))
 
     def evaluate(self, window: W) -> Finding | Sequence[Finding] | None:  # pragma: no cover - abstract
         """What the rule sees in ``window``: a finding, none, or (job rules) one per rank."""

@@ -53,6 +53,7 @@ class RankStalled(Rule[JobWindow, StallConfig]):
     name: ClassVar[str] = "RankStalled"
     severity: ClassVar[Severity] = Severity.CRITICAL
     Config = StallConfig
+    fires_on_silence: ClassVar[bool] = True
     advice: ClassVar[str] = (
         "If heartbeats continue the process is alive but stuck: dump its stacks (py-spy dump --pid, "
         "NCCL / gloo collective timeouts, TORCH_DISTRIBUTED_DEBUG=DETAIL). "

@@ -25,6 +25,7 @@ class TrainingStalled(Rule[JobWindow, StallConfig]):
     name: ClassVar[str] = "TrainingStalled"
     severity: ClassVar[Severity] = Severity.CRITICAL
     Config = StallConfig
+    fires_on_silence: ClassVar[bool] = True
     advice: ClassVar[str] = (
         "The job is not progressing. Look at RankStalled alerts for the rank furthest behind, dump stacks of "
         "the live ranks (py-spy dump), and check the launcher for a dead worker; consider collective timeouts "

@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None, *, rules: Sequence[type[Rule[An
     pusher = None
     if settings.alertmanager.targets and hd is None:  # direct push to Alertmanager (healthd.alerting.alertmanager)
         pusher = AlertmanagerPusher(settings.alertmanager, clock=clock,
-                                    base_url=settings.public_url or f"http://{settings.host}:{settings.port}")
+                                    base_url=settings.public_url or f"http://{settings.host}:{settings.port}",
+                                    silence_rules=[r.name for r in rules if r.fires_on_silence])
         listeners = [*listeners, pusher]
     hd = hd or build(settings, rules=rules, listeners=listeners, clock=clock)
     if pusher is not None:

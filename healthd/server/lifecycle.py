@@ -1,6 +1,7 @@
 """The server's time-driven work, with one start and one stop (``Lifecycle``).
 
-Evaluation ticks (job-scoped rules and the expiry of silent jobs), sweeps of ranks waiting for
+Evaluation ticks (job-scoped rules, the expiry of silent jobs, and telling the Alertmanager pusher
+which jobs went silent: handed over to another shard, or gone), sweeps of ranks waiting for
 their rules, the garbage-collector policy and the Alertmanager pusher's thread start with the app
 and stop with it; at the stop the alert database's writer thread (``healthd.engine.persistence``)
 commits what is queued. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
@@ -48,7 +49,7 @@ class Lifecycle:
     def start(self) -> None:
         if self.pusher is not None:
             self.pusher.start()
-        self._tasks = [asyncio.create_task(_ticker(self.hd)), asyncio.create_task(_sweeper(self.hd))]
+        self._tasks = [asyncio.create_task(_ticker(self.hd, self.pusher)), asyncio.create_task(_sweeper(self.hd))]
         if self.gc_policy is not None:
             self.gc_policy.install()
             self._tasks.append(asyncio.create_task(_gc_keeper(self.gc_policy)))
@@ -89,11 +90,25 @@ async def _gc_keeper(policy: ServingGC) -> None:
             log.exception("garbage collector policy failed")
 
 
-async def _ticker(hd: Healthd) -> None:
+def silent_jobs(hd: Healthd, since: float) -> list[str]:
+    """The jobs this healthd has not heard from for ``alertmanager.silent_job_seconds``: the store's
+    silent jobs, and, that long after ``since`` (the start), the jobs of alerts restored from --db
+    that never reported here again (moved to another shard while this one was down)."""
+    now, seconds = hd.clock(), hd.settings.alertmanager.silent_job_seconds
+    silent = hd.store.silent(now, seconds)
+    if now - since > seconds:
+        silent += sorted({a.job for a in hd.engine.firing()} - set(hd.store.jobs))
+    return silent
+
+
+async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None = None) -> None:
     period = hd.settings.engine.tick_seconds
+    started = hd.clock()
     while True:
         await asyncio.sleep(period)
         try:
+            if pusher is not None:  # before the tick, whose expiry resolves jobs the pusher must know silent
+                pusher.hold(silent_jobs(hd, started))
             for _ in hd.tick_slices():
                 await asyncio.sleep(0)  # requests waiting on the event loop go first
         except Exception:

@@ -401,6 +401,11 @@ class Store:
         ttl = self.settings.job_ttl_seconds
         return [name for name, j in self.jobs.items() if now - j.last_seen > ttl]
 
+    def silent(self, now: float, seconds: float) -> list[str]:
+        """The jobs that sent nothing (not even a heartbeat) for more than ``seconds``: handed over to
+        another shard, or gone (``alertmanager.silent_job_seconds``)."""
+        return [name for name, j in self.jobs.items() if now - j.last_seen > seconds]
+
     def job_window(self, job_name: str, now: float, final: bool = False, stream: str | None = None) -> JobWindow:
         job = self.jobs[job_name] if stream is None else self.jobs[job_name].streams[stream]
         slices = self.job_window_slices(job_name, now, ranks_per_slice=len(job.ranks) + 1, final=final,

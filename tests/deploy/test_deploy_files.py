@@ -94,3 +94,15 @@ def test_kubernetes_manifests() -> None:
 def test_dashboards_configmap_is_up_to_date() -> None:
     assert (DEPLOY / "k8s" / "grafana-dashboards.yaml").read_text() == configmap(), \
         "deploy/k8s/grafana-dashboards.yaml is stale: run `python -m healthd_dashboards`"
+
+
+def test_both_kubernetes_variants_push_to_every_alertmanager_replica() -> None:
+    """healthd.yaml (one server) and sharded/shards.yaml list the same Alertmanager pods, each one by its
+    own DNS name: a push to the Service would reach one replica, and a replica down would lose it."""
+    pushed_to = []
+    for path in (DEPLOY / "k8s" / "healthd.yaml", DEPLOY / "k8s" / "sharded" / "shards.yaml"):
+        workload = next(d for d in yaml.safe_load_all(path.read_text()) if d["kind"] in {"Deployment", "StatefulSet"})
+        args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        pushed_to.append([a.removeprefix("--alertmanager-url=") for a in args if a.startswith("--alertmanager-url=")])
+    assert pushed_to[0] == pushed_to[1]
+    assert pushed_to[0] == [f"http://alertmanager-main-{i}.alertmanager-operated.monitoring:9093" for i in range(3)]

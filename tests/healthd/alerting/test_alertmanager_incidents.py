@@ -14,7 +14,7 @@ def _alert(caused_by: str | None, incident: str | None) -> Alert:
 
 
 def _payload(alert: Alert) -> dict[str, object]:
-    return alert_payload(alert, base_url="http://h", now=2.0, resend_seconds=1.0)
+    return alert_payload(alert, base_url="http://h", now=2.0, expiry_seconds=4.0)
 
 
 def test_consequence_carries_cause_and_incident_as_annotations_only() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from healthd.engine.alerts import Alert, Engine
-from healthd.rules.base import Finding, Rule, RuleConfig
+from healthd.rules.base import Finding, Rule, RuleConfig, WindowedConfig
 from healthd.state.windows import RankWindow
 from healthd.wire.schema import AlertState, Severity
 from tests.healthd.factories import steps, window
@@ -108,3 +108,53 @@ def test_forgetting_an_expired_job_resolves_its_firing_alerts_for_the_listeners(
     eng.forget("j")
     assert rec.events[-1] == ("LossAbove", AlertState.FIRING, AlertState.RESOLVED)
     assert eng.alerts("j") == []
+
+
+class MeanLossAbove(Rule[RankWindow, WindowedConfig]):
+    """Test rule: fires while the mean of the last ``window_steps`` losses is above 1; silent before it has them."""
+
+    name: ClassVar[str] = "MeanLossAbove"
+    Config = WindowedConfig
+    advice: ClassVar[str] = "lower it"
+
+    def evaluate(self, w: RankWindow) -> Finding | None:
+        n = self.config.window_steps
+        losses = [s.loss for s in w.steps[-n:] if s.loss is not None]
+        if len(losses) < n or sum(losses) / n <= 1:
+            return None
+        return Finding(summary="mean loss above 1", evidence={}, step=w.steps[-1].step, rank=w.rank)
+
+
+def _restored(eng: Engine, rule: str) -> None:
+    eng.restore([Alert(id="r", rule=rule, severity=Severity.WARNING, state=AlertState.FIRING, job="j", rank=0,
+                       layer=None, step=1, last_step=1, summary="s", evidence={}, advice="", started_at=0.0,
+                       updated_at=0.0, fired_at=0.0)])
+
+
+def test_a_restored_alert_is_not_resolved_by_a_rule_that_cannot_judge_yet() -> None:
+    """After a restart (--db) the windows are empty: a windowed rule's silence before its window is
+    full is no evidence, so the alert holds; found again, it just goes on; silent over a full window,
+    it resolves after resolve_after_steps as any alert."""
+    cfg = WindowedConfig(window_steps=10, resolve_after_steps=2)
+    for losses, state, resolved_at in [
+        ([2.0] * 9, AlertState.FIRING, None),  # 9 steps < the window: held although the rule said nothing
+        ([2.0] * 14, AlertState.FIRING, None),  # found again once the window is full: confirmed
+        ([0.5] * 9, AlertState.FIRING, None),  # the fault ended while this healthd was down: judged at 10...
+        ([0.5] * 11, AlertState.RESOLVED, 10),  # ...and resolved after resolve_after_steps more
+    ]:
+        rec = Recorder()
+        eng = Engine([MeanLossAbove(cfg)], listeners=[rec])
+        _restored(eng, "MeanLossAbove")
+        run(eng, losses)
+        (a,) = eng.alerts("j")
+        assert a.state is state, losses
+        assert a.resolved_step == resolved_at, losses
+        assert rec.events == ([("MeanLossAbove", AlertState.FIRING, AlertState.RESOLVED)] if resolved_at else [])
+
+
+def test_a_restored_single_step_rule_alert_resolves_as_before() -> None:
+    rec = Recorder()
+    eng = Engine([LossAbove(RuleConfig(resolve_after_steps=2))], listeners=[rec])
+    _restored(eng, "LossAbove")
+    run(eng, [0.5, 0.5])
+    assert [a.state for a in eng.alerts("j")] == [AlertState.RESOLVED]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 from typing import ClassVar
 
+from healthd.engine.alerts import Alert
 from healthd.rules import ALL_RULES
 from healthd.rules.base import Finding, Rule, RuleConfig
-from healthd.server.lifecycle import _ticker
+from healthd.server.lifecycle import _ticker, silent_jobs
 from healthd.server.pipeline import Healthd, build
 from healthd.settings import Settings
 from healthd.state.windows import JobWindow
-from healthd.wire.schema import HeartbeatReport
+from healthd.wire.schema import AlertState, HeartbeatReport, Severity
 from tests.healthd.factories import step
 
 
@@ -109,3 +110,21 @@ def test_a_job_of_many_ranks_is_ticked_in_slices_of_ranks_with_the_findings_of_a
     found = [(a.rule, a.rank, a.evidence) for a in sliced.engine.alerts("j")]
     assert found == [(a.rule, a.rank, a.evidence) for a in whole.engine.alerts("j")]
     assert {(rule, rank) for rule, rank, _ in found} == {("StragglerRank", 7), ("GradientNormMismatch", 11)}
+
+
+def test_silent_jobs_are_the_store_s_silent_ones_and_after_a_while_restored_alerts_jobs_that_never_reported() -> None:
+    """What the ticker tells the Alertmanager pusher to stop sending (alertmanager.silent_job_seconds, 60 s)."""
+    now = [1000.0]
+    hd = _healthd(now)
+    started = now[0]
+    hd.store.apply(step(1, job="moved", loss=1.0), now[0])
+    hd.engine.restore([Alert(id="r", rule="NonFiniteValues", severity=Severity.CRITICAL, state=AlertState.FIRING,
+                             job="gone", rank=0, layer=None, step=1, last_step=1, summary="", evidence={},
+                             advice="", started_at=0.0, updated_at=0.0, fired_at=0.0)])  # from --db
+    now[0] += 30.0
+    hd.store.apply(step(2, job="here", loss=1.0), now[0])
+    assert silent_jobs(hd, started) == []
+    now[0] += 31.0  # "moved" silent 61 s, "here" 31 s; 61 s since the start
+    assert silent_jobs(hd, started) == ["moved", "gone"]
+    hd.store.apply(HeartbeatReport(job="moved", rank=0, time=now[0]), now[0])  # a heartbeat is a report too
+    assert silent_jobs(hd, started) == ["gone"]
