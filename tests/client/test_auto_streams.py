@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -163,7 +161,7 @@ def test_no_more_streams_than_healthd_accepts(armed: auto.AutoAttach, caplog: py
 def test_the_gpu_is_sampled_by_one_stream_only(armed: auto.AutoAttach) -> None:
     gan(2)
     sampling = [name for name, m in armed.monitors.items() if any(q.name == "gpu" for q in m.quantities)]
-    assert len(sampling) <= 1
+    assert len(sampling) == 1
 
 
 def test_a_missing_discriminator_zero_grad_is_critical_on_that_stream_within_3_steps(
@@ -262,22 +260,17 @@ def test_without_grad_scaler_step_the_loss_is_what_backward_is_called_on(armed: 
     assert [s["loss"] for s in transport.of_kind("step")] == pytest.approx(seen)
 
 
-@pytest.fixture
-def unarmed_transport() -> Iterator[RecordingTransport]:
-    yield RecordingTransport()
-
-
-def test_attach_is_what_auto_attach_calls_for_a_named_stream(unarmed_transport: RecordingTransport,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_attach_passes_each_stream_to_attach_under_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    recording = RecordingTransport()
     monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
     monkeypatch.setenv("HEALTHD_JOB", "auto-unit")
     calls: list[dict[str, Any]] = []
 
     def recording_attach(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs)
-        return healthd_client.attach(*args, transport=unarmed_transport, **kwargs)
+        return healthd_client.attach(*args, transport=recording, **kwargs)
 
-    a = auto.AutoAttach(attach=functools.partial(recording_attach), config=MonitorConfig(**FAST))
+    a = auto.AutoAttach(attach=recording_attach, config=MonitorConfig(**FAST))
     a.install()
     try:
         gan(2)
