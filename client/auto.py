@@ -69,9 +69,14 @@ further optimizer (the script chose what to monitor; with one optimizer this is 
 streams). An explicit ``attach`` on an optimizer auto-attach monitors replaces that monitor
 (``healthd_client.attachment.yielding``).
 
-Step 0's forward samples (activations, inputs) are missing under auto-attach: the monitor exists only
-from the first optimizer step, after step 0's forward ran; creating it earlier would need the model
-before any optimizer has named it.
+Step 0's forward samples (activations, inputs, loss inputs) are missing under auto-attach; they come at
+the next sampled steps (1 and 2 with the default ``inspect_first_steps=3``). The monitor, and the forward
+tap it arms for a sampled step, exist only from the first ``optimizer.step()``: that is where an optimizer
+names its model, after step 0's forward ran. Capturing step 0 would take one of: the model before the
+first step (PyTorch has no public hook at optimizer construction, and the first root module to run with
+grad on may be a loss module or a frozen teacher, not the model); keeping step 0's activations alive
+until the step (memory the size of the activations); or measuring them in the discovery hooks (a second
+definition of the ``Activations`` / ``Inputs`` quantities). None is free, so step 0 is left unsampled.
 
 Never harm: an exception here is logged once, every hook of ours is removed, and the job runs as if
 healthd were absent.
