@@ -443,8 +443,14 @@ class AutoAttach:
             return
         model = self._find_model(optimizer)
         if model is None:
-            if not before_step:
+            if before_step:
+                return  # forward and backward may run inside step(closure): the post-hook looks again
+            if not self._watches:
                 raise RuntimeError("no module holding the optimizer's parameters ran a forward pass before its step")
+            # A parameter of no module (SAC's learned temperature log_alpha): the monitored optimizers go on.
+            self._decided.add(optimizer)
+            self._log_once("no_model", "healthd: no module holding the parameters of this %s ran a forward "
+                           "pass; it is not monitored", type(optimizer).__name__)
             return
         self._decided.add(optimizer)
         self._quiet_steps = 0

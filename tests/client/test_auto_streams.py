@@ -278,3 +278,24 @@ def test_auto_attach_passes_each_stream_to_attach_under_one_job(monkeypatch: pyt
         a.close()
     assert [c.get("stream") for c in calls] == ["discriminator", "generator"]
     assert all(c["job"] == "auto-unit" for c in calls)
+
+
+def test_an_optimizer_of_no_module_is_left_alone_and_the_others_go_on(armed: auto.AutoAttach,
+                                                                       transport: RecordingTransport,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    actor = nn.Linear(4, 2)
+    log_alpha = nn.Parameter(torch.zeros(()))  # SAC's learned temperature: a parameter of no module
+    opt_actor, opt_alpha = torch.optim.Adam(actor.parameters()), torch.optim.Adam([log_alpha])
+    with caplog.at_level(logging.WARNING, logger="healthd_client.auto"):
+        for _ in range(4):
+            opt_actor.zero_grad()
+            actor(torch.randn(8, 4)).pow(2).mean().backward()
+            opt_actor.step()
+            opt_alpha.zero_grad()
+            (log_alpha.exp() * 0.1).backward()
+            opt_alpha.step()
+    assert not armed.failed and list(armed.monitors) == [None]
+    assert sum("is not monitored" in r.message for r in caplog.records) == 1
+    armed.close()
+    assert [s["step"] for s in transport.of_kind("step")] == [0, 1, 2, 3]
