@@ -306,14 +306,14 @@ def test_a_compiled_model_compiles_once_and_its_loss_is_seen(armed: auto.AutoAtt
     compiled = torch.compile(model, backend=counting_backend)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     seen = []
-    for _ in range(5):
+    for _ in range(auto._DISCOVERY_STEPS + 8):  # past the end of discovery too
         x = torch.randn(8, 4)
         loss = squared_error(compiled(x), x.sum(1, keepdim=True))
         opt.zero_grad()
         loss.backward()
         opt.step()
         seen.append(loss.item())
-    assert armed.monitor is not None
+    assert armed.monitor is not None and not armed._discovering
     armed.monitor.close()
     assert len(frames) == 1  # the model's frame starts with the same mode stack every step: no recompile
     assert [s["loss"] for s in transport.of_kind("step")] == pytest.approx(seen)
