@@ -494,7 +494,7 @@ class AutoAttach:
         if not before_step:
             watch.loss_seen, watch.batch = self._loss_seq, None  # not measured: the monitor starts at the next step
         else:
-            # The loss captured since the previous optimizer step (of any optimizer: this one never stepped).
+            # This optimizer never stepped: its step reports the last loss captured so far (its own backward's).
             watch.loss_seen = self._loss_seq - 1 if self._loss is not None else self._loss_seq
         logger.info("healthd: auto-attached to %s (%s) for job %r%s; loss from %s", type(model).__name__,
                     type(optimizer).__name__, kwargs["job"], "" if stream is None else f", stream {stream!r}",
