@@ -299,3 +299,15 @@ def test_an_optimizer_of_no_module_is_left_alone_and_the_others_go_on(armed: aut
     assert sum("is not monitored" in r.message for r in caplog.records) == 1
     armed.close()
     assert [s["step"] for s in transport.of_kind("step")] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("model", "index", "taken", "name"), [
+    (Generator(), 1, set(), "generator"),
+    (torch.compile(Generator()), 1, set(), "generator"),  # the compiled wrapper names its model
+    (nn.Sequential(), 1, set(), "optimizer_1"),  # torch's own classes name no role
+    (Generator(), 2, {"generator"}, "optimizer_2"),  # unique within the process
+    (nn.Linear(1, 1), 1, {"optimizer_1"}, "optimizer_2"),
+])
+def test_stream_names(model: nn.Module, index: int, taken: set[str | None], name: str) -> None:
+    assert auto.stream_name(model, index, taken) == name
+    assert auto.snake_case("GANDiscriminator") == "gan_discriminator"
