@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 yielding: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/@+\-]*$")  # healthd.wire.schema.JobName
-_STREAM = re.compile(r"^[a-z0-9_.\-]{1,32}$")  # healthd.wire.schema.STREAM_PATTERN
+STREAM_NAME = re.compile(r"^[a-z0-9_.\-]{1,32}$")  # healthd.wire.schema.STREAM_PATTERN
 LOSS_KINDS = ("minimized", "adversarial")  # healthd.wire.schema.Hints.loss_kind
 
 
@@ -99,7 +99,7 @@ def _check_alert_args(on_alert: Any, stop_on: Any, on_stop: Any) -> tuple[str, .
 
 
 def _check_stream(stream: Any, loss_kind: Any) -> None:
-    if stream is not None and (not isinstance(stream, str) or not _STREAM.fullmatch(stream)):
+    if stream is not None and (not isinstance(stream, str) or not STREAM_NAME.fullmatch(stream)):
         raise ValueError(f'stream must be None or 1-32 chars of [a-z0-9_.-], e.g. "generator", got {stream!r}')
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {', '.join(map(repr, LOSS_KINDS))}, got {loss_kind!r}")

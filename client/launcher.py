@@ -31,9 +31,13 @@ examples:
 The same without the launcher (a Kubernetes Job, a Slurm script), with the package installed:
   HEALTHD_AUTO=1 HEALTHD_SERVER=http://healthd:9184 HEALTHD_JOB=gpt2-sweep-7 torchrun ... train.py
 
-In every Python process of the command that imports torch, the first optimizer to step gets a
+In every Python process of the command that imports torch, each optimizer that steps gets a
 monitor (model: the module holding its parameters; rank and world size from torchrun, Ray, Slurm or
-RANK/WORLD_SIZE). A script that calls healthd_client.attach itself keeps its own monitor.
+RANK/WORLD_SIZE). One optimizer reports on the job's unnamed stream; several (a GAN's generator and
+discriminator, actor and critic) report one stream each, named after the model's class or
+optimizer_<n> (at most 8). Under torch.amp.GradScaler the loss reported is the unscaled one.
+A script that calls healthd_client.attach (or uses healthd's Lightning / Hugging Face callback)
+keeps its own monitors, and auto-attach adds none.
 With --stop-on (or HEALTHD_STOP_ON=NonFiniteValues,ExplodingGradients), when healthd reports one
 of those alerts for the job, the next optimizer.step() in every monitored process raises
 healthd_client.TrainingStopped, as attach(stop_on=...) does: the run ends with an error naming the

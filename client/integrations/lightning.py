@@ -30,8 +30,10 @@ quantities are ``healthd_client``'s):
   previous optimizer step (``on_before_backward``: device tensors, no host sync): in a GAN, the
   discriminator's loss for the discriminator's step and the generator's for the generator's; an
   optimizer that steps on the same backward as the one before it (one loss, two optimizers) gets
-  that loss. Under a ``GradScaler`` (``precision="16-mixed"``) the loss Lightning hands that hook is
-  scaled: no loss is reported rather than a scaled one. A step's record is completed at that
+  that loss. Under a ``GradScaler`` (``precision="16-mixed"`` on a GPU, or a ``MixedPrecision`` plugin
+  given a scaler) the loss Lightning hands that hook is ``scaler.scale(loss)``: it is divided by
+  ``scaler.scale(1)`` of the plugin's public ``scaler`` at that moment, the scale that multiplied it (a
+  device op: ``get_scale()`` would sync). A step's record is completed at that
   optimizer's next step or at the batch's end, whichever comes first, so several steps of one
   optimizer in one ``training_step`` (a WGAN critic's inner loop) are several steps.
 - validation: the losses your ``validation_step`` returns (a tensor or a dict
@@ -181,7 +183,7 @@ class HealthdCallback(pl.Callback):
         self._batch_examples: int | None = None
         self._backward_losses: list[torch.Tensor] = []
         self._last_loss: torch.Tensor | None = None
-        self._scaled_backward = False
+        self._scaler: torch.amp.GradScaler | None = None
         self._val_sum: torch.Tensor | None = None
         self._val_count = 0
 
@@ -210,7 +212,8 @@ class HealthdCallback(pl.Callback):
         extra = [*kwargs.pop("extra_quantities", ()), FrameworkVersions({"lightning": pl.__version__})]
         self._manual = not pl_module.automatic_optimization
         # A GradScaler scales the loss before on_before_backward sees it (see the module docstring).
-        self._scaled_backward = getattr(trainer.precision_plugin, "scaler", None) is not None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaler = scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
         model = _sharding_root(trainer, pl_module)
         for optimizer, name in zip(optimizers, _stream_names(self.streams, len(optimizers), single), strict=True):
             monitor = healthd_client.attach(
@@ -239,8 +242,11 @@ class HealthdCallback(pl.Callback):
         self._last_loss = None  # an optimizer stepping without a backward of this batch has no loss
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._manual and not self._scaled_backward and isinstance(loss, torch.Tensor):
-            self._backward_losses.append(loss.detach())
+        if self._manual and isinstance(loss, torch.Tensor):
+            loss = loss.detach()
+            if self._scaler is not None:  # the scale that multiplied it: update() runs after the step
+                loss = loss / self._scaler.scale(torch.ones((), dtype=loss.dtype, device=loss.device))
+            self._backward_losses.append(loss)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:

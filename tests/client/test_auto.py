@@ -37,9 +37,7 @@ def armed(transport: RecordingTransport, monkeypatch: pytest.MonkeyPatch) -> Ite
     try:
         yield a
     finally:
-        a.remove()
-        if a.monitor is not None:
-            a.monitor.close()
+        a.close()
 
 
 def loop(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
@@ -91,16 +89,19 @@ def test_explicit_attach_after_auto_attach_replaces_it_silently(armed: auto.Auto
     assert not [w for w in recwarn if "already has a monitor" in str(w.message)]
 
 
-def test_a_second_optimizer_is_logged_once_and_not_monitored(armed: auto.AutoAttach,
-                                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_a_second_optimizer_gets_its_own_stream(armed: auto.AutoAttach, transport: RecordingTransport) -> None:
     a, b = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
     opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=1e-3), torch.optim.SGD(b.parameters(), lr=1e-3)
-    with caplog.at_level(logging.WARNING, logger="healthd_client.auto"):
-        for _ in range(2):
-            loop(a, opt_a, 1)
-            loop(b, opt_b, 1)
-    assert armed.monitor is not None and armed.monitor._optimizer is opt_a
-    assert sum("is not monitored" in r.message for r in caplog.records) == 1
+    for _ in range(3):
+        loop(a, opt_a, 1)
+        loop(b, opt_b, 1)
+    # b first ran after a's first step: a keeps the unnamed stream; Linear names no role, so b is by its order
+    assert list(armed.monitors) == [None, "optimizer_1"]
+    assert armed.monitors[None]._optimizer is opt_a and armed.monitors["optimizer_1"]._model is b
+    armed.close()
+    steps = transport.of_kind("step")
+    assert [s["step"] for s in steps if "stream" not in s] == [0, 1, 2]
+    assert [s["step"] for s in steps if s.get("stream") == "optimizer_1"] == [0, 1, 2]
 
 
 def test_a_failure_is_logged_once_and_training_goes_on(monkeypatch: pytest.MonkeyPatch,
@@ -305,14 +306,14 @@ def test_a_compiled_model_compiles_once_and_its_loss_is_seen(armed: auto.AutoAtt
     compiled = torch.compile(model, backend=counting_backend)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     seen = []
-    for _ in range(5):
+    for _ in range(auto._DISCOVERY_STEPS + 8):  # past the end of discovery too
         x = torch.randn(8, 4)
         loss = squared_error(compiled(x), x.sum(1, keepdim=True))
         opt.zero_grad()
         loss.backward()
         opt.step()
         seen.append(loss.item())
-    assert armed.monitor is not None
+    assert armed.monitor is not None and not armed._discovering
     armed.monitor.close()
     assert len(frames) == 1  # the model's frame starts with the same mode stack every step: no recompile
     assert [s["loss"] for s in transport.of_kind("step")] == pytest.approx(seen)

@@ -22,7 +22,7 @@ import pytest
 
 from healthd.server.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
-from tests.integration.waiting import after_ticks
+from tests.integration.waiting import after_ticks, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +150,25 @@ def test_explicit_attach_wins_one_monitor(healthd: Embedded) -> None:
     # The script's own monitor (it never calls monitor.step: no loss), and no second one.
     assert [s.step for s in healthd.hd.store.jobs[job].ranks[0].steps] == list(range(STEPS))
     assert "already has a monitor" not in done.stderr
+
+
+def test_env_alone_gan_reports_a_stream_per_optimizer(healthd: Embedded, auto_python: Path) -> None:
+    job = "auto-env-gan"
+    done = run([str(auto_python), str(SCRIPT.with_name("auto_gan_train.py"))],
+               env(HEALTHD_AUTO="1", HEALTHD_SERVER=healthd.url, HEALTHD_JOB=job, AUTO_STEPS=str(STEPS)))
+
+    def closed() -> bool:
+        state = healthd.hd.store.jobs.get(job)
+        return state is not None and set(state.streams) == {"generator", "discriminator"} and all(
+            r.closed for sub in state.streams.values() for r in sub.ranks.values())
+
+    wait_for(closed, 20, f"job {job!r}: both streams closed")
+    state = healthd.hd.store.jobs[job]
+    assert not state.ranks  # no unnamed stream: each optimizer has its own
+    for name in ("generator", "discriminator"):
+        steps = state.streams[name].ranks[0].steps
+        assert [s.step for s in steps] == list(range(STEPS))
+        assert all(s.loss is not None and 0 < s.loss < 10 for s in steps)  # the true BCE, never a scaled one
+    after_ticks(healthd, 4)
+    assert "MissingZeroGrad" not in alerts(healthd, job)
+    assert "not monitored" not in done.stderr

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
@@ -82,3 +83,29 @@ def test_transformers_callback_wins_one_monitor(armed: auto.AutoAttach, transpor
                                                                         config=MonitorConfig(**FAST))])
     assert armed.done and armed.monitor is None and transport.reports() == []
     assert {r["job"] for r in mine.reports()} == {"hf-own"} and len(mine.of_kind("step")) == STEPS
+
+
+def test_an_unmodified_lightning_gan_under_a_grad_scaler_reports_true_losses_per_stream(
+        armed: auto.AutoAttach, transport: RecordingTransport) -> None:
+    """Manual optimization, two optimizers, ``MixedPrecision`` with a GradScaler: Lightning's
+    ``scaler.step(optimizer)`` drives each step, so auto-attach divides each captured root by the scale."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from tests.client.integrations.test_lightning_streams import BATCHES, TinyGAN
+
+    torch.manual_seed(0)
+    module = TinyGAN()
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(BATCHES * 8, 8, generator=g) * 2 - 1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    # The generator ran before the discriminator's first step; torch's Sequential names no role.
+    assert list(armed.monitors) == ["optimizer_0", "optimizer_1"] and not armed.failed
+    assert armed.monitors["optimizer_0"]._model is module.disc and armed.monitors["optimizer_1"]._model is module.gen
+    armed.close()
+    steps = transport.of_kind("step")
+    for stream, name in (("optimizer_0", "discriminator"), ("optimizer_1", "generator")):
+        reported = [s["loss"] for s in steps if s.get("stream") == stream]
+        assert reported == pytest.approx([float(v) for v in module.losses[name]], rel=1e-5)

@@ -128,3 +128,29 @@ def test_bad_streams_are_refused(streams: Any, match: str) -> None:
         HealthdCallback("j", "http://127.0.0.1:1", streams=streams)
     with pytest.raises(ValueError, match="not both"):
         HealthdCallback("j", "http://127.0.0.1:1", streams=("a",), stream="b")
+
+
+def test_under_a_grad_scaler_each_stream_reports_the_true_loss() -> None:
+    """Lightning hands ``on_before_backward`` the scaled loss (``MixedPrecision.pre_backward``); the callback
+    divides it by the scale. On CPU ``precision="16-mixed"`` gets no scaler from Lightning 2.6, so the plugin is
+    built with one, as a GPU run's ``16-mixed`` is."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from tests.client.conftest import RecordingTransport
+
+    torch.manual_seed(0)
+    module = TinyGAN()
+    transport = RecordingTransport()
+    callback = HealthdCallback("lit-amp", "http://unused", config=FAST, transport=transport,
+                               streams=("generator", "discriminator"))
+    scaler = torch.amp.GradScaler("cpu")
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.rand(BATCHES * 8, 8, generator=g) * 2 - 1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[callback], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    assert scaler.is_enabled()
+    for name in ("generator", "discriminator"):
+        reported = [s["loss"] for s in transport.of_kind("step") if s.get("stream") == name]
+        assert reported == pytest.approx([float(v) for v in module.losses[name]], rel=1e-5)  # not 65536x
