@@ -57,6 +57,9 @@ scaler is found as the ``self`` of the running ``GradScaler.step`` among the ste
 (``_stepping_scaler`` says why frames). A loss from a model's or loss module's output is not scaled and
 is left as it is.
 
+Named streams (several models training) report ``loss_kind="adversarial"`` unless
+``HEALTHD_LOSS_KIND=minimized`` (``several_models_loss_kind`` says why).
+
 ``HEALTHD_STOP_ON=NonFiniteValues[,Rule...]`` (``healthd-run --stop-on``) is ``attach(stop_on=...)``:
 when healthd answers that one of those alerts fires, the next ``optimizer.step()`` raises
 ``healthd_client.TrainingStopped`` (from the monitor's pre-hook, before the update, or from the
@@ -135,6 +138,26 @@ def default_job(argv: list[str] | None = None, environ: Mapping[str, str] | None
                    if environ.get(n) and environ[n] != "none"), None)
     name = label_safe(f"{script}-{run_id}" if run_id else script).lstrip("_.:/@+-")
     return name or "python"
+
+
+def several_models_loss_kind(environ: Mapping[str, str] | None = None) -> str:
+    """The ``loss_kind`` of a stream auto-attach names because several models train in the process.
+
+    Two optimizers stepping two models in one process are, in the programs people run, a GAN's players,
+    an actor and a critic, or a WGAN critic: each loss is judged against a moving opponent or target and
+    does not simply go down, so the "should go down" loss rules (LossPlateau, LossDiverging,
+    LossOscillating, InitialLossUnexpected) would page for nothing there (``attach(loss_kind="adversarial")``
+    is what an explicit attach of those says). So such streams are ``"adversarial"`` unless
+    ``HEALTHD_LOSS_KIND=minimized`` says the models' losses are each minimized (independent models trained
+    side by side); a single-optimizer job is never affected."""
+    from healthd_client.attachment import LOSS_KINDS
+
+    value = (os.environ if environ is None else environ).get("HEALTHD_LOSS_KIND", "").strip().lower()
+    if value and value not in LOSS_KINDS:
+        logger.warning("healthd: HEALTHD_LOSS_KIND=%r is not one of %s; using 'adversarial'", value,
+                       ", ".join(LOSS_KINDS))
+        value = ""
+    return value or "adversarial"
 
 
 def stop_on_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
@@ -476,6 +499,7 @@ class AutoAttach:
             kwargs["stop_on"] = stop_on
         if stream is not None:
             kwargs["stream"] = stream  # absent for the first optimizer: a single-optimizer job is as before
+            kwargs["loss_kind"] = several_models_loss_kind()
         watch = _Watch(optimizer, model, stream)
         watch.batch = self._root_batch.get(model)
         watch.monitor = attach(model, optimizer, **kwargs)

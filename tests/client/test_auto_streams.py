@@ -278,6 +278,42 @@ def test_auto_attach_passes_each_stream_to_attach_under_one_job(monkeypatch: pyt
         a.close()
     assert [c.get("stream") for c in calls] == ["discriminator", "generator"]
     assert all(c["job"] == "auto-unit" for c in calls)
+    # Two players against each other: neither loss is judged by "should go down" (HEALTHD_LOSS_KIND unset).
+    assert [c.get("loss_kind") for c in calls] == ["adversarial", "adversarial"]
+
+
+@pytest.mark.parametrize(("value", "kind"), [(None, "adversarial"), ("minimized", "minimized"),
+                                             (" Adversarial ", "adversarial"), ("bogus", "adversarial")])
+def test_several_models_loss_kind_from_the_environment(value: str | None, kind: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    environ = {} if value is None else {"HEALTHD_LOSS_KIND": value}
+    with caplog.at_level(logging.WARNING, logger="healthd_client"):
+        assert auto.several_models_loss_kind(environ) == kind
+    assert ("HEALTHD_LOSS_KIND" in caplog.text) == (value == "bogus")
+
+
+def test_a_single_optimizer_job_sends_no_loss_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    recording = RecordingTransport()
+    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
+    calls: list[dict[str, Any]] = []
+
+    def recording_attach(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return healthd_client.attach(*args, transport=recording, **kwargs)
+
+    a = auto.AutoAttach(attach=recording_attach, config=MonitorConfig(**FAST))
+    a.install()
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        opt = torch.optim.SGD(model.parameters(), 0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
+            opt.step()
+    finally:
+        a.close()
+    assert len(calls) == 1 and "stream" not in calls[0] and "loss_kind" not in calls[0]
 
 
 def test_an_optimizer_of_no_module_is_left_alone_and_the_others_go_on(armed: auto.AutoAttach,
