@@ -35,7 +35,8 @@ In every Python process of the command that imports torch, each optimizer that s
 monitor (model: the module holding its parameters; rank and world size from torchrun, Ray, Slurm or
 RANK/WORLD_SIZE). One optimizer reports on the job's unnamed stream; several (a GAN's generator and
 discriminator, actor and critic) report one stream each, named after the model's class or
-optimizer_<n> (at most 8). Under torch.amp.GradScaler the loss reported is the unscaled one.
+optimizer_<n> (at most 8); their losses are judged as adversarial (not expected to go down),
+unless HEALTHD_LOSS_KIND=minimized. Under torch.amp.GradScaler the loss reported is the unscaled one.
 A script that calls healthd_client.attach (or uses healthd's Lightning / Hugging Face callback)
 keeps its own monitors, and auto-attach adds none.
 With --stop-on (or HEALTHD_STOP_ON=NonFiniteValues,ExplodingGradients), when healthd reports one
