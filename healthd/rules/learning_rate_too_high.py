@@ -72,10 +72,11 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
     the initial loss), gave back ``gave_back_fraction`` of its progress, blew
     up (a median of ``loss_block_steps`` losses at ``blowup_factor`` (3x) or
     more the loss at step 0, before any update, and still above that start:
-    RMSprop or Adagrad 100x too high throw a classifier's loss from ln(C) to
-    tens of times it within the first updates, and then it crawls back), or
-    layers get no gradient any more. A stream whose loss training does not drive
-    down (``loss_kind="adversarial"``, a GAN player's) is not judged on a blow-up. After oversized updates (a median of
+    RMSprop 100x too high throws a classifier's loss from ln(C) to 10-140x it
+    within its first updates, with update ratios only 40-60x the rule of
+    thumb, and then it crawls back), or layers get no gradient any more. A
+    stream whose loss training does not drive down (``loss_kind="adversarial"``,
+    a GAN player's) is not judged on a blow-up. After oversized updates (a median of
     ``min_samples`` samples at ``warn_update_ratio``) it keeps firing while their
     damage persists, even once the updates look small: a network killed by a
     high LR moves no weights, which is not a learning rate too low. Clipping is
