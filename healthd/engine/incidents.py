@@ -55,16 +55,23 @@ CONSEQUENCES: Mapping[str, tuple[str, ...]] = {
     # Numerics and optimisation: a NaN or a too-large step wrecks every statistic downstream of it.
     "NonFiniteValues": (*_LOSS_SHAPE, *_GRADIENT_SHAPE),
     "LearningRateTooHigh": (*_LOSS_SHAPE, *_GRADIENT_SHAPE, "DeadActivations", "SaturatedActivations"),
-    "MissingZeroGrad": ("ExplodingGradients", "LossDiverging", "LossOscillating"),
+    # Gradients summed over every step since the last zero_grad() grow each update by the steps' count:
+    # the update ratio the learning-rate rule judges is the accumulation's, not the learning rate's.
+    "MissingZeroGrad": ("LearningRateTooHigh", "ExplodingGradients", "LossDiverging", "LossOscillating"),
     "LearningRateTooLow": ("LossPlateau",),
     "WeightsNotUpdating": ("LossPlateau", "GradientsNotFlowing"),
     "MonitoringDegraded": (),  # a quantity not measured: it causes no training fault
     "LossScaleCollapse": ("VanishingGradients", "GradientsNotFlowing", "LossPlateau"),
-    "ExplodingGradients": (),
-    "VanishingGradients": (),
+    # One exploded step throws the weights far off: the loss diverges or sticks high, ReLUs die, and the
+    # layers below stop getting a gradient (the fault zoo's error_explodes: a 400x LR for one phase).
+    "ExplodingGradients": ("LossDiverging", "LossOscillating", "LossPlateau", "GradientsNotFlowing",
+                           "VanishingGradients", "DeadActivations"),
+    # A gradient too small to change a weight in float32 (w + dw == w): the deep sigmoid stack's first layers.
+    "VanishingGradients": ("WeightsNotUpdating",),
     "GradientsNotFlowing": (),
     "LossDiverging": (),
-    "LossOscillating": (),
+    # A loss swinging between two levels makes no net progress: the plateau rule sees the same window.
+    "LossOscillating": ("LossPlateau",),
     "LossPlateau": (),
     # Model and data setup: a saturated or dead layer stops the gradient below it.
     "DeadActivations": ("GradientsNotFlowing", "VanishingGradients"),

@@ -41,6 +41,9 @@ class LearningRateTooHighConfig(WindowedConfig):
                                   "least this fraction of the initial one")
     gave_back_fraction: float = Field(default=0.25, gt=0, le=1, description="damage: the loss gave back this "
                                       "share of its progress from the initial loss to its best")
+    blowup_factor: float = Field(default=3.0, gt=1, description="damage: a median of ``loss_block_steps`` "
+                                 "losses reached this multiple of the loss before any update (step 0), and the "
+                                 "loss is still above that start")
     damage_min_steps: int = Field(default=50, ge=1, description="sound steps needed before the loss's damage is judged")
     clip_rtol: float = Field(default=1e-3, gt=0, description="gradient norms within this relative distance of "
                              "the window's largest count as pinned by clipping (evidence)")
@@ -66,8 +69,14 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
     gradient clipping caps the gradient, so an LR 100x too high may show only an
     info-level ratio. It warns when that ratio comes with damage: the loss
     stalled (median of ``loss_block_steps`` still at least ``stall_fraction`` of
-    the initial loss), gave back ``gave_back_fraction`` of its progress, or layers
-    get no gradient any more. After oversized updates (a median of
+    the initial loss), gave back ``gave_back_fraction`` of its progress, blew
+    up (a median of ``loss_block_steps`` losses at ``blowup_factor`` (3x) or
+    more the loss at step 0, before any update, and still above that start:
+    RMSprop 100x too high throws a classifier's loss from ln(C) to 10-140x it
+    within its first updates, with update ratios only 40-60x the rule of
+    thumb, and then it crawls back), or layers get no gradient any more. A
+    stream whose loss training does not drive down (``loss_kind="adversarial"``,
+    a GAN player's) is not judged on a blow-up. After oversized updates (a median of
     ``min_samples`` samples at ``warn_update_ratio``) it keeps firing while their
     damage persists, even once the updates look small: a network killed by a
     high LR moves no weights, which is not a learning rate too low. Clipping is
@@ -151,6 +160,9 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
         if dead:
             return (f"{len(dead)} of {len(s.layers)} layers get no gradient, e.g. {dead[0]}",
                     {"layers_without_gradient": len(dead), "example_layer": dead[0]})
+        blown = self._blown_up(window)
+        if blown is not None:
+            return blown
         ld = loss_damage(window, cfg.loss_block_steps, cfg.stall_fraction, cfg.damage_min_steps)
         if ld is None:
             return None
@@ -162,6 +174,30 @@ class LearningRateTooHigh(Rule[RankWindow, LearningRateTooHighConfig]):
             return (f"the loss rose back to {fmt(ld.recent)} from its best {fmt(ld.best)} "
                     f"({100 * ld.gave_back:.0f}% of its progress lost)", evidence)
         return None
+
+    def _blown_up(self, window: RankWindow) -> tuple[str, dict[str, EvidenceValue]] | None:
+        """The loss blew up after the first updates and has not come back down to where it started: the
+        peak median of ``loss_block_steps`` losses (minibatch noise) against the loss at step 0, which the
+        client computes before the first update (the model at its initialisation; not the first losses
+        reported, which a learning rate this high has already blown up). None without a step 0."""
+        cfg = self.config
+        first = window.initial_steps[:1]
+        if not window.meta.loss_minimized or not first or first[0].step != 0:
+            return None  # an adversarial loss rises whenever the other player improves
+        start = first[0].loss
+        if start is None or not math.isfinite(start) or start <= 0:
+            return None
+        losses = window.values("loss", sound_steps(window, len(window.steps)))
+        b = cfg.loss_block_steps
+        blocks = [median(losses[i:i + b]) for i in range(len(losses) % b, len(losses), b)]
+        if not blocks:
+            return None
+        peak, recent = max(blocks), blocks[-1]
+        if peak < cfg.blowup_factor * start or recent < start:
+            return None
+        return (f"the loss blew up to {fmt(peak)} ({fmt(peak / start)}x its {fmt(start)} before any update) and "
+                f"is still above that start ({fmt(recent)})",
+                {"step0_loss": start, "peak_loss": peak, "recent_loss": recent})
 
     def _clipping(self, window: RankWindow) -> tuple[float, int, int] | None:
         """Whether gradient clipping capped most recent steps: healthd measures the gradient the optimizer

@@ -49,6 +49,7 @@ def test_summary_counts() -> None:
     results = [run_one(s) for s in SCENARIOS if s.name in ("forgot_zero_grad", "ctrl_regression_mse")]
     s = summarize(results)
     assert (s["faults"], s["detected"], s["controls"], s["false_alarms"]) == (1, 1, 1, 0)
+    assert results[0].pages == ["MissingZeroGrad"] and s["max_pages_per_detected_fault"] == 1
     assert s["median_steps_to_detect"] == results[0].steps_to_detect
 
 
@@ -62,16 +63,37 @@ def test_the_detection_report_is_the_rendering_of_the_committed_results() -> Non
 def test_the_report_counts_detection_at_warning_or_above_and_marks_seed_flips() -> None:
     from bench.faultzoo.report import render
 
-    def run(name, kind, expected, fired, onset=10):
-        return {"name": name, "kind": kind, "expected": expected, "onset": onset, "fired": fired}
+    def run(name, kind, expected, fired, onset=10, pages=None):
+        return {"name": name, "kind": kind, "expected": expected, "onset": onset, "fired": fired, "pages": pages}
 
     page = render([
+        # Loss is LR's consequence (inhibited): one page
         run("lr", "fault", "LR", {"LR": {"step": 14, "severity": "warning"},
-                                  "Loss": {"step": 20, "severity": "critical"}}),
+                                  "Loss": {"step": 20, "severity": "critical"}}, pages=["LR"]),
         run("lr@1", "fault", "LR", {"LR": {"step": 30, "severity": "info"}}),  # info only: not detected
         run("ok", "control", None, {"Plateau": {"step": 5, "severity": "info"}}),
         run("ok@1", "control", None, {"Diverging": {"step": 5, "severity": "warning"}}),
     ])
     assert "1/2 fault runs" in page and "1/2 control runs" in page
-    assert "| lr (flips between seeds) | LR | +4, - | 4 | 4 | Loss |" in page
+    assert "| lr (flips between seeds) | LR | +4, - | 4 | 4 | 1, - | Loss |" in page
+    assert "before incident grouping): median 2, worst 2" in page
+    assert "Non-inhibited alerts above info per detected fault run" in page and "median 1, worst 1" in page
     assert "| ok | quiet, Diverging |" in page
+
+
+def test_pages_are_the_alerts_above_info_no_firing_cause_explains() -> None:
+    from bench.faultzoo.runner import pages
+    from healthd.engine.alerts import Alert
+    from healthd.wire.schema import AlertState, Severity
+
+    def alert(rule, severity=Severity.WARNING, caused_by=None, rank=0, stream=None, fired=True):
+        return Alert(id=rule, rule=rule, severity=severity, state=AlertState.FIRING, job="j", rank=rank, layer=None,
+                     step=1, last_step=1, summary="", evidence={}, advice="", started_at=0.0, updated_at=0.0,
+                     stream=stream, fired_at=1.0 if fired else None, caused_by=caused_by)
+
+    fired = [alert("LearningRateTooHigh"), alert("LossDiverging", Severity.CRITICAL, "LearningRateTooHigh"),
+             alert("LossPlateau", Severity.INFO), alert("DeadActivations", fired=False)]
+    assert pages(fired) == ["LearningRateTooHigh"]
+    # one rule on two ranks is two alerts to Alertmanager (the rank is a label), named by rank
+    assert pages([alert("RankDesync", rank=0), alert("RankDesync", rank=1), alert("X", stream="g", rank=1)]) == [
+        "RankDesync rank 0", "RankDesync rank 1", "X[g] rank 1"]

@@ -218,3 +218,28 @@ def test_engine_groups_incidents_per_stream() -> None:
     assert alerts[("Symptom", "discriminator")].incident == cause.id
     gen = alerts[("Symptom", "generator")]
     assert gen.caused_by is None and gen.incident == gen.id
+
+
+def _firing(rule: str, t: float) -> Alert:
+    return Alert(id=rule, rule=rule, severity=Severity.WARNING, state=AlertState.FIRING, job="j", rank=0, layer=None,
+                 step=0, last_step=0, summary="", evidence={}, advice="", started_at=t, updated_at=t, fired_at=t)
+
+
+@pytest.mark.parametrize("cascade", [
+    # the fault zoo's error_explodes (seed 1): one exploded step, then the loss and the layers below it
+    ["ExplodingGradients", "LossDiverging", "GradientsNotFlowing", "LossPlateau"],
+    # ddp_missing_zero_grad: summed gradients make every update oversized; the update ratio follows
+    ["MissingZeroGrad", "ExplodingGradients", "LearningRateTooHigh", "LossDiverging", "LossOscillating"],
+    # deep_sigmoid_stack: the first layers' weights stop changing (w + dw == w) before the vanishing gradient's
+    # median over 50 steps fires; it adopts them
+    ["WeightsNotUpdating", "VanishingGradients"],
+    # corrupted_shard_alternating: no net progress shows as a plateau before the swings grow past the loss's half
+    ["LossPlateau", "LossOscillating"],
+])
+def test_the_zoo_cascades_are_one_incident_with_one_root(cascade: list[str]) -> None:
+    fired: list[Alert] = []
+    for t, rule in enumerate(cascade):
+        fired.append(_firing(rule, float(t)))
+        GRAPH.on_firing(fired[-1], fired)
+    roots = [a.rule for a in fired if a.caused_by is None]
+    assert len(roots) == 1 and len({a.incident for a in fired}) == 1, [(a.rule, a.caused_by) for a in fired]

@@ -21,7 +21,7 @@ def test_a_loss_blown_up_after_updates_is_not_a_wrong_init(after: list[float]) -
     assert InitialLossUnexpected().evaluate(w) is None
 
 
-@pytest.mark.parametrize(("first", "severity"), [(12.0, None), (0.2, Severity.INFO), (3.9, Severity.INFO)])
+@pytest.mark.parametrize(("first", "severity"), [(12.0, None), (0.2, Severity.INFO), (3.9, None), (1.3, Severity.INFO)])
 def test_a_wrong_step_0_loss_fires_and_says_it_is_step_0(first: float, severity: Severity | None) -> None:
     # then falls to chance right after the first updates: the init was still wrong (far below chance: an info,
     # most likely trained weights)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from healthd.rules.learning_rate_too_high import LearningRateTooHigh
-from healthd.wire.schema import Severity
-from tests.healthd.factories import steps, window
+from healthd.wire.schema import Hints, Severity
+from tests.healthd.factories import attach, steps, window
 
 N = 80
 WARN = None  # the rule's default severity: warning
@@ -73,3 +73,30 @@ def test_clipping_inferred_from_a_pinned_norm(norms: list[float], clipped: bool)
     assert ("clipped_grad_norm" in found.evidence) is clipped
     if clipped:
         assert found.evidence["clipped_grad_norm"] == 1.0 and "clipping" in found.summary
+
+
+# RMSprop 100x too high on the zoo's MLP (lr_too_high_rmsprop, 3 seeds): the loss at step 0 (before any
+# update) is at chance, the first updates throw it to 50-140x that, then it crawls back; by step 25 the
+# update ratio is only 40-150x the 1e-3 rule of thumb, and the run ends 3-10x worse than at lr=1e-3.
+EARLY = 30  # before damage_min_steps: the stall and the give-back cannot be judged yet
+BLOWN_UP = [2.3, *(250.0 * 0.8**i + 2.0 for i in range(EARLY - 1))]  # 250 -> ~2.4: above its start still
+RECOVERED = [2.3, *(250.0 * 0.8**i + 0.5 for i in range(N - 1))]  # ... -> 0.5: back below its start
+BUMP = [2.3, *(5.0 if i < 10 else 2.4 for i in range(EARLY - 1))]  # at most ~2.2x its start
+
+
+@pytest.mark.parametrize(("n", "loss", "hints", "start", "expected"), [
+    (EARLY, BLOWN_UP, None, 0, WARN),  # blown up from its step-0 start and still above it
+    (EARLY, BUMP, None, 0, Severity.INFO),  # under blowup_factor (3x)
+    (N, RECOVERED, None, 0, Severity.INFO),  # it came back below its start: no damage left
+    (EARLY, BLOWN_UP, Hints(loss_kind="adversarial"), 0, Severity.INFO),  # a GAN player's loss rises by design
+    (EARLY, BLOWN_UP, None, 1000, Severity.INFO),  # attached to a resumed run: no loss before any update
+])
+def test_a_loss_blown_up_from_its_start_is_damage(n: int, loss: list[float], hints: Hints | None, start: int,
+                                                   expected: Severity | None) -> None:
+    series: dict[str, Any] = {"update_ratio": _sampled(0.05, 0.05)[:n], "loss": loss[:n], "lr": [0.1],
+                              "grad_norm": [0.3 + 0.01 * i for i in range(n)]}
+    w = window(steps(n, start=start, **series), attach(hints=hints) if hints else None)
+    found = LearningRateTooHigh().evaluate(w)
+    assert found is not None and found.severity == expected, found
+    if expected == WARN:
+        assert "blew up" in found.summary and found.evidence["step0_loss"] == 2.3
