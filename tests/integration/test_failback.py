@@ -48,11 +48,11 @@ def cluster(tmp_path: Path) -> Iterator[tuple[HaproxyProcess, dict[str, HealthdP
         (tmp_path / "healthd.yaml").write_text(json.dumps({  # JSON is YAML
             "engine": {"tick_seconds": 0.2},
             "alertmanager": {"silent_job_seconds": SILENT_JOB_SECONDS},
-            "cluster": {"route_url": proxy.url, "route_recheck_seconds": 1.0},
+            "cluster": {"route_recheck_seconds": 1.0},  # route_url: --route-url below, as deploy/ sets it
             "rules": {"TrainingStalled": {"stall_seconds": STALL_SECONDS},
                       "RankStalled": {"stall_seconds": STALL_SECONDS}}}))
         for shard in shards.values():
-            shard.extra_args = ("--config", str(tmp_path / "healthd.yaml"))
+            shard.extra_args = ("--config", str(tmp_path / "healthd.yaml"), "--route-url", proxy.url)
             shard.start()
         proxy.wait_routing(2)
         yield proxy, shards
@@ -141,16 +141,21 @@ def test_failback_forgets_the_job_on_the_interim_shard_and_a_real_stall_still_pa
         owner.start()  # same port: HAProxy's health check (rise 2) puts it back, the job moves back
         wait_until(lambda: (_last_step(owner, job) or 0) >= 5, timeout_seconds=30,
                    what="the job back on its restarted owner", log=logs)
+        back = time.monotonic()
         wait_until(lambda: _last_step(interim, job) is None and job not in httpx.get(
             interim.url + "/metrics", timeout=10).text, timeout_seconds=30,
                    what="the interim shard forgetting the job (and its series)", log=logs)
+        print(f"interim forgot the job {time.monotonic() - back:.1f} s after it was back on its owner "
+              f"(silent_job_seconds {SILENT_JOB_SECONDS}, stall_seconds {STALL_SECONDS})")
         assert _counter(interim, handed_over) == 1
         assert _counter(interim, transitions, state="firing") == 0  # it never paged
         assert (_last_step(owner, job) or 0) > 0 and not _firing(owner, job)
 
         # The control: the job really stops. Its owner asks the route, gets its own data back, keeps it.
         training.pause()
+        stopped = time.monotonic()
         wait_until(lambda: "TrainingStalled" in _firing(owner, job), timeout_seconds=STALL_SECONDS + 30,
                    what="TrainingStalled for the job that really stopped", log=logs)
+        print(f"TrainingStalled on the owner {time.monotonic() - stopped:.1f} s after the job stopped")
         assert _counter(owner, handed_over) == 0
         assert _last_step(interim, job) is None
