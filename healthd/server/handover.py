@@ -8,10 +8,10 @@ fine on its owner, and export the job's stale series until ``store.job_ttl_secon
 So a job silent here for ``alertmanager.silent_job_seconds`` is looked up once through the route,
 the way its clients reach healthd (``GET {route_url}/v1/jobs/{job}`` with ``X-Healthd-Job``), in a
 background task of the event loop, never from ingest. When the shard that answers heard from the
-job *later* than this one (``moved_elsewhere``), the job lives there: this shard forgets it
-(``Healthd.hand_over``: quietly, no resolve sent) and counts it. When the answer is this shard's own
-(the same data), a 404, an error or no answer, nothing changes: a real stall still pages. A job
-found not moved is asked again at most every ``cluster.route_recheck_seconds``.
+job *later* than this one (``moved_elsewhere``), the job lives there: this shard forgets it at the
+ticker's next tick (``Healthd.hand_over``: quietly, no resolve sent) and counts it. When the answer is
+this shard's own (the same data), a 404, an error or no answer, nothing changes: a real stall still
+pages. A job found not moved is asked again at most every ``cluster.route_recheck_seconds``.
 
 The look-up starts at ``silent_job_seconds`` (60 s by default), well before the stall rules fire
 (``stall_seconds``, 300 s): a ``stall_seconds`` shorter than it pages before the question is asked.
@@ -37,6 +37,8 @@ from healthd.settings import ClusterSettings
 from healthd.wire.schema import JOB_HEADER
 
 log = logging.getLogger(__name__)
+
+SHARD_HEADER = "X-Healthd-Shard"  # the shard that answered, as the deployed HAProxy names it (logs only)
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,17 @@ class Handover:
         self.recheck_seconds = settings.route_recheck_seconds
         self.on_handed_over = on_handed_over
         token = hd.settings.auth.token
-        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
-        self._client = client or httpx.AsyncClient(timeout=settings.route_timeout_seconds, headers=headers)
+        self._auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+        self._client = client or httpx.AsyncClient(timeout=settings.route_timeout_seconds)
         self._asked: dict[str, float] = {}  # job -> when last asked (the cache)
         self._tasks: dict[str, asyncio.Task[None]] = {}  # look-ups in flight, one per job
+        self._moved: dict[str, tuple[JobMark, str]] = {}  # answered moved: our mark then, where it went
 
     def poll(self, silent: Iterable[str]) -> None:
-        """Start a look-up for each silent job not asked within ``route_recheck_seconds`` (none waits here)."""
+        """Forget the jobs the answers so far showed moved, then start a look-up for each silent job not
+        asked within ``route_recheck_seconds`` (none waits here). Called by the ticker before its tick:
+        a job is forgotten there, as TTL expiry forgets, never while a tick is paused halfway through."""
+        self._forget_moved()
         now = self.hd.clock()
         silent = [job for job in silent if job in self.hd.store.jobs]
         for job in [j for j in self._asked if j not in self.hd.store.jobs]:
@@ -109,7 +115,7 @@ class Handover:
 
     async def _ask(self, job: str) -> None:
         try:
-            answer = await self._client.get(f"{self.url}/v1/jobs/{job}", headers={JOB_HEADER: job})
+            answer = await self._client.get(f"{self.url}/v1/jobs/{job}", headers={JOB_HEADER: job, **self._auth})
         except httpx.HTTPError as e:  # the route is down: keep the job, a real stall still pages
             log.debug("looking job %s up through %s failed: %s", job, self.url, e)
             return
@@ -120,17 +126,26 @@ class Handover:
         except ValueError:
             return
         ours = mark_of(self.hd, job)  # now, after the wait: the job may have reported here meanwhile
+        if ours is not None and isinstance(body, dict) and moved_elsewhere(ours, body):
+            self._moved[job] = (ours, f"{answer.headers.get(SHARD_HEADER, 'a shard')} heard from it at "
+                                      f"{body.get('last_seen')}, step {body.get('last_step')}")
+
+    def _forget_moved(self) -> None:
+        moved, self._moved = self._moved, {}
         silence = self.hd.settings.alertmanager.silent_job_seconds
-        if ours is None or self.hd.clock() - ours.last_seen <= silence or not isinstance(body, dict):
-            return
-        if not moved_elsewhere(ours, body):
-            return
-        self.hd.hand_over(job)
-        self._asked.pop(job, None)
-        log.warning("job %s moved to another shard (%s answers for it through %s, last heard there at %s, here at "
-                    "%.3f): forgotten here without paging", job, answer.headers.get("X-Healthd-Shard", "?"),
-                    self.url, body.get("last_seen"), ours.last_seen)
-        self.on_handed_over(job)
+        for job, (mark, where) in moved.items():
+            ours = mark_of(self.hd, job)
+            if ours != mark or ours is None or self.hd.clock() - ours.last_seen <= silence:
+                continue  # it reported here since the answer (moved back), or is gone already
+            self.hd.hand_over(job)
+            self._asked.pop(job, None)
+            log.warning("job %s moved to another shard (through %s, %s; here last at %.3f, step %s): forgotten "
+                        "here without paging", job, self.url, where, ours.last_seen, ours.last_step)
+            self.on_handed_over(job)
+
+    async def answered(self) -> None:
+        """Wait until the look-ups in flight are answered (or failed): for tests and tools."""
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):

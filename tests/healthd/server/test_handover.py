@@ -5,6 +5,7 @@ here is the owner itself (tests/integration/test_failback.py puts a real HAProxy
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -12,9 +13,11 @@ import httpx
 import pytest
 
 from healthd.server.embedded import Embedded, free_port, serve_in_thread
-from healthd.server.handover import JobMark, moved_elsewhere
+from healthd.server.handover import Handover, JobMark, moved_elsewhere
+from healthd.server.pipeline import Healthd, build
 from healthd.settings import Settings
 from healthd.wire.schema import JOB_HEADER
+from tests.healthd.factories import step
 from tests.integration.servers import wait_until
 
 TOKEN = "handover-token"
@@ -86,3 +89,52 @@ def test_a_job_no_other_shard_has_newer_stays_and_its_stall_pages() -> None:
                        interval_seconds=0.05, what="TrainingStalled for the job that really stopped")
             assert "stopped" in server.hd.store.jobs
             assert _metric(server, "healthd_jobs_handed_over_total") == 0
+
+
+def _asked_through_mock(answer: dict[str, object], *, reports_meanwhile: bool) -> tuple[Healthd, list[str], int]:
+    """One silent job, one look-up answered ``answer`` (httpx.MockTransport), then the next tick's poll;
+    ``reports_meanwhile``: the job reports here again between the answer and that poll. Returns the
+    instance, the jobs handed over (``on_handed_over``) and the requests made (three polls in all)."""
+    now = [1000.0]
+    hd = build(_settings("http://route.invalid"), clock=lambda: now[0])
+    hd.store.apply(step(3, job="j", loss=1.0), now[0])
+    requests: list[httpx.Request] = []
+
+    def route(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, json=answer)
+
+    handed: list[str] = []
+
+    async def scenario() -> None:
+        handover = Handover(hd, hd.settings.cluster, on_handed_over=handed.append,
+                            client=httpx.AsyncClient(transport=httpx.MockTransport(route)))
+        now[0] += 1.0  # silent past silent_job_seconds (0.3 s)
+        handover.poll(["j"])
+        handover.poll(["j"])  # asked already (in flight, then within route_recheck_seconds): not again
+        await handover.answered()
+        if reports_meanwhile:
+            hd.store.apply(step(4, job="j", loss=1.0), now[0])
+            now[0] += 1.0
+        handover.poll(hd.store.silent(now[0], 0.3))
+        await handover.close()
+
+    asyncio.run(scenario())
+    assert requests[0].headers[JOB_HEADER] == "j" and requests[0].headers["Authorization"] == f"Bearer {TOKEN}"
+    assert requests[0].url.path == "/v1/jobs/j"
+    return hd, handed, len(requests)
+
+
+def test_a_moved_job_is_forgotten_at_the_next_poll_after_one_look_up() -> None:
+    hd, handed, asked = _asked_through_mock({"last_seen": 1000.5, "last_step": 9}, reports_meanwhile=False)
+    assert (handed, asked, hd.counters.handed_over, "j" in hd.store.jobs) == (["j"], 1, 1, False)
+
+
+def test_a_job_that_reports_here_again_after_the_answer_is_kept() -> None:
+    hd, handed, _ = _asked_through_mock({"last_seen": 1000.5, "last_step": 9}, reports_meanwhile=True)
+    assert (handed, hd.counters.handed_over, "j" in hd.store.jobs) == ([], 0, True)
+
+
+def test_our_own_data_back_from_the_route_keeps_the_job() -> None:
+    hd, handed, asked = _asked_through_mock({"last_seen": 1000.0, "last_step": 3}, reports_meanwhile=False)
+    assert (handed, asked, "j" in hd.store.jobs) == ([], 1, True)
