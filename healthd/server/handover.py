@@ -139,7 +139,7 @@ class Handover:
                 continue  # it reported here since the answer (moved back), or is gone already
             self.hd.hand_over(job)
             self._asked.pop(job, None)
-            log.warning("job %s moved to another shard (through %s, %s; here last at %.3f, step %s): forgotten "
+            log.info("job %s moved to another shard (through %s, %s; here last at %.3f, step %s): forgotten "
                         "here without paging", job, self.url, where, ours.last_seen, ours.last_step)
             self.on_handed_over(job)
 
