@@ -53,8 +53,9 @@ class Lifecycle:
         if self.pusher is not None:
             self.pusher.start()
         if self.hd.settings.cluster.route_url is not None:
-            self.handover = Handover(self.hd, self.hd.settings.cluster,
-                                     on_handed_over=self.pusher.forget if self.pusher is not None else _nothing)
+            self.handover = Handover(self.hd, self.hd.settings.cluster)
+            if self.pusher is not None:  # a forgotten job's firing alerts are no longer re-sent from here
+                self.handover.on_handed_over = self.pusher.forget
         self._tasks = [asyncio.create_task(_ticker(self.hd, self.pusher, self.handover)),
                        asyncio.create_task(_sweeper(self.hd))]
         if self.gc_policy is not None:
@@ -111,10 +112,6 @@ def silent_jobs(hd: Healthd, since: float) -> list[str]:
     return silent
 
 
-def _nothing(job: str) -> None:
-    pass
-
-
 async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None = None, handover: Handover | None = None) -> None:
     period = hd.settings.engine.tick_seconds
     started = hd.clock()
@@ -125,7 +122,7 @@ async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None = None, handove
                 silent = silent_jobs(hd, started)
                 if pusher is not None:  # before the tick, whose expiry resolves jobs the pusher must know silent
                     pusher.hold(silent)
-                if handover is not None:  # asks in the background; a moved job is forgotten when answered
+                if handover is not None:  # forgets what answers showed moved, asks anew in the background
                     handover.poll(silent)
             for _ in hd.tick_slices():
                 await asyncio.sleep(0)  # requests waiting on the event loop go first
