@@ -156,6 +156,21 @@ class AlertmanagerSettings(_Section):
         return list(dict.fromkeys(u.rstrip("/") for u in [*([self.url] if self.url else []), *self.urls]))
 
 
+class ClusterSettings(_Section):
+    """healthd run as shards behind a proxy that hashes by job (docs/scaling.md). Unset: one server."""
+
+    route_url: str | None = Field(
+        default=None, description="the URL through which clients reach healthd (the proxy, e.g. "
+        "http://healthd-proxy:9184): a job silent here for alertmanager.silent_job_seconds is looked up through "
+        "it (GET /v1/jobs/{job}); when the shard that answers heard from the job later than this one, the job "
+        "moved there (failback), and this shard forgets it without paging (healthd_jobs_handed_over_total); "
+        "unset: silent jobs are kept until store.job_ttl_seconds, and their stalls page")
+    route_timeout_seconds: float = Field(default=2.0, gt=0, description="HTTP timeout of one look-up through "
+                                         "route_url (unanswered: nothing changes, a real stall still pages)")
+    route_recheck_seconds: float = Field(default=30.0, gt=0, description="a silent job found not moved (or "
+                                         "not answered) is looked up again at most this often")
+
+
 class Settings(_Section):
     host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(default=9184, ge=0, le=65535, description="port to listen on")
@@ -167,6 +182,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     persistence: PersistenceSettings = PersistenceSettings()
     alertmanager: AlertmanagerSettings = AlertmanagerSettings()
+    cluster: ClusterSettings = ClusterSettings()
     rules: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-rule config by alert name")
 
     @classmethod

@@ -352,6 +352,27 @@ class Engine:
             alert.evidence = {**alert.evidence, "resolved_because": "job expired (silent past store.job_ttl_seconds)"}
             self._notify(alert, AlertState.FIRING)
 
+    def hand_over(self, job: str) -> list[Alert]:
+        """Drop a job that moved to another shard, quietly: no listener hears it. Unlike ``forget``, its
+        firing alerts are not resolved in Alertmanager: the shard that has the job now judges them, and
+        pushes to the same Alertmanager, so a resolve from here would close an alert it still has firing
+        (they lapse at the endsAt last sent, unless that shard re-sends them). Returns the alerts that were
+        firing, marked resolved here (for the alert database, so a restart does not restore them)."""
+        book = self._jobs.pop(job, None)
+        if book is None:
+            return []
+        now = self.clock()
+        dropped = []
+        for alert in book.active.values():
+            if alert.state is not AlertState.FIRING:
+                continue
+            self.firing_count -= 1
+            alert.state = AlertState.RESOLVED
+            alert.resolved_at = alert.updated_at = now
+            alert.evidence = {**alert.evidence, "resolved_because": "job moved to another shard (cluster.route_url)"}
+            dropped.append(alert)
+        return dropped
+
 
 # A sampled field that carries no data: None, or an empty dict or list (``training=False`` is data).
 _ABSENT: tuple[object, ...] = (None, {}, [])

@@ -222,6 +222,10 @@ CARDINALITY_REJECTIONS_TOTAL = Metric(SELF_PREFIX + "cardinality_rejections_tota
                                       "a cardinality cap was reached, by cap (limits.<cap>).", ("cap",))
 UNAUTHORIZED_REQUESTS_TOTAL = Metric(SELF_PREFIX + "unauthorized_requests_total", MetricType.COUNTER,
                                      "Requests refused with 401 (missing or wrong bearer token).", ())
+JOBS_HANDED_OVER_TOTAL = Metric(SELF_PREFIX + "jobs_handed_over_total", MetricType.COUNTER,
+                                "Jobs this shard forgot because the shard that cluster.route_url routes them to "
+                                "heard from them later (they moved there, e.g. at failback): forgotten without "
+                                "paging their stall.", ())
 
 ALL: tuple[Metric, ...] = tuple(
     m for m in globals().values() if isinstance(m, Metric)

@@ -46,6 +46,7 @@ class Counters:
         self.requests: dict[str, int] = {}
         self.capped: dict[str, int] = {}  # by cap name (limits.max_jobs, ...)
         self.unauthorized = 0
+        self.handed_over = 0  # jobs forgotten because they moved to another shard (healthd.server.handover)
 
     @staticmethod
     def inc(d: dict[str, int], key: str, n: int = 1) -> None:
@@ -179,6 +180,9 @@ class HealthCollector(Collector):
         unauthorized = _counter(C.UNAUTHORIZED_REQUESTS_TOTAL)
         unauthorized.add_metric([], self.counters.unauthorized)
         yield unauthorized
+        handed_over = _counter(C.JOBS_HANDED_OVER_TOTAL)
+        handed_over.add_metric([], self.counters.handed_over)
+        yield handed_over
         t = _counter(C.ALERT_TRANSITIONS_TOTAL)
         for state, n in self.engine.transitions_total.items():
             t.add_metric([state], n)

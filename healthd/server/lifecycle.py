@@ -1,7 +1,8 @@
 """The server's time-driven work, with one start and one stop (``Lifecycle``).
 
-Evaluation ticks (job-scoped rules, the expiry of silent jobs, and telling the Alertmanager pusher
-which jobs went silent: handed over to another shard, or gone), sweeps of ranks waiting for
+Evaluation ticks (job-scoped rules, the expiry of silent jobs, telling the Alertmanager pusher
+which jobs went silent: handed over to another shard, or gone, and, with ``cluster.route_url``, asking
+the route which of them moved: ``healthd.server.handover``), sweeps of ranks waiting for
 their rules, the garbage-collector policy and the Alertmanager pusher's thread start with the app
 and stop with it; at the stop the alert database's writer thread (``healthd.engine.persistence``)
 commits what is queued. Reads (``healthd.server.routes``) never do any of this: a scrape or a GET does not
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 
 from healthd.alerting.alertmanager import AlertmanagerPusher
 from healthd.server.gc_policy import ServingGC
+from healthd.server.handover import Handover
 from healthd.server.pipeline import Healthd
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,18 @@ class Lifecycle:
         self.hd = hd
         self.pusher = pusher
         self.gc_policy = gc_policy
+        self.handover: Handover | None = None  # cluster.route_url: made at the start, on the loop it uses
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
         if self.pusher is not None:
             self.pusher.start()
-        self._tasks = [asyncio.create_task(_ticker(self.hd, self.pusher)), asyncio.create_task(_sweeper(self.hd))]
+        if self.hd.settings.cluster.route_url is not None:
+            self.handover = Handover(self.hd, self.hd.settings.cluster)
+            if self.pusher is not None:  # a forgotten job's firing alerts are no longer re-sent from here
+                self.handover.on_handed_over = self.pusher.forget
+        self._tasks = [asyncio.create_task(_ticker(self.hd, self.pusher, self.handover)),
+                       asyncio.create_task(_sweeper(self.hd))]
         if self.gc_policy is not None:
             self.gc_policy.install()
             self._tasks.append(asyncio.create_task(_gc_keeper(self.gc_policy)))
@@ -61,6 +69,9 @@ class Lifecycle:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.handover is not None:
+            await self.handover.close()
+            self.handover = None
         hd = self.hd
         hd.settle()  # graceful shutdown: what was accepted is evaluated (and persisted below)
         if self.pusher is not None:
@@ -101,14 +112,18 @@ def silent_jobs(hd: Healthd, since: float) -> list[str]:
     return silent
 
 
-async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None = None) -> None:
+async def _ticker(hd: Healthd, pusher: AlertmanagerPusher | None = None, handover: Handover | None = None) -> None:
     period = hd.settings.engine.tick_seconds
     started = hd.clock()
     while True:
         await asyncio.sleep(period)
         try:
-            if pusher is not None:  # before the tick, whose expiry resolves jobs the pusher must know silent
-                pusher.hold(silent_jobs(hd, started))
+            if pusher is not None or handover is not None:
+                silent = silent_jobs(hd, started)
+                if pusher is not None:  # before the tick, whose expiry resolves jobs the pusher must know silent
+                    pusher.hold(silent)
+                if handover is not None:  # forgets what answers showed moved, asks anew in the background
+                    handover.poll(silent)
             for _ in hd.tick_slices():
                 await asyncio.sleep(0)  # requests waiting on the event loop go first
         except Exception:

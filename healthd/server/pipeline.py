@@ -255,6 +255,17 @@ class Healthd:
             if job.ranks or not job.streams:  # not the empty unnamed stream of a job of named streams only
                 yield from self._judge(job.name, rules, per_slice, stream=job.stream)
 
+    def hand_over(self, job: str) -> None:
+        """Forget a job that moved to another shard (``healthd.server.handover`` found it newer there), as
+        its TTL expiry would but without judging it once more and without paging: its alerts are dropped
+        quietly (``Engine.hand_over``: no resolve reaches Alertmanager), its series leave /metrics."""
+        self.store.forget(job)
+        self.queue.drop_job(job)
+        dropped = self.engine.hand_over(job)
+        if self.alert_db is not None and dropped:
+            self.alert_db.save(dropped)
+        self.counters.handed_over += 1
+
     def _judge(self, job: str, rules: Sequence[JobRule], per_slice: int,
                final: bool = False, stream: str | None = None) -> Iterator[None]:
         """Run the job-scoped rules on one stream's window of a job, pausing as ``tick_slices`` says."""

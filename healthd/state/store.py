@@ -356,6 +356,10 @@ class Store:
             del self.jobs[name]
         return gone
 
+    def forget(self, name: str) -> None:
+        """Forget one job now, whatever its TTL (it moved to another shard: ``healthd.server.handover``)."""
+        self.jobs.pop(name, None)
+
     # ------------------------------------------------------------- reads
     def rank_window(self, job_name: str, rank: int, new_steps: int = 1, as_of: int | None = None,
                     stream: str | None = None) -> RankWindow:

@@ -28,6 +28,9 @@ def _serve(args: argparse.Namespace) -> int:
                 update={"url": first, "urls": tuple(more)})})
         if args.public_url:
             settings = settings.model_copy(update={"public_url": args.public_url})
+        if args.route_url:
+            settings = settings.model_copy(update={"cluster": settings.cluster.model_copy(
+                update={"route_url": args.route_url})})
         settings = _security_overrides(settings, args)
         app = create_app(settings, gc_policy=ServingGC())
     except ConfigError as e:
@@ -144,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="push alerts to this Alertmanager (v2 API), e.g. http://alertmanager:9093; repeat it "
                             "for each peer of an Alertmanager cluster (each gets every alert)")
     serve.add_argument("--public-url", default=None, help="healthd's URL as users reach it (links in alerts)")
+    serve.add_argument("--route-url", default=None,
+                       help="cluster.route_url: the proxy in front of the shards, e.g. http://healthd:9184 (a "
+                            "job silent here is looked up through it; one that moved is forgotten without paging)")
     serve.add_argument("--token", default=None,
                        help="require 'Authorization: Bearer TOKEN' (prefer $HEALTHD_TOKEN: argv is visible in ps)")
     serve.add_argument("--db", default=None,

@@ -56,6 +56,7 @@ def test_compose_stack_references_existing_files() -> None:
         command = services[shard]["command"]
         pushed_to = [command[i + 1] for i, arg in enumerate(command) if arg == "--alertmanager-url"]
         assert pushed_to == [f"http://{peer}:9093" for peer in sorted(peers)]  # every alert to both peers
+        assert command[command.index("--route-url") + 1] == "http://healthd:9184"  # the proxy (failback)
         assert (REPO / services[shard]["build"]["dockerfile"]).is_file()
         assert services["healthd"]["environment"][f"HEALTHD_SHARD{shard[-1]}"] == f"{shard}:9184"
     targets = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())[
@@ -104,5 +105,6 @@ def test_both_kubernetes_variants_push_to_every_alertmanager_replica() -> None:
         workload = next(d for d in yaml.safe_load_all(path.read_text()) if d["kind"] in {"Deployment", "StatefulSet"})
         args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
         pushed_to.append([a.removeprefix("--alertmanager-url=") for a in args if a.startswith("--alertmanager-url=")])
+    assert "--route-url=http://healthd.monitoring:9184" in args  # the shards' proxy, the Service `healthd`
     assert pushed_to[0] == pushed_to[1]
     assert pushed_to[0] == [f"http://alertmanager-main-{i}.alertmanager-operated.monitoring:9093" for i in range(3)]

@@ -110,6 +110,20 @@ def test_forgetting_an_expired_job_resolves_its_firing_alerts_for_the_listeners(
     assert eng.alerts("j") == []
 
 
+def test_handing_a_job_over_drops_its_alerts_quietly() -> None:
+    """A job that moved to another shard: no listener hears a resolve (the Alertmanager pusher would
+    close the alert the new owner still has firing); the dropped alerts come back marked resolved."""
+    rec = Recorder()
+    eng = Engine([LossAbove()], listeners=[rec])
+    run(eng, [2])
+    heard = list(rec.events)
+    (dropped,) = eng.hand_over("j")
+    assert rec.events == heard
+    assert dropped.state is AlertState.RESOLVED and "moved" in str(dropped.evidence["resolved_because"])
+    assert eng.alerts("j") == [] and eng.firing_count == 0
+    assert eng.hand_over("j") == []
+
+
 class MeanLossAbove(Rule[RankWindow, WindowedConfig]):
     """Test rule: fires while the mean of the last ``window_steps`` losses is above 1; silent before it has them."""
 
