@@ -532,11 +532,13 @@ def _rss_bytes() -> int:
         return 0
 
 
-def dist_child(arm: str, size: str, *, blocks: int, block_steps: int, warmup_steps: int) -> dict[str, Any] | None:
+def dist_child(arm: str, size: str, *, blocks: int, block_steps: int, warmup_steps: int) -> dict[str, Any]:
     """One arm in a torchrun job (``--dist-child``): a small GPT, each block ``fully_shard``ed then the root
     (FSDP2), or the same model in ``DistributedDataParallel``; AdamW; gloo on CPU, one thread per rank.
 
-    Every rank trains; rank 0 returns the gathered per-rank numbers (the other ranks None)."""
+    Returns this rank's numbers; each rank writes its own file (printed lines of two ranks interleave in
+    torchrun's output). Not gathered with ``all_gather_object``: under DDP that work's teardown in gloo's
+    thread deadlocked against the process group's destructor at exit (torch 2.13, seen once in three runs)."""
     import resource
 
     import torch.distributed as dist
@@ -583,6 +585,7 @@ def dist_child(arm: str, size: str, *, blocks: int, block_steps: int, warmup_ste
         run(block_steps, b * block_steps)
         times.append((time.perf_counter() - t0) / block_steps)
     mine = {
+        "arm": arm, "rank": rank, "params": params,
         "step_ms": statistics.median(times) * 1e3,
         "monitor_memory_bytes": monitor.memory_overhead_bytes() if monitor is not None else 0,
         "rss_growth_bytes": _rss_bytes() - rss_before,  # from just before attach (or where it would be) to the end
@@ -592,15 +595,9 @@ def dist_child(arm: str, size: str, *, blocks: int, block_steps: int, warmup_ste
     if monitor is not None:
         monitor.close()
     mine["reports_bytes"] = transport.bytes  # after close(), which flushes what is queued
-    gathered: list[dict[str, Any] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+    dist.barrier()
     dist.destroy_process_group()
-    if rank != 0:
-        return None
-    ranks = [r for r in gathered if r is not None]
-    return {"arm": arm, "params": params, "ranks": ranks,
-            # the slower rank sets the job's pace (the collectives wait for it)
-            "step_ms": max(r["step_ms"] for r in ranks)}
+    return mine
 
 
 def fsdp_vs_ddp(strategies: list[str], *, size: str, rounds: int, blocks: int, block_steps: int,
@@ -608,6 +605,7 @@ def fsdp_vs_ddp(strategies: list[str], *, size: str, rounds: int, blocks: int, b
     """Unmonitored and monitored arms of each strategy, each a ``torchrun`` job of its own, in rounds whose
     order rotates; overheads are paired per round (monitored / unmonitored of the same strategy)."""
     import subprocess
+    import tempfile
     from pathlib import Path
 
     here = Path(__file__).resolve()
@@ -625,11 +623,16 @@ def fsdp_vs_ddp(strategies: list[str], *, size: str, rounds: int, blocks: int, b
             cmd = [str(torchrun), f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
                    str(here), "--dist-child", arm, "--dist-size", size, "--blocks", str(blocks),
                    "--block-steps", str(block_steps), "--warmup", str(warmup_steps)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-            if done.returncode != 0:
-                raise RuntimeError(f"{arm}: torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}"
-                                   f"{done.stderr[-3000:]}")
-            row[arm] = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+            with tempfile.TemporaryDirectory(prefix="healthd-bench-dist-") as out_dir:
+                done = subprocess.run(cmd, env={**env, "BENCH_DIST_OUT": out_dir}, capture_output=True, text=True,
+                                      timeout=600)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{arm}: torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}"
+                                       f"{done.stderr[-3000:]}")
+                ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(nproc)]
+            # the slower rank sets the job's pace (the collectives wait for it)
+            row[arm] = {"arm": arm, "params": ranks[0]["params"], "ranks": ranks,
+                        "step_ms": max(got["step_ms"] for got in ranks)}
         rows.append(row)
 
     def med(values: list[float]) -> float:
@@ -704,8 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dist_child:
         got = dist_child(args.dist_child, args.dist_size, blocks=args.blocks, block_steps=args.block_steps,
                          warmup_steps=args.warmup)
-        if got is not None:
-            print(json.dumps(got), flush=True)
+        with open(os.path.join(os.environ["BENCH_DIST_OUT"], f"rank{got['rank']}.json"), "w") as f:
+            json.dump(got, f)
         return 0
     if args.dist:
         strategies = [s for s in args.dist.split(",") if s]
