@@ -162,6 +162,12 @@ SHARDED_REASON = (
     "sharded model (FSDP/HSDP): the gradient noise scale needs each rank's own gradient before the "
     "reduce-scatter, which FSDP hands to no supported hook; the sharded .grad is already averaged over ranks"
 )
+# FSDP1 does offer one (``FullyShardedDataParallel.register_comm_hook``: the local flat gradient, before the
+# reduce-scatter); healthd does not install it yet, and says so rather than give FSDP2's reason.
+FSDP1_REASON = (
+    "FSDP1: the gradient noise scale needs each rank's gradient before the reduce-scatter; healthd does not "
+    "install FSDP1's comm hook (register_comm_hook) for it yet, and the sharded gradient is already averaged"
+)
 
 
 class DDPGradientNoise(Quantity):
@@ -175,7 +181,8 @@ class DDPGradientNoise(Quantity):
     ``FSDPModule.set_custom_reduce_scatter``, which replaces the collective itself (and a custom one the user
     set), and receives an input FSDP may already have pre-divided by a factor it does not pass on. Measured
     from the sharded ``.grad`` instead, every rank would see the same averaged gradient: no small-batch norm.
-    So the quantity degrades with ``SHARDED_REASON`` (MonitoringDegraded names it) rather than guess.
+    So the quantity degrades with ``SHARDED_REASON`` (MonitoringDegraded names it) rather than guess; under
+    FSDP1, whose public comm hook would give the local gradient, with ``FSDP1_REASON`` (not built yet).
     """
 
     name = "ddp_gradient_noise"
@@ -188,8 +195,9 @@ class DDPGradientNoise(Quantity):
         ddp = _find_ddp(ctx.model)
         if ddp is None:
             self.every_steps = 0
-            if ctx.plan.layout is not None:  # sharded over ranks: data parallel, but no local gradient
-                ctx.degrade(self, SHARDED_REASON)
+            layout = ctx.plan.layout
+            if layout is not None:  # sharded over ranks: data parallel, but no local gradient
+                ctx.degrade(self, FSDP1_REASON if layout.flat else SHARDED_REASON)
             return
         try:
             self._wrapper = install(ddp)

@@ -15,7 +15,12 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from healthd.server.embedded import free_port
-from healthd_client.integrations.ddp import SHARDED_REASON, DDPGradientNoise, register_comm_hook
+from healthd_client.integrations.ddp import (
+    FSDP1_REASON,
+    SHARDED_REASON,
+    DDPGradientNoise,
+    register_comm_hook,
+)
 from healthd_client.quantities.base import QuantityContext
 from healthd_client.quantities.sharding import ShardLayout
 from tests.client.conftest import RecordingTransport, step_reports
@@ -128,17 +133,18 @@ class _Ctx:
         self.degraded.append((quantity.name, reason))
 
 
-@pytest.mark.parametrize("layout", [ShardLayout(group=0, index=1, count=2),
-                                    ShardLayout(group=0, index=0, count=2, flat=frozenset({1}))],
-                         ids=["fsdp2", "fsdp1"])
-def test_a_sharded_model_says_why_it_has_no_noise_scale(layout: ShardLayout) -> None:
+@pytest.mark.parametrize(("layout", "reason"), [
+    (ShardLayout(group=0, index=1, count=2), SHARDED_REASON),
+    (ShardLayout(group=0, index=0, count=2, flat=frozenset({1})), FSDP1_REASON),
+], ids=["fsdp2", "fsdp1"])
+def test_a_sharded_model_says_why_it_has_no_noise_scale(layout: ShardLayout, reason: str) -> None:
     """FSDP/HSDP: no local gradient before the reduce-scatter; the quantity says so (MonitoringDegraded)
     instead of staying silent as it does on a single process."""
     q = DDPGradientNoise()
     ctx = _Ctx(torch.nn.Linear(2, 1), layout)
     q.on_attach(cast(QuantityContext, ctx))
-    assert q.every_steps == 0 and ctx.degraded == [("ddp_gradient_noise", SHARDED_REASON)]
-    assert len(SHARDED_REASON) <= 256  # the heartbeat's reason field keeps 256 characters
+    assert q.every_steps == 0 and ctx.degraded == [("ddp_gradient_noise", reason)]
+    assert len(reason) <= 256  # the heartbeat's reason field keeps 256 characters
 
 
 def test_a_single_process_model_has_no_noise_scale_silently() -> None:
