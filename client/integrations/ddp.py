@@ -156,7 +156,7 @@ def register_comm_hook(model: torch.nn.Module, state: object, hook: Callable[...
     wrapper.inner, wrapper.inner_state = hook, state
 
 
-# Why a sharded model (FSDP2 ``fully_shard``, HSDP, FSDP1) gets no noise scale: sent in every heartbeat, so
+# Why a sharded model (FSDP2 ``fully_shard``, HSDP) gets no noise scale: sent in every heartbeat, so
 # MonitoringDegraded tells on-call that LargeBatchGeneralization's noise-scale branch is blind on this job.
 SHARDED_REASON = (
     "sharded model (FSDP/HSDP): the gradient noise scale needs each rank's own gradient before the "
