@@ -24,6 +24,15 @@ to back: unmonitored, one monitor (the generator's stream), two monitors (genera
 streams, as ``attach(stream=...)`` documents). Overheads are medians over blocks of the paired ratio
 arm / unmonitored in the same block, so load that drifts between blocks cancels; the 1-minute load
 average before and after is printed, since other processes on the machine inflate everything.
+``--dist fsdp2,ddp``: sharded against replicated data parallelism. Each arm is a ``torchrun`` job of its own
+(2 ranks, gloo on CPU, one thread per rank): FSDP2 unmonitored, FSDP2 monitored, DDP unmonitored, DDP monitored,
+the order rotated between rounds. The model is a small GPT (``TinyGPT``) whose blocks are each ``fully_shard``ed,
+then the root (FSDP2), or the same model in ``DistributedDataParallel``; AdamW; reports go to a null transport.
+Per arm: the median over blocks of the step time (the slower rank's: collectives wait for it), after warm-up.
+Overheads are medians over rounds of monitored / unmonitored of the same strategy in the same round. Memory:
+``monitor.memory_overhead_bytes()`` (the largest over ranks), cross-checked by the processes' RSS: its growth
+from just before attach to the end, and the peak RSS, each monitored minus unmonitored (mean over ranks,
+median over rounds; allocator noise of a few MiB is expected). The load average before and after is printed.
 
 Usage::
 
@@ -33,6 +42,7 @@ Usage::
     python bench/overhead.py --json out.json --blocks 20 --block-steps 10
     python bench/overhead.py --auto --workloads mlp --rounds 5   # auto-attach vs explicit attach
     python bench/overhead.py --compile both        # each workload eager, then compiled (model.compile())
+    python bench/overhead.py --dist fsdp2,ddp --rounds 3   # FSDP2 vs DDP, torchrun jobs of 2 ranks (CPU)
 
 Compiled case: both copies are compiled in place (``model.compile()``, inductor) before attach, and
 warm up (compile) before the first timed block; healthd then measures what it can outside the
@@ -51,7 +61,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -504,6 +514,164 @@ def measure_gan(device: torch.device, config: Mapping[str, Any], *, blocks: int,
     )
 
 
+# ---------------------------------------------------------------- FSDP2 vs DDP: torchrun jobs of 2 ranks
+DIST_ARMS = ("fsdp2-none", "fsdp2-monitored", "ddp-none", "ddp-monitored")
+# name -> (TinyGPT's vocab, d, layers, heads, seq, batch per rank)
+DIST_SIZES = {
+    "default": (4096, 128, 4, 4, 64, 8),
+    "toy": (64, 16, 2, 2, 8, 2),
+}
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def dist_child(arm: str, size: str, *, blocks: int, block_steps: int, warmup_steps: int) -> dict[str, Any]:
+    """One arm in a torchrun job (``--dist-child``): a small GPT, each block ``fully_shard``ed then the root
+    (FSDP2), or the same model in ``DistributedDataParallel``; AdamW; gloo on CPU, one thread per rank.
+
+    Returns this rank's numbers; each rank writes its own file (printed lines of two ranks interleave in
+    torchrun's output). Not gathered with ``all_gather_object``: under DDP that work's teardown in gloo's
+    thread deadlocked against the process group's destructor at exit (torch 2.13, seen once in three runs)."""
+    import resource
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    strategy, _, way = arm.partition("-")
+    vocab, d, layers, heads, seq, batch = DIST_SIZES[size]
+    torch.manual_seed(0)
+    model: nn.Module = TinyGPT(vocab, d, layers, heads, seq)
+    params = sum(p.numel() for p in model.parameters())
+    if strategy == "fsdp2":
+        for block in cast(nn.TransformerEncoder, cast(TinyGPT, model).blocks).layers:
+            fully_shard(block)
+        fully_shard(model)
+    else:
+        model = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1 + rank)  # each rank its own data
+    batches = [_tokens(batch, seq, vocab)(torch.device("cpu"), g) for _ in range(4)]
+    rss_before = _rss_bytes()
+    transport = NullTransport()
+    monitor = (healthd_client.attach(model, opt, job=f"bench-overhead-{strategy}", transport=transport,
+                                     config=MonitorConfig(heartbeat_seconds=5.0))
+               if way == "monitored" else None)
+
+    def run(steps: int, start: int) -> None:
+        for i in range(steps):
+            x, y = batches[(start + i) % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            loss = _ce(model(x), y)
+            loss.backward()
+            opt.step()
+            if monitor is not None:
+                monitor.step(loss=loss, batch_size=len(x))
+
+    run(warmup_steps, 0)
+    times = []
+    for b in range(blocks):
+        dist.barrier()  # each block starts together on both ranks
+        t0 = time.perf_counter()
+        run(block_steps, b * block_steps)
+        times.append((time.perf_counter() - t0) / block_steps)
+    mine = {
+        "arm": arm, "rank": rank, "params": params,
+        "step_ms": statistics.median(times) * 1e3,
+        "monitor_memory_bytes": monitor.memory_overhead_bytes() if monitor is not None else 0,
+        "rss_growth_bytes": _rss_bytes() - rss_before,  # from just before attach (or where it would be) to the end
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+        "disabled": monitor.disabled_quantities if monitor is not None else [],
+    }
+    if monitor is not None:
+        monitor.close()
+    mine["reports_bytes"] = transport.bytes  # after close(), which flushes what is queued
+    dist.barrier()
+    dist.destroy_process_group()
+    return mine
+
+
+def fsdp_vs_ddp(strategies: list[str], *, size: str, rounds: int, blocks: int, block_steps: int,
+                warmup_steps: int, nproc: int = 2) -> dict[str, Any]:
+    """Unmonitored and monitored arms of each strategy, each a ``torchrun`` job of its own, in rounds whose
+    order rotates; overheads are paired per round (monitored / unmonitored of the same strategy)."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    here = Path(__file__).resolve()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEALTHD_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(here.parents[1]), env.get("PYTHONPATH", "")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    arms = [a for a in DIST_ARMS if a.partition("-")[0] in strategies]
+    load_before = os.getloadavg()
+    rows: list[dict[str, dict[str, Any]]] = []
+    for r in range(rounds):
+        row = {}
+        for arm in arms[r % len(arms):] + arms[:r % len(arms)]:
+            port = _free_port()
+            cmd = [str(torchrun), f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                   str(here), "--dist-child", arm, "--dist-size", size, "--blocks", str(blocks),
+                   "--block-steps", str(block_steps), "--warmup", str(warmup_steps)]
+            with tempfile.TemporaryDirectory(prefix="healthd-bench-dist-") as out_dir:
+                done = subprocess.run(cmd, env={**env, "BENCH_DIST_OUT": out_dir}, capture_output=True, text=True,
+                                      timeout=600)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{arm}: torchrun failed ({done.returncode}):\n{done.stdout[-3000:]}"
+                                       f"{done.stderr[-3000:]}")
+                ranks = [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in range(nproc)]
+            # the slower rank sets the job's pace (the collectives wait for it)
+            row[arm] = {"arm": arm, "params": ranks[0]["params"], "ranks": ranks,
+                        "step_ms": max(got["step_ms"] for got in ranks)}
+        rows.append(row)
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    vocab, d, layers, heads, seq, batch = DIST_SIZES[size]
+    model = f"TinyGPT(vocab {vocab}, d {d}, {layers} blocks, {heads} heads, seq {seq}), batch {batch} per rank"
+    out: dict[str, Any] = {"size": size, "model": model, "params": rows[0][arms[0]]["params"], "ranks": nproc,
+                           "rounds": rounds, "blocks": blocks, "block_steps": block_steps,
+                           "warmup_steps": warmup_steps, "load_average_before": load_before}
+    for s in strategies:
+        none, mon = f"{s}-none", f"{s}-monitored"
+        out[s] = {
+            "none_ms": med([row[none]["step_ms"] for row in rows]),
+            "monitored_ms": med([row[mon]["step_ms"] for row in rows]),
+            "overhead_pct": med([100.0 * (row[mon]["step_ms"] / row[none]["step_ms"] - 1.0) for row in rows]),
+            "monitor_memory_bytes": max(rk["monitor_memory_bytes"] for row in rows for rk in row[mon]["ranks"]),
+            # cross-check: what the monitored job's ranks grew by beyond the unmonitored ones', per round
+            "rss_growth_diff_bytes": med([statistics.mean(rk["rss_growth_bytes"] for rk in row[mon]["ranks"])
+                                          - statistics.mean(rk["rss_growth_bytes"] for rk in row[none]["ranks"])
+                                          for row in rows]),
+            "max_rss_diff_bytes": med([statistics.mean(rk["max_rss_bytes"] for rk in row[mon]["ranks"])
+                                       - statistics.mean(rk["max_rss_bytes"] for rk in row[none]["ranks"])
+                                       for row in rows]),
+            "disabled": sorted({q for row in rows for rk in row[mon]["ranks"] for q in rk["disabled"]}),
+        }
+    out["load_average_after"] = os.getloadavg()
+    out["rows"] = rows
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -511,24 +679,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default="default,every-step", help="default and/or every-step")
     ap.add_argument("--compile", default="none", choices=["none", "model", "both"],
                     help="model: compile both copies in place; both: eager, then compiled")
-    ap.add_argument("--blocks", type=int, default=16)
-    ap.add_argument("--block-steps", type=int, default=10)
+    ap.add_argument("--blocks", type=int, default=None, help="timed blocks (default 16; --dist: 8)")
+    ap.add_argument("--block-steps", type=int, default=None, help="steps per block (default 10; --dist: 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     ap.add_argument("--server", default=None, help="send to this healthd instead of a null transport")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--auto", action="store_true", help="auto-attach vs explicit attach vs none (CPU, processes)")
-    ap.add_argument("--rounds", type=int, default=5, help="--auto: rounds of (none, explicit, auto)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="--auto: rounds of (none, explicit, auto) (default 5); --dist: rounds of its arms (default 3)")
     ap.add_argument("--child", choices=WAYS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gan", action="store_true", help="only the GAN step: no monitor vs one vs two")
+    ap.add_argument("--dist", default="", help="comma-separated fsdp2,ddp: torchrun jobs of 2 ranks (gloo, CPU), "
+                    "unmonitored vs monitored, in rotated rounds")
+    ap.add_argument("--dist-size", default="default", choices=sorted(DIST_SIZES), help="--dist: the GPT's size")
+    ap.add_argument("--warmup", type=int, default=5, help="--dist: steps before the timed blocks")
+    ap.add_argument("--dist-child", choices=DIST_ARMS, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    dist_mode = bool(args.dist or args.dist_child)
+    args.blocks = args.blocks or (8 if dist_mode else 16)
+    args.block_steps = args.block_steps or (5 if dist_mode else 10)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(args.child, CPU_WORKLOADS[args.workloads], blocks=args.blocks,
                                block_steps=args.block_steps)))
         return 0
+    if args.dist_child:
+        got = dist_child(args.dist_child, args.dist_size, blocks=args.blocks, block_steps=args.block_steps,
+                         warmup_steps=args.warmup)
+        with open(os.path.join(os.environ["BENCH_DIST_OUT"], f"rank{got['rank']}.json"), "w") as f:
+            json.dump(got, f)
+        return 0
+    if args.dist:
+        strategies = [s for s in args.dist.split(",") if s]
+        unknown = set(strategies) - {a.partition("-")[0] for a in DIST_ARMS}
+        if unknown or not strategies:
+            ap.error(f"--dist takes fsdp2 and/or ddp, got {args.dist!r}")
+        o = fsdp_vs_ddp(strategies, size=args.dist_size, rounds=args.rounds or 3, blocks=args.blocks,
+                        block_steps=args.block_steps, warmup_steps=args.warmup)
+        print(f"{o['model']}, {o['params']} params, {o['ranks']} ranks (gloo, CPU, 1 thread each), "
+              f"{o['rounds']} rounds of {o['blocks']}x{o['block_steps']} steps", flush=True)
+        for s in strategies:
+            r = o[s]
+            print(f"{s}: step ms none {r['none_ms']:.2f} monitored {r['monitored_ms']:.2f} "
+                  f"overhead {r['overhead_pct']:+.2f}% (median over rounds of the paired ratio) "
+                  f"monitor memory {r['monitor_memory_bytes'] / 1024:.0f} KiB "
+                  f"rss growth diff {r['rss_growth_diff_bytes'] / 1024:.0f} KiB "
+                  f"max rss diff {r['max_rss_diff_bytes'] / 1024:.0f} KiB "
+                  f"not measured {','.join(r['disabled']) or '-'}", flush=True)
+        print(f"load average before {o['load_average_before']} after {o['load_average_after']}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "dist": o}, f, indent=2)
+        return 0
     if args.auto:
-        out = [auto_vs_explicit(n, rounds=args.rounds, blocks=args.blocks, block_steps=args.block_steps,
+        out = [auto_vs_explicit(n, rounds=args.rounds or 5, blocks=args.blocks, block_steps=args.block_steps,
                                 threads=args.threads)
                for n in ([n for n in args.workloads.split(",") if n] or ["mlp"])]
         for o in out:

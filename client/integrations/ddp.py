@@ -156,11 +156,33 @@ def register_comm_hook(model: torch.nn.Module, state: object, hook: Callable[...
     wrapper.inner, wrapper.inner_state = hook, state
 
 
+# Why a sharded model (FSDP2 ``fully_shard``, HSDP) gets no noise scale: sent in every heartbeat, so
+# MonitoringDegraded tells on-call that LargeBatchGeneralization's noise-scale branch is blind on this job.
+SHARDED_REASON = (
+    "sharded model (FSDP/HSDP): the gradient noise scale needs each rank's own gradient before the "
+    "reduce-scatter, which FSDP hands to no supported hook; the sharded .grad is already averaged over ranks"
+)
+# FSDP1 does offer one (``FullyShardedDataParallel.register_comm_hook``: the local flat gradient, before the
+# reduce-scatter); healthd does not install it yet, and says so rather than give FSDP2's reason.
+FSDP1_REASON = (
+    "FSDP1: the gradient noise scale needs each rank's gradient before the reduce-scatter; healthd does not "
+    "install FSDP1's comm hook (register_comm_hook) for it yet, and the sharded gradient is already averaged"
+)
+
+
 class DDPGradientNoise(Quantity):
     """Local and all-reduced gradient norms and all-reduce wait, from DDP's comm hook.
 
     Writes ``grad_norm_local``, ``grad_norm_allreduced`` and ``comm_seconds``.
-    Does nothing (and costs nothing) when the model is not wrapped in DDP.
+    Does nothing (and costs nothing) when the model is not wrapped in DDP. A sharded model (FSDP2, HSDP,
+    FSDP1) is the exception that is said, not silent: the data-parallel job whose noise scale
+    ``LargeBatchGeneralization`` would want is there, but its local gradients are not. FSDP2 averages each
+    rank's unsharded gradient into its shard inside its reduce-scatter; the only way in before that is
+    ``FSDPModule.set_custom_reduce_scatter``, which replaces the collective itself (and a custom one the user
+    set), and receives an input FSDP may already have pre-divided by a factor it does not pass on. Measured
+    from the sharded ``.grad`` instead, every rank would see the same averaged gradient: no small-batch norm.
+    So the quantity degrades with ``SHARDED_REASON`` (MonitoringDegraded names it) rather than guess; under
+    FSDP1, whose public comm hook would give the local gradient, with ``FSDP1_REASON`` (not built yet).
     """
 
     name = "ddp_gradient_noise"
@@ -173,6 +195,9 @@ class DDPGradientNoise(Quantity):
         ddp = _find_ddp(ctx.model)
         if ddp is None:
             self.every_steps = 0
+            layout = ctx.plan.layout
+            if layout is not None:  # sharded over ranks: data parallel, but no local gradient
+                ctx.degrade(self, FSDP1_REASON if layout.flat else SHARDED_REASON)
             return
         try:
             self._wrapper = install(ddp)

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from healthd.exposition import catalog as C
 from healthd.server.embedded import Embedded, free_port, serve_in_thread
 from healthd.settings import Settings
+from healthd_client.integrations.ddp import FSDP1_REASON, SHARDED_REASON
 from tests.integration.test_torchrun_ddp import TORCHRUN, after_ticks, alerts, wait_for
 
 pytestmark = pytest.mark.integration
@@ -77,7 +78,12 @@ def check(hd: Embedded, job: str, ref: list[dict[str, Any]], ranks: int) -> None
         dict.fromkeys(range(ranks), ref[-1]["update_ratio"]), rel=1e-4)
     # RankDesync included (shards differ by design). LossPlateau is left out: 30 steps of a small model at
     # lr 1e-3 learn slowly, which that rule rightly says and which has nothing to do with sharding.
-    assert [(a["rule"], a.get("rank")) for a in alerts(hd, job) if a["rule"] != "LossPlateau"] == []
+    # The one alert is the info that says what sharding hides: the noise scale, on every rank, with why.
+    found = [a for a in alerts(hd, job) if a["rule"] != "LossPlateau"]
+    assert sorted((a["rule"], a.get("rank")) for a in found) == [("MonitoringDegraded", r) for r in range(ranks)]
+    for a in found:
+        reason = FSDP1_REASON if job.startswith("fsdp1") else SHARDED_REASON
+        assert a["severity"] == "info" and f"ddp_gradient_noise: {reason}" in a["summary"], a
 
 
 def test_fsdp2_two_ranks(healthd: Embedded, tmp_path: Path) -> None:

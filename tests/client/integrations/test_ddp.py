@@ -6,7 +6,8 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -14,7 +15,14 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from healthd.server.embedded import free_port
-from healthd_client.integrations.ddp import register_comm_hook
+from healthd_client.integrations.ddp import (
+    FSDP1_REASON,
+    SHARDED_REASON,
+    DDPGradientNoise,
+    register_comm_hook,
+)
+from healthd_client.quantities.base import QuantityContext
+from healthd_client.quantities.sharding import ShardLayout
 from tests.client.conftest import RecordingTransport, step_reports
 
 
@@ -104,3 +112,43 @@ def test_foreign_hook_registered_before_attach_is_refused_clearly(ddp_model: Any
     monitor.close()
     reports = step_reports(transport)
     assert reports and all("grad_norm_local" not in r for r in reports.values())
+
+
+def test_ddp_measures_the_noise_norms_without_degrading(ddp_model: Any, make_monitor: Any) -> None:
+    """Under DDP the noise scale stays free: nothing is reported as not measured."""
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
+    monitor = make_monitor(ddp_model, opt)
+    assert "ddp_gradient_noise" not in monitor.disabled_quantities
+
+
+class _Ctx:
+    """What ``DDPGradientNoise.on_attach`` reads of a QuantityContext, and what it says through ``degrade``."""
+
+    def __init__(self, model: torch.nn.Module, layout: ShardLayout | None) -> None:
+        self.model = model
+        self.plan = SimpleNamespace(layout=layout)
+        self.degraded: list[tuple[str, str]] = []
+
+    def degrade(self, quantity: Any, reason: str) -> None:
+        self.degraded.append((quantity.name, reason))
+
+
+@pytest.mark.parametrize(("layout", "reason"), [
+    (ShardLayout(group=0, index=1, count=2), SHARDED_REASON),
+    (ShardLayout(group=0, index=0, count=2, flat=frozenset({1})), FSDP1_REASON),
+], ids=["fsdp2", "fsdp1"])
+def test_a_sharded_model_says_why_it_has_no_noise_scale(layout: ShardLayout, reason: str) -> None:
+    """FSDP/HSDP: no local gradient before the reduce-scatter; the quantity says so (MonitoringDegraded)
+    instead of staying silent as it does on a single process."""
+    q = DDPGradientNoise()
+    ctx = _Ctx(torch.nn.Linear(2, 1), layout)
+    q.on_attach(cast(QuantityContext, ctx))
+    assert q.every_steps == 0 and ctx.degraded == [("ddp_gradient_noise", reason)]
+    assert len(reason) <= 256  # the heartbeat's reason field keeps 256 characters
+
+
+def test_a_single_process_model_has_no_noise_scale_silently() -> None:
+    q = DDPGradientNoise()
+    ctx = _Ctx(torch.nn.Linear(2, 1), None)
+    q.on_attach(cast(QuantityContext, ctx))
+    assert q.every_steps == 0 and ctx.degraded == []
