@@ -82,7 +82,7 @@ def check(hd: Embedded, job: str, ref: list[dict[str, Any]], ranks: int) -> None
     found = [a for a in alerts(hd, job) if a["rule"] != "LossPlateau"]
     assert sorted((a["rule"], a.get("rank")) for a in found) == [("MonitoringDegraded", r) for r in range(ranks)]
     for a in found:
-        reason = FSDP1_REASON if job.startswith("fsdp1") else SHARDED_REASON
+        reason = FSDP1_REASON if job.startswith(("fsdp1", "lightning-fsdp")) else SHARDED_REASON  # FSDPStrategy: FSDP1
         assert a["severity"] == "info" and f"ddp_gradient_noise: {reason}" in a["summary"], a
 
 
