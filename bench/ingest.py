@@ -328,6 +328,22 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
+def _wait_listening(target: str, port: int, proc: Any, seconds: float = 60.0) -> None:
+    """Wait until the server accepts connections. A start-up hook may run before the listener is bound
+    (granian's embedded server once refused the first connection after its ``on_startup``: a CI failure)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target} server exited with code {proc.exitcode} before it listened") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{target} server did not listen on {port} in {seconds:.0f} s") from None
+            time.sleep(0.05)
+
+
 def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
     port = _free_port()
     ctx = mp.get_context("spawn")
@@ -342,6 +358,7 @@ def bench(target: str, args: argparse.Namespace) -> dict[str, float]:
                 raise RuntimeError(f"{target} server exited with code {proc.exitcode} before it started")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{target} server did not start in 600 s")
+        _wait_listening(target, port, proc)
         os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)) or {0})
         _load(port, args, args.warmup_seconds, args.prefill_steps)  # warm the server up (windows were filled at start)
         if args.soak_seconds:
