@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,30 +17,13 @@ import healthd_client
 from healthd_client import MonitorConfig, auto
 from tests.client.conftest import FAST, RecordingTransport
 from tests.client.test_auto import armed, transport
+from tests.integration.auto_gan_train import Discriminator, Generator  # the GAN the subprocess test runs
 from tests.integration.servers import wait_until
 from tests.live import live_healthd
 
 __all__ = ["armed", "transport"]  # auto-attach armed in this process, as tests/client/test_auto.py arms it
 
 BATCH = 16
-
-
-class Generator(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh())
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
-
-
-class Discriminator(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def gan(steps: int, *, critic_steps: int = 1, skip_d_zero_grad: bool = False) -> dict[str, list[float]]:
@@ -260,10 +244,9 @@ def test_without_grad_scaler_step_the_loss_is_what_backward_is_called_on(armed: 
     assert [s["loss"] for s in transport.of_kind("step")] == pytest.approx(seen)
 
 
-def test_auto_attach_passes_each_stream_to_attach_under_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
+def attach_calls(train: Callable[[], object]) -> list[dict[str, Any]]:
+    """The keyword arguments auto-attach passes to ``attach`` while ``train`` runs (reports recorded, not sent)."""
     recording = RecordingTransport()
-    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
-    monkeypatch.setenv("HEALTHD_JOB", "auto-unit")
     calls: list[dict[str, Any]] = []
 
     def recording_attach(*args: Any, **kwargs: Any) -> Any:
@@ -273,9 +256,16 @@ def test_auto_attach_passes_each_stream_to_attach_under_one_job(monkeypatch: pyt
     a = auto.AutoAttach(attach=recording_attach, config=MonitorConfig(**FAST))
     a.install()
     try:
-        gan(2)
+        train()
     finally:
         a.close()
+    return calls
+
+
+def test_auto_attach_passes_each_stream_to_attach_under_one_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
+    monkeypatch.setenv("HEALTHD_JOB", "auto-unit")
+    calls = attach_calls(lambda: gan(2))
     assert [c.get("stream") for c in calls] == ["discriminator", "generator"]
     assert all(c["job"] == "auto-unit" for c in calls)
     # Two players against each other: neither loss is judged by "should go down" (HEALTHD_LOSS_KIND unset).
@@ -293,17 +283,9 @@ def test_several_models_loss_kind_from_the_environment(value: str | None, kind: 
 
 
 def test_a_single_optimizer_job_sends_no_loss_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    recording = RecordingTransport()
     monkeypatch.setenv("HEALTHD_SERVER", "http://unused")
-    calls: list[dict[str, Any]] = []
 
-    def recording_attach(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs)
-        return healthd_client.attach(*args, transport=recording, **kwargs)
-
-    a = auto.AutoAttach(attach=recording_attach, config=MonitorConfig(**FAST))
-    a.install()
-    try:
+    def train() -> None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         opt = torch.optim.SGD(model.parameters(), 0.1)
@@ -311,8 +293,8 @@ def test_a_single_optimizer_job_sends_no_loss_kind(monkeypatch: pytest.MonkeyPat
             opt.zero_grad()
             nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,))).backward()
             opt.step()
-    finally:
-        a.close()
+
+    calls = attach_calls(train)
     assert len(calls) == 1 and "stream" not in calls[0] and "loss_kind" not in calls[0]
 
 
