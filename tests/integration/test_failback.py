@@ -10,7 +10,6 @@ owner asks the route too, gets its own data back, keeps the job and pages Traini
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from healthd.exposition.catalog import ALERT_TRANSITIONS_TOTAL, JOBS_HANDED_OVER_TOTAL
 from healthd.wire.schema import JOB_HEADER
-from healthd_client import MonitorConfig
-from healthd_client.transport import HttpTransport, Sender
 from tests.integration.haproxy_process import SHARD_HEADER, HaproxyProcess, shard_config
 from tests.integration.healthd_process import HealthdProcess
 from tests.integration.servers import wait_until
+from tests.integration.test_ha_alertmanager import Training  # one job's senders, the same loop
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +31,6 @@ TOKEN = "failback-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SILENT_JOB_SECONDS = 2.0  # the interim looks the job up this long after it last heard from it
 STALL_SECONDS = 8.0  # TrainingStalled/RankStalled: the interim's false page, without the look-up
-QUICK = dict(flush_interval_seconds=0.01, heartbeat_seconds=60.0, close_timeout_seconds=5.0,
-             retry_backoff_min_seconds=0.05, retry_backoff_max_seconds=0.2)
 
 
 @pytest.fixture
@@ -60,38 +56,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[HaproxyProcess, dict[str, HealthdP
         proxy.stop()
         for shard in shards.values():
             shard.stop()
-
-
-class Training:
-    """One job's rank 0 making a step every 0.1 s through the real client's sender and the proxy
-    (it retries across the kill), until ``pause``."""
-
-    def __init__(self, url: str, job: str) -> None:
-        self.job = job
-        self.sender = Sender(HttpTransport(url, 5.0), MonitorConfig(**QUICK), token=TOKEN)
-        self.steps = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.steps += 1
-            self.sender.enqueue({"kind": "step", "job": self.job, "rank": 0, "time": time.time(),
-                                 "step": self.steps, "loss": 2.0 / (1 + 0.01 * self.steps), "grad_norm": 1.0,
-                                 "lr": [0.01]})
-            self._stop.wait(0.1)
-
-    def pause(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> Training:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.pause()
-        self.sender.close(timeout=2)
 
 
 def _job_on(proxy: HaproxyProcess, owner: str) -> str:
@@ -132,7 +96,7 @@ def test_failback_forgets_the_job_on_the_interim_shard_and_a_real_stall_still_pa
     logs = lambda: proxy.log() + "\n".join(s.log() for s in shards.values())  # noqa: E731
     handed_over, transitions = JOBS_HANDED_OVER_TOTAL.name, ALERT_TRANSITIONS_TOTAL.name  # sample names
 
-    with Training(proxy.url, job) as training:
+    with Training(proxy.url, (job,), TOKEN) as training:
         wait_until(lambda: (_last_step(owner, job) or 0) >= 5, timeout_seconds=30, what="the job on its owner",
                    log=logs)
         owner.kill9()

@@ -26,7 +26,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -169,8 +169,8 @@ class Training:
     would; a job in ``faulty`` reports a NaN loss from then on (NonFiniteValues), one in ``vanishing``
     a gradient norm of 1e-12 (VanishingGradients, once a window of such steps is in)."""
 
-    def __init__(self, url: str) -> None:
-        self.senders = {job: Sender(HttpTransport(url, 5.0), MonitorConfig(**QUICK), token=TOKEN) for job in JOBS}
+    def __init__(self, url: str, jobs: Iterable[str] = JOBS, token: str = TOKEN) -> None:
+        self.senders = {job: Sender(HttpTransport(url, 5.0), MonitorConfig(**QUICK), token=token) for job in jobs}
         self.faulty: set[str] = set()
         self.vanishing: set[str] = set()
         self.steps = 0
